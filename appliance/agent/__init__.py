@@ -1,0 +1,2 @@
+"""cairn-agent: the node agent (KubeVirt's virt-handler): registration with
+inventory, heartbeats, and the reconcile loop later layers plug into."""

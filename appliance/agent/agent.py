@@ -1,0 +1,94 @@
+"""The node agent. cephadm-style ``serve()``: a loop woken by a timer or an
+event, each pass = heartbeat + every registered reconciler. ``run_once()`` is one
+pass, callable from tests; storage / network / compute reconcilers plug in with
+``register_reconciler``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.agent import inventory as inv
+from appliance.db.engine import session_scope
+from appliance.services import nodes
+from appliance.settings import Settings
+
+log = logging.getLogger("cairn.agent")
+
+
+@dataclass
+class PassReport:
+    """What one reconcile pass did; reconcilers add their own lines."""
+
+    registered: bool = False
+    actions: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+Reconciler = Callable[["Agent", PassReport], None]
+
+
+class Agent:
+    def __init__(self, settings: Settings, collect: Callable[[], dict[str, Any]] = inv.collect) -> None:
+        self.settings = settings
+        self.node = settings.node_name
+        self.collect = collect
+        self.reconcilers: list[tuple[str, Reconciler]] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._registered = False
+
+    def register_reconciler(self, name: str, fn: Reconciler) -> None:
+        self.reconcilers.append((name, fn))
+
+    def wake(self) -> None:
+        """Ask for a pass now (e.g. on a desired-state event)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def register(self) -> None:
+        inventory = self.collect()
+        with session_scope(self.settings.resolved_database_url) as session:
+            nodes.register(session, self.node, inventory, inv.allocatable(inventory))
+        self._registered = True
+        log.info("node registered", extra={"node": self.node, "virt_type": inventory["virt_type"]})
+
+    def run_once(self) -> PassReport:
+        """One pass: heartbeat (re-register if the node row vanished), then reconcile."""
+        report = PassReport()
+        if not self._registered:
+            self.register()
+            report.registered = True
+        else:
+            with session_scope(self.settings.resolved_database_url) as session:
+                known = nodes.heartbeat(session, self.node)
+            if not known:
+                self.register()
+                report.registered = True
+        for name, fn in self.reconcilers:
+            try:
+                fn(self, report)
+            except Exception as exc:  # one broken reconciler must not stop heartbeats
+                log.exception("reconciler failed", extra={"reconciler": name})
+                report.errors.append(f"{name}: {exc}")
+        return report
+
+    def serve(self) -> None:
+        """Loop until stop(): a pass every heartbeat interval or when woken."""
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("agent pass failed; retrying")
+                self._registered = False
+            delay = max(0.05, self.settings.heartbeat_interval - (time.monotonic() - started))
+            self._wake.wait(delay)
+            self._wake.clear()

@@ -1,0 +1,104 @@
+"""What this node has: CPU, NUMA, memory, disks, NICs, accelerator. Read from
+/proc and /sys (psutil for portable parts); no side effects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("cairn.agent")
+SYS = Path("/sys")
+
+
+def _read(path: Path, default: str = "") -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return default
+
+
+def cpu_model() -> str:
+    for line in _read(Path("/proc/cpuinfo")).splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def numa_nodes() -> int:
+    nodes = list((SYS / "devices/system/node").glob("node[0-9]*"))
+    return max(1, len(nodes))
+
+
+def virt_type() -> tuple[str, str]:
+    """(accelerator, reason): KVM on real hardware; TCG where /dev/kvm is missing
+    or is nested PVM, which only runs PVM-built guest kernels."""
+    if not os.path.exists("/dev/kvm"):
+        return "qemu", "no /dev/kvm: guests run under TCG emulation"
+    if (SYS / "module/kvm_pvm").exists():
+        return "qemu", "/dev/kvm is nested PVM (kvm_pvm): stock guest kernels need TCG"
+    return "kvm", "hardware virtualisation"
+
+
+def disks() -> list[dict[str, Any]]:
+    out = []
+    for dev in sorted((SYS / "block").glob("*")):
+        name = dev.name
+        if name.startswith(("loop", "ram", "zram", "dm-", "sr", "nbd")):
+            continue
+        sectors = _read(dev / "size", "0")
+        out.append({
+            "name": name,
+            "size_bytes": int(sectors) * 512 if sectors.isdigit() else 0,
+            "model": _read(dev / "device/model") or _read(dev / "device/vendor") or "virtual",
+            "rotational": _read(dev / "queue/rotational", "0") == "1",
+        })
+    return out
+
+
+def nics() -> list[dict[str, Any]]:
+    addrs = psutil.net_if_addrs()
+    stats = psutil.net_if_stats()
+    out = []
+    for name in sorted(addrs):
+        if name == "lo" or not (SYS / "class/net" / name / "device").exists() and not name.startswith("eth"):
+            continue
+        mac = next((a.address for a in addrs[name] if a.family == psutil.AF_LINK), "")
+        ips = [a.address.split("%")[0] for a in addrs[name] if a.family.name in ("AF_INET", "AF_INET6")]
+        st = stats.get(name)
+        out.append({"name": name, "mac": mac, "mtu": st.mtu if st else 0,
+                    "speed_mbps": st.speed if st else 0, "up": bool(st and st.isup), "addresses": ips})
+    return out
+
+
+def collect() -> dict[str, Any]:
+    accel, reason = virt_type()
+    return {
+        "cpu_model": cpu_model(),
+        "cores": psutil.cpu_count(logical=False) or psutil.cpu_count() or 1,
+        "threads": psutil.cpu_count() or 1,
+        "numa_nodes": numa_nodes(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "disks": disks(),
+        "nics": nics(),
+        "virt_type": accel,
+        "virt_reason": reason,
+        "kernel": platform.release(),
+        "os": _os_release(),
+    }
+
+
+def _os_release() -> str:
+    for line in _read(Path("/etc/os-release")).splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip('"')
+    return platform.system()
+
+
+def allocatable(inventory: dict[str, Any], reserved_memory: int = 1 << 30) -> dict[str, Any]:
+    """What workloads may use: all threads, memory less a host reserve."""
+    return {"cpu": inventory["threads"], "memory_bytes": max(0, inventory["memory_bytes"] - reserved_memory)}

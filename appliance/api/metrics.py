@@ -1,0 +1,120 @@
+"""Prometheus metrics: request latency by route, task counts by state, node
+heartbeat age. Gauges from the database are read at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.db.engine import session_scope
+from appliance.services import nodes, tasks
+
+
+class StateCollector(Collector):
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        task_gauge = GaugeMetricFamily("cairn_tasks", "Tasks by state", labels=["state"])
+        age = GaugeMetricFamily("cairn_node_heartbeat_age_seconds", "Seconds since a node's last heartbeat",
+                                labels=["node"])
+        ready = GaugeMetricFamily("cairn_node_ready", "1 if the node is Ready", labels=["node"])
+        with session_scope(self.url) as session:
+            for state, n in tasks.counts_all(session).items():
+                task_gauge.add_metric([state], n)
+            for name, phase, seconds in nodes.heartbeat_ages(session):
+                age.add_metric([name], seconds)
+                ready.add_metric([name], 1.0 if phase == "Ready" else 0.0)
+        yield task_gauge
+        yield age
+        yield ready
+
+
+def make_registry(url: str) -> tuple[CollectorRegistry, Histogram]:
+    registry = CollectorRegistry()
+    latency = Histogram(
+        "cairn_http_request_duration_seconds", "API request latency", ["method", "route", "status"],
+        registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
+    registry.register(StateCollector(url))
+    return registry, latency
+
+
+class LatencyMiddleware:
+    """Observes every HTTP request under its route template (not the raw path)."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.histogram.labels(scope["method"], path, str(status)).observe(time.perf_counter() - start)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over the limit with 413 before any handler reads them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await _too_large(send, self.limit)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(send, self.limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    import json
+
+    body = json.dumps({"type": "https://cairn.dev/problems/too-large", "title": "Request too large",
+                       "status": 413, "detail": f"request bodies are limited to {limit} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/problem+json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,1 @@
+"""HTTP routes: parse, authorise via dependencies, call a service, shape the reply."""

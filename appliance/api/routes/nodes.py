@@ -1,0 +1,56 @@
+"""Nodes: inventory, readiness, cordon (spec.schedulable), benchmark, removal."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from appliance.api.deps import Caller, DbSession, IfMatch, access
+from appliance.api.schemas import BenchmarkRequest, Limit, Name, NodeUpdate, ResourceList, ResourcePublic
+from appliance.api.routes.tasks import accepted
+from appliance.services import nodes
+
+router = APIRouter(prefix="/nodes", tags=["nodes"])
+
+
+@router.get("", response_model=ResourceList, openapi_extra=access("cluster:read"))
+def list_nodes(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None,
+               phase: Literal["Ready", "NotReady"] | None = None) -> dict:
+    items, nxt = nodes.list_(session, caller, limit, cursor, phase)
+    return {"items": items, "next_cursor": nxt}
+
+
+@router.get("/{name}", response_model=ResourcePublic, openapi_extra=access("cluster:read"))
+def get_node(name: Name, session: DbSession, caller: Caller, response: Response) -> dict:
+    node = nodes.get(session, caller, name)
+    response.headers["ETag"] = f'"{node["generation"]}"'
+    return node
+
+
+@router.patch("/{name}", response_model=ResourcePublic, openapi_extra=access("cluster:write"))
+def update_node(name: Name, body: NodeUpdate, session: DbSession, caller: Caller,
+                if_match: IfMatch = None) -> dict:
+    """Cordon / uncordon (spec.schedulable) and labels. Send If-Match: <generation>."""
+    return nodes.update_spec(session, caller, name, body.spec.model_dump(exclude_none=True), if_match)
+
+
+@router.delete("/{name}", status_code=204, openapi_extra=access("cluster:admin"))
+def delete_node(name: Name, session: DbSession, caller: Caller) -> Response:
+    """Remove a NotReady node from the cluster."""
+    nodes.delete(session, caller, name)
+    return Response(status_code=204)
+
+
+@router.post("/{name}/benchmark", status_code=202, openapi_extra=access("cluster:write"))
+def benchmark_node(name: Name, session: DbSession, caller: Caller,
+                   body: BenchmarkRequest | None = None) -> JSONResponse:
+    """pveperf-style benchmark (CPU, fsyncs/s, write rate) as a task with progress."""
+    return accepted(nodes.benchmark(session, caller, name, (body or BenchmarkRequest()).seconds))
+
+
+@router.post("/{name}/inventory", status_code=202, openapi_extra=access("cluster:write"))
+def refresh_inventory(name: Name, session: DbSession, caller: Caller) -> JSONResponse:
+    """Re-read the node's hardware inventory."""
+    return accepted(nodes.refresh_inventory(session, caller, name))

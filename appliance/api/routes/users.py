@@ -1,0 +1,36 @@
+"""Users (cluster admins manage them)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from appliance.api.deps import Caller, DbSession, access
+from appliance.api.schemas import Limit, Name, ResourceList, ResourcePublic, UserCreate
+from appliance.services import auth
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+
+@router.get("", response_model=ResourceList, openapi_extra=access("cluster:read"))
+def list_users(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None) -> dict:
+    items, nxt = auth.list_users(session, caller, limit, cursor)
+    return {"items": items, "next_cursor": nxt}
+
+
+@router.post("", status_code=201, response_model=ResourcePublic, openapi_extra=access("cluster:admin"))
+def create_user(body: UserCreate, session: DbSession, caller: Caller) -> dict:
+    return auth.create_user(session, caller, body.name, body.password, body.cluster_role,
+                            body.spec.model_dump())
+
+
+@router.get("/{name}", response_model=ResourcePublic, openapi_extra=access("self"))
+def get_user(name: Name, session: DbSession, caller: Caller) -> dict:
+    return auth.get_user(session, caller, name)
+
+
+@router.delete("/{name}", status_code=204, openapi_extra=access("cluster:admin"))
+def delete_user(name: Name, session: DbSession, caller: Caller) -> Response:
+    auth.delete_user(session, caller, name)
+    return Response(status_code=204)
+
+

@@ -1,0 +1,195 @@
+"""Request and response schemas, one family per resource (FooCreate / FooUpdate / FooPublic).
+Requests forbid unknown fields so typos are reported instead of ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+    Field(description="lower-case letters, digits and '-', 1–63 characters, starting and ending "
+                      "with a letter or digit (a DNS label)"),
+]
+Role = Literal["viewer", "operator", "admin"]
+Limit = Annotated[int, Field(ge=1, le=1000)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --- generic shapes -----------------------------------------------------------------------
+
+class Condition(Open):
+    type: str
+    status: str
+    reason: str
+    message: str
+    last_transition_time: str | None = None
+
+
+class ResourcePublic(Open):
+    id: str
+    name: str
+    project: str | None
+    spec: dict[str, Any]
+    status: dict[str, Any]
+    generation: int
+    observed_generation: int
+    conditions: list[Condition]
+    created_at: str | None
+    updated_at: str | None
+
+
+class ResourceList(Open):
+    items: list[ResourcePublic]
+    next_cursor: str | None
+
+
+class Problem(Open):
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+# --- auth ---------------------------------------------------------------------------------
+
+class LoginRequest(Strict):
+    username: Annotated[str, Field(min_length=1, max_length=63)]
+    password: Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class RoleRef(Open):
+    project: str
+    role: str
+
+
+class Me(Open):
+    name: str
+    cluster_role: str | None
+    roles: list[RoleRef]
+
+
+class LoginResponse(Open):
+    user: Me
+    csrf_token: str
+
+
+class UserSpec(Strict):
+    display_name: Annotated[str, Field(max_length=200)] = ""
+    email: Annotated[str, Field(max_length=254)] = ""
+
+
+class UserCreate(Strict):
+    name: Name
+    password: Annotated[str, Field(min_length=12, max_length=1024,
+                                   description="at least 12 characters")]
+    cluster_role: Role | None = None
+    spec: UserSpec = UserSpec()
+
+
+class Quota(Strict):
+    cpu: Annotated[int, Field(ge=0)] | None = None
+    memory_bytes: Annotated[int, Field(ge=0)] | None = None
+    storage_bytes: Annotated[int, Field(ge=0)] | None = None
+
+
+class ProjectSpec(Strict):
+    description: Annotated[str, Field(max_length=1000)] = ""
+    quota: Quota = Quota()
+
+
+class ProjectCreate(Strict):
+    name: Name
+    spec: ProjectSpec = ProjectSpec()
+
+
+class ProjectUpdate(Strict):
+    spec: ProjectSpec
+
+
+class MemberSet(Strict):
+    role: Role
+
+
+class Member(Open):
+    project: str
+    user: str
+    role: str
+
+
+class TokenCreate(Strict):
+    name: Name
+    expires_days: Annotated[float, Field(gt=0, le=3650)] | None = None
+
+
+class TokenCreated(ResourcePublic):
+    token: str = Field(description="shown only once: store it now")
+
+
+class TokenList(Open):
+    items: list[ResourcePublic]
+
+
+# --- nodes and tasks ------------------------------------------------------------------------
+
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+
+
+class NodeSpecPatch(Strict):
+    schedulable: bool | None = None
+    labels: dict[LabelKey, LabelValue] | None = None
+
+
+class NodeUpdate(Strict):
+    spec: NodeSpecPatch
+
+
+class BenchmarkRequest(Strict):
+    seconds: Annotated[float, Field(ge=0.5, le=600)] = 6.0
+
+
+class Progress(Open):
+    percent: float
+    message: str
+
+
+class TaskPublic(Open):
+    id: str
+    name: str
+    project: str | None
+    state: Literal["pending", "running", "succeeded", "failed", "cancelled"]
+    progress: Progress
+    error: str | None
+    result: dict[str, Any] | None
+    resource: dict[str, Any] | None
+    attempts: int
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+
+
+class TaskList(Open):
+    items: list[TaskPublic]
+    next_cursor: str | None
+
+
+class ClusterStatus(Open):
+    version: str
+    node: str
+    nodes: dict[str, int]
+    tasks: dict[str, int]
+
+
+class Health(Open):
+    status: str
+    version: str

@@ -1,0 +1,47 @@
+"""Cluster housekeeping: nodes past their grace period turn NotReady, tasks whose
+worker died are retried or failed, old events are pruned. Every API process runs
+it; each step is a compare-and-swap style update, so several running at once is
+harmless."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from appliance.db.engine import session_scope
+from appliance.services import events, nodes, tasks
+from appliance.settings import Settings
+
+log = logging.getLogger("cairn.controller")
+
+
+def run_once(settings: Settings) -> dict[str, list[str]]:
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        lost_nodes = nodes.mark_lost(session, settings.node_grace_seconds)
+    with session_scope(url) as session:
+        reaped = tasks.reap(session, settings.task_grace_seconds)
+    with session_scope(url) as session:
+        events.prune(session)
+    for name in lost_nodes:
+        log.warning("node NotReady: heartbeats stopped", extra={"node": name})
+    for task_id in reaped:
+        log.warning("task lost its worker", extra={"task_id": task_id})
+    return {"nodes_not_ready": lost_nodes, "tasks_reaped": reaped}
+
+
+class ControllerThread(threading.Thread):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="cairn-controller", daemon=True)
+        self.settings = settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.controller_interval):
+            try:
+                run_once(self.settings)
+            except Exception:
+                log.exception("controller pass failed")
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,1 @@
+"""Control-plane state: SQLAlchemy 2 models, engine/session factory, Alembic migrations."""

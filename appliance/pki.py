@@ -1,0 +1,79 @@
+"""The appliance's own CA and the API's TLS certificate, made at first start."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import psutil
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+
+
+def _local_names() -> tuple[list[str], list[str]]:
+    host = socket.gethostname()
+    names = sorted({"localhost", host, host.split(".")[0]})
+    ips = {"127.0.0.1", "::1"}
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                ips.add(a.address.split("%")[0])
+    return names, sorted(ips)
+
+
+def ensure(pki_dir: Path) -> tuple[Path, Path, Path]:
+    """Create (once) a CA and a server certificate for every local name and address.
+    Returns (ca.crt, server.crt, server.key)."""
+    pki_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_crt, ca_key = pki_dir / "ca.crt", pki_dir / "ca.key"
+    srv_crt, srv_key = pki_dir / "server.crt", pki_dir / "server.key"
+    now = dt.datetime.now(dt.UTC)
+    if not ca_crt.exists() or not ca_key.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Cairn CA {socket.gethostname()}")])
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        _write_key(ca_key, key)
+        ca_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        srv_crt.unlink(missing_ok=True)
+    if not srv_crt.exists() or not srv_key.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+        ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+        assert isinstance(ca_private, ec.EllipticCurvePrivateKey)
+        key = ec.generate_private_key(ec.SECP256R1())
+        names, ips = _local_names()
+        san = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=825))
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_private, hashes.SHA256())
+        )
+        _write_key(srv_key, key)
+        srv_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ca_crt, srv_crt, srv_key

@@ -1,0 +1,110 @@
+"""Entry points of the per-node processes: cairn-api, cairn-worker, cairn-agent.
+``python -m appliance.processes api|worker|agent`` does the same."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from appliance import logs
+from appliance.settings import Settings, get_settings
+
+log = logging.getLogger("cairn")
+
+
+def write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def prepare(settings: Settings) -> str | None:
+    """Directories, database schema, the default project and first admin (idempotent).
+    Returns the admin password when it was just created."""
+    from appliance.db.engine import session_scope
+    from appliance.db.migrate import upgrade
+    from appliance.services import auth
+
+    for d in (settings.data_dir, settings.log_dir, settings.run_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    upgrade(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as session:
+        password = auth.bootstrap(session)
+    if password:
+        write_secret(settings.admin_password_file, password)
+    return password
+
+
+def _install_dispatcher() -> None:
+    from appliance.services import tasks
+    from appliance.tasks.celery_app import enqueue
+
+    tasks.set_dispatcher(enqueue)
+
+
+def run_api(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cairn-api")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--insecure-http", action="store_true", help="serve plain HTTP (tests, behind a proxy)")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.host:
+        settings.api_host = args.host
+    if args.port:
+        settings.api_port = args.port
+    logs.setup("cairn-api", settings.log_level)
+    prepare(settings)
+    _install_dispatcher()
+    import uvicorn
+
+    from appliance import pki
+    from appliance.api.app import create_app
+
+    tls = {}
+    if not args.insecure_http:
+        _, crt, key = pki.ensure(settings.pki_dir)
+        tls = {"ssl_certfile": str(crt), "ssl_keyfile": str(key)}
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None,
+                access_log=False, timeout_graceful_shutdown=3, **tls)  # type: ignore[arg-type]
+
+
+def run_worker(argv: list[str] | None = None) -> None:
+    settings = get_settings()
+    logs.setup("cairn-worker", settings.log_level)
+    _install_dispatcher()
+    from appliance.tasks.celery_app import celery
+
+    celery.worker_main([
+        "worker", "-Q", f"cluster,node.{settings.node_name}", "-n", f"worker@{settings.node_name}",
+        "--pool", "threads", "-c", str(settings.worker_concurrency),
+        "--without-gossip", "--without-mingle", "-l", settings.log_level, *(argv or []),
+    ])
+
+
+def run_agent(argv: list[str] | None = None) -> None:
+    settings = get_settings()
+    logs.setup("cairn-agent", settings.log_level)
+    from appliance.agent.agent import Agent
+
+    agent = Agent(settings)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    agent.serve()
+
+
+def main() -> None:
+    commands = {"api": run_api, "worker": run_worker, "agent": run_agent}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        sys.exit(f"usage: python -m appliance.processes {{{'|'.join(commands)}}} [options]")
+    commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Settings for every Cairn process, from the environment (``CAIRN_*``) via pydantic-settings.
+
+The embedded single-node appliance keeps everything under ``data_dir``; a real
+cluster points ``database_url`` at PostgreSQL and ``redis_url`` at Redis Sentinel.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAIRN_", extra="ignore")
+
+    data_dir: Path = Path("/var/lib/cairn")
+    database_url: str = ""  # default: SQLite in data_dir
+    redis_url: str = ""  # default: the embedded redis-server's unix socket in data_dir
+    node_name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
+    api_host: str = "0.0.0.0"
+    api_port: int = 8443
+    api_url: str = ""  # how local clients reach the API; default https://127.0.0.1:<port>
+    # Seconds without a heartbeat before a node turns NotReady.
+    node_grace_seconds: float = 10.0
+    heartbeat_interval: float = 2.0
+    # Seconds without a task heartbeat before a running task is declared lost.
+    task_grace_seconds: float = 15.0
+    task_heartbeat_interval: float = 2.0
+    controller_interval: float = 1.0
+    max_body_bytes: int = 1 << 20
+    session_hours: float = 12.0
+    worker_concurrency: int = 4
+    webui_dir: Path = Path(__file__).resolve().parent.parent / "webui" / "dist"
+    log_level: str = "INFO"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'cairn.db'}"
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.data_dir / "run" / "redis.sock"
+
+    @property
+    def resolved_redis_url(self) -> str:
+        return self.redis_url or f"unix://{self.redis_socket}"
+
+    @property
+    def broker_url(self) -> str:
+        url = self.resolved_redis_url
+        if url.startswith("unix://"):
+            return "redis+socket://" + url[len("unix://"):]
+        return url
+
+    @property
+    def resolved_api_url(self) -> str:
+        return self.api_url or f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "log"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def admin_password_file(self) -> Path:
+        return self.secrets_dir / "admin-password"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Background work: the Celery app, the task runner and the task handlers."""
