@@ -1,0 +1,125 @@
+"""Commands that act on this machine rather than through the API: ``up`` starts the
+embedded appliance under its supervisor, ``down`` stops it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from appliance import pki, supervisor
+from appliance.cli.client import ApiError, Client, load_config, save_config
+from appliance.cli.output import err_console
+from appliance.db.engine import session_scope
+from appliance.errors import CairnError
+from appliance.processes import prepare
+from appliance.services import auth
+from appliance.settings import Settings, get_settings
+
+
+def _ensure_cli_token(settings: Settings) -> None:
+    """Log root's CLI in as the first admin (a token in a 0600 config file)."""
+    cfg = load_config()
+    url = settings.resolved_api_url
+    ca_file = str(settings.pki_dir / "ca.crt")
+    with session_scope(settings.resolved_database_url) as session:
+        token = cfg.get("token")
+        if token and cfg.get("url") == url:
+            try:
+                auth.authenticate_token(session, token)
+                return
+            except CairnError:
+                pass
+        from sqlalchemy import select
+
+        from appliance.db.models import User
+
+        admin = session.scalar(select(User).where(User.cluster_role == "admin").order_by(User.created_at))
+        assert admin is not None, "no admin user: the database was not bootstrapped"
+        principal = auth.principal_for(session, admin, "token")
+        created = auth.create_token(session, principal, f"cli-{int(time.time() * 1000) % 10**12}", None)
+    save_config({"url": url, "token": created["token"], "ca_file": ca_file, "user": admin.name})
+
+
+def up(timeout: float, quiet: bool = False) -> dict[str, Any]:
+    settings = get_settings()
+    prepare(settings)
+    pki.ensure(settings.pki_dir)
+    _ensure_cli_token(settings)
+    started = False
+    if supervisor.running_pid(settings) is None:
+        log = open(settings.log_dir / "supervisor.log", "ab")  # noqa: SIM115
+        subprocess.Popen([sys.executable, "-m", "appliance.supervisor"], stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log, start_new_session=True, close_fds=True)
+        log.close()
+        started = True
+    phase = _wait_ready(settings, timeout, quiet)
+    host = socket.gethostname()
+    return {
+        "started": started,
+        "console": f"https://{host}:{settings.api_port}/",
+        "api": settings.resolved_api_url + "/api/v1",
+        "user": "admin",
+        "password_file": str(settings.admin_password_file),
+        "ca_file": str(settings.pki_dir / "ca.crt"),
+        "node": settings.node_name,
+        "phase": phase,
+        "logs": str(settings.log_dir),
+    }
+
+
+def _wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
+    deadline = time.monotonic() + timeout
+    client = Client()
+    phase, last_error = "Unknown", ""
+    status = err_console.status("waiting for the API and the node agent") if not quiet else None
+    if status:
+        status.start()
+    try:
+        while time.monotonic() < deadline:
+            try:
+                node = client.get(f"/nodes/{settings.node_name}")
+                phase = node["status"].get("phase", "Unknown")
+                if phase == "Ready":
+                    return phase
+            except ApiError as exc:
+                last_error = exc.detail
+            time.sleep(0.3)
+    finally:
+        if status:
+            status.stop()
+    raise SystemExit(f"the appliance did not become Ready within {timeout:g} s (last: {phase}; "
+                     f"{last_error}); see the logs in {settings.log_dir}")
+
+
+def down() -> dict[str, Any]:
+    settings = get_settings()
+    pid = supervisor.running_pid(settings)
+    if pid is None:
+        return {"stopped": False, "message": "the appliance is not running"}
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if supervisor.running_pid(settings) is None:
+            return {"stopped": True, "pid": pid}
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return {"stopped": True, "pid": pid, "forced": True}
+
+
+def services() -> dict[str, Any]:
+    """This machine's supervised processes (empty when the appliance runs elsewhere)."""
+    settings = get_settings()
+    if supervisor.running_pid(settings) is None:
+        return {}
+    try:
+        state = json.loads((settings.run_dir / "supervisor.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: {"running": info["pid"] is not None, "pid": info["pid"], "restarts": info["restarts"]}
+            for name, info in state["programs"].items()}

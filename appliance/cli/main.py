@@ -1,0 +1,256 @@
+"""``cairn``: the command line over the REST API. Every command takes
+``--output json`` for scripts."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from appliance.cli import local
+from appliance.cli.client import ApiError, Client, load_config, save_config
+from appliance.cli.output import Format, OutputOpt, emit, err_console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Cairn hyperconverged appliance: VMs, containers, volumes, networks.")
+task_app = typer.Typer(no_args_is_help=True, help="Follow and cancel tasks.")
+node_app = typer.Typer(no_args_is_help=True, help="Node operations.")
+token_app = typer.Typer(no_args_is_help=True, help="Your API tokens.")
+user_app = typer.Typer(no_args_is_help=True, help="Users (cluster admins).")
+project_app = typer.Typer(no_args_is_help=True, help="Projects and their members.")
+app.add_typer(task_app, name="task")
+app.add_typer(node_app, name="node")
+app.add_typer(token_app, name="token")
+app.add_typer(user_app, name="user")
+app.add_typer(project_app, name="project")
+
+# kind (singular and plural) -> (collection path, table columns key)
+KINDS: dict[str, tuple[str, str]] = {}
+for plural in ("nodes", "tasks", "projects", "users", "tokens"):
+    KINDS[plural] = KINDS[plural[:-1]] = (f"/{plural}", plural)
+
+NoWait = Annotated[bool, typer.Option("--no-wait", help="return at once with the task")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def client() -> Client:
+    return Client()
+
+
+def run(fn: Any) -> Any:
+    try:
+        return fn()
+    except ApiError as exc:
+        fail(exc.detail)
+
+
+def follow(c: Client, task: dict[str, Any], output: Format) -> dict[str, Any]:
+    """Wait for a task with a progress bar (quiet for --output json); exit 1 if it failed."""
+    if output == Format.json or not sys.stderr.isatty():
+        final = c.wait_task(task["id"])
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=err_console) as bar:
+            row = bar.add_task(task["name"], total=100, msg="")
+
+            def show(t: dict[str, Any]) -> None:
+                bar.update(row, completed=t["progress"]["percent"], msg=t["progress"]["message"])
+
+            final = c.wait_task(task["id"], show)
+    emit(final, output)
+    if final["state"] != "succeeded":
+        raise typer.Exit(1)
+    return final
+
+
+# --- appliance lifecycle (local) -------------------------------------------------------------
+
+@app.command()
+def up(output: OutputOpt = Format.table,
+       timeout: Annotated[float, typer.Option(help="seconds to wait for the node to be Ready")] = 120) -> None:
+    """Start the embedded single-node appliance (idempotent)."""
+    info = local.up(timeout, quiet=output == Format.json)
+    if output == Format.json:
+        emit(info, output)
+        return
+    verb = "started" if info["started"] else "already running"
+    typer.echo(f"Cairn {verb}: node {info['node']} is {info['phase']}.")
+    typer.echo(f"  console   {info['console']}  (CA: {info['ca_file']})")
+    typer.echo(f"  user      {info['user']}, password in {info['password_file']} (root only)")
+    typer.echo(f"  CLI       logged in as {info['user']}: try `cairn status`")
+    typer.echo(f"  logs      {info['logs']}")
+
+
+@app.command()
+def down(output: OutputOpt = Format.table) -> None:
+    """Stop the embedded appliance's processes cleanly."""
+    emit(local.down(), output)
+
+
+@app.command()
+def status(output: OutputOpt = Format.table) -> None:
+    """Cluster health: nodes, tasks, and this machine's supervised processes."""
+    c = client()
+    data = run(lambda: c.get("/cluster/status"))
+    data["nodes_detail"] = [
+        {"name": n["name"], "phase": n["status"].get("phase"),
+         "last_heartbeat": n["status"].get("last_heartbeat")}
+        for n in run(lambda: c.list_all("/nodes"))
+    ]
+    data["services"] = local.services()
+    emit(data, output)
+
+
+@app.command()
+def login(url: Annotated[str, typer.Option(help="API URL, e.g. https://node1:8443")] = "",
+          username: Annotated[str, typer.Option(prompt=True)] = "admin",
+          password: Annotated[str, typer.Option(prompt=True, hide_input=True)] = "",
+          ca_file: Annotated[str, typer.Option(help="CA certificate to trust")] = "",
+          output: OutputOpt = Format.table) -> None:
+    """Log in with a password; stores a new API token in ~/.config/cairn/config.json."""
+    cfg = load_config()
+    c = Client(url=url or None, token="", ca=ca_file or None)
+    c.http.headers.pop("Authorization", None)
+    me = run(lambda: c.request("POST", "/auth/login", json={"username": username, "password": password}))
+    csrf = me.json()["csrf_token"]
+    import socket
+    import time
+
+    name = f"cli-{socket.gethostname().split('.')[0].lower()}-{int(time.time())}"[:63]
+    token = run(lambda: c.request("POST", "/tokens", json={"name": name},
+                                  headers={"X-CSRF-Token": csrf}).json())
+    cfg.update(url=c.url, token=token["token"], ca_file=ca_file or cfg.get("ca_file", ""), user=username)
+    path = save_config(cfg)
+    emit({"user": username, "url": c.url, "config": str(path)}, output)
+
+
+# --- generic resource verbs ------------------------------------------------------------------
+
+def _kind(kind: str) -> tuple[str, str]:
+    if kind not in KINDS:
+        fail(f"unknown kind '{kind}': one of {', '.join(sorted(k for k in KINDS if k.endswith('s')))}", 2)
+    return KINDS[kind]
+
+
+@app.command()
+def get(kind: Annotated[str, typer.Argument(help="nodes, tasks, projects, users, tokens")],
+        name: Annotated[str | None, typer.Argument()] = None,
+        state: Annotated[str | None, typer.Option(help="tasks: filter by state")] = None,
+        output: OutputOpt = Format.table) -> None:
+    """List a kind, or show one object."""
+    path, columns = _kind(kind)
+    c = client()
+    if name:
+        emit(run(lambda: c.get(f"{path}/{name}")), output)
+    elif path == "/tokens":
+        emit(run(lambda: c.get(path))["items"], output, columns)
+    else:
+        params = {"state": state} if state else {}
+        emit(run(lambda: c.list_all(path, **params)), output, columns)
+
+
+@app.command()
+def delete(kind: Annotated[str, typer.Argument()], name: Annotated[str, typer.Argument()],
+           output: OutputOpt = Format.table) -> None:
+    """Delete one object."""
+    path, _ = _kind(kind)
+    c = client()
+    run(lambda: c.delete(f"{path}/{name}"))
+    emit({"deleted": {"kind": kind, "name": name}}, output)
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+@task_app.command("wait")
+def task_wait(task_id: str, output: OutputOpt = Format.table) -> None:
+    """Wait for a task, with a progress bar; exit 1 unless it succeeded."""
+    c = client()
+    follow(c, run(lambda: c.get(f"/tasks/{task_id}")), output)
+
+
+@task_app.command("cancel")
+def task_cancel(task_id: str, output: OutputOpt = Format.table) -> None:
+    c = client()
+    emit(run(lambda: c.post(f"/tasks/{task_id}/cancel")), output)
+
+
+# --- nodes -----------------------------------------------------------------------------------
+
+@node_app.command("benchmark")
+def node_benchmark(name: str, seconds: Annotated[float, typer.Option()] = 6.0, no_wait: NoWait = False,
+                   output: OutputOpt = Format.table) -> None:
+    """pveperf-style benchmark of a node (CPU, fsyncs/s, write rate)."""
+    c = client()
+    task = run(lambda: c.post(f"/nodes/{name}/benchmark", {"seconds": seconds}))
+    if no_wait:
+        emit(task, output)
+    else:
+        follow(c, task, output)
+
+
+def _set_schedulable(name: str, value: bool, output: Format) -> None:
+    c = client()
+    node = run(lambda: c.get(f"/nodes/{name}"))
+    emit(run(lambda: c.patch(f"/nodes/{name}", {"spec": {"schedulable": value}}, node["generation"])), output)
+
+
+@node_app.command("cordon")
+def node_cordon(name: str, output: OutputOpt = Format.table) -> None:
+    """Stop placing new workloads on a node."""
+    _set_schedulable(name, False, output)
+
+
+@node_app.command("uncordon")
+def node_uncordon(name: str, output: OutputOpt = Format.table) -> None:
+    _set_schedulable(name, True, output)
+
+
+# --- tokens, users, projects -----------------------------------------------------------------
+
+@token_app.command("create")
+def token_create(name: str, expires_days: Annotated[float | None, typer.Option()] = None,
+                 output: OutputOpt = Format.table) -> None:
+    """Create an API token; the secret is shown once."""
+    c = client()
+    emit(run(lambda: c.post("/tokens", {"name": name, "expires_days": expires_days})), output)
+
+
+@token_app.command("delete")
+def token_delete(name: str, output: OutputOpt = Format.table) -> None:
+    c = client()
+    run(lambda: c.delete(f"/tokens/{name}"))
+    emit({"deleted": {"kind": "token", "name": name}}, output)
+
+
+@user_app.command("create")
+def user_create(name: str, password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
+                cluster_role: Annotated[str | None, typer.Option()] = None,
+                output: OutputOpt = Format.table) -> None:
+    c = client()
+    emit(run(lambda: c.post("/users", {"name": name, "password": password, "cluster_role": cluster_role})),
+         output)
+
+
+@project_app.command("create")
+def project_create(name: str, description: Annotated[str, typer.Option()] = "",
+                   output: OutputOpt = Format.table) -> None:
+    c = client()
+    emit(run(lambda: c.post("/projects", {"name": name, "spec": {"description": description}})), output)
+
+
+@project_app.command("add-member")
+def project_add_member(project: str, user: str, role: Annotated[str, typer.Option()] = "viewer",
+                       output: OutputOpt = Format.table) -> None:
+    c = client()
+    emit(run(lambda: c.request("PUT", f"/projects/{project}/members/{user}", json={"role": role}).json()),
+         output)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,72 @@
+"""Rendering for people (rich tables) and scripts (``--output json``)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
+
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "nodes": [("NAME", "name"), ("PHASE", "status.phase"), ("CPU", "status.inventory.threads"),
+              ("MEMORY", "status.inventory.memory_bytes"), ("VIRT", "status.inventory.virt_type"),
+              ("HEARTBEAT", "status.last_heartbeat")],
+    "tasks": [("ID", "id"), ("NAME", "name"), ("STATE", "state"), ("PROGRESS", "progress.percent"),
+              ("MESSAGE", "progress.message"), ("RESOURCE", "resource.name"), ("CREATED", "created_at")],
+    "projects": [("NAME", "name"), ("DESCRIPTION", "spec.description"), ("CREATED", "created_at")],
+    "users": [("NAME", "name"), ("CLUSTER ROLE", "status.cluster_role"), ("ROLES", "status.roles")],
+    "tokens": [("NAME", "name"), ("EXPIRES", "status.expires_at"), ("CREATED", "created_at")],
+}
+
+
+def dig(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)
+    return obj
+
+
+def human(value: Any, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if key.endswith("bytes") and isinstance(value, int):
+        size = float(value)
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if size < 1024 or unit == "TiB":
+                return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+            size /= 1024
+    if isinstance(value, list):
+        return ", ".join(human(v) if not isinstance(v, dict) else
+                         "/".join(str(x) for x in v.values()) for v in value)
+    return str(value)
+
+
+def emit(data: Any, output: Format, kind: str | None = None) -> None:
+    """Print ``data`` as JSON, or as a table / key-value view for people."""
+    if output == Format.json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    if kind in COLUMNS and isinstance(data, list):
+        table = Table(box=None, header_style="bold")
+        for header, _ in COLUMNS[kind]:
+            table.add_column(header)
+        for item in data:
+            table.add_row(*(human(dig(item, path), path) for _, path in COLUMNS[kind]))
+        console.print(table)
+        return
+    console.print_json(json.dumps(data, default=str))
