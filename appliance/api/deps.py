@@ -27,7 +27,8 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    session = session_factory(request.app.state.settings.resolved_database_url)()
+    readonly = request.method in SAFE_METHODS
+    session = session_factory(request.app.state.settings.resolved_database_url, readonly)()
     try:
         yield session
         session.commit()

@@ -24,7 +24,7 @@ class StateCollector(Collector):
         age = GaugeMetricFamily("cairn_node_heartbeat_age_seconds", "Seconds since a node's last heartbeat",
                                 labels=["node"])
         ready = GaugeMetricFamily("cairn_node_ready", "1 if the node is Ready", labels=["node"])
-        with session_scope(self.url) as session:
+        with session_scope(self.url, readonly=True) as session:
             for state, n in tasks.counts_all(session).items():
                 task_gauge.add_metric([state], n)
             for name, phase, seconds in nodes.heartbeat_ages(session):

@@ -10,8 +10,12 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
-    """An engine tuned for our use: WAL + busy timeout on SQLite, pre-ping on PostgreSQL."""
+def make_engine(url: str, readonly: bool = False) -> Engine:
+    """An engine tuned for our use: WAL + busy timeout on SQLite, pre-ping on PostgreSQL.
+
+    On SQLite, write transactions take the write lock at BEGIN (IMMEDIATE) so that
+    read-then-write transactions serialise instead of failing; ``readonly`` engines
+    use deferred BEGIN so readers never wait for writers (WAL)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -26,9 +30,7 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
-            # Take the write lock at BEGIN so read-then-write transactions serialise
-            # instead of failing with "database is locked" on upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         # pysqlite's own transaction handling fights BEGIN IMMEDIATE: disable it.
         @event.listens_for(engine, "connect", insert=True)
@@ -39,19 +41,22 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-@lru_cache(maxsize=8)
-def engine_for(url: str) -> Engine:
-    return make_engine(url)
+@lru_cache(maxsize=16)
+def engine_for(url: str, readonly: bool = False) -> Engine:
+    if not url.startswith("sqlite"):
+        readonly = False  # one pool is enough for PostgreSQL
+    return make_engine(url, readonly)
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+@lru_cache(maxsize=16)
+def session_factory(url: str, readonly: bool = False) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine_for(url, readonly), expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(url: str, readonly: bool = False) -> Iterator[Session]:
     """One transaction: commit on success, roll back on error."""
-    session = session_factory(url)()
+    session = session_factory(url, readonly)()
     try:
         yield session
         session.commit()

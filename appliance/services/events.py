@@ -68,5 +68,5 @@ def poll(url: str, principal: Principal, after: int) -> tuple[list[dict[str, Any
     """One short transaction of ``since`` (the SSE stream calls it from a thread)."""
     from appliance.db.engine import session_scope
 
-    with session_scope(url) as session:
+    with session_scope(url, readonly=True) as session:
         return since(session, principal, after)

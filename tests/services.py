@@ -1,0 +1,91 @@
+"""Real system services for the test suite, started once per session and always
+stopped: PostgreSQL (initdb in a temp dir, run as the postgres user) and Redis
+(on a unix socket). A service that cannot start fails the tests with the reason."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_bin() -> Path:
+    base = Path("/usr/lib/postgresql")
+    versions = sorted(base.glob("*/bin/initdb")) if base.exists() else []
+    if not versions:
+        raise RuntimeError("PostgreSQL is not installed (apt package 'postgresql'): run ./bootstrap.sh test")
+    return versions[-1].parent
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Yields a server URL prefix ``postgresql+psycopg://postgres@127.0.0.1:<port>``."""
+    bindir = _pg_bin()
+    pg = pwd.getpwnam("postgres")
+    root = Path(tempfile.mkdtemp(prefix="cairn-pg-"))
+    os.chown(root, pg.pw_uid, pg.pw_gid)
+    data, port = root / "data", free_port()
+
+    def as_pg(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True,
+                              cwd=root)
+
+    try:
+        r = as_pg(str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8")
+        if r.returncode:
+            raise RuntimeError(f"initdb failed: {r.stderr}")
+        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+        r = as_pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start")
+        if r.returncode:
+            raise RuntimeError(f"PostgreSQL did not start: {r.stderr}{(root / 'log').read_text()}")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        as_pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def create_pg_database(server: str, name: str) -> str:
+    import psycopg
+
+    dsn = server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Yields ``unix://<socket>`` of a private redis-server."""
+    exe = shutil.which("redis-server")
+    if not exe:
+        raise RuntimeError("redis-server is not installed (apt package 'redis-server'): run ./bootstrap.sh test")
+    root = Path(tempfile.mkdtemp(prefix="cairn-redis-"))
+    sock = root / "redis.sock"
+    proc = subprocess.Popen([exe, "--port", "0", "--unixsocket", str(sock), "--dir", str(root),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
