@@ -1,0 +1,245 @@
+"""The embedded appliance as a user runs it: `cairn up` starts redis-server,
+cairn-api (https), a Celery worker and the agent under the supervisor; tasks run on
+the real broker; kill -9 is healed; `cairn down` stops everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.services import free_port
+
+pytestmark = pytest.mark.functional
+CAIRN = [sys.executable, "-m", "appliance.cli.main"]
+
+
+class Stack:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.node = f"live-{os.getpid()}"
+        self.env = {
+            **os.environ,
+            "CAIRN_DATA_DIR": str(root / "data"),
+            "CAIRN_CONFIG": str(root / "cli.json"),
+            "CAIRN_API_PORT": str(self.port),
+            "CAIRN_API_HOST": "127.0.0.1",
+            "CAIRN_NODE_NAME": self.node,
+            "CAIRN_NODE_GRACE_SECONDS": "3",
+            "CAIRN_TASK_GRACE_SECONDS": "4",
+        }
+
+    def cairn(self, *args: str, check: bool = True) -> Any:
+        r = subprocess.run([*CAIRN, *args, "--output", "json"], env=self.env, capture_output=True,
+                           text=True, timeout=180)
+        if check and r.returncode:
+            raise AssertionError(f"cairn {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
+        return json.loads(r.stdout) if r.stdout.strip() else None
+
+    @property
+    def cli(self) -> dict[str, str]:
+        return json.loads((self.root / "cli.json").read_text())  # type: ignore[no-any-return]
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=f"https://127.0.0.1:{self.port}", verify=self.cli["ca_file"],
+                            headers={"Authorization": f"Bearer {self.cli['token']}"}, timeout=30)
+
+    def services(self) -> dict[str, Any]:
+        state = json.loads((self.root / "data" / "run" / "supervisor.json").read_text())
+        return state["programs"]  # type: ignore[no-any-return]
+
+    def supervisor_pid(self) -> int | None:
+        try:
+            return int((self.root / "data" / "run" / "supervisor.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        info = s.cairn("up")
+        assert info["phase"] == "Ready"
+        yield s
+    finally:
+        pid = s.supervisor_pid()
+        s.cairn("down", check=False)
+        if pid:  # belt and braces: never leave a supervisor behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text().split()
+    return stat[2] != "Z"
+
+
+def wait_for(predicate: Any, seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def test_up_prints_console_and_password_file_and_is_idempotent(stack: Stack) -> None:
+    info = stack.cairn("up")
+    assert info["started"] is False
+    assert info["console"].startswith("https://") and info["console"].endswith(f":{stack.port}/")
+    pw = Path(info["password_file"])
+    assert pw.stat().st_mode & 0o077 == 0 and len(pw.read_text().strip()) >= 16
+    assert (stack.root / "cli.json").stat().st_mode & 0o077 == 0
+
+
+def test_status_reports_the_node_ready(stack: Stack) -> None:
+    status = stack.cairn("status")
+    assert status["nodes"]["ready"] == 1
+    assert status["nodes_detail"] == [
+        {"name": stack.node, "phase": "Ready", "last_heartbeat": status["nodes_detail"][0]["last_heartbeat"]}
+    ]
+    assert all(svc["running"] for svc in status["services"].values())
+    nodes = stack.cairn("get", "nodes")
+    assert [n["name"] for n in nodes] == [stack.node]
+    assert nodes[0]["status"]["inventory"]["memory_bytes"] > 0
+
+
+def test_password_login_over_https_and_token_lists_nodes(stack: Stack) -> None:
+    password = (stack.root / "data" / "secrets" / "admin-password").read_text().strip()
+    with httpx.Client(base_url=f"https://127.0.0.1:{stack.port}", verify=stack.cli["ca_file"]) as c:
+        r = c.post("/api/v1/auth/login", json={"username": "admin", "password": password})
+        assert r.status_code == 200
+        csrf = r.json()["csrf_token"]
+        token = c.post("/api/v1/tokens", json={"name": "curl"}, headers={"X-CSRF-Token": csrf}).json()["token"]
+    r = subprocess.run(["curl", "-sf", "--cacert", stack.cli["ca_file"], "-H", f"Authorization: Bearer {token}",
+                        f"https://127.0.0.1:{stack.port}/api/v1/nodes"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [n["name"] for n in json.loads(r.stdout)["items"]] == [stack.node]
+
+
+def test_task_reports_progress_and_task_wait_follows_it(stack: Stack) -> None:
+    task = stack.cairn("node", "benchmark", stack.node, "--seconds", "3", "--no-wait")
+    assert task["state"] in ("pending", "running")
+    seen: set[float] = set()
+    with stack.http() as c:
+        def sample() -> bool:
+            t = c.get(f"/api/v1/tasks/{task['id']}").json()
+            seen.add(t["progress"]["percent"])
+            return t["state"] in ("succeeded", "failed")
+
+        wait_for(sample, 30, "the benchmark task")
+    final = stack.cairn("task", "wait", task["id"])
+    assert final["state"] == "succeeded"
+    assert final["result"]["fsyncs_per_second"] > 0
+    assert len({p for p in seen if 0 < p < 100}) >= 2, f"progress never moved: {sorted(seen)}"
+
+
+def test_cancel_stops_a_running_task(stack: Stack) -> None:
+    task = stack.cairn("node", "benchmark", stack.node, "--seconds", "60", "--no-wait")
+    with stack.http() as c:
+        wait_for(lambda: c.get(f"/api/v1/tasks/{task['id']}").json()["state"] == "running", 20, "running")
+        assert c.post(f"/api/v1/tasks/{task['id']}/cancel").status_code == 202
+        final = wait_for(lambda: (t := c.get(f"/api/v1/tasks/{task['id']}").json())["state"] in
+                         ("cancelled", "failed", "succeeded") and t, 20, "cancellation")
+    assert final["state"] == "cancelled"
+
+
+def test_worker_killed_mid_task_is_restarted_and_the_task_never_stays_running(stack: Stack) -> None:
+    task = stack.cairn("node", "benchmark", stack.node, "--seconds", "30", "--no-wait")
+    with stack.http() as c:
+        wait_for(lambda: c.get(f"/api/v1/tasks/{task['id']}").json()["state"]
+                 == "running", 20, "task running")
+        old = stack.services()["worker"]["pid"]
+        os.kill(old, signal.SIGKILL)
+        new = wait_for(lambda: (p := stack.services()["worker"]["pid"]) and p != old and p, 10,
+                       "the supervisor to restart the worker")
+        assert pid_alive(new) and not pid_alive(old)
+        final = wait_for(lambda: (t := c.get(f"/api/v1/tasks/{task['id']}").json())["state"] != "running"
+                         and t, 30, "the reaper to end the lost task")
+    # the benchmark allows one attempt: a lost worker fails it, with the reason
+    assert final["state"] == "failed"
+    assert "stopped answering" in final["error"]
+    # and the restarted worker takes new work
+    again = stack.cairn("node", "benchmark", stack.node, "--seconds", "1")
+    assert again["state"] == "succeeded"
+
+
+def test_events_stream_every_change(stack: Stack) -> None:
+    with stack.http() as c:
+        task = c.post(f"/api/v1/nodes/{stack.node}/benchmark", json={"seconds": 1}).json()
+        wait_for(lambda: c.get(f"/api/v1/tasks/{task['id']}").json()["state"] == "succeeded", 30, "task")
+        with c.stream("GET", "/api/v1/events", params={"since": 0, "max_seconds": 2}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            text = "".join(r.iter_text())
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    mine = [e for e in events if e["kind"] == "task" and e["id"] == task["id"]]
+    assert [e["object"]["state"] for e in mine][0] == "pending"
+    assert mine[-1]["object"]["state"] == "succeeded"
+    assert any(e["kind"] == "node" and e["name"] == stack.node for e in events)
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    with stack.http() as c, c.stream("GET", "/api/v1/events", params={"max_seconds": 1},
+                                     headers={"Last-Event-ID": str(seqs[-1])}) as r:
+        resumed = [json.loads(line[6:]) for line in "".join(r.iter_text()).splitlines()
+                   if line.startswith("data: ")]
+    assert all(e["seq"] > seqs[-1] for e in resumed)
+
+
+def test_metrics_in_prometheus_format(stack: Stack) -> None:
+    with stack.http() as c:
+        c.get("/api/v1/nodes")
+        text = c.get("/metrics").text
+        assert httpx.get(f"https://127.0.0.1:{stack.port}/metrics", verify=stack.cli["ca_file"]).status_code == 401
+    assert 'cairn_http_request_duration_seconds_bucket{le="0.005",method="GET"' in text
+    assert f'cairn_node_ready{{node="{stack.node}"}} 1.0' in text
+    assert 'cairn_tasks{state="succeeded"}' in text
+    assert "cairn_node_heartbeat_age_seconds" in text
+
+
+def test_logs_are_structured_json(stack: Stack) -> None:
+    for name in ("api", "worker", "agent"):
+        lines = (stack.root / "data" / "log" / f"{name}.log").read_text().splitlines()
+        parsed = [json.loads(line) for line in lines if line.startswith("{")]
+        assert parsed and all({"time", "level", "message"} <= set(p) for p in parsed), name
+
+
+def test_node_turns_not_ready_when_the_agent_stops_and_ready_when_it_returns(stack: Stack) -> None:
+    agent = stack.services()["agent"]["pid"]
+    os.kill(agent, signal.SIGSTOP)  # a hung agent: alive, silent
+    try:
+        with stack.http() as c:
+            wait_for(lambda: c.get(f"/api/v1/nodes/{stack.node}").json()["status"]["phase"] == "NotReady",
+                     15, "NotReady after the grace period")
+            cond = c.get(f"/api/v1/nodes/{stack.node}").json()["conditions"][0]
+            assert cond["reason"] == "HeartbeatTimeout"
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    with stack.http() as c:
+        wait_for(lambda: c.get(f"/api/v1/nodes/{stack.node}").json()["status"]["phase"] == "Ready", 15, "Ready")
+
+
+def test_down_stops_every_process_and_up_restarts(stack: Stack) -> None:
+    pids = [p["pid"] for p in stack.services().values()]
+    sup = stack.supervisor_pid()
+    assert stack.cairn("down")["stopped"] is True
+    assert sup is not None and not pid_alive(sup)
+    assert not any(pid_alive(p) for p in pids)
+    assert stack.cairn("up")["phase"] == "Ready"
