@@ -65,7 +65,7 @@ def nics() -> list[dict[str, Any]]:
     stats = psutil.net_if_stats()
     out = []
     for name in sorted(addrs):
-        if name == "lo" or not (SYS / "class/net" / name / "device").exists() and not name.startswith("eth"):
+        if name == "lo" or (not (SYS / "class/net" / name / "device").exists() and not name.startswith("eth")):
             continue
         mac = next((a.address for a in addrs[name] if a.family == psutil.AF_LINK), "")
         ips = [a.address.split("%")[0] for a in addrs[name] if a.family.name in ("AF_INET", "AF_INET6")]

@@ -84,7 +84,7 @@ def _wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
         while time.monotonic() < deadline:
             try:
                 node = client.get(f"/nodes/{settings.node_name}")
-                phase = node["status"].get("phase", "Unknown")
+                phase = str(node["status"].get("phase", "Unknown"))
                 if phase == "Ready":
                     return phase
             except ApiError as exc:

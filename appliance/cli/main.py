@@ -151,8 +151,7 @@ def get(kind: Annotated[str, typer.Argument(help="nodes, tasks, projects, users,
     elif path == "/tokens":
         emit(run(lambda: c.get(path))["items"], output, columns)
     else:
-        params = {"state": state} if state else {}
-        emit(run(lambda: c.list_all(path, **params)), output, columns)
+        emit(run(lambda: c.list_all(path, state=state)), output, columns)
 
 
 @app.command()

@@ -25,7 +25,7 @@ from appliance.db.models import ApiToken, LoginSession, Project, RoleBinding, Us
 from appliance.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from appliance.services import events
 from appliance.services.principal import ROLES, Principal
-from appliance.services.resources import iso, keyset, page, public
+from appliance.services.resources import iso, keyset, page, public, rowcount
 
 _hasher = PasswordHasher()
 _verified: dict[str, float] = {}
@@ -310,9 +310,9 @@ def set_member(session: Session, principal: Principal, project_name: str, user_n
 def remove_member(session: Session, principal: Principal, project_name: str, user_name: str) -> None:
     project = project_by_name(session, principal, project_name, "admin")
     user = _user(session, user_name)
-    removed = session.execute(
+    removed = rowcount(session.execute(
         delete(RoleBinding).where(RoleBinding.user_id == user.id, RoleBinding.project_id == project.id)
-    ).rowcount
+    ))
     if not removed:
         raise NotFound(f"user '{user_name}' is not a member of project '{project_name}'")
 
@@ -358,9 +358,9 @@ def list_tokens(session: Session, principal: Principal) -> list[dict[str, Any]]:
 
 
 def delete_token(session: Session, principal: Principal, name: str) -> None:
-    removed = session.execute(
+    removed = rowcount(session.execute(
         delete(ApiToken).where(ApiToken.user_id == principal.user_id, ApiToken.name == name)
-    ).rowcount
+    ))
     if not removed:
         raise NotFound(f"you have no token named '{name}'")
 

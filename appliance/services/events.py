@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import Event
 from appliance.services.principal import Principal
-from appliance.services.resources import iso
+from appliance.services.resources import iso, rowcount
 
 
 def record(session: Session, kind: str, verb: str, obj: dict[str, Any], project_id: str | None) -> None:
@@ -61,7 +61,7 @@ def prune(session: Session, keep: int = 20000) -> int:
     cutoff = latest_seq(session) - keep
     if cutoff <= 0:
         return 0
-    return session.execute(delete(Event).where(Event.seq <= cutoff)).rowcount or 0
+    return rowcount(session.execute(delete(Event).where(Event.seq <= cutoff)))
 
 
 def poll(url: str, principal: Principal, after: int) -> tuple[list[dict[str, Any]], int]:

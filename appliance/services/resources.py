@@ -13,6 +13,11 @@ from appliance.db.models import ResourceMixin
 from appliance.errors import InvalidInput, StaleGeneration
 
 
+def rowcount(result: Any) -> int:
+    """Rows touched by an UPDATE / DELETE (typed access to CursorResult.rowcount)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def iso(dt: datetime | None) -> str | None:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z") if dt else None
 

@@ -19,7 +19,7 @@ from appliance.db.models import Project, Task
 from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.services import events
 from appliance.services.principal import Principal
-from appliance.services.resources import iso, keyset, page
+from appliance.services.resources import iso, keyset, page, rowcount
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -161,12 +161,12 @@ def cancel(session: Session, principal: Principal, task_id: str) -> dict[str, An
 def claim(session: Session, task_id: str, worker: str) -> Task | None:
     """pending → running, atomically. None if someone else has it or it is gone."""
     now = datetime.now(UTC)
-    claimed = session.execute(
+    claimed = rowcount(session.execute(
         update(Task)
         .where(Task.id == task_id, Task.state == "pending")
         .values(state="running", worker=worker, heartbeat_at=now, started_at=now,
                 attempts=Task.attempts + 1, message="started", updated_at=now)
-    ).rowcount
+    ))
     if not claimed:
         return None
     task = session.get(Task, task_id)

@@ -108,6 +108,6 @@ def run_task(task_id: str) -> str:
     return state
 
 
-@celery.task(name="cairn.run")
+@celery.task(name="cairn.run")  # type: ignore[untyped-decorator]
 def run(task_id: str) -> str:
     return run_task(task_id)

@@ -191,7 +191,7 @@ def test_events_stream_every_change(stack: Stack) -> None:
             text = "".join(r.iter_text())
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
     mine = [e for e in events if e["kind"] == "task" and e["id"] == task["id"]]
-    assert [e["object"]["state"] for e in mine][0] == "pending"
+    assert mine[0]["object"]["state"] == "pending"
     assert mine[-1]["object"]["state"] == "succeeded"
     assert any(e["kind"] == "node" and e["name"] == stack.node for e in events)
     seqs = [e["seq"] for e in events]

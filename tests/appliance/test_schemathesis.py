@@ -14,7 +14,6 @@ from schemathesis.checks import not_a_server_error
 
 from appliance.db.engine import session_scope
 from appliance.services import nodes
-
 from tests.services import free_port
 
 from .conftest import Api, build_api

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from appliance.api.deps import CSRF_COOKIE, SESSION_COOKIE, AppSettings, Caller, DbSession, access
@@ -12,7 +14,7 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 
 
 @router.post("/login", response_model=LoginResponse, openapi_extra=access("public"))
-def login(body: LoginRequest, response: Response, session: DbSession, settings: AppSettings) -> dict:
+def login(body: LoginRequest, response: Response, session: DbSession, settings: AppSettings) -> dict[str, Any]:
     """Password login; sets an HttpOnly session cookie and a CSRF cookie."""
     sid, csrf, principal = auth.login(session, body.username, body.password, settings.session_hours)
     max_age = int(settings.session_hours * 3600)
@@ -35,5 +37,5 @@ def logout(request: Request, response: Response, session: DbSession, caller: Cal
 
 
 @router.get("/me", response_model=Me, openapi_extra=access("authenticated"))
-def me(session: DbSession, caller: Caller) -> dict:
+def me(session: DbSession, caller: Caller) -> dict[str, Any]:
     return auth.me(session, caller)

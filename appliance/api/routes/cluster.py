@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from appliance.api.deps import AppSettings, Caller, DbSession, access
@@ -14,14 +16,14 @@ root_router = APIRouter(tags=["cluster"])  # mounted at / (Prometheus convention
 
 
 @router.get("/health", response_model=Health, openapi_extra=access("public"))
-def health(session: DbSession) -> dict:
+def health(session: DbSession) -> dict[str, Any]:
     """Liveness + database reachability. No authentication."""
     cluster.ping(session)
     return {"status": "ok", "version": __version__}
 
 
 @router.get("/cluster/status", response_model=ClusterStatus, openapi_extra=access("authenticated"))
-def status(session: DbSession, caller: Caller, settings: AppSettings) -> dict:
+def status(session: DbSession, caller: Caller, settings: AppSettings) -> dict[str, Any]:
     return cluster.status(session, caller, settings.node_name)
 
 

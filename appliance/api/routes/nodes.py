@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from appliance.api.deps import Caller, DbSession, IfMatch, access
-from appliance.api.schemas import BenchmarkRequest, Limit, Name, NodeUpdate, ResourceList, ResourcePublic
 from appliance.api.routes.tasks import accepted
+from appliance.api.schemas import BenchmarkRequest, Limit, Name, NodeUpdate, ResourceList, ResourcePublic
 from appliance.services import nodes
 
 router = APIRouter(prefix="/nodes", tags=["nodes"])
@@ -17,13 +17,13 @@ router = APIRouter(prefix="/nodes", tags=["nodes"])
 
 @router.get("", response_model=ResourceList, openapi_extra=access("cluster:read"))
 def list_nodes(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None,
-               phase: Literal["Ready", "NotReady"] | None = None) -> dict:
+               phase: Literal["Ready", "NotReady"] | None = None) -> dict[str, Any]:
     items, nxt = nodes.list_(session, caller, limit, cursor, phase)
     return {"items": items, "next_cursor": nxt}
 
 
 @router.get("/{name}", response_model=ResourcePublic, openapi_extra=access("cluster:read"))
-def get_node(name: Name, session: DbSession, caller: Caller, response: Response) -> dict:
+def get_node(name: Name, session: DbSession, caller: Caller, response: Response) -> dict[str, Any]:
     node = nodes.get(session, caller, name)
     response.headers["ETag"] = f'"{node["generation"]}"'
     return node
@@ -31,7 +31,7 @@ def get_node(name: Name, session: DbSession, caller: Caller, response: Response)
 
 @router.patch("/{name}", response_model=ResourcePublic, openapi_extra=access("cluster:write"))
 def update_node(name: Name, body: NodeUpdate, session: DbSession, caller: Caller,
-                if_match: IfMatch = None) -> dict:
+                if_match: IfMatch = None) -> dict[str, Any]:
     """Cordon / uncordon (spec.schedulable) and labels. Send If-Match: <generation>."""
     return nodes.update_spec(session, caller, name, body.spec.model_dump(exclude_none=True), if_match)
 

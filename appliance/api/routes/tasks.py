@@ -22,14 +22,14 @@ def accepted(task: dict[str, Any]) -> JSONResponse:
 
 @router.get("", response_model=TaskList, openapi_extra=access("authenticated"))
 def list_tasks(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None,
-               state: TaskState | None = None, name: str | None = None) -> dict:
+               state: TaskState | None = None, name: str | None = None) -> dict[str, Any]:
     """Newest first; the tasks of the projects you can see."""
     items, nxt = tasks.list_(session, caller, limit, cursor, state, name)
     return {"items": items, "next_cursor": nxt}
 
 
 @router.get("/{task_id}", response_model=TaskPublic, openapi_extra=access("project:read"))
-def get_task(task_id: str, session: DbSession, caller: Caller) -> dict:
+def get_task(task_id: str, session: DbSession, caller: Caller) -> dict[str, Any]:
     return tasks.get(session, caller, task_id)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 
 from appliance.api.deps import Caller, DbSession, access
@@ -12,12 +14,12 @@ router = APIRouter(prefix="/tokens", tags=["tokens"])
 
 
 @router.get("", response_model=TokenList, openapi_extra=access("authenticated"))
-def list_tokens(session: DbSession, caller: Caller) -> dict:
+def list_tokens(session: DbSession, caller: Caller) -> dict[str, Any]:
     return {"items": auth.list_tokens(session, caller)}
 
 
 @router.post("", status_code=201, response_model=TokenCreated, openapi_extra=access("authenticated"))
-def create_token(body: TokenCreate, session: DbSession, caller: Caller) -> dict:
+def create_token(body: TokenCreate, session: DbSession, caller: Caller) -> dict[str, Any]:
     return auth.create_token(session, caller, body.name, body.expires_days)
 
 

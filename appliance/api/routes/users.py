@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 
 from appliance.api.deps import Caller, DbSession, access
@@ -12,19 +14,19 @@ router = APIRouter(prefix="/users", tags=["users"])
 
 
 @router.get("", response_model=ResourceList, openapi_extra=access("cluster:read"))
-def list_users(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None) -> dict:
+def list_users(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None) -> dict[str, Any]:
     items, nxt = auth.list_users(session, caller, limit, cursor)
     return {"items": items, "next_cursor": nxt}
 
 
 @router.post("", status_code=201, response_model=ResourcePublic, openapi_extra=access("cluster:admin"))
-def create_user(body: UserCreate, session: DbSession, caller: Caller) -> dict:
+def create_user(body: UserCreate, session: DbSession, caller: Caller) -> dict[str, Any]:
     return auth.create_user(session, caller, body.name, body.password, body.cluster_role,
                             body.spec.model_dump())
 
 
 @router.get("/{name}", response_model=ResourcePublic, openapi_extra=access("self"))
-def get_user(name: Name, session: DbSession, caller: Caller) -> dict:
+def get_user(name: Name, session: DbSession, caller: Caller) -> dict[str, Any]:
     return auth.get_user(session, caller, name)
 
 
