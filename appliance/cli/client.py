@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class Client:
         self.url = (url or os.environ.get("CAIRN_URL") or cfg.get("url") or "https://127.0.0.1:8443").rstrip("/")
         self.token = token or os.environ.get("CAIRN_TOKEN") or cfg.get("token")
         ca = ca or cfg.get("ca_file")
-        verify: Any = ca if ca and Path(ca).exists() else True
+        verify: Any = ssl.create_default_context(cafile=ca) if ca and Path(ca).exists() else True
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, verify=verify, timeout=30.0)
 

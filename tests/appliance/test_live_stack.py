@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -50,8 +51,12 @@ class Stack:
     def cli(self) -> dict[str, str]:
         return json.loads((self.root / "cli.json").read_text())  # type: ignore[no-any-return]
 
+    @property
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cli["ca_file"])
+
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=f"https://127.0.0.1:{self.port}", verify=self.cli["ca_file"],
+        return httpx.Client(base_url=f"https://127.0.0.1:{self.port}", verify=self.tls,
                             headers={"Authorization": f"Bearer {self.cli['token']}"}, timeout=30)
 
     def services(self) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def test_status_reports_the_node_ready(stack: Stack) -> None:
 
 def test_password_login_over_https_and_token_lists_nodes(stack: Stack) -> None:
     password = (stack.root / "data" / "secrets" / "admin-password").read_text().strip()
-    with httpx.Client(base_url=f"https://127.0.0.1:{stack.port}", verify=stack.cli["ca_file"]) as c:
+    with httpx.Client(base_url=f"https://127.0.0.1:{stack.port}", verify=stack.tls) as c:
         r = c.post("/api/v1/auth/login", json={"username": "admin", "password": password})
         assert r.status_code == 200
         csrf = r.json()["csrf_token"]
@@ -133,6 +138,21 @@ def test_password_login_over_https_and_token_lists_nodes(stack: Stack) -> None:
                         f"https://127.0.0.1:{stack.port}/api/v1/nodes"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert [n["name"] for n in json.loads(r.stdout)["items"]] == [stack.node]
+
+
+def test_cli_login_with_a_password_stores_a_working_token(stack: Stack, tmp_path: Path) -> None:
+    password = (stack.root / "data" / "secrets" / "admin-password").read_text().strip()
+    other = {**stack.env, "CAIRN_CONFIG": str(tmp_path / "other.json")}
+    args = ["login", "--url", f"https://127.0.0.1:{stack.port}", "--username", "admin", "--password",
+            password, "--ca-file", stack.cli["ca_file"], "--output", "json"]
+    r = subprocess.run([*CAIRN, *args], env=other, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "other.json").stat().st_mode & 0o077 == 0
+    r = subprocess.run([*CAIRN, "get", "nodes", "-o", "json"], env=other, capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == stack.node
+    bad = subprocess.run([*CAIRN, *args[:-4], "--password", "wrong", "--output", "json"], env=other,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "wrong user name or password" in bad.stderr
 
 
 def test_task_reports_progress_and_task_wait_follows_it(stack: Stack) -> None:
@@ -207,7 +227,7 @@ def test_metrics_in_prometheus_format(stack: Stack) -> None:
     with stack.http() as c:
         c.get("/api/v1/nodes")
         text = c.get("/metrics").text
-        assert httpx.get(f"https://127.0.0.1:{stack.port}/metrics", verify=stack.cli["ca_file"]).status_code == 401
+        assert httpx.get(f"https://127.0.0.1:{stack.port}/metrics", verify=stack.tls).status_code == 401
     assert 'cairn_http_request_duration_seconds_bucket{le="0.005",method="GET"' in text
     assert f'cairn_node_ready{{node="{stack.node}"}} 1.0' in text
     assert 'cairn_tasks{state="succeeded"}' in text
