@@ -42,8 +42,12 @@ install_venv() {
   mkdir -p "$STAMPS"
   if [ "$(cat "$STAMPS/pip" 2>/dev/null)" != "$want" ]; then
     say "installing Python packages"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e ".[test]"
+    "$VENV/bin/pip" install -q --upgrade pip >"$STAMPS/pip.log" 2>&1
+    if ! "$VENV/bin/pip" install -q -e ".[test]" >>"$STAMPS/pip.log" 2>&1; then
+      cat "$STAMPS/pip.log" >&2
+      echo "pip install failed (log above, also in $STAMPS/pip.log)" >&2
+      exit 1
+    fi
     echo "$want" > "$STAMPS/pip"
   fi
 }
