@@ -99,6 +99,9 @@ def _os_release() -> str:
     return platform.system()
 
 
-def allocatable(inventory: dict[str, Any], reserved_memory: int = 1 << 30) -> dict[str, Any]:
-    """What workloads may use: all threads, memory less a host reserve."""
-    return {"cpu": inventory["threads"], "memory_bytes": max(0, inventory["memory_bytes"] - reserved_memory)}
+def allocatable(inventory: dict[str, Any], reserved_memory: int = 1 << 30,
+                cpu_ratio: float = 4.0) -> dict[str, Any]:
+    """What workloads may use: all threads (shared vCPUs overcommitted by ``cpu_ratio``),
+    memory less a host reserve (never overcommitted)."""
+    return {"cpu": inventory["threads"], "cpu_ratio": cpu_ratio,
+            "memory_bytes": max(0, inventory["memory_bytes"] - reserved_memory)}

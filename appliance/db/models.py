@@ -123,6 +123,29 @@ class Node(ResourceMixin, Base):
     __table_args__ = (UniqueConstraint("name", name="uq_nodes_name"),)
     phase: Mapped[str] = mapped_column(String(16), default="NotReady", index=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Sums of this node's claims, updated with conditional UPDATEs so that
+    # concurrent placements can never overcommit it (see scheduler.claims).
+    cpu_claimed: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    memory_claimed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cpu_capacity: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    memory_capacity: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class Claim(Base):
+    """A workload's reservation on a node (Nova placement style)."""
+
+    __tablename__ = "claims"
+    __table_args__ = (UniqueConstraint("workload_id", name="uq_claims_workload"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    workload_kind: Mapped[str] = mapped_column(String(16))
+    workload_id: Mapped[str] = mapped_column(String(36))
+    cpu_units: Mapped[float] = mapped_column(Float)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    numa_cell: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cpus_pinned: Mapped[int] = mapped_column(Integer, default=0)
+    group_name: Mapped[str | None] = mapped_column(String(63), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Task(Base):

@@ -18,7 +18,8 @@ PHASES = ("Ready", "NotReady")
 
 
 def node_public(node: Node) -> dict[str, Any]:
-    return public(node, None, phase=node.phase, last_heartbeat=iso(node.heartbeat_at))
+    claimed = {"cpu": round(node.cpu_claimed or 0.0, 3), "memory_bytes": node.memory_claimed or 0}
+    return public(node, None, phase=node.phase, last_heartbeat=iso(node.heartbeat_at), claimed=claimed)
 
 
 def _emit(session: Session, node: Node, verb: str) -> None:
@@ -34,6 +35,8 @@ def register(session: Session, name: str, inventory: dict[str, Any], allocatable
         node = Node(name=name, spec={"schedulable": True, "labels": {}})
         session.add(node)
     node.status = {**(node.status or {}), "inventory": inventory, "allocatable": allocatable}
+    node.cpu_capacity = float(allocatable["cpu"]) * float(allocatable.get("cpu_ratio", 4.0))
+    node.memory_capacity = int(allocatable["memory_bytes"])
     node.heartbeat_at = datetime.now(UTC)
     node.phase = "Ready"
     node.observed_generation = node.generation
