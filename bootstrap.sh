@@ -68,13 +68,13 @@ install_all() {
   install_debs
   install_venv
   install_webui
-  ln -sf "$VENV/bin/cairn" /usr/local/bin/cairn
 }
 
 case "${1:-}" in
   up)
     shift
     install_all
+    ln -sf "$VENV/bin/cairn" /usr/local/bin/cairn  # `cairn` on root's PATH
     exec "$VENV/bin/cairn" up "$@"
     ;;
   test)
