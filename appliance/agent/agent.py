@@ -14,7 +14,7 @@ from typing import Any
 
 from appliance.agent import inventory as inv
 from appliance.db.engine import session_scope
-from appliance.services import nodes
+from appliance.services import events, nodes
 from appliance.settings import Settings
 
 log = logging.getLogger("cairn.agent")
@@ -30,6 +30,7 @@ class PassReport:
 
 
 Reconciler = Callable[["Agent", PassReport], None]
+EVENT_POLL_SECONDS = 0.25
 
 
 class Agent:
@@ -38,12 +39,35 @@ class Agent:
         self.node = settings.node_name
         self.collect = collect
         self.reconcilers: list[tuple[str, Reconciler]] = []
+        self.watched_kinds: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._registered = False
 
-    def register_reconciler(self, name: str, fn: Reconciler) -> None:
+    def register_reconciler(self, name: str, fn: Reconciler, kinds: tuple[str, ...] = ()) -> None:
+        """Add a reconciler; a change to any of ``kinds`` (an event) wakes the loop at once."""
         self.reconcilers.append((name, fn))
+        self.watched_kinds.update(kinds)
+
+    def wake_on_events(self, after: int) -> int:
+        """Wake the loop if an event of a watched kind arrived after seq ``after``;
+        returns the last seq seen. The watcher thread calls it in a loop."""
+        if not self.watched_kinds:
+            return after
+        with session_scope(self.settings.resolved_database_url, readonly=True) as session:
+            kinds, last = events.kinds_since(session, after)
+        if kinds & self.watched_kinds:
+            self.wake()
+        return last
+
+    def _watch(self) -> None:
+        with session_scope(self.settings.resolved_database_url, readonly=True) as session:
+            seq = events.latest_seq(session)
+        while not self._stop.wait(EVENT_POLL_SECONDS):
+            try:
+                seq = self.wake_on_events(seq)
+            except Exception:
+                log.exception("event watch failed")
 
     def wake(self) -> None:
         """Ask for a pass now (e.g. on a desired-state event)."""
@@ -81,7 +105,9 @@ class Agent:
         return report
 
     def serve(self) -> None:
-        """Loop until stop(): a pass every heartbeat interval or when woken."""
+        """Loop until stop(): a pass every heartbeat interval or when woken (by
+        ``wake()`` or by an event of a kind a reconciler watches)."""
+        threading.Thread(target=self._watch, name="cairn-agent-events", daemon=True).start()
         while not self._stop.is_set():
             started = time.monotonic()
             try:

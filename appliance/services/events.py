@@ -70,3 +70,9 @@ def poll(url: str, principal: Principal, after: int) -> tuple[list[dict[str, Any
 
     with session_scope(url, readonly=True) as session:
         return since(session, principal, after)
+
+
+def kinds_since(session: Session, after: int) -> tuple[set[str], int]:
+    """The kinds changed after ``after`` and the newest seq (for agents' wake-ups)."""
+    rows = session.execute(select(Event.seq, Event.kind).where(Event.seq > after).order_by(Event.seq)).all()
+    return {kind for _, kind in rows}, (rows[-1][0] if rows else after)

@@ -169,3 +169,32 @@ def test_cancel_of_a_pending_task_is_immediate(settings: Any, monkeypatch: Any) 
         admin = principal_for(session, _user(session, "admin"), "token")
         assert tasks.cancel(session, admin, tid)["state"] == "cancelled"
     assert runner.run_task(tid) == "skipped"
+
+
+def test_events_of_a_watched_kind_wake_the_loop(settings: Any) -> None:
+    """cephadm-style serve(): a desired-state change wakes the agent before its timer."""
+    import threading
+
+    settings.heartbeat_interval = 30.0  # the timer alone would not run a second pass
+    agent = Agent(settings)
+    passes: list[float] = []
+    agent.register_reconciler("counter", lambda a, r: passes.append(time.monotonic()), kinds=("project",))
+    thread = threading.Thread(target=agent.serve, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(passes) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(passes) == 1
+        with session_scope(settings.resolved_database_url) as session:
+            from appliance.services.auth import _user, create_project, principal_for
+
+            create_project(session, principal_for(session, _user(session, "admin"), "token"), "wake-up", {})
+        while len(passes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(passes) == 2, "the project event did not wake the agent"
+        assert passes[1] - passes[0] < 5
+    finally:
+        agent.stop()
+        thread.join(10)
+    assert not thread.is_alive()
