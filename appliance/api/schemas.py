@@ -193,3 +193,18 @@ class ClusterStatus(Open):
 class Health(Open):
     status: str
     version: str
+
+
+# --- project-scoped resources ---------------------------------------------------------------
+
+ProjectName = Annotated[str, Field(min_length=1, max_length=63, description="the project it lives in")]
+
+
+class PlacementGroupSpec(Strict):
+    policy: Literal["affinity", "anti-affinity"]
+
+
+class PlacementGroupCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: PlacementGroupSpec

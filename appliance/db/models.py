@@ -68,6 +68,12 @@ class ResourceMixin:
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
+class ScopedMixin(ResourceMixin):
+    """A resource that belongs to a project (name unique per project)."""
+
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+
+
 class Project(ResourceMixin, Base):
     __tablename__ = "projects"
     __table_args__ = (UniqueConstraint("name", name="uq_projects_name"),)
@@ -197,3 +203,10 @@ class Event(Base):
     project_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     object: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class PlacementGroup(ScopedMixin, Base):
+    """Affinity / anti-affinity group for VMs and containers (Nova server groups)."""
+
+    __tablename__ = "placement_groups"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_placement_groups_name"),)

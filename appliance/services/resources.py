@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import and_, or_
 
 from appliance.db.models import ResourceMixin
 from appliance.errors import InvalidInput, StaleGeneration
@@ -88,8 +88,8 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
 
 
 def keyset(
-    query: Select[Any], columns: tuple[Any, ...], cursor: str | None, limit: int, descending: bool = False
-) -> Select[Any]:
+    query: Any, columns: tuple[Any, ...], cursor: str | None, limit: int, descending: bool = False
+) -> Any:
     """Keyset pagination over ``columns`` (last one unique); fetch limit+1 to know if more follow."""
     if cursor:
         values = decode_cursor(cursor, len(columns))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.db.engine import session_scope
-from appliance.services import auth, nodes, tasks
+from appliance.services import auth, groups, nodes, tasks
 
 from .conftest import Api
 from .test_resources import INVENTORY
@@ -27,6 +27,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/tokens"): {"name": "walk-t"},
     ("patch", "/api/v1/nodes/{name}"): {"spec": {"schedulable": True}},
     ("post", "/api/v1/nodes/{name}/benchmark"): {"seconds": 1},
+    ("post", "/api/v1/placement-groups"): {"name": "walk-g2", "spec": {"policy": "affinity"}},
 }
 QUERY: dict[str, dict[str, Any]] = {"/api/v1/events": {"max_seconds": 0.3}}
 WRITES = ("write", "admin")
@@ -40,7 +41,8 @@ def operations(api: Api) -> list[tuple[str, str, dict[str, Any]]]:
 def fill(path: str, task_id: str) -> str:
     parts = path.split("/")
     kind = parts[3] if len(parts) > 3 else ""
-    name = {"nodes": "node-1", "projects": "default", "users": "admin", "tokens": "nope"}.get(kind, "x")
+    name = {"nodes": "node-1", "projects": "default", "users": "admin", "tokens": "nope",
+            "placement-groups": "walk-g"}.get(kind, "x")
     return path.replace("{name}", name).replace("{user}", "viewer1").replace("{task_id}", task_id)
 
 
@@ -61,6 +63,7 @@ def world(api: Api, sent: list[Any]) -> tuple[Api, str, dict[str, dict[str, str]
         nodes.register(session, "node-1", INVENTORY, {"cpu": 16, "memory_bytes": 1})
         admin = auth.principal_for(session, auth._user(session, "admin"), "token")
         default = auth._project(session, "default")
+        groups.create(session, admin, "default", "walk-g", "anti-affinity")
         task_id = tasks.create(session, "node.inventory", {"node": "node-1"}, queue="cluster",
                                principal=admin, project_id=default.id)["id"]
     callers = {

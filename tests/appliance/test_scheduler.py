@@ -147,3 +147,20 @@ def test_release_gives_capacity_back(cluster: str) -> None:
         assert all(n.memory_claimed == 0 and n.cpu_claimed == 0 for n in session.scalars(select(Node)))
 
 
+
+
+@pytest.mark.functional
+def test_placement_groups_api_is_project_scoped(api: Any) -> None:
+    body = {"name": "db", "project": "default", "spec": {"policy": "anti-affinity"}}
+    r = api.client.post("/api/v1/placement-groups", json=body, headers=api.admin)
+    assert r.status_code == 201 and r.json()["project"] == "default"
+    assert api.client.post("/api/v1/placement-groups", json=body, headers=api.admin).status_code == 409
+    bad = api.client.post("/api/v1/placement-groups", json={**body, "spec": {"policy": "near"}}, headers=api.admin)
+    assert bad.status_code == 422 and "policy" in bad.json()["detail"]
+    other = api.headers_for("eve", project="other", role="admin")
+    assert api.client.get("/api/v1/placement-groups", headers=other).json()["items"] == []
+    assert api.client.get("/api/v1/placement-groups/db", headers=other).status_code == 404
+    listed = api.client.get("/api/v1/placement-groups", headers=api.admin).json()["items"]
+    assert [g["name"] for g in listed] == ["db"]
+    assert api.client.delete("/api/v1/placement-groups/db", headers=api.admin).status_code == 204
+    assert api.client.get("/api/v1/placement-groups/db", headers=api.admin).status_code == 404
