@@ -202,6 +202,25 @@ def test_worker_killed_mid_task_is_restarted_and_the_task_never_stays_running(st
     assert again["state"] == "succeeded"
 
 
+@pytest.mark.parametrize("program", ["api", "agent", "redis"])
+def test_any_daemon_killed_with_sigkill_is_restarted_and_the_appliance_recovers(stack: Stack, program: str) -> None:
+    old = stack.services()[program]["pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: (p := stack.services()[program]["pid"]) and p != old, 15, f"{program} to be restarted")
+
+    def healthy() -> bool:
+        try:
+            with stack.http() as c:
+                node = c.get(f"/api/v1/nodes/{stack.node}").json()
+                return bool(node["status"]["phase"] == "Ready")
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, 30, "the appliance to answer again")
+    # the restarted pieces still do work end to end (broker, worker, API)
+    assert stack.cairn("node", "benchmark", stack.node, "--seconds", "0.5")["state"] == "succeeded"
+
+
 def test_events_stream_every_change(stack: Stack) -> None:
     with stack.http() as c:
         task = c.post(f"/api/v1/nodes/{stack.node}/benchmark", json={"seconds": 1}).json()
