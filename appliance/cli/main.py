@@ -28,8 +28,10 @@ app.add_typer(project_app, name="project")
 
 # kind (singular and plural) -> (collection path, table columns key)
 KINDS: dict[str, tuple[str, str]] = {}
-for plural in ("nodes", "tasks", "projects", "users", "tokens"):
+for plural in ("nodes", "tasks", "projects", "users", "tokens", "placement-groups"):
     KINDS[plural] = KINDS[plural[:-1]] = (f"/{plural}", plural)
+SCOPED = {"/placement-groups"}
+ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", help="project (default: all you can see)")]
 
 NoWait = Annotated[bool, typer.Option("--no-wait", help="return at once with the task")]
 
@@ -139,29 +141,63 @@ def _kind(kind: str) -> tuple[str, str]:
 
 
 @app.command()
-def get(kind: Annotated[str, typer.Argument(help="nodes, tasks, projects, users, tokens")],
+def get(kind: Annotated[str, typer.Argument(help="nodes, tasks, projects, users, tokens, placement-groups")],
         name: Annotated[str | None, typer.Argument()] = None,
         state: Annotated[str | None, typer.Option(help="tasks: filter by state")] = None,
+        project: ProjectOpt = None,
         output: OutputOpt = Format.table) -> None:
     """List a kind, or show one object."""
     path, columns = _kind(kind)
     c = client()
     if name:
-        emit(run(lambda: c.get(f"{path}/{name}")), output)
+        params = {"project": project or "default"} if path in SCOPED else {}
+        emit(run(lambda: c.get(f"{path}/{name}", **params)), output)
     elif path == "/tokens":
         emit(run(lambda: c.get(path))["items"], output, columns)
     else:
-        emit(run(lambda: c.list_all(path, state=state)), output, columns)
+        emit(run(lambda: c.list_all(path, state=state, project=project)), output, columns)
 
 
 @app.command()
 def delete(kind: Annotated[str, typer.Argument()], name: Annotated[str, typer.Argument()],
-           output: OutputOpt = Format.table) -> None:
+           project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Delete one object."""
     path, _ = _kind(kind)
     c = client()
-    run(lambda: c.delete(f"{path}/{name}"))
+    params = {"project": project or "default"} if path in SCOPED else None
+    run(lambda: c.request("DELETE", f"{path}/{name}", params=params))
     emit({"deleted": {"kind": kind, "name": name}}, output)
+
+
+@app.command()
+def events(follow: Annotated[bool, typer.Option("--follow", "-f", help="keep streaming")] = False,
+           since: Annotated[int, typer.Option(help="replay events after this seq")] = 0,
+           seconds: Annotated[float, typer.Option(help="stop after this long (without --follow)")] = 1.0,
+           output: OutputOpt = Format.table) -> None:
+    """Show resource changes (server-sent events from /api/v1/events)."""
+    import json as _json
+
+    c = client()
+    params: dict[str, Any] = {"since": since}
+    if not follow:
+        params["max_seconds"] = seconds
+    try:
+        with c.http.stream("GET", "/api/v1/events", params=params, timeout=None) as r:
+            if r.status_code >= 400:
+                fail(_json.loads(r.read()).get("detail", f"HTTP {r.status_code}"))
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                ev = _json.loads(line[6:])
+                if output == Format.json:
+                    typer.echo(_json.dumps(ev))
+                else:
+                    obj = ev["object"]
+                    state = obj.get("state") or obj.get("status", {}).get("phase") or ""
+                    typer.echo(f"{ev['seq']:>7} {ev['time']} {ev['kind']:<16} {ev['verb']:<8} "
+                               f"{ev['name']:<24} {state}")
+    except KeyboardInterrupt:
+        pass
 
 
 # --- tasks -----------------------------------------------------------------------------------

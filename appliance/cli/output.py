@@ -30,6 +30,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "projects": [("NAME", "name"), ("DESCRIPTION", "spec.description"), ("CREATED", "created_at")],
     "users": [("NAME", "name"), ("CLUSTER ROLE", "status.cluster_role"), ("ROLES", "status.roles")],
     "tokens": [("NAME", "name"), ("EXPIRES", "status.expires_at"), ("CREATED", "created_at")],
+    "placement-groups": [("PROJECT", "project"), ("NAME", "name"), ("POLICY", "spec.policy")],
 }
 
 

@@ -242,6 +242,20 @@ def test_events_stream_every_change(stack: Stack) -> None:
     assert all(e["seq"] > seqs[-1] for e in resumed)
 
 
+def test_cli_events_and_project_scoped_kinds(stack: Stack) -> None:
+    with stack.http() as c:
+        c.post("/api/v1/placement-groups", json={"name": "db", "spec": {"policy": "anti-affinity"}})
+    groups = stack.cairn("get", "placement-groups")
+    assert [(g["project"], g["name"], g["spec"]["policy"]) for g in groups] == [("default", "db", "anti-affinity")]
+    assert stack.cairn("get", "placement-group", "db", "--project", "default")["name"] == "db"
+    r = subprocess.run([*CAIRN, "events", "--since", "0", "--seconds", "1", "-o", "json"], env=stack.env,
+                       capture_output=True, text=True, timeout=60)
+    kinds = {json.loads(line)["kind"] for line in r.stdout.splitlines()}
+    assert {"node", "task", "placement-group"} <= kinds
+    stack.cairn("delete", "placement-group", "db")
+    assert stack.cairn("get", "placement-groups") == []
+
+
 def test_metrics_in_prometheus_format(stack: Stack) -> None:
     with stack.http() as c:
         c.get("/api/v1/nodes")
