@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from appliance.db.engine import session_factory
+from appliance.db.engine import session_scope
 from appliance.errors import PermissionDenied, Unauthenticated
 from appliance.services import auth
 from appliance.services.principal import Principal
@@ -27,16 +27,10 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    readonly = request.method in SAFE_METHODS
-    session = session_factory(request.app.state.settings.resolved_database_url, readonly)()
-    try:
+    """One transaction per request; reads (GET/HEAD) never wait for SQLite's write lock."""
+    url = request.app.state.settings.resolved_database_url
+    with session_scope(url, readonly=request.method in SAFE_METHODS) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 DbSession = Annotated[Session, Depends(get_db, scope="function")]
