@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     worker_concurrency: int = 4
     webui_dir: Path = Path(__file__).resolve().parent.parent / "webui" / "dist"
     log_level: str = "INFO"
+    # VXLAN VNIs handed to virtual networks, "first-last" inclusive.
+    vni_range: str = "4096-16777215"
+    underlay_mtu: int = 1500
+
+    @property
+    def vni_bounds(self) -> tuple[int, int]:
+        first, _, last = self.vni_range.partition("-")
+        return int(first), int(last or first)
 
     @property
     def resolved_database_url(self) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.errors import CairnError
@@ -68,6 +69,12 @@ def _http(_: Request, exc: Exception) -> JSONResponse:
                    f"http-{exc.status_code}", )
 
 
+def _integrity(_: Request, exc: Exception) -> JSONResponse:
+    log.info("integrity conflict", extra={"error": str(exc)[:300]})
+    return problem(409, "Conflict", "the change collides with another one made at the same time "
+                   "(a name, address or identifier is already taken): re-read and retry", "conflict")
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", extra={"path": request.url.path})
     return problem(500, "Internal error",
@@ -78,4 +85,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(CairnError, _cairn)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(IntegrityError, _integrity)
     app.add_exception_handler(Exception, _unexpected)

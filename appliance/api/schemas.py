@@ -208,3 +208,79 @@ class PlacementGroupCreate(Strict):
     name: Name
     project: ProjectName = "default"
     spec: PlacementGroupSpec
+
+
+# --- networks -------------------------------------------------------------------------------
+
+class NetworkSpec(Strict):
+    cidr: Annotated[str, Field(max_length=64, description="also create a first subnet")] | None = None
+    mtu: Annotated[int, Field(ge=576, le=9000)] | None = None
+    description: Annotated[str, Field(max_length=1000)] = ""
+
+
+class NetworkCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: NetworkSpec = NetworkSpec()
+
+
+class Pool(Strict):
+    start: Annotated[str, Field(max_length=64)]
+    end: Annotated[str, Field(max_length=64)]
+
+
+class SubnetSpec(Strict):
+    network: Name
+    cidr: Annotated[str, Field(max_length=64)]
+    gateway: Annotated[str, Field(max_length=64)] | None = None
+    allocation_pools: Annotated[list[Pool], Field(max_length=16)] = []
+    dns_nameservers: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=8)] = []
+
+
+class SubnetCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: SubnetSpec
+
+
+class Reservation(Strict):
+    address: Annotated[str, Field(max_length=64)]
+
+
+MacAddress = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
+
+
+class PortSpec(Strict):
+    network: Name
+    mac: MacAddress | None = None
+    fixed_ips: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=8)] = []
+    security_groups: Annotated[list[Name], Field(max_length=16)] = []
+
+
+class PortCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: PortSpec
+
+
+class SecurityGroupSpec(Strict):
+    description: Annotated[str, Field(max_length=1000)] = ""
+
+
+class SecurityGroupCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: SecurityGroupSpec = SecurityGroupSpec()
+
+
+PortNumber = Annotated[int, Field(ge=1, le=65535)]
+
+
+class RuleCreate(Strict):
+    direction: Literal["ingress", "egress"] = "ingress"
+    protocol: Literal["tcp", "udp", "icmp", "icmpv6", "any"] = "tcp"
+    port_min: PortNumber | None = None
+    port_max: PortNumber | None = None
+    remote_cidr: Annotated[str, Field(max_length=64)] | None = None
+    remote_group: Name | None = None
+    ethertype: Literal["ipv4", "ipv6"] = "ipv4"

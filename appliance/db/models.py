@@ -210,3 +210,52 @@ class PlacementGroup(ScopedMixin, Base):
 
     __tablename__ = "placement_groups"
     __table_args__ = (UniqueConstraint("project_id", "name", name="uq_placement_groups_name"),)
+
+
+class Network(ScopedMixin, Base):
+    """A virtual L2 segment: one VXLAN VNI, a bridge on every node hosting a port."""
+
+    __tablename__ = "networks"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_networks_name"),
+                      UniqueConstraint("vni", name="uq_networks_vni"))
+    vni: Mapped[int] = mapped_column(Integer)
+
+
+class Subnet(ScopedMixin, Base):
+    __tablename__ = "subnets"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_subnets_name"),)
+    network_id: Mapped[str] = mapped_column(ForeignKey("networks.id", ondelete="CASCADE"), index=True)
+    cidr: Mapped[str] = mapped_column(String(64))
+
+
+class Port(ScopedMixin, Base):
+    """A neutral attachment point: MAC + IPs + security groups; a VM tap or a container veth."""
+
+    __tablename__ = "ports"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_ports_name"),
+                      UniqueConstraint("mac", name="uq_ports_mac"))
+    network_id: Mapped[str] = mapped_column(ForeignKey("networks.id", ondelete="RESTRICT"), index=True)
+    mac: Mapped[str] = mapped_column(String(17))
+
+
+class IpAllocation(Base):
+    """One address in one subnet; the unique constraint is what makes concurrent
+    allocations safe (a loser retries with the next free address)."""
+
+    __tablename__ = "ip_allocations"
+    __table_args__ = (UniqueConstraint("subnet_id", "address", name="uq_ip_allocations_address"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    subnet_id: Mapped[str] = mapped_column(ForeignKey("subnets.id", ondelete="CASCADE"), index=True)
+    port_id: Mapped[str | None] = mapped_column(ForeignKey("ports.id", ondelete="CASCADE"), nullable=True,
+                                                index=True)
+    address: Mapped[str] = mapped_column(String(64))
+    # "port" (allocated to a port), "reserved" (kept out of the pools), "gateway"
+    purpose: Mapped[str] = mapped_column(String(16), default="port")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SecurityGroup(ScopedMixin, Base):
+    """Per-port stateful firewall rules (spec.rules); default deny inbound."""
+
+    __tablename__ = "security_groups"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_security_groups_name"),)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from appliance.db.models import Project, ScopedMixin
@@ -84,10 +83,7 @@ class ScopedKind(Generic[M]):
         row = self.model(name=name, project_id=proj.id, spec=spec,  # type: ignore[call-arg]
                          status=status or {}, **columns)
         session.add(row)
-        try:
-            session.flush()
-        except IntegrityError:
-            raise Conflict(f"a {self.kind} named '{name}' already exists in project '{project}'")
+        session.flush()  # a concurrent duplicate raises IntegrityError: the API answers 409
         self.emit(session, row, proj.name, "created")
         return row
 

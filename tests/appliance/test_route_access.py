@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.db.engine import session_scope
-from appliance.services import auth, groups, nodes, tasks
+from appliance.services import auth, groups, networks, nodes, tasks
 
 from .conftest import Api
 from .test_resources import INVENTORY
@@ -28,6 +28,12 @@ BODIES: dict[tuple[str, str], Any] = {
     ("patch", "/api/v1/nodes/{name}"): {"spec": {"schedulable": True}},
     ("post", "/api/v1/nodes/{name}/benchmark"): {"seconds": 1},
     ("post", "/api/v1/placement-groups"): {"name": "walk-g2", "spec": {"policy": "affinity"}},
+    ("post", "/api/v1/networks"): {"name": "walk-n2", "spec": {"cidr": "10.99.0.0/24"}},
+    ("post", "/api/v1/subnets"): {"name": "walk-sub2", "spec": {"network": "walk-n", "cidr": "10.98.0.0/24"}},
+    ("post", "/api/v1/subnets/{name}/reservations"): {"address": "10.77.0.50"},
+    ("post", "/api/v1/ports"): {"name": "walk-p2", "spec": {"network": "walk-n"}},
+    ("post", "/api/v1/security-groups"): {"name": "walk-s2"},
+    ("post", "/api/v1/security-groups/{name}/rules"): {"protocol": "tcp", "port_min": 22, "port_max": 22},
 }
 QUERY: dict[str, dict[str, Any]] = {"/api/v1/events": {"max_seconds": 0.3}}
 WRITES = ("write", "admin")
@@ -42,8 +48,10 @@ def fill(path: str, task_id: str) -> str:
     parts = path.split("/")
     kind = parts[3] if len(parts) > 3 else ""
     name = {"nodes": "node-1", "projects": "default", "users": "admin", "tokens": "nope",
-            "placement-groups": "walk-g"}.get(kind, "x")
-    return path.replace("{name}", name).replace("{user}", "viewer1").replace("{task_id}", task_id)
+            "placement-groups": "walk-g", "networks": "walk-n", "subnets": "walk-n-4", "ports": "walk-p",
+            "security-groups": "walk-s"}.get(kind, "x")
+    return (path.replace("{name}", name).replace("{user}", "viewer1").replace("{task_id}", task_id)
+            .replace("{rule_id}", "norule"))
 
 
 def call(api: Api, method: str, path: str, task_id: str, headers: dict[str, str]) -> int:
@@ -64,6 +72,9 @@ def world(api: Api, sent: list[Any]) -> tuple[Api, str, dict[str, dict[str, str]
         admin = auth.principal_for(session, auth._user(session, "admin"), "token")
         default = auth._project(session, "default")
         groups.create(session, admin, "default", "walk-g", "anti-affinity")
+        networks.create_network(session, admin, api.settings, "default", "walk-n", {"cidr": "10.77.0.0/24"})
+        networks.create_secgroup(session, admin, "default", "walk-s", "")
+        networks.create_port(session, admin, "default", "walk-p", {"network": "walk-n"})
         task_id = tasks.create(session, "node.inventory", {"node": "node-1"}, queue="cluster",
                                principal=admin, project_id=default.id)["id"]
     callers = {
