@@ -25,12 +25,22 @@ app.add_typer(node_app, name="node")
 app.add_typer(token_app, name="token")
 app.add_typer(user_app, name="user")
 app.add_typer(project_app, name="project")
+network_app = typer.Typer(no_args_is_help=True, help="Virtual networks (VXLAN segments) and subnets.")
+port_app = typer.Typer(no_args_is_help=True, help="Ports: MAC + addresses + security groups.")
+secgroup_app = typer.Typer(no_args_is_help=True, help="Security groups (stateful, default deny inbound).")
+rule_app = typer.Typer(no_args_is_help=True, help="Security group rules.")
+secgroup_app.add_typer(rule_app, name="rule")
+app.add_typer(network_app, name="network")
+app.add_typer(port_app, name="port")
+app.add_typer(secgroup_app, name="secgroup")
 
 # kind (singular and plural) -> (collection path, table columns key)
 KINDS: dict[str, tuple[str, str]] = {}
-for plural in ("nodes", "tasks", "projects", "users", "tokens", "placement-groups"):
+for plural in ("nodes", "tasks", "projects", "users", "tokens", "placement-groups", "networks", "subnets",
+               "ports", "security-groups"):
     KINDS[plural] = KINDS[plural[:-1]] = (f"/{plural}", plural)
-SCOPED = {"/placement-groups"}
+KINDS["secgroups"] = KINDS["secgroup"] = KINDS["security-groups"]
+SCOPED = {"/placement-groups", "/networks", "/subnets", "/ports", "/security-groups"}
 ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", help="project (default: all you can see)")]
 
 NoWait = Annotated[bool, typer.Option("--no-wait", help="return at once with the task")]
@@ -285,6 +295,96 @@ def project_add_member(project: str, user: str, role: Annotated[str, typer.Optio
     c = client()
     emit(run(lambda: c.request("PUT", f"/projects/{project}/members/{user}", json={"role": role}).json()),
          output)
+
+
+# --- networks ----------------------------------------------------------------------------------
+
+ProjectArg = Annotated[str, typer.Option("--project", "-p", help="project")]
+
+
+@network_app.command("create")
+def network_create(name: str, cidr: Annotated[str | None, typer.Option(help="first subnet, e.g. 10.20.0.0/24")] = None,
+                   mtu: Annotated[int | None, typer.Option()] = None, project: ProjectArg = "default",
+                   output: OutputOpt = Format.table) -> None:
+    """Create a network (one VXLAN VNI) and, with --cidr, its first subnet."""
+    c = client()
+    spec = {k: v for k, v in {"cidr": cidr, "mtu": mtu}.items() if v is not None}
+    emit(run(lambda: c.post("/networks", {"name": name, "project": project, "spec": spec})), output)
+
+
+@network_app.command("get")
+def network_get(name: str, project: ProjectArg = "default", output: OutputOpt = Format.table) -> None:
+    c = client()
+    emit(run(lambda: c.get(f"/networks/{name}", project=project)), output)
+
+
+@network_app.command("delete")
+def network_delete(name: str, project: ProjectArg = "default", output: OutputOpt = Format.table) -> None:
+    c = client()
+    run(lambda: c.request("DELETE", f"/networks/{name}", params={"project": project}))
+    emit({"deleted": {"kind": "network", "name": name}}, output)
+
+
+@network_app.command("subnet-add")
+def network_subnet_add(network: str, name: str, cidr: Annotated[str, typer.Option()],
+                       gateway: Annotated[str | None, typer.Option()] = None, project: ProjectArg = "default",
+                       output: OutputOpt = Format.table) -> None:
+    """Add a subnet (IPv4 or IPv6) to a network."""
+    c = client()
+    spec = {"network": network, "cidr": cidr, **({"gateway": gateway} if gateway else {})}
+    emit(run(lambda: c.post("/subnets", {"name": name, "project": project, "spec": spec})), output)
+
+
+@port_app.command("create")
+def port_create(network: str, name: str,
+                ip: Annotated[list[str] | None, typer.Option("--ip", help="fixed address (repeatable)")] = None,
+                secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
+                mac: Annotated[str | None, typer.Option()] = None, project: ProjectArg = "default",
+                output: OutputOpt = Format.table) -> None:
+    """Create a port on a network: a MAC, an address per subnet, security groups."""
+    c = client()
+    spec: dict[str, Any] = {"network": network, "fixed_ips": ip or [], "security_groups": secgroup or []}
+    if mac:
+        spec["mac"] = mac
+    emit(run(lambda: c.post("/ports", {"name": name, "project": project, "spec": spec})), output)
+
+
+@port_app.command("delete")
+def port_delete(name: str, project: ProjectArg = "default", output: OutputOpt = Format.table) -> None:
+    c = client()
+    run(lambda: c.request("DELETE", f"/ports/{name}", params={"project": project}))
+    emit({"deleted": {"kind": "port", "name": name}}, output)
+
+
+@secgroup_app.command("create")
+def secgroup_create(name: str, description: Annotated[str, typer.Option()] = "", project: ProjectArg = "default",
+                    output: OutputOpt = Format.table) -> None:
+    c = client()
+    emit(run(lambda: c.post("/security-groups", {"name": name, "project": project,
+                                                 "spec": {"description": description}})), output)
+
+
+@rule_app.command("add")
+def secgroup_rule_add(group: str, proto: Annotated[str, typer.Option(help="tcp, udp, icmp, icmpv6, any")] = "tcp",
+                      port: Annotated[str | None, typer.Option(help="22 or 8000-8080")] = None,
+                      remote: Annotated[str | None, typer.Option(help="remote CIDR")] = None,
+                      remote_group: Annotated[str | None, typer.Option()] = None,
+                      egress: Annotated[bool, typer.Option("--egress", help="outbound rule")] = False,
+                      project: ProjectArg = "default", output: OutputOpt = Format.table) -> None:
+    """Allow traffic (ingress unless --egress); replies to allowed connections pass."""
+    rule: dict[str, Any] = {"direction": "egress" if egress else "ingress", "protocol": proto}
+    if port:
+        lo, _, hi = port.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            fail(f"--port must look like 22 or 8000-8080, not {port!r}", 2)
+        rule.update(port_min=int(lo), port_max=int(hi or lo))
+    if remote:
+        rule["remote_cidr"] = remote
+    if remote_group:
+        rule["remote_group"] = remote_group
+    c = client()
+    emit(run(lambda: c.request("POST", f"/security-groups/{group}/rules", params={"project": project},
+                               json=rule).json()), output)
 
 
 if __name__ == "__main__":

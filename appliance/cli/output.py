@@ -31,6 +31,13 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "users": [("NAME", "name"), ("CLUSTER ROLE", "status.cluster_role"), ("ROLES", "status.roles")],
     "tokens": [("NAME", "name"), ("EXPIRES", "status.expires_at"), ("CREATED", "created_at")],
     "placement-groups": [("PROJECT", "project"), ("NAME", "name"), ("POLICY", "spec.policy")],
+    "networks": [("PROJECT", "project"), ("NAME", "name"), ("VNI", "status.vni"), ("MTU", "spec.mtu"),
+                 ("CIDR", "spec.cidr")],
+    "subnets": [("PROJECT", "project"), ("NAME", "name"), ("NETWORK", "spec.network"), ("CIDR", "spec.cidr"),
+                ("GATEWAY", "spec.gateway")],
+    "ports": [("PROJECT", "project"), ("NAME", "name"), ("NETWORK", "spec.network"), ("MAC", "status.mac"),
+              ("IPS", "status.ips")],
+    "security-groups": [("PROJECT", "project"), ("NAME", "name"), ("RULES", "spec.rules")],
 }
 
 

@@ -256,6 +256,27 @@ def test_cli_events_and_project_scoped_kinds(stack: Stack) -> None:
     assert stack.cairn("get", "placement-groups") == []
 
 
+def test_network_cli_spellings(stack: Stack) -> None:
+    net = stack.cairn("network", "create", "lab", "--cidr", "10.20.0.0/24")
+    assert net["status"]["subnets"][0]["cidr"] == "10.20.0.0/24"
+    assert stack.cairn("network", "get", "lab")["status"]["vni"] == net["status"]["vni"]
+    group = stack.cairn("secgroup", "create", "ssh")
+    assert group["name"] == "ssh"
+    rule = stack.cairn("secgroup", "rule", "add", "ssh", "--proto", "tcp", "--port", "22", "--remote", "10.0.0.0/8")
+    assert rule["spec"]["rules"][0] | {"id": "x"} == {"id": "x", "direction": "ingress", "protocol": "tcp",
+                                                     "port_min": 22, "port_max": 22, "remote_cidr": "10.0.0.0/8",
+                                                     "ethertype": "ipv4"}
+    egress = stack.cairn("secgroup", "rule", "add", "ssh", "--proto", "udp", "--port", "53", "--egress")
+    assert egress["spec"]["rules"][1]["direction"] == "egress"
+    port = stack.cairn("port", "create", "lab", "vm1-eth0", "--secgroup", "ssh")
+    assert port["status"]["ips"][0]["address"] == "10.20.0.2"
+    r = subprocess.run([*CAIRN, "network", "delete", "lab", "-o", "json"], env=stack.env, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "still has 1 port" in r.stderr
+    stack.cairn("port", "delete", "vm1-eth0")
+    assert stack.cairn("network", "delete", "lab") == {"deleted": {"kind": "network", "name": "lab"}}
+
+
 def test_metrics_in_prometheus_format(stack: Stack) -> None:
     with stack.http() as c:
         c.get("/api/v1/nodes")
