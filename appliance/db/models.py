@@ -259,3 +259,18 @@ class SecurityGroup(ScopedMixin, Base):
 
     __tablename__ = "security_groups"
     __table_args__ = (UniqueConstraint("project_id", "name", name="uq_security_groups_name"),)
+
+
+class Instance(ScopedMixin, Base):
+    """A VM or a container: the same resource model, one scheduler, one agent.
+    State follows Nova: ``vm_state`` (what it is), ``task_state`` (the operation
+    claimed on it, compare-and-swap), ``power_state`` (observed on the node)."""
+
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("project_id", "kind", "name", name="uq_instances_name"),
+                      Index("ix_instances_node", "node_id"))
+    kind: Mapped[str] = mapped_column(String(16))  # vm | container
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True)
+    vm_state: Mapped[str] = mapped_column(String(16), default="building")
+    task_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    power_state: Mapped[str] = mapped_column(String(16), default="nostate")

@@ -24,11 +24,18 @@ class ScopedKind(Generic[M]):
     """The generic service for one project-scoped kind."""
 
     def __init__(self, model: type[M], kind: str, hint: str,
-                 extra_status: Callable[[M], dict[str, Any]] | None = None) -> None:
+                 extra_status: Callable[[M], dict[str, Any]] | None = None,
+                 fixed: dict[str, Any] | None = None) -> None:
         self.model = model
         self.kind = kind
         self.hint = hint  # how to list them, for "not found" messages
         self.extra_status = extra_status
+        self.fixed = fixed or {}  # column values that select this kind in a shared table
+
+    def _scope(self, query: Any) -> Any:
+        for column, value in self.fixed.items():
+            query = query.where(getattr(self.model, column) == value)
+        return query
 
     def public(self, row: M, project: str) -> dict[str, Any]:
         extra = self.extra_status(row) if self.extra_status else {}
@@ -43,8 +50,8 @@ class ScopedKind(Generic[M]):
     def row(self, session: Session, principal: Principal, project: str, name: str,
             action: Action = "read") -> tuple[M, Project]:
         proj = project_by_name(session, principal, project, action)
-        row = session.scalar(select(self.model).where(self.model.project_id == proj.id,
-                                                      self.model.name == name))
+        row = session.scalar(self._scope(select(self.model).where(self.model.project_id == proj.id,
+                                                                  self.model.name == name)))
         if row is None:
             raise NotFound(f"there is no {self.kind} '{name}' in project '{project}': {self.hint}")
         return row, proj
@@ -56,7 +63,7 @@ class ScopedKind(Generic[M]):
     def list_(self, session: Session, principal: Principal, project: str | None, limit: int,
               cursor: str | None, **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
         """One project's, or every project the caller can see when ``project`` is None."""
-        query = select(self.model, Project.name).join(Project, Project.id == self.model.project_id)
+        query = self._scope(select(self.model, Project.name).join(Project, Project.id == self.model.project_id))
         if project is not None:
             proj = project_by_name(session, principal, project)
             query = query.where(self.model.project_id == proj.id)
@@ -75,13 +82,13 @@ class ScopedKind(Generic[M]):
     def create(self, session: Session, principal: Principal, project: str, name: str,
                spec: dict[str, Any], status: dict[str, Any] | None = None, **columns: Any) -> M:
         proj = project_by_name(session, principal, project, "write")
-        exists = session.scalar(select(self.model.id).where(self.model.project_id == proj.id,
-                                                            self.model.name == name))
+        exists = session.scalar(self._scope(select(self.model.id).where(self.model.project_id == proj.id,
+                                                                        self.model.name == name)))
         if exists:
             raise Conflict(f"a {self.kind} named '{name}' already exists in project '{project}': "
                            "pick another name")
         row = self.model(name=name, project_id=proj.id, spec=spec,  # type: ignore[call-arg]
-                         status=status or {}, **columns)
+                         status=status or {}, **self.fixed, **columns)
         session.add(row)
         session.flush()  # a concurrent duplicate raises IntegrityError: the API answers 409
         self.emit(session, row, proj.name, "created")

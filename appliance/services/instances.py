@@ -1,0 +1,144 @@
+"""VMs and containers: one resource model and one flow (DESIGN.md, Compute).
+
+API → service (validate, claim ``task_state`` with compare-and-swap, record a task)
+→ worker (schedule with a reservation claim, ports, then desired state) → the
+node's agent (defines / starts / stops with the compute driver and reports
+``power_state``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from appliance.db.models import Instance, Node, PlacementGroup, Port
+from appliance.errors import Conflict, InvalidInput
+from appliance.services import groups, networks, tasks
+from appliance.services.principal import Principal
+from appliance.services.resources import rowcount
+from appliance.services.scoped import ScopedKind
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def _extra(row: Instance) -> dict[str, Any]:
+    return {"vm_state": row.vm_state, "task_state": row.task_state, "power_state": row.power_state}
+
+
+KINDS: dict[str, ScopedKind[Instance]] = {
+    "vm": ScopedKind(Instance, "vm", "`cairn get vms` lists them", _extra, {"kind": "vm"}),
+    "container": ScopedKind(Instance, "container", "`cairn get containers` lists them", _extra,
+                            {"kind": "container"}),
+}
+
+# action -> (task_state while it runs, vm_states it may start from, desired power)
+ACTIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "start": ("starting", ("stopped", "error"), "running"),
+    "stop": ("stopping", ("active", "paused", "error"), "stopped"),
+    "reboot": ("rebooting", ("active",), "running"),
+    "pause": ("pausing", ("active",), "paused"),
+    "resume": ("resuming", ("paused",), "running"),
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 268435456, "256MiB", "1GiB", "512M" or "2G" (binary units)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise InvalidInput(f"size {value!r} must look like 256MiB, 1GiB or a number of bytes")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}[unit])
+
+
+def check_fits_somewhere(session: Session, cpu: float, memory: int) -> None:
+    """Refuse at once what no node could ever run, naming the shortfall."""
+    rows = session.execute(select(Node.cpu_capacity, Node.memory_capacity, Node.status)).all()
+    max_cpu = max((float(r[0] or 0) for r in rows), default=0.0)
+    max_mem = max((int(r[1] or 0) for r in rows), default=0)
+    threads = max((int((r[2] or {}).get("inventory", {}).get("threads", 0)) for r in rows), default=0)
+    if memory > max_mem:
+        raise InvalidInput(f"asks for {memory / GIB:.2f} GiB of memory but the largest node has "
+                           f"{max_mem / GIB:.2f} GiB allocatable: ask for less or add a bigger node")
+    if threads and cpu > threads:
+        raise InvalidInput(f"asks for {cpu:g} CPUs but the largest node has {threads} CPU threads")
+    if not max_cpu:
+        raise InvalidInput("there are no nodes to run it on: start a node agent first")
+
+
+def create(session: Session, principal: Principal, kind: str, project: str, name: str,
+           spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate, record the instance (building / scheduling) and its create task."""
+    spec = dict(spec)
+    spec["memory_bytes"] = parse_size(spec.pop("memory"))
+    if kind == "vm" and spec["cpu"] != int(spec["cpu"]):
+        raise InvalidInput(f"a VM needs a whole number of vCPUs, not {spec['cpu']}")
+    if spec.get("placement_group"):
+        groups.groups.row(session, principal, project, spec["placement_group"])
+    for net in spec.get("networks", []):
+        networks.networks.row(session, principal, project, net)
+    for port in spec.get("ports", []):
+        row, _ = networks.ports.row(session, principal, project, port)
+        if (row.status or {}).get("instance"):
+            raise Conflict(f"port '{port}' is already attached to {row.status['instance']}")
+    check_fits_somewhere(session, float(spec["cpu"]), spec["memory_bytes"])
+    spec.setdefault("power", "running")
+    row = KINDS[kind].create(session, principal, project, name, spec, {}, vm_state="building",
+                             task_state="scheduling")
+    task = tasks.create(session, "instance.create", {"instance_id": row.id}, queue="cluster",
+                        principal=principal, project_id=row.project_id, resource=(kind, row.id, name),
+                        max_attempts=1)
+    return task
+
+
+def _claim(session: Session, row: Instance, task_state: str, from_states: tuple[str, ...] | None) -> None:
+    """Compare-and-swap on task_state: two operations never run on one instance."""
+    query = update(Instance).where(Instance.id == row.id, Instance.task_state.is_(None))
+    if from_states is not None:
+        query = query.where(Instance.vm_state.in_(from_states))
+    if not rowcount(session.execute(query.values(task_state=task_state).execution_options(
+            synchronize_session=False))):
+        session.refresh(row)
+        if row.task_state:
+            raise Conflict(f"{row.kind} '{row.name}' is busy ({row.task_state}): wait for that task to end")
+        raise Conflict(f"{row.kind} '{row.name}' is {row.vm_state}: cannot {task_state.removesuffix('ing')} it "
+                       f"from that state")
+    session.refresh(row)
+
+
+def action(session: Session, principal: Principal, kind: str, project: str, name: str, verb: str,
+           params: dict[str, Any] | None = None) -> dict[str, Any]:
+    row, proj = KINDS[kind].row(session, principal, project, name, "write")
+    task_state, from_states, power = ACTIONS[verb]
+    _claim(session, row, task_state, from_states)
+    KINDS[kind].emit(session, row, proj.name, "updated")
+    return tasks.create(session, "instance.action", {"instance_id": row.id, "action": verb, "power": power,
+                                                     **(params or {})},
+                        queue="cluster", principal=principal, project_id=row.project_id,
+                        resource=(kind, row.id, name), max_attempts=1)
+
+
+def delete(session: Session, principal: Principal, kind: str, project: str, name: str) -> dict[str, Any]:
+    row, proj = KINDS[kind].row(session, principal, project, name, "write")
+    _claim(session, row, "deleting", None)
+    KINDS[kind].emit(session, row, proj.name, "updated")
+    return tasks.create(session, "instance.delete", {"instance_id": row.id}, queue="cluster",
+                        principal=principal, project_id=row.project_id, resource=(kind, row.id, name),
+                        max_attempts=3)
+
+
+def attached_ports(session: Session, instance: Instance) -> list[Port]:
+    ids = [p["id"] for p in (instance.status or {}).get("ports", [])]
+    return list(session.scalars(select(Port).where(Port.id.in_(ids)))) if ids else []
+
+
+def group_of(session: Session, instance: Instance) -> PlacementGroup | None:
+    name = (instance.spec or {}).get("placement_group")
+    if not name:
+        return None
+    return session.scalar(select(PlacementGroup).where(PlacementGroup.project_id == instance.project_id,
+                                                       PlacementGroup.name == name))

@@ -1,0 +1,87 @@
+"""VM / container bookkeeping before any hypervisor: sizes, the shortfall check,
+and the task_state compare-and-swap that keeps two operations off one instance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from appliance.agent.inventory import allocatable
+from appliance.db.engine import session_scope
+from appliance.db.models import Instance
+from appliance.errors import Conflict, InvalidInput
+from appliance.services import auth, instances, nodes
+
+from .conftest import Api
+
+GIB = 1 << 30
+INV: dict[str, Any] = {"cpu_model": "fake", "cores": 4, "threads": 4, "numa_nodes": 1, "memory_bytes": 9 * GIB,
+                       "disks": [], "nics": [], "virt_type": "qemu"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("text", "size"), [("256MiB", 256 << 20), ("1GiB", GIB), ("2G", 2 * GIB),
+                                            ("512", 512), (1024, 1024), ("1.5GiB", 3 * GIB // 2)])
+def test_parse_size(text: Any, size: int) -> None:
+    assert instances.parse_size(text) == size
+
+
+@pytest.mark.unit
+def test_parse_size_refuses_nonsense() -> None:
+    with pytest.raises(InvalidInput, match="must look like 256MiB"):
+        instances.parse_size("lots")
+
+
+@pytest.fixture
+def world(api: Api, sent: list[Any]) -> tuple[Api, Any]:
+    url = api.settings.resolved_database_url
+    with session_scope(url) as session:
+        nodes.register(session, "n1", INV, allocatable(INV))
+    return api, url
+
+
+def admin(session: Any) -> Any:
+    return auth.principal_for(session, auth._user(session, "admin"), "token")
+
+
+@pytest.mark.functional
+def test_more_than_any_node_has_is_refused_naming_the_shortfall(world: Any) -> None:
+    _, url = world
+    spec = {"cpu": 1, "memory": "64GiB", "image": "tiny"}
+    with session_scope(url) as session, pytest.raises(InvalidInput, match="64.00 GiB of memory but the largest"):
+        instances.create(session, admin(session), "vm", "default", "big", spec)
+    with session_scope(url) as session, pytest.raises(InvalidInput, match="16 CPUs but the largest node has 4"):
+        instances.create(session, admin(session), "vm", "default", "big", {**spec, "cpu": 16, "memory": "1GiB"})
+    with session_scope(url) as session, pytest.raises(InvalidInput, match="whole number of vCPUs"):
+        instances.create(session, admin(session), "vm", "default", "big", {**spec, "cpu": 0.5, "memory": "1GiB"})
+
+
+@pytest.mark.functional
+def test_two_operations_on_one_instance_one_wins_the_other_gets_409(world: Any, sent: list[Any]) -> None:
+    _, url = world
+    with session_scope(url) as session:
+        task = instances.create(session, admin(session), "vm", "default", "web",
+                                {"cpu": 1, "memory": "256MiB", "image": "tiny"})
+    assert task["name"] == "instance.create" and sent[-1][1] == "cluster"
+    with session_scope(url) as session:
+        row = session.get(Instance, task["resource"]["id"])
+        assert row is not None and row.task_state == "scheduling"
+        row.vm_state, row.task_state = "active", None
+    with session_scope(url) as session:
+        first = instances.action(session, admin(session), "vm", "default", "web", "stop")
+    assert first["params"]["power"] == "stopped"
+    with session_scope(url) as session, pytest.raises(Conflict, match="busy \\(stopping\\)"):
+        instances.action(session, admin(session), "vm", "default", "web", "reboot")
+    with session_scope(url) as session:
+        row = session.get(Instance, task["resource"]["id"])
+        assert row is not None
+        row.vm_state, row.task_state = "stopped", None
+    with session_scope(url) as session, pytest.raises(Conflict, match="is stopped: cannot paus"):
+        instances.action(session, admin(session), "vm", "default", "web", "pause")
+    with session_scope(url) as session, pytest.raises(Conflict, match="already exists"):
+        instances.create(session, admin(session), "vm", "default", "web", {"cpu": 1, "memory": "1GiB"})
+    # a container may share the VM's name: kinds are separate namespaces
+    with session_scope(url) as session:
+        instances.create(session, admin(session), "container", "default", "web",
+                         {"cpu": 0.5, "memory": "64MiB", "image": "busybox"})
