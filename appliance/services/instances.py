@@ -82,9 +82,9 @@ def create(session: Session, principal: Principal, kind: str, project: str, name
     for net in spec.get("networks", []):
         networks.networks.row(session, principal, project, net)
     for port in spec.get("ports", []):
-        row, _ = networks.ports.row(session, principal, project, port)
-        if (row.status or {}).get("instance"):
-            raise Conflict(f"port '{port}' is already attached to {row.status['instance']}")
+        port_row, _ = networks.ports.row(session, principal, project, port)
+        if (port_row.status or {}).get("instance"):
+            raise Conflict(f"port '{port}' is already attached to {port_row.status['instance']}")
     check_fits_somewhere(session, float(spec["cpu"]), spec["memory_bytes"])
     spec.setdefault("power", "running")
     row = KINDS[kind].create(session, principal, project, name, spec, {}, vm_state="building",

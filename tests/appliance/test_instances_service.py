@@ -49,7 +49,7 @@ def admin(session: Any) -> Any:
 def test_more_than_any_node_has_is_refused_naming_the_shortfall(world: Any) -> None:
     _, url = world
     spec = {"cpu": 1, "memory": "64GiB", "image": "tiny"}
-    with session_scope(url) as session, pytest.raises(InvalidInput, match="64.00 GiB of memory but the largest"):
+    with session_scope(url) as session, pytest.raises(InvalidInput, match=r"64\.00 GiB of memory but the largest"):
         instances.create(session, admin(session), "vm", "default", "big", spec)
     with session_scope(url) as session, pytest.raises(InvalidInput, match="16 CPUs but the largest node has 4"):
         instances.create(session, admin(session), "vm", "default", "big", {**spec, "cpu": 16, "memory": "1GiB"})
