@@ -1,0 +1,316 @@
+"""Value types describing VMs and containers: what to run, never how.
+
+Specs are frozen dataclasses validated on construction, so a bad spec fails
+with :class:`~compute.errors.InvalidSpec` before any hypervisor is touched.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from urllib.parse import parse_qs, urlparse
+
+from compute.errors import InvalidSpec
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+DEV_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,14}$")  # Linux IFNAMSIZ is 16 incl. NUL
+
+
+class QosClass(StrEnum):
+    """QoS classes shared by VMs and containers (same names as Kubernetes)."""
+
+    BEST_EFFORT = "best-effort"
+    BURSTABLE = "burstable"
+    GUARANTEED = "guaranteed"
+
+
+class VirtType(StrEnum):
+    """Accelerator for a domain: ``kvm`` (hardware) or ``qemu`` (TCG emulation)."""
+
+    KVM = "kvm"
+    QEMU = "qemu"
+
+
+class PowerState(StrEnum):
+    """Observed power state of an instance (Nova's ``power_state``)."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    CRASHED = "crashed"
+
+
+def check_name(name: str, what: str = "instance name") -> str:
+    """Return ``name`` if it is a valid DNS-label-like name, else raise InvalidSpec."""
+    if not NAME_RE.match(name):
+        raise InvalidSpec(f"{what} {name!r} must match {NAME_RE.pattern}")
+    return name
+
+
+def check_mac(mac: str) -> str:
+    """Return ``mac`` lower-cased if it is a unicast MAC address, else raise InvalidSpec."""
+    mac = mac.lower()
+    if not MAC_RE.match(mac) or int(mac[:2], 16) & 1:
+        raise InvalidSpec(f"MAC address {mac!r} is not a unicast aa:bb:cc:dd:ee:ff address")
+    return mac
+
+
+def check_dev(dev: str, what: str) -> str:
+    """Return ``dev`` if it is a valid Linux interface name, else raise InvalidSpec."""
+    if not DEV_RE.match(dev):
+        raise InvalidSpec(f"{what} {dev!r} is not a valid interface name (max 15 chars, [a-z0-9._-])")
+    return dev
+
+
+@dataclass(frozen=True)
+class NbdSource:
+    """An NBD export: ``nbd+unix:///export?socket=/path`` or ``nbd://host:port/export``."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        self.parts()  # validates
+
+    def parts(self) -> tuple[str, str, str, int, str]:
+        """Return (transport, socket, host, port, export); transport is ``unix`` or ``tcp``."""
+        u = urlparse(self.uri)
+        export = u.path.lstrip("/")
+        if u.scheme == "nbd+unix":
+            sock = parse_qs(u.query).get("socket", [""])[0]
+            if not sock.startswith("/"):
+                raise InvalidSpec(f"NBD URI {self.uri!r}: needs ?socket=/absolute/path")
+            return "unix", sock, "", 0, export
+        if u.scheme in ("nbd", "nbd+tcp"):
+            if not u.hostname:
+                raise InvalidSpec(f"NBD URI {self.uri!r}: needs a host")
+            try:
+                port = u.port or 10809
+            except ValueError:
+                raise InvalidSpec(f"NBD URI {self.uri!r}: bad port")
+            return "tcp", "", u.hostname, port, export
+        raise InvalidSpec(f"NBD URI {self.uri!r}: scheme must be nbd+unix or nbd")
+
+
+@dataclass(frozen=True)
+class RbdSource:
+    """A Ceph RBD image, reached by QEMU's librbd client."""
+
+    pool: str
+    image: str
+    monitors: tuple[str, ...] = ()  # "host:port"
+    user: str | None = None
+    secret_uuid: str | None = None  # libvirt secret holding the cephx key
+
+    def __post_init__(self) -> None:
+        if not self.pool or not self.image or "/" in self.pool + self.image:
+            raise InvalidSpec(f"RBD source {self.pool!r}/{self.image!r}: pool and image are required, no '/'")
+        if (self.user is None) != (self.secret_uuid is None):
+            raise InvalidSpec("RBD source: user and secret_uuid go together")
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A local image file (the cloud-init seed ISO, or a test disk)."""
+
+    path: str
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
+class IoTune:
+    """Disk I/O limits (libvirt ``<iotune>``); None means unlimited."""
+
+    total_bytes_sec: int | None = None
+    read_bytes_sec: int | None = None
+    write_bytes_sec: int | None = None
+    total_iops_sec: int | None = None
+    read_iops_sec: int | None = None
+    write_iops_sec: int | None = None
+
+    def __post_init__(self) -> None:
+        for k, v in vars(self).items():
+            if v is not None and v <= 0:
+                raise InvalidSpec(f"iotune {k} must be positive, got {v}")
+        if self.total_bytes_sec and (self.read_bytes_sec or self.write_bytes_sec):
+            raise InvalidSpec("iotune: total_bytes_sec excludes read/write_bytes_sec")
+        if self.total_iops_sec and (self.read_iops_sec or self.write_iops_sec):
+            raise InvalidSpec("iotune: total_iops_sec excludes read/write_iops_sec")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One guest disk."""
+
+    source: NbdSource | RbdSource | FileSource
+    device: str = "disk"  # disk | cdrom
+    readonly: bool = False
+    serial: str | None = None  # shows up as /dev/disk/by-id/virtio-<serial>
+    iotune: IoTune | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("disk", "cdrom"):
+            raise InvalidSpec(f"disk device must be disk or cdrom, got {self.device!r}")
+        if self.serial is not None and not re.match(r"^[A-Za-z0-9_-]{1,20}$", self.serial):
+            raise InvalidSpec(f"disk serial {self.serial!r}: 1-20 chars of [A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """A virtio NIC: a tap named ``tap`` enslaved to ``bridge``, MAC from the port."""
+
+    mac: str
+    bridge: str
+    tap: str | None = None  # None lets libvirt name it vnetN
+    mtu: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mac", check_mac(self.mac))
+        check_dev(self.bridge, "bridge")
+        if self.tap is not None:
+            check_dev(self.tap, "tap")
+        if self.mtu is not None and not 576 <= self.mtu <= 9216:
+            raise InvalidSpec(f"MTU {self.mtu} out of range 576..9216")
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """Direct kernel boot (no bootloader)."""
+
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = "console=ttyS0"
+
+
+@dataclass(frozen=True)
+class Consoles:
+    """Serial console to a log file plus a unix socket (or a pty); optional VNC."""
+
+    serial_log: str
+    serial_socket: str | None = None  # None -> pty
+    vnc: bool = True
+    vnc_listen: str = "127.0.0.1"
+    vnc_socket: str | None = None  # a unix socket instead of a TCP port
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Dedicated resources for the ``guaranteed`` QoS class."""
+
+    host_cpus: tuple[int, ...]  # one host CPU per vCPU, in order
+    numa_nodes: tuple[int, ...] = (0,)
+    hugepages_kib: int | None = None  # e.g. 2048; None -> normal pages
+
+    def __post_init__(self) -> None:
+        if not self.host_cpus or len(set(self.host_cpus)) != len(self.host_cpus) or min(self.host_cpus) < 0:
+            raise InvalidSpec(f"placement host_cpus {self.host_cpus}: distinct non-negative CPUs required")
+        if not self.numa_nodes or min(self.numa_nodes) < 0:
+            raise InvalidSpec(f"placement numa_nodes {self.numa_nodes} invalid")
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything needed to define one VM."""
+
+    name: str
+    vcpus: int
+    memory_mib: int
+    consoles: Consoles
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    kernel_boot: KernelBoot | None = None
+    qos_class: QosClass = QosClass.BEST_EFFORT
+    placement: Placement | None = None
+    virt_type: VirtType = VirtType.QEMU
+    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    machine: str = "pc"
+    emulator: str = "/usr/bin/qemu-system-x86_64"
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if not 1 <= self.vcpus <= 256:
+            raise InvalidSpec(f"vcpus {self.vcpus} out of range 1..256")
+        if not 16 <= self.memory_mib <= 4 * 1024 * 1024:
+            raise InvalidSpec(f"memory {self.memory_mib} MiB out of range 16 MiB..4 TiB")
+        try:
+            uuidlib.UUID(self.uuid)
+        except ValueError:
+            raise InvalidSpec(f"uuid {self.uuid!r} is not a UUID")
+        if self.qos_class is QosClass.GUARANTEED:
+            if self.placement is None:
+                raise InvalidSpec("qos_class guaranteed needs a placement (pinned host CPUs)")
+            if len(self.placement.host_cpus) != self.vcpus:
+                raise InvalidSpec(f"placement pins {len(self.placement.host_cpus)} CPUs for {self.vcpus} vCPUs")
+        elif self.placement is not None:
+            raise InvalidSpec(f"placement is only for qos_class guaranteed, not {self.qos_class}")
+        if len(self.disks) > 26:
+            raise InvalidSpec("at most 26 disks")
+        if len({n.mac for n in self.nics}) != len(self.nics):
+            raise InvalidSpec("NIC MAC addresses must be distinct")
+
+
+@dataclass(frozen=True)
+class ContainerNic:
+    """A veth whose host end is enslaved to ``bridge``; the container end is eth0..N."""
+
+    mac: str
+    bridge: str
+    host_dev: str  # host-side veth name
+    address: str | None = None  # "10.0.0.5/24"; None -> the container configures itself (DHCP)
+    gateway: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mac", check_mac(self.mac))
+        check_dev(self.bridge, "bridge")
+        check_dev(self.host_dev, "veth")
+        if self.address is not None and not re.match(r"^[0-9a-f.:]+/\d{1,3}$", self.address):
+            raise InvalidSpec(f"container address {self.address!r} must be ip/prefix")
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """A host path bind-mounted into the container."""
+
+    source: str
+    target: str
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.source.startswith("/") or not self.target.startswith("/"):
+            raise InvalidSpec(f"volume {self.source!r} -> {self.target!r}: absolute paths required")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to define one container."""
+
+    name: str
+    image: str  # path to an oci-layout tarball, or to a local rootfs directory
+    command: tuple[str, ...]
+    vcpus: float = 1.0
+    memory_mib: int = 256
+    qos_class: QosClass = QosClass.BEST_EFFORT
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = "/"
+    nics: tuple[ContainerNic, ...] = ()
+    volumes: tuple[VolumeMount, ...] = ()
+    io_weight: int | None = None  # 10..1000, blkio weight
+    tty: bool = False
+    hostname: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if not self.command:
+            raise InvalidSpec("container command must not be empty")
+        if not 0.01 <= self.vcpus <= 256:
+            raise InvalidSpec(f"vcpus {self.vcpus} out of range 0.01..256")
+        if not 4 <= self.memory_mib <= 4 * 1024 * 1024:
+            raise InvalidSpec(f"memory {self.memory_mib} MiB out of range")
+        if self.io_weight is not None and not 10 <= self.io_weight <= 1000:
+            raise InvalidSpec(f"io_weight {self.io_weight} out of range 10..1000")
+
+
+InstanceSpec = VmSpec | ContainerSpec
