@@ -1,0 +1,283 @@
+"""The libvirt/QEMU VM driver."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+from compute.driver import ComputeDriver, ConsoleEndpoint, MigrationResult, NodeResources
+from compute.errors import (
+    HypervisorError,
+    ImageNotFound,
+    InstanceExists,
+    InstanceNotFound,
+    InsufficientResources,
+    InvalidPowerState,
+)
+from compute.libvirt_xml import build_domain_xml
+from compute.spec import FileSource, PowerState, VirtType, VmSpec
+
+log = logging.getLogger(__name__)
+
+PVM_MARKER = Path("/sys/module/kvm_pvm")
+STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: PowerState.RUNNING,  # shutting down, still running
+    libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
+}
+
+
+def choose_virt_type(
+    requested: str = "auto", pvm_marker: Path = PVM_MARKER, kvm_dev: Path = Path("/dev/kvm")
+) -> VirtType:
+    """Resolve ``auto | kvm | qemu`` to the accelerator this node should use.
+
+    ``auto`` picks KVM on real hardware, and TCG where KVM is missing or is nested
+    PVM (``/sys/module/kvm_pvm``), which only runs PVM-built guest kernels.
+    """
+    if requested in ("kvm", "qemu"):
+        return VirtType(requested)
+    if requested != "auto":
+        raise ValueError(f"virt_type must be auto, kvm or qemu, not {requested!r}")
+    if pvm_marker.exists():
+        log.warning("KVM here is nested PVM (%s): using TCG emulation (virt_type=qemu)", pvm_marker)
+        return VirtType.QEMU
+    if not kvm_dev.exists():
+        log.warning("%s is missing: using TCG emulation (virt_type=qemu)", kvm_dev)
+        return VirtType.QEMU
+    return VirtType.KVM
+
+
+def _wrap(e: libvirt.libvirtError, what: str) -> HypervisorError:
+    return HypervisorError(f"{what}: {e.get_error_message()}")
+
+
+class LibvirtDriver(ComputeDriver[VmSpec]):
+    """VMs on one libvirtd, reached at ``uri``."""
+
+    kind = "vm"
+
+    def __init__(self, uri: str, virt_type: str = "auto", migration_host: str | None = None) -> None:
+        self.uri = uri
+        self.virt_type = choose_virt_type(virt_type)
+        self.migration_host = migration_host  # address the migration data stream uses
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        try:
+            self._conn = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"cannot connect to libvirt at {uri}")
+
+    def close(self) -> None:
+        """Close the libvirt connection."""
+        self._conn.close()
+
+    def _dom(self, name: str) -> libvirt.virDomain:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise InstanceNotFound(f"no VM named {name!r} on {self.uri}")
+            raise _wrap(e, f"looking up {name!r}")
+
+    def resources(self) -> NodeResources:
+        """Return the node's CPUs and memory as libvirt sees them."""
+        info = self._conn.getInfo()
+        return NodeResources(cpus=int(info[2]), memory_mib=int(info[1]))
+
+    def _check(self, spec: VmSpec) -> None:
+        res = self.resources()
+        if spec.vcpus > res.cpus:
+            raise InsufficientResources(f"VM {spec.name!r} asks for {spec.vcpus} vCPUs; this node has {res.cpus}")
+        if spec.memory_mib > res.memory_mib:
+            raise InsufficientResources(
+                f"VM {spec.name!r} asks for {spec.memory_mib} MiB; this node has {res.memory_mib} MiB")
+        paths = [d.source.path for d in spec.disks if isinstance(d.source, FileSource)]
+        if spec.kernel_boot is not None:
+            paths += [p for p in (spec.kernel_boot.kernel, spec.kernel_boot.initrd) if p]
+        for p in paths:
+            if not os.path.exists(p):
+                raise ImageNotFound(f"VM {spec.name!r}: image {p} does not exist")
+
+    def define(self, spec: VmSpec) -> None:
+        """Define the domain (the node's accelerator overrides ``spec.virt_type``)."""
+        spec = dataclasses.replace(spec, virt_type=self.virt_type)
+        try:
+            self._conn.lookupByName(spec.name)
+            raise InstanceExists(f"VM {spec.name!r} already exists on {self.uri}")
+        except libvirt.libvirtError:
+            pass
+        self._check(spec)
+        for p in (spec.consoles.serial_log, spec.consoles.serial_socket):
+            if p:
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn.defineXML(build_domain_xml(spec))
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"defining VM {spec.name!r}")
+
+    def start(self, name: str) -> None:
+        """Start the domain."""
+        dom = self._dom(name)
+        state = self.power_state(name)
+        if state is PowerState.PAUSED:
+            raise InvalidPowerState(f"VM {name!r} is paused: resume it instead")
+        if state is PowerState.RUNNING:
+            return
+        try:
+            dom.create()
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"starting VM {name!r}")
+
+    def stop(self, name: str, timeout: float = 30.0) -> None:
+        """ACPI shutdown, then power off after ``timeout`` seconds."""
+        dom = self._dom(name)
+        if not dom.isActive():
+            return
+        try:
+            dom.shutdown()
+        except libvirt.libvirtError as e:
+            log.info("VM %s: graceful shutdown refused (%s): powering off", name, e.get_error_message())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and dom.isActive():
+            time.sleep(0.1)
+        if dom.isActive():
+            log.info("VM %s did not shut down within %.0fs: powering off", name, timeout)
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as e:
+                if dom.isActive():
+                    raise _wrap(e, f"powering off VM {name!r}")
+
+    def reboot(self, name: str) -> None:
+        """Hard reset of a running VM."""
+        dom = self._dom(name)
+        if self.power_state(name) is not PowerState.RUNNING:
+            raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: only a running VM can reboot")
+        try:
+            dom.reset(0)
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"resetting VM {name!r}")
+
+    def pause(self, name: str) -> None:
+        """Suspend the VM's vCPUs."""
+        dom = self._dom(name)
+        if self.power_state(name) is not PowerState.RUNNING:
+            raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: only a running VM can be paused")
+        dom.suspend()
+
+    def resume(self, name: str) -> None:
+        """Resume a paused VM."""
+        dom = self._dom(name)
+        if self.power_state(name) is not PowerState.PAUSED:
+            raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: only a paused VM can be resumed")
+        dom.resume()
+
+    def delete(self, name: str) -> None:
+        """Power off and undefine; removes the serial log and socket. Idempotent."""
+        try:
+            dom = self._dom(name)
+        except InstanceNotFound:
+            return
+        files = [p for p in (self._serial_log(dom), self._serial_socket(dom)) if p]
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise _wrap(e, f"deleting VM {name!r}")
+        for p in files:
+            Path(p).unlink(missing_ok=True)
+
+    def power_state(self, name: str) -> PowerState:
+        """Map libvirt's domain state to a PowerState."""
+        try:
+            state = self._dom(name).state()[0]
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"reading state of {name!r}")
+        return STATES.get(state, PowerState.NOSTATE)
+
+    def list_instances(self) -> list[str]:
+        """Names of all defined domains."""
+        return sorted(d.name() for d in self._conn.listAllDomains())
+
+    def _xml(self, dom: libvirt.virDomain) -> ET.Element:
+        return ET.fromstring(dom.XMLDesc(0))
+
+    def _serial_log(self, dom: libvirt.virDomain) -> str | None:
+        el = self._xml(dom).find("./devices/serial/log")
+        return el.get("file") if el is not None else None
+
+    def _serial_socket(self, dom: libvirt.virDomain) -> str | None:
+        el = self._xml(dom).find("./devices/serial[@type='unix']/source")
+        return el.get("path") if el is not None else None
+
+    def console_log(self, name: str) -> bytes:
+        """Everything the guest wrote to its serial port (from the log file)."""
+        path = self._serial_log(self._dom(name))
+        if path is None or not os.path.exists(path):
+            return b""
+        return Path(path).read_bytes()
+
+    def consoles(self, name: str) -> list[ConsoleEndpoint]:
+        """Serial (unix socket or pty), VNC (TCP or unix socket) and the serial log."""
+        root = self._xml(self._dom(name))
+        out: list[ConsoleEndpoint] = []
+        serial = root.find("./devices/serial")
+        if serial is not None:
+            src = serial.find("source")
+            if serial.get("type") == "unix" and src is not None:
+                out.append(ConsoleEndpoint(kind="serial-unix", path=src.get("path", "")))
+            elif serial.get("type") == "pty" and src is not None:
+                out.append(ConsoleEndpoint(kind="pty", path=src.get("path", "")))
+            logf = serial.find("log")
+            if logf is not None:
+                out.append(ConsoleEndpoint(kind="log", path=logf.get("file", "")))
+        vnc = root.find("./devices/graphics[@type='vnc']")
+        if vnc is not None:
+            if vnc.get("socket"):
+                out.append(ConsoleEndpoint(kind="vnc-unix", path=vnc.get("socket", "")))
+            elif int(vnc.get("port", "-1")) > 0:
+                out.append(ConsoleEndpoint(kind="vnc-tcp", host=vnc.get("listen", "127.0.0.1"),
+                                           port=int(vnc.get("port", "0"))))
+        return out
+
+    def migrate(self, name: str, destination: str) -> MigrationResult:
+        """Live-migrate peer-to-peer to the libvirtd at ``destination`` (its URI); disks must be shared."""
+        dom = self._dom(name)
+        if self.power_state(name) is not PowerState.RUNNING:
+            raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: only a running VM can be migrated")
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML:
+                                     dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)}
+        if self.migration_host:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{self.migration_host}"
+            params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = self.migration_host
+        t0 = time.monotonic()
+        try:
+            dom.migrateToURI3(destination, params, flags)
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"migrating VM {name!r} to {destination}")
+        duration = time.monotonic() - t0
+        downtime: float | None = None
+        try:
+            dest = libvirt.open(destination)
+            try:
+                stats = dest.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+                downtime = float(stats["downtime"]) if "downtime" in stats else None
+            finally:
+                dest.close()
+        except libvirt.libvirtError as e:
+            log.info("VM %s: no completed-job stats on %s: %s", name, destination, e.get_error_message())
+        return MigrationResult(name=name, duration_s=duration, downtime_ms=downtime)

@@ -1,0 +1,166 @@
+"""A libvirt "node": libvirtd + virtlogd in their own mount namespace.
+
+Several nodes run side by side on one machine (tests, the lab cluster): each
+gets private ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/log/libvirt``,
+``/var/cache/libvirt`` and ``/etc/libvirt`` (bind mounts visible only inside
+its namespace), its own ``host_uuid``, and is reached at
+``qemu+unix:///system?socket=<dir>/run/libvirt-sock``. The host's own libvirt
+is never touched.
+
+Both daemons stay children of a small shell supervisor that waits on them (PID 1
+on some hosts reaps late, so daemonized processes would linger as zombies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+
+from compute.errors import HypervisorError
+
+log = logging.getLogger(__name__)
+
+MOUNTS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "log": "/var/log/libvirt",
+          "cache": "/var/cache/libvirt", "etc": "/etc/libvirt"}
+
+SUPERVISOR = r"""
+set -e
+{mounts}
+virtlogd -p /run/libvirt/virtlogd.pid & V=$!
+libvirtd -p /run/libvirt/libvirtd.pid & L=$!
+trap 'kill -TERM $L $V 2>/dev/null; wait $L; wait $V; exit 0' TERM INT
+set +e
+wait $L
+kill -TERM $V 2>/dev/null; wait $V
+"""
+
+QEMU_CONF = """
+# Several nodes share one cgroup tree: don't let them fight over /machine/qemu-ID-NAME.
+cgroup_controllers = [ ]
+user = "root"
+group = "root"
+remember_owner = 0
+security_driver = "none"
+"""
+
+
+def _silence_libvirt_stderr() -> None:
+    # libvirt prints every error to stderr by default; errors reach callers as exceptions
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+class LibvirtNode:
+    """One libvirtd "node" whose state lives under ``base / name``."""
+
+    def __init__(self, base: Path, name: str) -> None:
+        self.name = name
+        self.dir = Path(base) / name
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        """The libvirt URI of this node."""
+        return f"qemu+unix:///system?socket={self.dir}/run/libvirt-sock"
+
+    def _prepare(self) -> None:
+        for sub in ("run", "lib", "log", "cache"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        etc = self.dir / "etc"
+        if not etc.exists():
+            shutil.copytree("/etc/libvirt", etc, symlinks=True)
+            for autostart in etc.glob("qemu/networks/autostart/*"):
+                autostart.unlink()  # never start the 'default' NAT network
+            with (etc / "libvirtd.conf").open("a") as f:
+                f.write(f'\nhost_uuid = "{uuid.uuid4()}"\nlog_level = 3\n'
+                        'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+            with (etc / "qemu.conf").open("a") as f:
+                f.write(QEMU_CONF)
+        # libvirtd resolves its build-time default user 'libvirt-qemu' before reading qemu.conf;
+        # give the namespace its own passwd/group that have it, leaving the host's files alone
+        for db, line in (("passwd", "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin\n"),
+                         ("group", "libvirt-qemu:x:64055:\nkvm:x:64056:\nlibvirt:x:64057:\n")):
+            text = Path(f"/etc/{db}").read_text()
+            names = {ln.split(":", 1)[0] for ln in text.splitlines()}
+            extra = "".join(ln + "\n" for ln in line.splitlines() if ln.split(":", 1)[0] not in names)
+            (self.dir / db).write_text(text + extra)
+        for target in MOUNTS.values():
+            Path(target).mkdir(parents=True, exist_ok=True)  # empty mount points
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start virtlogd + libvirtd and wait until the socket answers."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._prepare()
+        mounts = "\n".join(f"mount --bind {self.dir / sub} {target}" for sub, target in MOUNTS.items())
+        mounts += "".join(f"\nmount --bind {self.dir / db} /etc/{db}" for db in ("passwd", "group"))
+        out = (self.dir / "daemons.out").open("wb")
+        self._proc = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c", SUPERVISOR.format(mounts=mounts)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        out.close()
+        _silence_libvirt_stderr()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            if (self.dir / "run" / "libvirt-sock").exists():
+                try:
+                    libvirt.open(self.uri).close()
+                    log.info("libvirt node %s up at %s", self.name, self.uri)
+                    return
+                except libvirt.libvirtError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise HypervisorError(f"libvirt node {self.name} did not start: {self.daemon_output()[-2000:]}")
+
+    def daemon_output(self) -> str:
+        """Return the daemons' stdout/stderr and libvirtd log tail (for error messages)."""
+        text = ""
+        for p in (self.dir / "daemons.out", self.dir / "log" / "libvirtd.log"):
+            if p.exists():
+                text += p.read_text(errors="replace")[-4000:]
+        return text
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Destroy every domain of this node, then stop its daemons and wait for them."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                conn = libvirt.open(self.uri)
+                try:
+                    for dom in conn.listAllDomains():
+                        try:
+                            if dom.isActive():
+                                dom.destroy()
+                            dom.undefine()
+                        except libvirt.libvirtError as e:
+                            log.warning("node %s: cleaning %s: %s", self.name, dom.name(), e)
+                finally:
+                    conn.close()
+            except libvirt.libvirtError as e:
+                log.warning("node %s: cannot connect for cleanup: %s", self.name, e)
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: the supervisor and its daemons
+            proc.wait(5)
+
+    def __enter__(self) -> LibvirtNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
