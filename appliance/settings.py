@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     worker_concurrency: int = 4
     webui_dir: Path = Path(__file__).resolve().parent.parent / "webui" / "dist"
     log_level: str = "INFO"
+    # Compute drivers the agent uses: "libvirt" + "crun" on real nodes, "fake" in unit tests.
+    vm_driver: str = "libvirt"
+    container_driver: str = "crun"
+    libvirt_uri: str = "qemu:///system"
+    virt_type: str = "auto"  # auto | kvm | qemu
+    instance_start_timeout: float = 300.0
     # VXLAN VNIs handed to virtual networks, "first-last" inclusive.
     vni_range: str = "4096-16777215"
     underlay_mtu: int = 1500
@@ -83,6 +89,14 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
 
     @property
     def admin_password_file(self) -> Path:

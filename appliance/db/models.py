@@ -274,3 +274,11 @@ class Instance(ScopedMixin, Base):
     vm_state: Mapped[str] = mapped_column(String(16), default="building")
     task_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     power_state: Mapped[str] = mapped_column(String(16), default="nostate")
+
+
+class Image(ScopedMixin, Base):
+    """A bootable image: a VM kernel + initramfs (direct boot), a VM disk (a volume),
+    or an OCI image archive for containers. spec: kind, format, paths or volume."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_images_name"),)

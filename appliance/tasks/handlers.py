@@ -13,6 +13,7 @@ from appliance.agent import inventory
 from appliance.db.engine import session_scope
 from appliance.services import nodes
 from appliance.settings import get_settings
+from appliance.tasks import instances as _instances  # noqa: F401  (registers instance.* handlers)
 from appliance.tasks.runner import TaskContext, handler
 
 

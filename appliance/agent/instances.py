@@ -1,0 +1,179 @@
+"""The agent's instance reconciler (KubeVirt's virt-handler): makes the compute
+drivers on this node match the instances the database places here, and reports
+what it observes (``power_state``, console paths) back."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from appliance.db.engine import session_scope
+from appliance.db.models import Claim, Image, Instance, Node, Project
+from appliance.services.instances import KINDS
+from appliance.settings import Settings
+from compute.driver import ComputeDriver
+from compute.errors import ComputeError, InstanceNotFound, InsufficientResources
+from compute.spec import Consoles, ContainerSpec, KernelBoot, Placement, PowerState, QosClass, VirtType, VmSpec
+
+log = logging.getLogger("cairn.agent.instances")
+MIB = 1 << 20
+
+
+def domain_name(row: Instance) -> str:
+    """The name on the node: readable and unique across projects."""
+    return f"{row.name[:54]}-{row.id[:8]}"
+
+
+def _cpulist(path: Path) -> list[int]:
+    """Parse a kernel cpulist like "0-3,8-11"."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return []
+    cpus: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+class InstanceReconciler:
+    """One pass: for each instance placed on this node, converge define / power."""
+
+    def __init__(self, settings: Settings, drivers: dict[str, ComputeDriver[Any]]) -> None:
+        self.settings = settings
+        self.drivers = drivers
+        self.cells: dict[str, int | None] = {}
+        self.pinned: set[int] = set()
+        self.pins: dict[str, list[int]] = {}
+
+    def __call__(self, agent: Any, report: Any) -> None:
+        url = self.settings.resolved_database_url
+        with session_scope(url, readonly=True) as session:
+            node = session.scalar(select(Node).where(Node.name == self.settings.node_name))
+            if node is None:
+                return
+            virt = (node.status or {}).get("inventory", {}).get("virt_type", "qemu")
+            rows = list(session.scalars(select(Instance).where(Instance.node_id == node.id)))
+            by_name = {(i.project_id, i.name): i for i in session.scalars(select(Image))}
+            self.cells = {c.workload_id: c.numa_cell for c in session.scalars(
+                select(Claim).where(Claim.node_id == node.id))}
+            self.pinned = {cpu for r in rows if r.power_state != "nostate"
+                           for cpu in (r.status or {}).get("pinned_cpus", [])}
+        observed: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            driver = self.drivers.get(row.kind)
+            if driver is None:
+                continue
+            try:
+                observed[row.id] = self.converge(driver, row, by_name, virt)
+            except ComputeError as exc:
+                report.errors.append(f"{row.kind} {row.name}: {exc}")
+                observed[row.id] = {"power_state": "error", "error": str(exc)}
+        self.report(observed, report)
+
+    def converge(self, driver: ComputeDriver[Any], row: Instance, images: dict[tuple[str, str], Image],
+                 virt: str) -> dict[str, Any]:
+        name = domain_name(row)
+        want = (row.spec or {}).get("power", "running")
+        present = name in driver.list_instances()
+        if want == "deleted":
+            if present:
+                driver.delete(name)
+            return {"power_state": "nostate", "removed": True}
+        if not present:
+            driver.define(self.build(row, images, virt))
+        state = driver.power_state(name)
+        reboots = int((row.spec or {}).get("reboots", 0))
+        done = int((row.status or {}).get("reboots_done", 0))
+        seen: dict[str, Any] = {}
+        if want == "running" and row.power_state == "running" and state is not PowerState.RUNNING:
+            # It stopped by itself (crash, guest shutdown, OOM): say so, then restart it.
+            seen["unexpected_stops"] = int((row.status or {}).get("unexpected_stops", 0)) + 1
+            seen["last_unexpected_stop"] = {"state": str(state), "time": datetime.now(UTC).isoformat()}
+            log.warning("instance stopped by itself; restarting", extra={"instance": name, "state": str(state)})
+        if want == "running":
+            if state is PowerState.PAUSED:
+                driver.resume(name)
+            elif state is not PowerState.RUNNING:
+                driver.start(name)
+            elif reboots > done:
+                driver.reboot(name)
+        elif want == "stopped" and state in (PowerState.RUNNING, PowerState.PAUSED):
+            driver.stop(name, timeout=float((row.spec or {}).get("stop_timeout", 30)))
+        elif want == "paused" and state is PowerState.RUNNING:
+            driver.pause(name)
+        state = driver.power_state(name)
+        consoles = [{"kind": c.kind, "path": c.path, "host": c.host, "port": c.port} for c in driver.consoles(name)]
+        pinned = list(self.pins.get(row.id, (row.status or {}).get("pinned_cpus", [])))
+        return {"power_state": str(state), "domain": name, "consoles": consoles, "reboots_done": reboots,
+                "error": None, "pinned_cpus": pinned, **seen}
+
+    def build(self, row: Instance, images: dict[tuple[str, str], Image], virt: str) -> VmSpec | ContainerSpec:
+        spec = row.spec or {}
+        image = images.get((row.project_id, spec.get("image", "")))
+        if image is None:
+            raise InstanceNotFound(f"image '{spec.get('image')}' is gone")
+        name = domain_name(row)
+        workdir = self.settings.instances_dir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        qos = QosClass(spec.get("qos_class", "burstable"))
+        memory_mib = max(16, int(spec["memory_bytes"]) // MIB)
+        placement = None
+        if qos is QosClass.GUARANTEED:
+            placement = self.pin(row, int(-(-float(spec["cpu"]) // 1)))
+        if row.kind == "vm":
+            return VmSpec(
+                name=name, vcpus=int(spec["cpu"]), memory_mib=memory_mib, uuid=row.id,
+                consoles=Consoles(serial_log=str(workdir / "serial.log"),
+                                  serial_socket=str(workdir / "serial.sock")),
+                kernel_boot=KernelBoot(kernel=image.spec["kernel"], initrd=image.spec.get("initrd"),
+                                       cmdline=image.spec.get("cmdline", "console=ttyS0")),
+                qos_class=qos, placement=placement, virt_type=VirtType(self._virt(virt)),
+            )
+        command = tuple(spec.get("command") or image.spec.get("command") or ["/bin/sh"])
+        return ContainerSpec(
+            name=name, image=image.spec["archive"], command=command, vcpus=float(spec["cpu"]),
+            memory_mib=max(4, memory_mib), qos_class=qos,
+            env=tuple(sorted((spec.get("env") or {}).items())), tty=bool(spec.get("tty", False)),
+            hostname=row.name,
+        )
+
+    def pin(self, row: Instance, count: int) -> Placement:
+        """Dedicated host CPUs in the NUMA node the scheduler claimed, not used by
+        another guaranteed instance here."""
+        cell = self.cells.get(row.id) or 0
+        cpus = _cpulist(Path(f"/sys/devices/system/node/node{cell}/cpulist")) or list(range(os.cpu_count() or 1))
+        free = [c for c in cpus if c not in self.pinned][:count]
+        if len(free) < count:
+            raise InsufficientResources(f"NUMA node {cell} has {len(free)} unpinned CPUs, {count} needed")
+        self.pinned.update(free)
+        self.pins[row.id] = free
+        return Placement(host_cpus=tuple(free), numa_nodes=(cell,))
+
+    def _virt(self, inventory_virt: str) -> str:
+        return inventory_virt if self.settings.virt_type == "auto" else self.settings.virt_type
+
+    def report(self, observed: dict[str, dict[str, Any]], report: Any) -> None:
+        """Write observed state back; only rows whose observation changed get an event."""
+        if not observed:
+            return
+        with session_scope(self.settings.resolved_database_url) as session:
+            for row in session.scalars(select(Instance).where(Instance.id.in_(observed))):
+                seen = observed[row.id]
+                status = {**(row.status or {}), **{k: v for k, v in seen.items() if k != "power_state"}}
+                power = seen["power_state"]
+                if status == (row.status or {}) and power == row.power_state \
+                        and row.observed_generation == row.generation:
+                    continue
+                row.status, row.power_state, row.observed_generation = status, power, row.generation
+                project = session.scalar(select(Project.name).where(Project.id == row.project_id)) or ""
+                KINDS[row.kind].emit(session, row, project, "updated")
+                report.actions.append(f"{row.kind} {row.name}: {power}")
+
+

@@ -1,0 +1,176 @@
+"""Task handlers for VMs and containers: schedule → ports → define → start, and the
+lifecycle actions. Workers only change desired state and wait; the node agent acts
+(one writer per node, as in KubeVirt)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from appliance.db.engine import session_scope
+from appliance.db.models import Instance, Node, Project
+from appliance.errors import CairnError
+from appliance.scheduler.placement import NoValidHost, Request
+from appliance.services import groups, images, instances, networks, placement
+from appliance.services.principal import Principal
+from appliance.settings import get_settings
+from appliance.tasks.runner import TaskContext, handler
+
+SYSTEM = Principal("system", "system", "admin")
+
+
+class InstanceFailed(CairnError):
+    status = 409
+    title = "Instance operation failed"
+
+
+def _load(ctx: TaskContext, instance_id: str) -> Instance:
+    with session_scope(ctx.db_url) as session:
+        row = session.get(Instance, instance_id)
+        if row is None:
+            raise InstanceFailed(f"instance {instance_id} no longer exists")
+        session.expunge(row)
+        return row
+
+
+def _update(ctx: TaskContext, instance_id: str, **fields: Any) -> None:
+    with session_scope(ctx.db_url) as session:
+        row = session.get(Instance, instance_id)
+        if row is None:
+            return
+        spec = fields.pop("spec", None)
+        status = fields.pop("status", None)
+        for key, value in fields.items():
+            setattr(row, key, value)
+        if spec is not None:
+            row.spec = {**row.spec, **spec}
+            row.generation += 1
+        if status is not None:
+            row.status = {**(row.status or {}), **status}
+        project = session.scalar(select(Project.name).where(Project.id == row.project_id)) or ""
+        instances.KINDS[row.kind].emit(session, row, project, "updated")
+
+
+def _wait_power(ctx: TaskContext, instance_id: str, want: str, start_pct: float, label: str) -> Instance:
+    """Wait for the agent to report ``want`` (or an error), with progress."""
+    timeout = get_settings().instance_start_timeout
+    deadline = time.monotonic() + timeout
+    last = 0.0
+    while True:
+        row = _load(ctx, instance_id)
+        if row.power_state == want and row.observed_generation >= row.generation:
+            return row
+        if (row.status or {}).get("error"):
+            raise InstanceFailed(f"the node agent could not {label}: {row.status['error']}")
+        if time.monotonic() > deadline:
+            raise InstanceFailed(f"{label}: the node did not report {want} within {timeout:g} s "
+                                 f"(last seen {row.power_state})")
+        now = time.monotonic()
+        if now - last > 1.0:
+            last = now
+            ctx.progress(start_pct, f"{label}: waiting for the node (now {row.power_state})")
+        ctx.check()
+        time.sleep(0.2)
+
+
+@handler("instance.create")
+def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    iid = params["instance_id"]
+    row = _load(ctx, iid)
+    spec = row.spec
+    try:
+        ctx.progress(5, "schedule: choosing a node")
+        with session_scope(ctx.db_url) as session:
+            images.resolve(session, row.project_id, spec["image"], row.kind)
+            group = instances.group_of(session, row)
+            req = Request(cpus=float(spec["cpu"]), memory_bytes=int(spec["memory_bytes"]),
+                          qos=spec.get("qos_class", "burstable"),
+                          group=groups.group_key(row.project_id, group.name) if group else None,
+                          group_policy=group.spec["policy"] if group else None,
+                          node_selector=tuple(sorted((spec.get("node_selector") or {}).items())))
+            choice = placement.claim(session, row.kind, iid, req)
+            node = session.scalar(select(Node.id).where(Node.name == choice.host))
+        _update(ctx, iid, node_id=node, task_state="spawning", status={"node": choice.host})
+        ctx.progress(25, f"volumes: none to prepare on {choice.host}")
+        ctx.progress(40, "ports: attaching networks")
+        attached = _ports(ctx, row)
+        if attached:
+            _update(ctx, iid, status={"ports": attached})
+        ctx.progress(60, f"define: asking {choice.host} to define the {row.kind}")
+        _update(ctx, iid, spec={"power": spec.get("power", "running")})
+        want = "running" if spec.get("power", "running") == "running" else "shutdown"
+        _wait_power(ctx, iid, want, 80, "start")
+    except (NoValidHost, CairnError) as exc:
+        _update(ctx, iid, vm_state="error", task_state=None, status={"error": str(exc)})
+        raise
+    _update(ctx, iid, vm_state="active" if want == "running" else "stopped", task_state=None)
+    return {"node": choice.host}
+
+
+def _ports(ctx: TaskContext, row: Instance) -> list[dict[str, Any]]:
+    """One port per requested network (named <instance>-eth<i>), plus the given ports."""
+    out = []
+    with session_scope(ctx.db_url) as session:
+        project = session.get(Project, row.project_id)
+        assert project is not None
+        for i, net in enumerate((row.spec or {}).get("networks", [])):
+            port = networks.create_port(session, SYSTEM, project.name, f"{row.name}-eth{i}"[:63],
+                                        {"network": net, "security_groups": row.spec.get("security_groups", [])})
+            out.append({"id": port["id"], "name": port["name"], "mac": port["status"]["mac"],
+                        "ips": port["status"]["ips"], "network": net, "owned": True})
+    return out
+
+
+@handler("instance.action")
+def act(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    iid, verb, power = params["instance_id"], params["action"], params["power"]
+    row = _load(ctx, iid)
+    try:
+        ctx.progress(10, f"{verb}: asking the node")
+        changes: dict[str, Any] = {"power": power}
+        if verb == "reboot":
+            changes["reboots"] = int(row.spec.get("reboots", 0)) + 1
+        _update(ctx, iid, spec=changes)
+        want = {"running": "running", "stopped": "shutdown", "paused": "paused"}[power]
+        _wait_power(ctx, iid, want, 50, verb)
+    except CairnError as exc:
+        _update(ctx, iid, task_state=None, status={"error": str(exc)})
+        raise
+    state = {"running": "active", "stopped": "stopped", "paused": "paused"}[power]
+    _update(ctx, iid, vm_state=state, task_state=None, status={"error": None})
+    return {"power_state": want}
+
+
+@handler("instance.delete")
+def delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    iid = params["instance_id"]
+    row = _load(ctx, iid)
+    if row.node_id:
+        ctx.progress(10, "asking the node to remove it")
+        _update(ctx, iid, spec={"power": "deleted"})
+        deadline = time.monotonic() + 120
+        while not (_load(ctx, iid).status or {}).get("removed"):
+            with session_scope(ctx.db_url) as session:
+                node = session.get(Node, row.node_id)
+                if node is None or node.phase != "Ready":
+                    break  # a dead node cannot answer; its instance is fenced with it
+            if time.monotonic() > deadline:
+                raise InstanceFailed("the node did not remove the instance within 120 s")
+            ctx.check()
+            time.sleep(0.2)
+    ctx.progress(70, "releasing resources and ports")
+    with session_scope(ctx.db_url) as session:
+        live = session.get(Instance, iid)
+        if live is None:
+            return {}
+        placement.release(session, iid)
+        project = session.get(Project, live.project_id)
+        assert project is not None
+        owned = {p["id"] for p in (live.status or {}).get("ports", []) if p.get("owned")}
+        for port in instances.attached_ports(session, live):
+            if port.id in owned:
+                networks.delete_port(session, SYSTEM, project.name, port.name)
+        instances.KINDS[live.kind].delete(session, SYSTEM, project.name, live.name)
+    return {}
