@@ -1,0 +1,94 @@
+"""Shared fixtures for the compute tests: one libvirt node per session, the tiny guest, unique names.
+
+Everything is created under a per-session directory and with a unique name prefix,
+and torn down at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from compute.libvirt_driver import LibvirtDriver
+from compute.libvirt_node import LibvirtNode
+from compute.spec import Consoles, KernelBoot, NicSpec, VmSpec
+from compute.testguest import TestGuest, ensure_test_guest
+
+PREFIX = "cz" + secrets.token_hex(2)  # unique per session: guests, bridges, taps, veths
+BOOT_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="session")
+def prefix() -> str:
+    return PREFIX
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=f"cairn-compute-{PREFIX}-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def guest() -> TestGuest:
+    return ensure_test_guest()
+
+
+@pytest.fixture(scope="session")
+def libvirt_node(workdir: Path) -> Iterator[LibvirtNode]:
+    node = LibvirtNode(workdir / "nodes", "node-a")
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def libvirt_node_b(workdir: Path) -> Iterator[LibvirtNode]:
+    node = LibvirtNode(workdir / "nodes", "node-b")
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def vm_driver(libvirt_node: LibvirtNode) -> Iterator[LibvirtDriver]:
+    driver = LibvirtDriver(libvirt_node.uri, virt_type="auto", migration_host="127.0.0.1")
+    yield driver
+    for name in driver.list_instances():
+        driver.delete(name)
+    driver.close()
+
+
+@pytest.fixture
+def make_vm_spec(guest: TestGuest, workdir: Path, prefix: str) -> Callable[..., VmSpec]:
+    """Build a tiny-guest spec; ``cmdline`` extras go to the guest's init (see compute.testguest)."""
+
+    def make(name: str, cmdline: str = "", nics: tuple[NicSpec, ...] = (), **kw: object) -> VmSpec:
+        full = f"{prefix}-{name}"
+        d = workdir / "vms" / full
+        return VmSpec(
+            name=full, vcpus=int(kw.pop("vcpus", 1)), memory_mib=int(kw.pop("memory_mib", 192)),  # type: ignore[call-overload]
+            kernel_boot=KernelBoot(guest.kernel, guest.initrd, f"console=ttyS0 panic=-1 quiet {cmdline}".strip()),
+            consoles=Consoles(serial_log=str(d / "serial.log"), serial_socket=str(d / "serial.sock"),
+                              vnc=bool(kw.pop("vnc", False))),
+            nics=nics, **kw,  # type: ignore[arg-type]
+        )
+
+    return make
+
+
+def wait_for_console(read: Callable[[], bytes], needle: bytes, timeout: float = BOOT_TIMEOUT) -> float:
+    """Poll a console until ``needle`` shows up; return seconds waited, fail with the log tail."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if needle in read():
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"{needle!r} not seen within {timeout}s; console tail: {read()[-800:]!r}")
