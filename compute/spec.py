@@ -284,6 +284,25 @@ class VolumeMount:
 
 
 @dataclass(frozen=True)
+class DeviceIoLimit:
+    """Block I/O throttling of one host block device (cgroup blkio / io.max)."""
+
+    device: str  # e.g. /dev/vda (resolved to major:minor when the container starts)
+    read_bps: int | None = None
+    write_bps: int | None = None
+    read_iops: int | None = None
+    write_iops: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.device.startswith("/dev/"):
+            raise InvalidSpec(f"I/O limit device {self.device!r} must be a /dev path")
+        for k in ("read_bps", "write_bps", "read_iops", "write_iops"):
+            v = getattr(self, k)
+            if v is not None and v <= 0:
+                raise InvalidSpec(f"I/O limit {k} must be positive, got {v}")
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to define one container."""
 
@@ -297,7 +316,7 @@ class ContainerSpec:
     workdir: str = "/"
     nics: tuple[ContainerNic, ...] = ()
     volumes: tuple[VolumeMount, ...] = ()
-    io_weight: int | None = None  # 10..1000, blkio weight
+    io_limits: tuple[DeviceIoLimit, ...] = ()
     tty: bool = False
     hostname: str | None = None
 
@@ -309,8 +328,8 @@ class ContainerSpec:
             raise InvalidSpec(f"vcpus {self.vcpus} out of range 0.01..256")
         if not 4 <= self.memory_mib <= 4 * 1024 * 1024:
             raise InvalidSpec(f"memory {self.memory_mib} MiB out of range")
-        if self.io_weight is not None and not 10 <= self.io_weight <= 1000:
-            raise InvalidSpec(f"io_weight {self.io_weight} out of range 10..1000")
+        if self.hostname is not None:
+            check_name(self.hostname, "hostname")
 
 
 InstanceSpec = VmSpec | ContainerSpec

@@ -1,0 +1,302 @@
+"""The OCI container driver: bundles run by crun, on the same bridges as VMs.
+
+Layout under ``state_dir``: ``containers/<name>/`` holds ``spec.json``,
+``config.json``, ``rootfs`` (an overlayfs of the image's shared layers plus a
+private ``upper``), and ``console.log``. crun's own state lives in
+``state_dir/crun``.
+
+On hosts with *hybrid* cgroups crun refuses to run; every crun call therefore
+runs in a private mount namespace where ``/sys/fs/cgroup/unified`` is
+unmounted, so crun sees plain cgroup v1 (host mounts are untouched).
+
+``crun run`` stays in the foreground as our child (it waits on the container
+and reaps it), so no container process is ever orphaned to PID 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, NodeResources
+from compute.errors import (
+    HypervisorError,
+    InstanceExists,
+    InstanceNotFound,
+    InsufficientResources,
+    InvalidPowerState,
+    InvalidSpec,
+)
+from compute.oci_bundle import build_runtime_config, device_numbers_of
+from compute.oci_image import ImageStore
+from compute.oci_net import attach_nics, detach_nics
+from compute.spec import ContainerNic, ContainerSpec, DeviceIoLimit, PowerState, QosClass, VolumeMount
+
+log = logging.getLogger(__name__)
+HYBRID_MARK = Path("/sys/fs/cgroup/unified")
+
+
+def _spec_to_json(spec: ContainerSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def _spec_from_json(d: dict[str, Any]) -> ContainerSpec:
+    return ContainerSpec(
+        **{**d,
+           "command": tuple(d["command"]), "env": tuple(tuple(e) for e in d["env"]),
+           "qos_class": QosClass(d["qos_class"]),
+           "nics": tuple(ContainerNic(**n) for n in d["nics"]),
+           "volumes": tuple(VolumeMount(**v) for v in d["volumes"]),
+           "io_limits": tuple(DeviceIoLimit(**x) for x in d["io_limits"])}
+    )
+
+
+class OciDriver(ComputeDriver[ContainerSpec]):
+    """Containers on this host, run by crun."""
+
+    kind = "container"
+
+    def __init__(self, state_dir: Path, images: ImageStore | None = None, crun: str = "crun") -> None:
+        self.state_dir = Path(state_dir)
+        self.images = images or ImageStore(self.state_dir / "images")
+        self.crun_root = self.state_dir / "crun"
+        self.crun = shutil.which(crun) or crun
+        (self.state_dir / "containers").mkdir(parents=True, exist_ok=True)
+        self.crun_root.mkdir(parents=True, exist_ok=True)
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._hybrid = os.path.ismount(HYBRID_MARK)
+
+    # -- crun plumbing -------------------------------------------------------------------------------------------
+    def _crun_argv(self, *args: str) -> list[str]:
+        argv = [self.crun, "--root", str(self.crun_root), *args]
+        if not self._hybrid:
+            return argv
+        return ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
+                f'umount {HYBRID_MARK} && exec "$@"', "crun", *argv]
+
+    def _crun(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
+        r = subprocess.run(self._crun_argv(*args), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise HypervisorError(f"crun {' '.join(args[:2])}: {r.stderr.decode(errors='replace').strip()}")
+        return r
+
+    def _crun_status(self, name: str) -> str | None:
+        r = self._crun("state", name, check=False)
+        if r.returncode != 0:
+            return None
+        status: str = json.loads(r.stdout).get("status", "")
+        return status
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def _dir(self, name: str) -> Path:
+        return self.state_dir / "containers" / name
+
+    def _spec(self, name: str) -> ContainerSpec:
+        path = self._dir(name) / "spec.json"
+        if not path.exists():
+            raise InstanceNotFound(f"no container named {name!r} on this node")
+        return _spec_from_json(json.loads(path.read_text()))
+
+    def resources(self) -> NodeResources:
+        """Host CPUs and memory."""
+        with open("/proc/meminfo") as f:
+            mem_kib = int(f.readline().split()[1])
+        return NodeResources(cpus=os.cpu_count() or 1, memory_mib=mem_kib // 1024)
+
+    def define(self, spec: ContainerSpec) -> None:
+        """Unpack the image (once), prepare the bundle directory and record the spec."""
+        d = self._dir(spec.name)
+        if (d / "spec.json").exists():
+            raise InstanceExists(f"container {spec.name!r} already exists")
+        res = self.resources()
+        if spec.vcpus > res.cpus:
+            raise InsufficientResources(f"container {spec.name!r} asks for {spec.vcpus:g} vCPUs; "
+                                        f"this node has {res.cpus}")
+        if spec.memory_mib > res.memory_mib:
+            raise InsufficientResources(f"container {spec.name!r} asks for {spec.memory_mib} MiB; "
+                                        f"this node has {res.memory_mib} MiB")
+        for vol in spec.volumes:
+            if not os.path.exists(vol.source):
+                raise InvalidSpec(f"container {spec.name!r}: volume source {vol.source} does not exist")
+        for lim in spec.io_limits:
+            if not os.path.exists(lim.device):
+                raise InvalidSpec(f"container {spec.name!r}: I/O-limited device {lim.device} does not exist")
+        self.images.resolve(spec.image)  # ImageNotFound before anything is written
+        for sub in ("rootfs", "upper", "work"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "spec.json").write_text(json.dumps(_spec_to_json(spec)))
+
+    def _mount_rootfs(self, spec: ContainerSpec) -> tuple[Path, Any]:
+        d = self._dir(spec.name)
+        image = self.images.resolve(spec.image)
+        rootfs = d / "rootfs"
+        if not os.path.ismount(rootfs):
+            lower = ":".join(str(p) for p in reversed(image.layers))  # overlayfs: leftmost is the top
+            opts = f"lowerdir={lower},upperdir={d / 'upper'},workdir={d / 'work'}"
+            r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise HypervisorError(f"mounting the rootfs of {spec.name!r}: {r.stderr.strip()}")
+        return rootfs, image.config
+
+    def start(self, name: str) -> None:
+        """Mount the rootfs, plug the NICs, and run the container; returns once its process runs."""
+        spec = self._spec(name)
+        state = self.power_state(name)
+        if state is PowerState.PAUSED:
+            raise InvalidPowerState(f"container {name!r} is paused: resume it instead")
+        if state is PowerState.RUNNING:
+            return
+        if spec.tty:
+            raise InvalidSpec(f"container {name!r}: tty=True is not supported by this driver yet; "
+                              "use exec() for commands")
+        d = self._dir(name)
+        self._crun("delete", "-f", name, check=False)  # leftovers of an earlier run
+        rootfs, image_config = self._mount_rootfs(spec)
+        netns = attach_nics(name, spec.nics) if spec.nics else None
+        try:
+            config = build_runtime_config(spec, rootfs=str(rootfs), image=image_config,
+                                          netns_path=f"/run/netns/{netns}" if netns else None,
+                                          cgroups_path=f"/cairn/{name}", device_numbers=device_numbers_of(spec))
+            (d / "config.json").write_text(json.dumps(config, indent=1))
+            with open(d / "console.log", "ab") as out:
+                proc = subprocess.Popen(self._crun_argv("run", "-b", str(d), name), stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=out, start_new_session=True)
+            self._procs[name] = proc
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = self._crun_status(name)
+                if status in ("running", "paused", "stopped") or proc.poll() is not None:
+                    break
+                time.sleep(0.005)
+            if proc.poll() is not None and proc.returncode != 0:
+                tail = (d / "console.log").read_bytes()[-500:].decode(errors="replace")
+                raise HypervisorError(f"container {name!r} failed to start (crun exit {proc.returncode}): {tail}")
+        except BaseException:
+            self._kill(name, force=True)
+            if netns:
+                detach_nics(name, spec.nics)
+            raise
+
+    def _kill(self, name: str, force: bool) -> None:
+        self._crun("kill", name, "KILL" if force else "TERM", check=False)
+
+    def _wait_exit(self, name: str, timeout: float) -> bool:
+        proc = self._procs.get(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None:
+                if proc.poll() is not None:
+                    return True
+            elif self._crun_status(name) in (None, "stopped"):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, name: str, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; unplugs the NICs."""
+        spec = self._spec(name)
+        if self.power_state(name) is PowerState.PAUSED:
+            self._crun("resume", name, check=False)  # a frozen process cannot act on SIGTERM
+        if self.power_state(name) is not PowerState.SHUTDOWN:
+            self._kill(name, force=False)
+            if not self._wait_exit(name, timeout):
+                self._kill(name, force=True)
+                if not self._wait_exit(name, 10):
+                    raise HypervisorError(f"container {name!r} survived SIGKILL")
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            proc.wait()
+        self._crun("delete", "-f", name, check=False)
+        detach_nics(name, spec.nics)
+
+    def reboot(self, name: str) -> None:
+        """Restart the container's process (stop with a short grace period, start)."""
+        if self.power_state(name) is not PowerState.RUNNING:
+            raise InvalidPowerState(f"container {name!r} is {self.power_state(name)}: only a running one can reboot")
+        self.stop(name, timeout=5)
+        self.start(name)
+
+    def pause(self, name: str) -> None:
+        """Freeze the container's processes (cgroup freezer)."""
+        if self.power_state(name) is not PowerState.RUNNING:
+            raise InvalidPowerState(f"container {name!r} is {self.power_state(name)}: only a running one can pause")
+        self._crun("pause", name)
+
+    def resume(self, name: str) -> None:
+        """Thaw a paused container."""
+        if self.power_state(name) is not PowerState.PAUSED:
+            raise InvalidPowerState(f"container {name!r} is {self.power_state(name)}: only a paused one can resume")
+        self._crun("resume", name)
+
+    def delete(self, name: str) -> None:
+        """Kill, unplug, unmount and remove the container's directory. Idempotent."""
+        d = self._dir(name)
+        if not d.exists():
+            return
+        if (d / "spec.json").exists():
+            spec = self._spec(name)
+            if self.power_state(name) is not PowerState.SHUTDOWN:
+                self._crun("resume", name, check=False)
+                self._kill(name, force=True)
+                self._wait_exit(name, 10)
+            self._crun("delete", "-f", name, check=False)
+            proc = self._procs.pop(name, None)
+            if proc is not None:
+                proc.wait(10)
+            detach_nics(name, spec.nics)
+        if os.path.ismount(d / "rootfs"):
+            subprocess.run(["umount", str(d / "rootfs")], check=False, capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+    def power_state(self, name: str) -> PowerState:
+        """running / paused from crun's state; shutdown when no process runs."""
+        self._spec(name)
+        proc = self._procs.get(name)
+        if proc is not None and proc.poll() is not None:
+            return PowerState.SHUTDOWN
+        status = self._crun_status(name)
+        if status in ("running", "created"):
+            return PowerState.RUNNING
+        if status == "paused":
+            return PowerState.PAUSED
+        return PowerState.SHUTDOWN
+
+    def list_instances(self) -> list[str]:
+        """Names of the defined containers."""
+        return sorted(p.parent.name for p in (self.state_dir / "containers").glob("*/spec.json"))
+
+    def console_log(self, name: str) -> bytes:
+        """The container's stdout and stderr so far."""
+        self._spec(name)
+        path = self._dir(name) / "console.log"
+        return path.read_bytes() if path.exists() else b""
+
+    def consoles(self, name: str) -> list[ConsoleEndpoint]:
+        """The log file (stdout/stderr); interactive access is through exec()."""
+        self._spec(name)
+        return [ConsoleEndpoint(kind="log", path=str(self._dir(name) / "console.log"))]
+
+    def exec(self, name: str, argv: list[str], timeout: float = 60.0) -> ExecResult:
+        """Run ``argv`` inside the running container and return its status and output."""
+        if self.power_state(name) is not PowerState.RUNNING:
+            raise InvalidPowerState(f"container {name!r} is {self.power_state(name)}: exec needs it running")
+        try:
+            r = subprocess.run(self._crun_argv("exec", name, *argv), capture_output=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise HypervisorError(f"exec in {name!r} timed out after {timeout}s: {argv}") from e
+        return ExecResult(returncode=r.returncode, stdout=r.stdout, stderr=r.stderr)
+
+    def pid(self, name: str) -> int:
+        """PID (host namespace) of the container's init process."""
+        r = self._crun("state", name)
+        pid: int = json.loads(r.stdout)["pid"]
+        return pid
