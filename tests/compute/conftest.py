@@ -12,12 +12,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pyroute2 import IPRoute
 
 from compute.libvirt_driver import LibvirtDriver
 from compute.libvirt_node import LibvirtNode
-from compute.spec import Consoles, KernelBoot, NicSpec, VmSpec
+from compute.oci_driver import OciDriver
+from compute.spec import Consoles, ContainerSpec, KernelBoot, NicSpec, VmSpec
 from compute.testguest import TestGuest, ensure_test_guest
 
 PREFIX = "cz" + secrets.token_hex(2)  # unique per session: guests, bridges, taps, veths
@@ -92,3 +95,42 @@ def wait_for_console(read: Callable[[], bytes], needle: bytes, timeout: float = 
             return time.monotonic() - t0
         time.sleep(0.02)
     raise AssertionError(f"{needle!r} not seen within {timeout}s; console tail: {read()[-800:]!r}")
+
+
+@pytest.fixture(scope="session")
+def oci_driver(workdir: Path) -> Iterator[OciDriver]:
+    driver = OciDriver(workdir / "oci")
+    yield driver
+    for name in driver.list_instances():
+        driver.delete(name)
+
+
+CONTAINER_MARKER = b"CAIRN-CONTAINER-UP"
+CONTAINER_LOOP = f'echo {CONTAINER_MARKER.decode()}; trap "exit 0" TERM; while true; do sleep 0.2; done'
+
+
+@pytest.fixture
+def make_container_spec(guest: TestGuest, prefix: str) -> Callable[..., ContainerSpec]:
+    """A busybox container from the test OCI archive that prints a marker and idles."""
+
+    def make(name: str, command: tuple[str, ...] = ("/bin/sh", "-c", CONTAINER_LOOP), **kw: Any) -> ContainerSpec:
+        return ContainerSpec(name=f"{prefix}-{name}", image=kw.pop("image", guest.oci_archive), command=command,
+                             memory_mib=kw.pop("memory_mib", 64), **kw)
+
+    return make
+
+
+@pytest.fixture
+def bridge(prefix: str) -> Iterator[str]:
+    """An isolated Linux bridge (no host address, no forwarding) with a unique name."""
+    name = f"{prefix}br{secrets.token_hex(1)}"
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+        idx = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=idx, state="up")
+    try:
+        yield name
+    finally:
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=name):
+                ipr.link("del", index=idx)

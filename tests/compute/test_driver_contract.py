@@ -10,11 +10,12 @@ import pytest
 
 from compute.driver import ComputeDriver
 from compute.errors import InstanceExists, InstanceNotFound, InsufficientResources, InvalidPowerState
-from compute.fake import fake_vm_driver
+from compute.fake import fake_container_driver, fake_vm_driver
 from compute.libvirt_driver import LibvirtDriver
-from compute.spec import PowerState, VmSpec
+from compute.oci_driver import OciDriver
+from compute.spec import ContainerSpec, PowerState, VmSpec
 from compute.testguest import MARKER
-from tests.compute.conftest import wait_for_console
+from tests.compute.conftest import CONTAINER_MARKER, wait_for_console
 
 pytestmark = pytest.mark.contract
 
@@ -27,11 +28,30 @@ class Subject:
     real: bool
 
 
-@pytest.fixture(params=["fake-vm", "libvirt"])
-def subject(request: pytest.FixtureRequest, make_vm_spec: Callable[..., VmSpec]) -> Iterator[Subject]:
+@pytest.fixture(params=["fake-vm", "libvirt", "fake-container", "crun"])
+def subject(
+    request: pytest.FixtureRequest,
+    make_vm_spec: Callable[..., VmSpec],
+    make_container_spec: Callable[..., ContainerSpec],
+) -> Iterator[Subject]:
     if request.param == "fake-vm":
-        fake = fake_vm_driver(cpus=2)
-        yield Subject(fake, make_vm_spec, b"CAIRN-MARKER", real=False)
+        yield Subject(fake_vm_driver(cpus=2), make_vm_spec, b"CAIRN-MARKER", real=False)
+        return
+    if request.param == "fake-container":
+        yield Subject(fake_container_driver(cpus=2), make_container_spec, b"CAIRN-MARKER", real=False)
+        return
+    if request.param == "crun":
+        oci: OciDriver = request.getfixturevalue("oci_driver")
+        made: list[str] = []
+
+        def make_c(name: str) -> ContainerSpec:
+            spec = make_container_spec(name)
+            made.append(spec.name)
+            return spec
+
+        yield Subject(oci, make_c, CONTAINER_MARKER, real=True)
+        for name in made:
+            oci.delete(name)
         return
     driver: LibvirtDriver = request.getfixturevalue("vm_driver")
     created: list[str] = []
