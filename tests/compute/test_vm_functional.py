@@ -1,0 +1,139 @@
+"""Real guests on a libvirt node: NBD disks, live migration, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from compute.errors import ImageNotFound, InvalidPowerState
+from compute.libvirt_driver import LibvirtDriver, choose_virt_type
+from compute.libvirt_node import LibvirtNode
+from compute.spec import DiskSpec, KernelBoot, NbdSource, PowerState, VirtType, VmSpec
+from compute.testguest import MARKER
+from tests.compute.conftest import wait_for_console
+
+pytestmark = pytest.mark.functional
+
+
+@pytest.fixture
+def nbd_export(workdir: Path, prefix: str) -> Iterator[str]:
+    """An ``nbdkit memory`` export on a unix socket whose first 16 bytes are 'N'; yields its URI."""
+    sock = workdir / f"{prefix}-nbd-{time.monotonic_ns()}.sock"
+    proc = subprocess.Popen(["nbdkit", "-f", "--unix", str(sock), "memory", "16M"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.02)
+        assert sock.exists(), f"nbdkit did not start: {proc.stderr.read() if proc.stderr else b''!r}"
+        uri = f"nbd+unix:///?socket={sock}"
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x4e 0 16", uri], check=True, capture_output=True)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        sock.unlink(missing_ok=True)
+
+
+def read_export(uri: str, dest: Path) -> bytes:
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(dest)], check=True, capture_output=True)
+    return dest.read_bytes()
+
+
+def test_vm_reads_the_bytes_its_nbd_disk_serves_and_its_writes_reach_the_export(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec], nbd_export: str, workdir: Path
+) -> None:
+    spec = dataclasses.replace(make_vm_spec("nbd", cmdline="cairn.disktest=1"),
+                               disks=(DiskSpec(NbdSource(nbd_export)),))
+    vm_driver.spawn(spec)
+    try:
+        wait_for_console(lambda: vm_driver.console_log(spec.name), b"VDA-WRITTEN")
+        assert b"VDA: NNNNNNNNNNNNNNNN" in vm_driver.console_log(spec.name)
+        vm_driver.stop(spec.name, timeout=0.5)  # flush: QEMU closes the export
+        data = read_export(nbd_export, workdir / f"{spec.name}.img")
+        assert data[1024 * 1024: 1024 * 1024 + 17] == b"CAIRN-GUEST-WROTE"
+    finally:
+        vm_driver.delete(spec.name)
+
+
+def test_reboot_restarts_the_guest_and_the_serial_log_shows_a_second_boot(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec]
+) -> None:
+    spec = make_vm_spec("reboot")
+    vm_driver.spawn(spec)
+    try:
+        wait_for_console(lambda: vm_driver.console_log(spec.name), MARKER.encode())
+        vm_driver.reboot(spec.name)
+        deadline = time.monotonic() + 60
+        while vm_driver.console_log(spec.name).count(MARKER.encode()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert vm_driver.console_log(spec.name).count(MARKER.encode()) == 2
+        assert vm_driver.power_state(spec.name) is PowerState.RUNNING
+    finally:
+        vm_driver.delete(spec.name)
+
+
+def test_live_migration_between_two_nodes_keeps_the_guest_running(
+    vm_driver: LibvirtDriver, libvirt_node_b: LibvirtNode, make_vm_spec: Callable[..., VmSpec], nbd_export: str
+) -> None:
+    dest = LibvirtDriver(libvirt_node_b.uri, virt_type="auto", migration_host="127.0.0.1")
+    spec = dataclasses.replace(make_vm_spec("mig"), disks=(DiskSpec(NbdSource(nbd_export)),))
+    vm_driver.spawn(spec)
+    try:
+        wait_for_console(lambda: vm_driver.console_log(spec.name), b"HB 2 ")
+        before = max(int(n) for n in re.findall(rb"HB (\d+) ", vm_driver.console_log(spec.name)))
+        result = vm_driver.migrate(spec.name, libvirt_node_b.uri)
+        assert spec.name not in vm_driver.list_instances()
+        assert dest.power_state(spec.name) is PowerState.RUNNING
+        wait_for_console(lambda: dest.console_log(spec.name), f"HB {before + 3} ".encode(), timeout=30)
+        log = dest.console_log(spec.name)
+        assert log.count(MARKER.encode()) == 1, "the guest kept running: it did not boot again"
+        assert result.duration_s < 30
+        assert result.downtime_ms is None or result.downtime_ms < 5000
+    finally:
+        dest.delete(spec.name)
+        vm_driver.delete(spec.name)
+        dest.close()
+
+
+def test_missing_kernel_image_is_refused_before_anything_is_defined(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec]
+) -> None:
+    spec = make_vm_spec("noimg")
+    spec = dataclasses.replace(spec, kernel_boot=KernelBoot("/nonexistent/vmlinuz", None))
+    with pytest.raises(ImageNotFound, match="/nonexistent/vmlinuz"):
+        vm_driver.define(spec)
+    assert spec.name not in vm_driver.list_instances()
+
+
+def test_resuming_a_running_vm_is_an_invalid_power_state(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec]
+) -> None:
+    spec = make_vm_spec("resume")
+    vm_driver.define(spec)
+    try:
+        with pytest.raises(InvalidPowerState, match="only a paused VM"):
+            vm_driver.resume(spec.name)
+    finally:
+        vm_driver.delete(spec.name)
+
+
+@pytest.mark.unit
+def test_virt_type_auto_falls_back_to_tcg_on_nested_pvm(tmp_path: Path) -> None:
+    pvm = tmp_path / "kvm_pvm"
+    kvm = tmp_path / "kvm"
+    kvm.touch()
+    assert choose_virt_type("auto", pvm_marker=pvm, kvm_dev=kvm) is VirtType.KVM
+    pvm.mkdir()
+    assert choose_virt_type("auto", pvm_marker=pvm, kvm_dev=kvm) is VirtType.QEMU
+    assert choose_virt_type("kvm", pvm_marker=pvm, kvm_dev=kvm) is VirtType.KVM
+    assert choose_virt_type("auto", pvm_marker=tmp_path / "no", kvm_dev=tmp_path / "nokvm") is VirtType.QEMU
+    with pytest.raises(ValueError, match="auto, kvm or qemu"):
+        choose_virt_type("xen")
