@@ -8,7 +8,8 @@ The guest's init understands kernel command line options:
 ``cairn.ping=A.B.C.D`` (ping it and print ``PING-OK`` / ``PING-FAIL``),
 ``cairn.disktest=1`` (print the first bytes of /dev/vda, then write
 ``CAIRN-GUEST-WROTE`` at offset 1 MiB). It prints :data:`MARKER` on the
-serial console first thing, then a heartbeat ``HB n`` line every second.
+serial console first thing, then a heartbeat ``HB n`` line every second, and
+runs a shell on the serial console.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ if ip link set eth0 up 2>/dev/null; then
   fi
 fi
 ( i=0; while true; do i=$((i+1)); say "HB $i $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done ) &
+# a shell on the serial console (what `cairn vm console` attaches to)
+( while true; do setsid -c sh </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 0.2; done ) &
 exec sh -c 'while true; do sleep 3600; done'
 """
 
@@ -82,6 +85,8 @@ exec sh -c 'while true; do sleep 3600; done'
 @dataclass(frozen=True)
 class TestGuest:
     """Paths of the built test artefacts."""
+
+    __test__ = False  # not a pytest test class
 
     kernel: str
     initrd: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -137,3 +138,27 @@ def test_virt_type_auto_falls_back_to_tcg_on_nested_pvm(tmp_path: Path) -> None:
     assert choose_virt_type("auto", pvm_marker=tmp_path / "no", kvm_dev=tmp_path / "nokvm") is VirtType.QEMU
     with pytest.raises(ValueError, match="auto, kvm or qemu"):
         choose_virt_type("xen")
+
+
+def test_serial_console_socket_reaches_a_shell_in_the_guest(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec]
+) -> None:
+    spec = make_vm_spec("console")
+    vm_driver.spawn(spec)
+    try:
+        wait_for_console(lambda: vm_driver.console_log(spec.name), b"HB 1 ")
+        endpoint = next(c for c in vm_driver.consoles(spec.name) if c.kind == "serial-unix")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(endpoint.path)
+            s.settimeout(1.0)
+            seen = b""
+            deadline = time.monotonic() + 30
+            while b"CONSOLE-42" not in seen and time.monotonic() < deadline:
+                s.sendall(b"echo CONSOLE-$((6*7))\n")
+                try:
+                    seen += s.recv(65536)
+                except TimeoutError:
+                    pass
+        assert b"CONSOLE-42" in seen, seen[-500:]
+    finally:
+        vm_driver.delete(spec.name)
