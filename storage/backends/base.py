@@ -72,5 +72,10 @@ class ObjectBackend(abc.ABC):
     def list_pointers(self, prefix: str = "") -> Iterator[str]:
         """Yield the names of existing pointers starting with ``prefix``."""
 
+    @abc.abstractmethod
+    def mtime(self, name: str) -> float:
+        """Return the object's last modification time (UNIX seconds); ObjectNotFound if absent."""
+
+    @abc.abstractmethod
     def close(self) -> None:
-        """Release connections; the default has nothing to release."""
+        """Release connections and descriptors."""

@@ -100,6 +100,13 @@ class LocalBackend(ObjectBackend):
         except FileNotFoundError:
             raise ObjectNotFound(name) from None
 
+    def mtime(self, name: str) -> float:
+        """Modification time of the file."""
+        try:
+            return self._path(_OBJ, name).stat().st_mtime
+        except FileNotFoundError:
+            raise ObjectNotFound(name) from None
+
     def delete(self, name: str) -> None:
         """Unlink the file (absent is fine)."""
         fd = self._append_fds.pop(name, None)

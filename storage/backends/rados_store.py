@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,6 +76,13 @@ class RadosBackend(ObjectBackend):
             raise ObjectNotFound(name) from None
         except rados.Error as exc:
             raise BackendError(f"stat {name}: {exc}") from exc
+
+    def mtime(self, name: str) -> float:
+        """stat the object."""
+        try:
+            return float(time.mktime(self._io.stat(name)[1]))
+        except rados.ObjectNotFound:
+            raise ObjectNotFound(name) from None
 
     def delete(self, name: str) -> None:
         """remove_object, ignoring absent objects."""

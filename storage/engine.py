@@ -1,0 +1,472 @@
+"""The dedup engine: pools of volumes over an object backend.
+
+Public entry point for the control plane: :func:`open_pool`. A pool keeps one
+:class:`~storage.log.SegmentLog` (chunks + block-map journal) and a pointer per volume
+(``vol/<name>``: JSON with size, root hash, snapshots and the log position from which
+a restart replays). Pointers only change by compare-and-swap.
+
+One process owns a volume's writes at a time (the NBD daemon serving it); snapshot,
+clone and rollback on an open volume go through that process's :class:`Pool`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from storage.backends import ObjectBackend, open_backend
+from storage.blockmap import BlockMap, iter_map, meta_hashes
+from storage.chunks import ZERO_HASH, ChunkCodec, chunk_hash
+from storage.errors import AlreadyExists, ConflictError, InvalidArgument, NotFound
+from storage.log import LogPosition, SegmentLog
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHECKPOINT_BYTES = 32 << 20
+CACHE_BYTES = 64 << 20
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME.match(name):
+        raise InvalidArgument(f"bad {what} name {name!r}: letters, digits, '.', '_', '-' (max 128)")
+
+
+@dataclass
+class VolumeRecord:
+    """The persisted head of a volume (the value of its pointer)."""
+
+    id: str
+    size: int
+    root: str
+    log: list[object] | None
+    snapshots: dict[str, dict[str, Any]]
+    created: float
+
+    def encode(self) -> bytes:
+        """Canonical JSON bytes."""
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> VolumeRecord:
+        """Inverse of :meth:`encode`."""
+        return cls(**json.loads(raw))
+
+
+class ChunkStore:
+    """Content-addressed chunks over the log, with a decoded-chunk LRU cache."""
+
+    def __init__(self, log: SegmentLog, chunk_size: int) -> None:
+        self.log = log
+        self.chunk_size = chunk_size
+        self.codec = ChunkCodec()
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self.touched: set[bytes] | None = None  # filled while a GC sweep is running
+
+    def put(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Store a chunk once; return its hash."""
+        h = chunk_hash(data)
+        if self.touched is not None:
+            self.touched.add(h)
+        if h not in self.log.index:
+            flags, payload = self.codec.encode(data)
+            self.log.stage_chunk(h, flags, len(data), payload)
+        self._remember(h, bytes(data))
+        return h
+
+    def get(self, h: bytes) -> bytes:
+        """The chunk's bytes (verified against its hash when read from the backend)."""
+        data = self._cache.get(h)
+        if data is not None:
+            self._cache.move_to_end(h)
+            return data
+        loc, payload = self.log.read_payload(h)
+        data = self.codec.decode(loc.flags, payload, loc.raw_length)
+        self._remember(h, data)
+        return data
+
+    def _remember(self, h: bytes, data: bytes) -> None:
+        if h in self._cache:
+            return
+        self._cache[h] = data
+        self._cache_bytes += len(data)
+        while self._cache_bytes > CACHE_BYTES:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old)
+
+    def forget(self) -> None:
+        """Drop the cache (used by scrub, which must read the backend)."""
+        self._cache.clear()
+        self._cache_bytes = 0
+
+
+class Volume:
+    """An open dedup volume: read / write any range; durable after :meth:`flush`."""
+
+    def __init__(self, pool: Pool, name: str, record: VolumeRecord, raw: bytes) -> None:
+        self.pool = pool
+        self.name = name
+        self.record = record
+        self._raw = raw
+        self.id = uuid.UUID(record.id).bytes
+        self.block = pool.chunk_size
+        self.map = BlockMap(bytes.fromhex(record.root), self._nblocks(record.size), pool.chunks.get)
+        self._zero = bytes(self.block)
+        self._since_checkpoint = 0
+        start = LogPosition.from_json(record.log)
+        if start is not None:
+            for blk, h in pool.log.replay(self.id, start):
+                if blk < self.map.nblocks:
+                    self.map.set(blk, h)
+
+    def _nblocks(self, size: int) -> int:
+        return (size + self.block - 1) // self.block
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+        return self.record.size
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.record.size:
+            raise InvalidArgument(f"range {offset}+{length} outside volume {self.name!r} of {self.record.size} bytes")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of ``[offset, offset+length)``; holes read as zeros."""
+        self._check_range(offset, length)
+        out = bytearray()
+        bs = self.block
+        blk, boff = divmod(offset, bs)
+        while length:
+            n = min(bs - boff, length)
+            h = self.map.get(blk)
+            if h == ZERO_HASH:
+                out += self._zero[:n]
+            else:
+                data = self.pool.chunks.get(h)
+                out += data[boff : boff + n]
+            length -= n
+            blk += 1
+            boff = 0
+        return bytes(out)
+
+    def _block_data(self, blk: int) -> bytearray:
+        h = self.map.get(blk)
+        return bytearray(self._zero if h == ZERO_HASH else self.pool.chunks.get(h))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Stage a write (read-modify-write for partial blocks). Call :meth:`commit` to journal it."""
+        self._check_range(offset, len(data))
+        self._apply(offset, memoryview(data), len(data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero a range: whole blocks become holes and store nothing."""
+        self._check_range(offset, length)
+        self._apply(offset, None, length)
+
+    discard = write_zeroes
+
+    def _apply(self, offset: int, view: memoryview | None, length: int) -> None:
+        bs = self.block
+        blk, boff = divmod(offset, bs)
+        pos = 0
+        entries: list[tuple[int, bytes]] = []
+        chunks = self.pool.chunks
+        while pos < length:
+            n = min(bs - boff, length - pos)
+            if n == bs:
+                piece = None if view is None else view[pos : pos + n]
+                h = ZERO_HASH if piece is None or piece == self._zero else chunks.put(piece)
+            else:
+                buf = self._block_data(blk)
+                buf[boff : boff + n] = self._zero[:n] if view is None else view[pos : pos + n]
+                h = ZERO_HASH if buf == self._zero else chunks.put(buf)
+            if self.map.get(blk) != h:
+                self.map.set(blk, h)
+                entries.append((blk, h))
+            pos += n
+            blk += 1
+            boff = 0
+        if entries:
+            self.pool.log.stage_map(self.id, entries)
+            self._since_checkpoint += length
+
+    def commit(self, sync: bool = False) -> None:
+        """Journal everything staged (one backend append); ``sync`` also makes it durable."""
+        self.pool.log.commit(sync=sync)
+        if self._since_checkpoint > CHECKPOINT_BYTES:
+            self.checkpoint()
+
+    def flush(self) -> None:
+        """Make every write so far durable."""
+        self.commit(sync=True)
+
+    def checkpoint(self) -> None:
+        """Store the block map, then move the pointer's root and replay position forward."""
+        self.pool.log.commit()
+        root = self.map.commit(self.pool.store_meta)
+        self.pool.log.commit(sync=True)
+        new = VolumeRecord(**{**self.record.__dict__})
+        new.root = root.hex()
+        new.log = self.pool.log.position().to_json()
+        self._swap(new)
+        self._since_checkpoint = 0
+
+    def _swap(self, new: VolumeRecord) -> None:
+        raw = new.encode()
+        if not self.pool.backend.cas_pointer(f"vol/{self.name}", self._raw, raw):
+            raise ConflictError(f"volume {self.name!r} was changed by another process")
+        self._raw = raw
+        self.record = new
+
+    def resize(self, size: int, force: bool = False) -> None:
+        """Grow (new space reads as zeros) or, with ``force``, shrink."""
+        if size < 0:
+            raise InvalidArgument("size must be positive")
+        if size < self.record.size and not force:
+            raise InvalidArgument(f"shrinking {self.name!r} from {self.record.size} to {size} loses data: use force")
+        if size < self.record.size and size % self.block:
+            tail = size % self.block
+            self._apply(size, None, min(self.block - tail, self.record.size - size))
+        self.map.resize(self._nblocks(size))
+        self.record.size = size
+        self.checkpoint()
+
+    def set_root(self, root: bytes, size: int) -> None:
+        """Replace the head by another version (rollback)."""
+        self.pool.log.commit()
+        self.map = BlockMap(root, self._nblocks(size), self.pool.chunks.get)
+        new = VolumeRecord(**{**self.record.__dict__})
+        new.root, new.size = root.hex(), size
+        new.log = self.pool.log.position().to_json()
+        self._swap(new)
+
+    def close(self) -> None:
+        """Checkpoint and forget."""
+        self.checkpoint()
+        self.pool._open.pop(self.name, None)
+
+
+@dataclass
+class SpaceStats:
+    """Logical vs stored bytes of a volume or pool."""
+
+    logical_bytes: int
+    unique_bytes: int
+    stored_bytes: int
+    dedup_ratio: float
+    compression_ratio: float
+    chunks: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        """JSON-friendly form."""
+        return dict(self.__dict__)
+
+
+class Pool:
+    """A dedup pool: volumes, snapshots, clones, stats, GC and scrub (see storage/README.md)."""
+
+    def __init__(self, backend: ObjectBackend, chunk_size: int = 65536, readonly: bool = False) -> None:
+        self.backend = backend
+        raw = backend.get_pointer("pool")
+        if raw is None:
+            if readonly:
+                raise NotFound(f"no pool at {backend.url}")
+            if chunk_size < 4096 or chunk_size & (chunk_size - 1):
+                raise InvalidArgument("chunk size must be a power of two >= 4096")
+            backend.cas_pointer("pool", None, json.dumps({"chunk_size": chunk_size, "created": time.time()}).encode())
+            raw = backend.get_pointer("pool")
+            assert raw is not None
+        self.chunk_size: int = json.loads(raw)["chunk_size"]
+        self.readonly = readonly
+        self.log = SegmentLog(backend, readonly=readonly)
+        self.chunks = ChunkStore(self.log, self.chunk_size)
+        self._open: dict[str, Volume] = {}
+
+    # ------------------------------------------------------------ pointers
+    def _record(self, name: str) -> tuple[VolumeRecord, bytes]:
+        raw = self.backend.get_pointer(f"vol/{name}")
+        if raw is None:
+            raise NotFound(f"volume {name!r} does not exist")
+        return VolumeRecord.decode(raw), raw
+
+    def store_meta(self, data: bytes) -> bytes:
+        """Store a block-map shard or root as a chunk."""
+        return self.chunks.put(data)
+
+    def list_volumes(self) -> list[str]:
+        """Names of the pool's volumes."""
+        return sorted(p[4:] for p in self.backend.list_pointers("vol/"))
+
+    def volume_info(self, name: str) -> dict[str, Any]:
+        """Size, snapshots and creation time of a volume."""
+        vol = self._open.get(name)
+        rec = vol.record if vol else self._record(name)[0]
+        return {"name": name, "size": rec.size, "snapshots": sorted(rec.snapshots), "created": rec.created}
+
+    # ------------------------------------------------------------ volumes
+    def create_volume(self, name: str, size: int) -> None:
+        """Create an empty (all-hole) volume; stores nothing but its pointer."""
+        _check_name(name, "volume")
+        if size <= 0:
+            raise InvalidArgument("size must be positive")
+        rec = VolumeRecord(uuid.uuid4().hex, size, ZERO_HASH.hex(), None, {}, time.time())
+        if not self.backend.cas_pointer(f"vol/{name}", None, rec.encode()):
+            raise AlreadyExists(f"volume {name!r} already exists")
+
+    def open_volume(self, name: str) -> Volume:
+        """The open volume (replaying its journal on first open)."""
+        vol = self._open.get(name)
+        if vol is None:
+            rec, raw = self._record(name)
+            vol = Volume(self, name, rec, raw)
+            self._open[name] = vol
+        return vol
+
+    def _head(self, name: str) -> Volume:
+        vol = self.open_volume(name)
+        vol.checkpoint()
+        return vol
+
+    def resize(self, name: str, size: int, force: bool = False) -> None:
+        """Resize a volume (shrinking needs ``force``)."""
+        self.open_volume(name).resize(size, force)
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume and its snapshots (space returns at the next GC)."""
+        vol = self._open.pop(name, None)
+        raw = vol._raw if vol else self._record(name)[1]
+        if not self.backend.cas_pointer(f"vol/{name}", raw, None):
+            raise ConflictError(f"volume {name!r} changed while deleting it")
+
+    def snapshot(self, name: str, snap: str) -> None:
+        """Keep the current root under ``snap``: O(1) whatever the size."""
+        _check_name(snap, "snapshot")
+        vol = self._head(name)
+        if snap in vol.record.snapshots:
+            raise AlreadyExists(f"snapshot {name}@{snap} already exists")
+        new = VolumeRecord(**{**vol.record.__dict__})
+        new.snapshots = {**vol.record.snapshots, snap: {"root": vol.record.root, "size": vol.record.size,
+                                                         "created": time.time()}}
+        vol._swap(new)
+
+    def list_snapshots(self, name: str) -> list[dict[str, Any]]:
+        """Snapshots of a volume, oldest first."""
+        vol = self._open.get(name)
+        rec = vol.record if vol else self._record(name)[0]
+        snaps = [{"name": k, "size": v["size"], "created": v["created"]} for k, v in rec.snapshots.items()]
+        return sorted(snaps, key=lambda s: s["created"])
+
+    def _snap(self, name: str, snap: str) -> tuple[Volume | None, VolumeRecord, dict[str, Any]]:
+        vol = self._open.get(name)
+        rec = vol.record if vol else self._record(name)[0]
+        if snap not in rec.snapshots:
+            raise NotFound(f"snapshot {name}@{snap} does not exist")
+        return vol, rec, rec.snapshots[snap]
+
+    def delete_snapshot(self, name: str, snap: str) -> None:
+        """Forget a snapshot (its chunks go at the next GC unless still shared)."""
+        vol = self.open_volume(name)
+        self._snap(name, snap)
+        new = VolumeRecord(**{**vol.record.__dict__})
+        new.snapshots = {k: v for k, v in vol.record.snapshots.items() if k != snap}
+        vol._swap(new)
+
+    def rollback(self, name: str, snap: str) -> None:
+        """Make the volume's head the snapshot's root again: O(1)."""
+        _, _, s = self._snap(name, snap)
+        self.open_volume(name).set_root(bytes.fromhex(s["root"]), int(s["size"]))
+
+    def clone(self, name: str, snap: str, new_name: str) -> None:
+        """A new volume on a snapshot's root: O(1); the two diverge independently."""
+        _check_name(new_name, "volume")
+        _, _, s = self._snap(name, snap)
+        rec = VolumeRecord(uuid.uuid4().hex, int(s["size"]), s["root"], None, {}, time.time())
+        if not self.backend.cas_pointer(f"vol/{new_name}", None, rec.encode()):
+            raise AlreadyExists(f"volume {new_name!r} already exists")
+
+    def flush(self) -> None:
+        """Journal and sync everything staged in this pool."""
+        self.log.commit(sync=True)
+
+    def close(self) -> None:
+        """Checkpoint open volumes, release the backend."""
+        if not self.readonly:
+            for vol in list(self._open.values()):
+                vol.close()
+            self.log.commit(sync=True)
+        self.backend.close()
+
+    # ------------------------------------------------------------ walking
+    def versions(self) -> Iterator[tuple[str, str | None, bytes, int]]:
+        """(volume, snapshot or None, root, size) of every head and snapshot (checkpointed)."""
+        for name in self.list_volumes():
+            vol = self._open.get(name)
+            if vol is not None and not self.readonly:
+                vol.checkpoint()
+            rec = vol.record if vol else self._record(name)[0]
+            if vol is None and rec.log and not self.readonly:
+                # Journal records after the checkpoint are not in the root yet: settle them.
+                vol = self.open_volume(name)
+                vol.checkpoint()
+                rec = vol.record
+                vol.close()
+            yield name, None, bytes.fromhex(rec.root), rec.size
+            for snap, s in rec.snapshots.items():
+                yield name, snap, bytes.fromhex(s["root"]), int(s["size"])
+
+    def _space(self, roots: list[bytes]) -> SpaceStats:
+        unique: set[bytes] = set()
+        logical = 0
+        for root in roots:
+            for _blk, h in iter_map(root, self.chunks.get):
+                logical += self.chunk_size
+                unique.add(h)
+        raw = stored = 0
+        for h in unique:
+            loc = self.log.index.get(h)
+            if loc is not None:
+                raw += loc.raw_length
+                stored += loc.length
+        return SpaceStats(logical, raw, stored, logical / raw if raw else 1.0, raw / stored if stored else 1.0,
+                          len(unique))
+
+    def volume_stats(self, name: str) -> SpaceStats:
+        """Logical bytes written to the head, the unique and stored bytes they use, ratios."""
+        vol = self._head(name)
+        return self._space([bytes.fromhex(vol.record.root)])
+
+    def stats(self) -> dict[str, Any]:
+        """Pool totals over every volume head and snapshot, plus bytes held in the backend."""
+        versions = list(self.versions())
+        space = self._space([root for _v, _s, root, _size in versions])
+        backend_bytes = sum(self.backend.size(s) for s in self.backend.list("seg/"))
+        return {**space.as_dict(), "volumes": len(self.list_volumes()), "backend_bytes": backend_bytes,
+                "chunk_size": self.chunk_size}
+
+    def live_hashes(self) -> set[bytes]:
+        """Every chunk and map shard reachable from a head or snapshot."""
+        live: set[bytes] = set()
+        for _v, _s, root, _size in self.versions():
+            live.update(meta_hashes(root, self.chunks.get))
+            live.update(h for _b, h in iter_map(root, self.chunks.get))
+        return live
+
+
+def open_pool(backend_url: str, chunk_size: int = 65536, readonly: bool = False) -> Pool:
+    """Open (creating if needed) the dedup pool stored at ``backend_url``.
+
+    ``local:///srv/cairn/pool`` or ``rados://<pool>/<namespace>?conf=/path/ceph.conf``.
+    The chunk size only applies when the pool is created.
+    """
+    backend = open_backend(backend_url)
+    try:
+        return Pool(backend, chunk_size=chunk_size, readonly=readonly)
+    except BaseException:
+        backend.close()
+        raise

@@ -1,0 +1,261 @@
+"""The pool's log: chunks and block-map updates appended to large segment objects.
+
+RADOS costs about a millisecond per operation, so chunks are not one object each:
+every write batch becomes one append to the current segment (``seg/<writer>/<seq>``).
+The segment *is* the journal: a write is acknowledged once its records are appended,
+and a restart replays the block-map records written after a volume's last checkpoint.
+A sealed segment gets an index object (``idx/<writer>/<seq>``: hash -> location) so
+opening a pool reads small indexes instead of whole segments.
+
+Record framing: ``>IIB`` body length, CRC32 of type+body, type; then the body. A torn
+or corrupt tail ends a segment scan.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from storage.backends.base import ObjectBackend
+from storage.errors import CorruptionError, ObjectNotFound
+
+HEADER = struct.Struct(">IIB")
+CHUNK_HEAD = struct.Struct(">32sBI")  # hash, flags, raw length
+MAP_HEAD = struct.Struct(">16sI")  # volume id, entry count
+MAP_ENTRY = struct.Struct(">Q32s")  # block number, chunk hash (zero hash = hole)
+IDX_HEAD = struct.Struct(">Q")  # segment length the index covers
+IDX_ENTRY = struct.Struct(">32sIIBI")  # hash, payload offset, payload length, flags, raw length
+REC_CHUNK = 1
+REC_MAP = 2
+SEGMENT_TARGET = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a chunk's payload lives."""
+
+    segment: str
+    offset: int
+    length: int
+    flags: int
+    raw_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    """A point in one writer's log: records at or after it are not in a volume's root."""
+
+    writer: str
+    seq: int
+    offset: int
+
+    def to_json(self) -> list[object]:
+        """JSON form kept in volume pointers."""
+        return [self.writer, self.seq, self.offset]
+
+    @classmethod
+    def from_json(cls, value: list[object] | None) -> LogPosition | None:
+        """Inverse of :meth:`to_json`."""
+        if not value:
+            return None
+        return cls(str(value[0]), int(str(value[1])), int(str(value[2])))
+
+
+def segment_name(writer: str, seq: int) -> str:
+    """Object name of a segment."""
+    return f"seg/{writer}/{seq:08d}"
+
+
+def index_name(segment: str) -> str:
+    """Object name of a segment's index."""
+    return "idx/" + segment[4:]
+
+
+def parse_segment(name: str) -> tuple[str, int]:
+    """(writer, seq) of a segment name."""
+    _, writer, seq = name.split("/")
+    return writer, int(seq)
+
+
+def frame(rtype: int, *parts: bytes | memoryview) -> bytes:
+    """One framed record."""
+    crc = zlib.crc32(bytes([rtype]))
+    length = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+        length += len(p)
+    return b"".join((HEADER.pack(length, crc, rtype), *parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decoded record: its type, body, and where the body starts in the segment."""
+
+    rtype: int
+    body: memoryview
+    body_offset: int
+    end: int
+
+
+def scan(data: bytes, start: int = 0) -> Iterator[Record]:
+    """Yield the intact records of segment bytes from ``start``; stop at a torn or bad one."""
+    view = memoryview(data)
+    pos, end = start, len(data)
+    while pos + HEADER.size <= end:
+        length, crc, rtype = HEADER.unpack_from(view, pos)
+        body_at = pos + HEADER.size
+        if body_at + length > end:
+            return
+        body = view[body_at : body_at + length]
+        if zlib.crc32(body, zlib.crc32(bytes([rtype]))) != crc:
+            return
+        yield Record(rtype, body, body_at, body_at + length)
+        pos = body_at + length
+
+
+def map_entries(body: memoryview) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Decode a block-map record: (volume id, [(block, hash)])."""
+    vol_id, count = MAP_HEAD.unpack_from(body, 0)
+    out = [MAP_ENTRY.unpack_from(body, MAP_HEAD.size + i * MAP_ENTRY.size) for i in range(count)]
+    return vol_id, out
+
+
+class SegmentLog:
+    """The hash -> location index of a pool plus this process's append stream."""
+
+    def __init__(self, backend: ObjectBackend, readonly: bool = False) -> None:
+        self.backend = backend
+        self.readonly = readonly
+        self.index: dict[bytes, Location] = {}
+        self.writer = uuid.uuid4().hex[:12]
+        self.seq = 0
+        self.seg_size = 0
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.pending_chunks: dict[bytes, bytes] = {}
+        self.load_index()
+
+    # ---------------------------------------------------------------- index
+    def load_index(self) -> None:
+        """Read every index object; scan the segment bytes that no index covers yet."""
+        indexes = set(self.backend.list("idx/"))
+        for seg in sorted(self.backend.list("seg/")):
+            covered = 0
+            idx = index_name(seg)
+            if idx in indexes:
+                covered = self._load_index_object(seg, self.backend.get(idx))
+            size = self.backend.size(seg)
+            if size > covered:
+                self._scan_into_index(seg, covered)
+                if not self.readonly:
+                    self.write_index(seg, size)
+
+    def _load_index_object(self, seg: str, data: bytes) -> int:
+        (covered,) = IDX_HEAD.unpack_from(data, 0)
+        for off in range(IDX_HEAD.size, len(data), IDX_ENTRY.size):
+            h, poff, plen, flags, raw = IDX_ENTRY.unpack_from(data, off)
+            self.index.setdefault(h, Location(seg, poff, plen, flags, raw))
+        return int(covered)
+
+    def _scan_into_index(self, seg: str, start: int) -> None:
+        data = self.backend.get(seg)
+        for rec in scan(data, start):
+            if rec.rtype == REC_CHUNK:
+                h, flags, raw = CHUNK_HEAD.unpack_from(rec.body, 0)
+                at = rec.body_offset + CHUNK_HEAD.size
+                self.index.setdefault(h, Location(seg, at, rec.end - at, flags, raw))
+
+    def write_index(self, seg: str, covered: int) -> None:
+        """Persist the index entries of a segment (covering its first ``covered`` bytes)."""
+        parts = [IDX_HEAD.pack(covered)]
+        for h, loc in self.index.items():
+            if loc.segment == seg:
+                parts.append(IDX_ENTRY.pack(h, loc.offset, loc.length, loc.flags, loc.raw_length))
+        self.backend.put(index_name(seg), b"".join(parts))
+
+    # ---------------------------------------------------------------- appends
+    @property
+    def segment(self) -> str:
+        """Name of the segment this process appends to."""
+        return segment_name(self.writer, self.seq)
+
+    def position(self) -> LogPosition:
+        """Position just after everything staged so far."""
+        return LogPosition(self.writer, self.seq, self.seg_size + self.pending_size)
+
+    def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
+        """Queue a chunk record; readable at once through :meth:`read_payload`."""
+        rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
+        at = self.seg_size + self.pending_size + HEADER.size + CHUNK_HEAD.size
+        self.index[h] = Location(self.segment, at, len(payload), flags, raw_length)
+        self.pending_chunks[h] = payload
+        self.pending.append(rec)
+        self.pending_size += len(rec)
+
+    def stage_map(self, vol_id: bytes, entries: list[tuple[int, bytes]]) -> None:
+        """Queue a block-map update record for a volume."""
+        body = [MAP_HEAD.pack(vol_id, len(entries))] + [MAP_ENTRY.pack(b, h) for b, h in entries]
+        rec = frame(REC_MAP, *body)
+        self.pending.append(rec)
+        self.pending_size += len(rec)
+
+    def commit(self, sync: bool = False) -> None:
+        """Append everything staged as one backend operation; seal the segment when full."""
+        if self.pending:
+            seg = self.segment
+            self.backend.append(seg, b"".join(self.pending))
+            self.seg_size += self.pending_size
+            self.pending.clear()
+            self.pending_size = 0
+            self.pending_chunks.clear()
+            if self.seg_size >= SEGMENT_TARGET:
+                self.backend.sync(seg)
+                self.write_index(seg, self.seg_size)
+                self.seq += 1
+                self.seg_size = 0
+                return
+        if sync:
+            self.backend.sync(self.segment)
+
+    def read_payload(self, h: bytes) -> tuple[Location, bytes]:
+        """The stored payload of a chunk (from the staging area or the backend)."""
+        loc = self.index.get(h)
+        if loc is None:
+            raise CorruptionError(f"chunk {h.hex()} is not in the index")
+        payload = self.pending_chunks.get(h)
+        if payload is None:
+            payload = self.backend.get(loc.segment, loc.offset, loc.length)
+            if len(payload) != loc.length:
+                raise CorruptionError(f"chunk {h.hex()} truncated in {loc.segment}")
+        return loc, payload
+
+    def replay(self, vol_id: bytes, start: LogPosition) -> Iterator[tuple[int, bytes]]:
+        """Block-map updates of one volume written at or after ``start`` (in log order)."""
+        seq = start.seq
+        offset = start.offset
+        while True:
+            seg = segment_name(start.writer, seq)
+            try:
+                data = self.backend.get(seg)
+            except ObjectNotFound:
+                return
+            for rec in scan(data, offset):
+                if rec.rtype == REC_MAP:
+                    vid, entries = map_entries(rec.body)
+                    if vid == vol_id:
+                        yield from entries
+            seq += 1
+            offset = 0
+
+    def segments(self) -> dict[str, float]:
+        """Every segment with its modification time."""
+        return {s: self.backend.mtime(s) for s in self.backend.list("seg/")}
+
+
+def now() -> float:
+    """Wall clock (a function so the GC grace period is easy to reason about)."""
+    return time.time()
