@@ -123,6 +123,9 @@ class Volume:
             for blk, h in pool.log.replay(self.id, start):
                 if blk < self.map.nblocks:
                     self.map.set(blk, h)
+        if not pool.readonly:
+            # From now on this process journals the volume: replay must start here.
+            self.checkpoint()
 
     def _nblocks(self, size: int) -> int:
         return (size + self.block - 1) // self.block
