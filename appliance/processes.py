@@ -8,10 +8,15 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import logs
 from appliance.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from compute.libvirt_node import LibvirtNode
 
 log = logging.getLogger("cairn")
 
@@ -92,15 +97,46 @@ def run_agent(argv: list[str] | None = None) -> None:
     settings = get_settings()
     logs.setup("cairn-agent", settings.log_level)
     from appliance.agent.agent import Agent
+    from appliance.agent.drivers import DriverSet
+    from appliance.agent.instances import InstanceReconciler
 
     agent = Agent(settings)
+    agent.register_reconciler("instances", InstanceReconciler(settings, DriverSet(settings)),
+                              kinds=("vm", "container"))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.serve()
 
 
+def libvirt_node(settings: Settings) -> LibvirtNode:
+    """The embedded node's own libvirtd (in a private mount namespace under data_dir)."""
+    from compute.libvirt_node import LibvirtNode
+
+    return LibvirtNode(settings.data_dir / "libvirt", settings.node_name)
+
+
+def run_libvirt(argv: list[str] | None = None) -> None:
+    """Embedded mode: run this node's libvirtd + virtlogd in the foreground."""
+    settings = get_settings()
+    logs.setup("cairn-libvirt", settings.log_level)
+    node = libvirt_node(settings)
+    stop = {"now": False}
+
+    def _term(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    node.start()
+    log.info("libvirt node up", extra={"uri": node.uri})
+    proc = node._proc
+    while not stop["now"] and proc is not None and proc.poll() is None:
+        time.sleep(0.2)
+    node.stop()
+
+
 def main() -> None:
-    commands = {"api": run_api, "worker": run_worker, "agent": run_agent}
+    commands = {"api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m appliance.processes {{{'|'.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

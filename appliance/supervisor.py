@@ -56,10 +56,18 @@ def redis_config(settings: Settings) -> Path:
     return conf
 
 
+def embedded_libvirt_uri(settings: Settings) -> str:
+    return f"qemu+unix:///system?socket={settings.data_dir / 'libvirt' / settings.node_name}/run/libvirt-sock"
+
+
 def programs(settings: Settings) -> list[Program]:
     py = sys.executable
     env = {"CAIRN_DATA_DIR": str(settings.data_dir)}
     progs = [Program("redis", ["redis-server", str(redis_config(settings))])]
+    if settings.vm_driver == "libvirt" and settings.libvirt_uri == "qemu:///system":
+        # No system libvirtd here: run the node's own, and point the agent at it.
+        progs.append(Program("libvirt", [py, "-m", "appliance.processes", "libvirt"], env))
+        env = {**env, "CAIRN_LIBVIRT_URI": embedded_libvirt_uri(settings)}
     for name in ("api", "worker", "agent"):
         progs.append(Program(name, [py, "-m", "appliance.processes", name], env))
     return progs

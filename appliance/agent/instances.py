@@ -12,12 +12,13 @@ from typing import Any
 
 from sqlalchemy import select
 
+from appliance.agent.drivers import DriverSet
 from appliance.db.engine import session_scope
 from appliance.db.models import Claim, Image, Instance, Node, Project
 from appliance.services.instances import KINDS
 from appliance.settings import Settings
 from compute.driver import ComputeDriver
-from compute.errors import ComputeError, InstanceNotFound, InsufficientResources
+from compute.errors import ComputeError, HypervisorError, InstanceNotFound, InsufficientResources
 from compute.spec import Consoles, ContainerSpec, KernelBoot, Placement, PowerState, QosClass, VirtType, VmSpec
 
 log = logging.getLogger("cairn.agent.instances")
@@ -45,15 +46,19 @@ def _cpulist(path: Path) -> list[int]:
 class InstanceReconciler:
     """One pass: for each instance placed on this node, converge define / power."""
 
-    def __init__(self, settings: Settings, drivers: dict[str, ComputeDriver[Any]]) -> None:
+    def __init__(self, settings: Settings, drivers: dict[str, ComputeDriver[Any]] | DriverSet) -> None:
         self.settings = settings
-        self.drivers = drivers
+        self.driver_source = drivers
+        self.drivers: dict[str, ComputeDriver[Any]] = drivers if isinstance(drivers, dict) else {}
         self.cells: dict[str, int | None] = {}
         self.pinned: set[int] = set()
         self.pins: dict[str, list[int]] = {}
 
     def __call__(self, agent: Any, report: Any) -> None:
         url = self.settings.resolved_database_url
+        if isinstance(self.driver_source, DriverSet):
+            self.drivers = self.driver_source.get()
+            report.errors.extend(f"driver {k}: {v}" for k, v in self.driver_source.errors.items())
         with session_scope(url, readonly=True) as session:
             node = session.scalar(select(Node).where(Node.name == self.settings.node_name))
             if node is None:
@@ -72,6 +77,11 @@ class InstanceReconciler:
                 continue
             try:
                 observed[row.id] = self.converge(driver, row, by_name, virt)
+            except HypervisorError as exc:
+                # the connection may be gone (daemon restarted): rebuild it next pass
+                if isinstance(self.driver_source, DriverSet):
+                    self.driver_source.drop(row.kind)
+                report.errors.append(f"{row.kind} {row.name}: {exc}")
             except ComputeError as exc:
                 report.errors.append(f"{row.kind} {row.name}: {exc}")
                 observed[row.id] = {"power_state": "error", "error": str(exc)}

@@ -10,7 +10,20 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from appliance.api import metrics, problems
-from appliance.api.routes import auth, cluster, events, groups, networks, nodes, projects, tasks, tokens, users
+from appliance.api.routes import (
+    auth,
+    cluster,
+    events,
+    groups,
+    images,
+    instances,
+    networks,
+    nodes,
+    projects,
+    tasks,
+    tokens,
+    users,
+)
 from appliance.api.schemas import Problem
 from appliance.controller import ControllerThread
 from appliance.settings import Settings, get_settings
@@ -44,7 +57,7 @@ def create_app(settings: Settings | None = None, *, controller: bool = True) -> 
     app.state.registry = registry
     problems.install(app)
     api = APIRouter(prefix=API_PREFIX, responses=ERRORS)  # type: ignore[arg-type]
-    for module in (auth, cluster, events, groups, networks, nodes, projects, tasks, tokens, users):
+    for module in (auth, cluster, events, groups, images, instances, networks, nodes, projects, tasks, tokens, users):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(cluster.root_router)

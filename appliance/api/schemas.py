@@ -284,3 +284,47 @@ class RuleCreate(Strict):
     remote_cidr: Annotated[str, Field(max_length=64)] | None = None
     remote_group: Name | None = None
     ethertype: Literal["ipv4", "ipv6"] = "ipv4"
+
+
+# --- images and instances ---------------------------------------------------------------------
+
+class ImportTestGuest(Strict):
+    project: ProjectName = "default"
+
+
+Size = Annotated[int | Annotated[str, Field(max_length=32)], Field(description="bytes, or e.g. 256MiB / 1GiB")]
+QosClass = Literal["guaranteed", "burstable", "best-effort"]
+
+
+class InstanceSpecIn(Strict):
+    cpu: Annotated[float, Field(gt=0, le=256)]
+    memory: Size
+    image: Name
+    qos_class: QosClass = "burstable"
+    networks: Annotated[list[Name], Field(max_length=8)] = []
+    security_groups: Annotated[list[Name], Field(max_length=16)] = []
+    placement_group: Name | None = None
+    node_selector: dict[LabelKey, LabelValue] = {}
+    user_data: Annotated[str, Field(max_length=65536)] | None = None
+    ha: bool = False
+    power: Literal["running", "stopped"] = "running"
+
+
+class VmCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: InstanceSpecIn
+
+
+class ContainerSpecIn(InstanceSpecIn):
+    command: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=256)] = []
+    env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)],
+              Annotated[str, Field(max_length=65536)]] = {}
+    tty: bool = False
+    isolation: Literal["container"] = "container"
+
+
+class ContainerCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: ContainerSpecIn

@@ -9,9 +9,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from appliance.db.models import Image, Project
-from appliance.errors import InvalidInput, NotFound
-from appliance.services import events
+from appliance.db.models import Image, Instance, Project
+from appliance.errors import Conflict, InvalidInput, NotFound
+from appliance.services import events, tasks
+from appliance.services.auth import project_by_name
+from appliance.services.principal import Principal
 from appliance.services.scoped import ScopedKind
 
 images: ScopedKind[Image] = ScopedKind(Image, "image", "`cairn get images` lists them")
@@ -45,3 +47,20 @@ def resolve(session: Session, project_id: str, name: str, kind: str) -> Image:
         if key in row.spec and not Path(row.spec[key]).exists():
             raise NotFound(f"image '{name}' is missing its {key} file {row.spec[key]}: import it again")
     return row
+
+
+def import_test_guest(session: Session, principal: Principal, project: str, node: str) -> dict[str, Any]:
+    """Queue building the tiny test guest (kernel + busybox initramfs) and a busybox
+    OCI image on ``node``; they become the images 'tiny-guest' and 'busybox'."""
+    proj = project_by_name(session, principal, project, "write")
+    return tasks.create(session, "image.import_test_guest", {"project_id": proj.id}, queue=f"node.{node}",
+                        principal=principal, project_id=proj.id, resource=("image", proj.id, "tiny-guest"))
+
+
+def delete(session: Session, principal: Principal, project: str, name: str) -> None:
+    _, proj = images.row(session, principal, project, name, "write")
+    users = list(session.scalars(select(Instance.name).where(Instance.project_id == proj.id)
+                                 .where(Instance.spec["image"].as_string() == name)))
+    if users:
+        raise Conflict(f"image '{name}' is used by {', '.join(users[:5])}: delete them first")
+    images.delete(session, principal, project, name)

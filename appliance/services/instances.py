@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import Instance, Node, PlacementGroup, Port
 from appliance.errors import Conflict, InvalidInput
-from appliance.services import groups, networks, tasks
+from appliance.services import groups, images, networks, tasks
+from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.resources import rowcount
 from appliance.services.scoped import ScopedKind
@@ -85,6 +86,8 @@ def create(session: Session, principal: Principal, kind: str, project: str, name
         port_row, _ = networks.ports.row(session, principal, project, port)
         if (port_row.status or {}).get("instance"):
             raise Conflict(f"port '{port}' is already attached to {port_row.status['instance']}")
+    proj = project_by_name(session, principal, project, "write")
+    images.resolve(session, proj.id, spec["image"], kind)
     check_fits_somewhere(session, float(spec["cpu"]), spec["memory_bytes"])
     spec.setdefault("power", "running")
     row = KINDS[kind].create(session, principal, project, name, spec, {}, vm_state="building",

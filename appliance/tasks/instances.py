@@ -5,6 +5,7 @@ lifecycle actions. Workers only change desired state and wait; the node agent ac
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -174,3 +175,32 @@ def delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
                 networks.delete_port(session, SYSTEM, project.name, port.name)
         instances.KINDS[live.kind].delete(session, SYSTEM, project.name, live.name)
     return {}
+
+
+@handler("image.import_test_guest")
+def import_test_guest(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Build (once, cached) the tiny guest and the busybox OCI archive, copy them to
+    the images directory and record them."""
+    import shutil
+
+    from compute.testguest import ensure_test_guest
+
+    settings = get_settings()
+    ctx.progress(10, "building the tiny guest (kernel + busybox initramfs) and a busybox OCI image")
+    guest = ensure_test_guest(settings.data_dir / "cache" / "testguest")
+    ctx.progress(70, "copying into the image store")
+    store = settings.images_dir / "tiny-guest"
+    store.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, src in (("kernel", guest.kernel), ("initrd", guest.initrd), ("archive", guest.oci_archive)):
+        dst = store / Path(src).name
+        if not dst.exists() or dst.stat().st_size != Path(src).stat().st_size:
+            shutil.copyfile(src, dst)
+        files[key] = str(dst)
+    with session_scope(ctx.db_url) as session:
+        images.record(session, params["project_id"], "tiny-guest",
+                      {"kind": "vm", "format": "kernel", "kernel": files["kernel"], "initrd": files["initrd"],
+                       "cmdline": "console=ttyS0", "marker": guest.marker})
+        images.record(session, params["project_id"], "busybox",
+                      {"kind": "container", "format": "oci", "archive": files["archive"], "command": ["/bin/sh"]})
+    return {"vm": "tiny-guest", "container": "busybox"}

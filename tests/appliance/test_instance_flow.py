@@ -16,6 +16,7 @@ from appliance.agent.agent import Agent
 from appliance.agent.instances import InstanceReconciler, domain_name
 from appliance.db.engine import session_scope
 from appliance.db.models import Claim, Event, Instance, Project, Task
+from appliance.errors import InvalidInput, NotFound
 from appliance.services import auth, images, instances
 from appliance.tasks import runner
 from compute.fake import FakeDriver, fake_container_driver, fake_vm_driver
@@ -149,9 +150,11 @@ def test_no_room_fails_the_task_with_the_schedulers_reasons(cluster: Cluster) ->
     assert row.vm_state == "error" and row.task_state is None
 
 
-def test_missing_image_fails_clearly(cluster: Cluster) -> None:
-    failed = cluster.run(instances.create, "vm", "default", "ghost", {**VM, "image": "nope"})
-    assert failed["state"] == "failed" and "no image 'nope'" in failed["error"]
+def test_missing_or_wrong_image_is_refused_before_any_task(cluster: Cluster) -> None:
+    with session_scope(cluster.url) as session, pytest.raises(NotFound, match="no image 'nope'"):
+        instances.create(session, cluster.admin(session), "vm", "default", "ghost", {**VM, "image": "nope"})
+    with session_scope(cluster.url) as session, pytest.raises(InvalidInput, match="is a container image"):
+        instances.create(session, cluster.admin(session), "vm", "default", "ghost", {**VM, "image": "busybox"})
 
 
 def test_delete_removes_it_everywhere_and_frees_the_claim(cluster: Cluster) -> None:

@@ -9,9 +9,9 @@ import pytest
 
 from appliance.agent.inventory import allocatable
 from appliance.db.engine import session_scope
-from appliance.db.models import Instance
+from appliance.db.models import Instance, Project
 from appliance.errors import Conflict, InvalidInput
-from appliance.services import auth, instances, nodes
+from appliance.services import auth, images, instances, nodes
 
 from .conftest import Api
 
@@ -38,6 +38,11 @@ def world(api: Api, sent: list[Any]) -> tuple[Api, Any]:
     url = api.settings.resolved_database_url
     with session_scope(url) as session:
         nodes.register(session, "n1", INV, allocatable(INV))
+        project = session.query(Project).filter_by(name="default").one()
+        kernel = api.settings.data_dir / "vmlinuz"
+        kernel.write_bytes(b"k")
+        images.record(session, project.id, "tiny", {"kind": "vm", "format": "kernel", "kernel": str(kernel)})
+        images.record(session, project.id, "busybox", {"kind": "container", "format": "oci", "archive": str(kernel)})
     return api, url
 
 
@@ -80,7 +85,8 @@ def test_two_operations_on_one_instance_one_wins_the_other_gets_409(world: Any, 
     with session_scope(url) as session, pytest.raises(Conflict, match="is stopped: cannot paus"):
         instances.action(session, admin(session), "vm", "default", "web", "pause")
     with session_scope(url) as session, pytest.raises(Conflict, match="already exists"):
-        instances.create(session, admin(session), "vm", "default", "web", {"cpu": 1, "memory": "1GiB"})
+        instances.create(session, admin(session), "vm", "default", "web", {"cpu": 1, "memory": "1GiB",
+                                                                           "image": "tiny"})
     # a container may share the VM's name: kinds are separate namespaces
     with session_scope(url) as session:
         instances.create(session, admin(session), "container", "default", "web",

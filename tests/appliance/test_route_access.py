@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.db.engine import session_scope
-from appliance.services import auth, groups, networks, nodes, tasks
+from appliance.services import auth, groups, images, instances, networks, nodes, tasks
 
 from .conftest import Api
 from .test_resources import INVENTORY
@@ -34,6 +34,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/ports"): {"name": "walk-p2", "spec": {"network": "walk-n"}},
     ("post", "/api/v1/security-groups"): {"name": "walk-s2"},
     ("post", "/api/v1/security-groups/{name}/rules"): {"protocol": "tcp", "port_min": 22, "port_max": 22},
+    ("post", "/api/v1/vms"): {"name": "walk-vm2", "spec": {"cpu": 1, "memory": "256MiB", "image": "walk-img"}},
+    ("post", "/api/v1/containers"): {"name": "walk-ct2", "spec": {"cpu": 1, "memory": "64MiB", "image": "walk-oci"}},
 }
 QUERY: dict[str, dict[str, Any]] = {"/api/v1/events": {"max_seconds": 0.3}}
 WRITES = ("write", "admin")
@@ -49,9 +51,10 @@ def fill(path: str, task_id: str) -> str:
     kind = parts[3] if len(parts) > 3 else ""
     name = {"nodes": "node-1", "projects": "default", "users": "admin", "tokens": "nope",
             "placement-groups": "walk-g", "networks": "walk-n", "subnets": "walk-n-4", "ports": "walk-p",
-            "security-groups": "walk-s"}.get(kind, "x")
+            "security-groups": "walk-s", "images": "walk-img", "vms": "walk-vm", "containers": "walk-ct",
+            }.get(kind, "x")
     return (path.replace("{name}", name).replace("{user}", "viewer1").replace("{task_id}", task_id)
-            .replace("{rule_id}", "norule"))
+            .replace("{rule_id}", "norule").replace("{action}", "stop"))
 
 
 def call(api: Api, method: str, path: str, task_id: str, headers: dict[str, str]) -> int:
@@ -68,13 +71,22 @@ def call(api: Api, method: str, path: str, task_id: str, headers: dict[str, str]
 def world(api: Api, sent: list[Any]) -> tuple[Api, str, dict[str, dict[str, str]]]:
     url = api.settings.resolved_database_url
     with session_scope(url) as session:
-        nodes.register(session, "node-1", INVENTORY, {"cpu": 16, "memory_bytes": 1})
+        nodes.register(session, "node-1", INVENTORY, {"cpu": 16, "memory_bytes": 8 << 30})
         admin = auth.principal_for(session, auth._user(session, "admin"), "token")
         default = auth._project(session, "default")
         groups.create(session, admin, "default", "walk-g", "anti-affinity")
         networks.create_network(session, admin, api.settings, "default", "walk-n", {"cidr": "10.77.0.0/24"})
         networks.create_secgroup(session, admin, "default", "walk-s", "")
         networks.create_port(session, admin, "default", "walk-p", {"network": "walk-n"})
+        kernel = api.settings.data_dir / "walk-kernel"
+        kernel.write_bytes(b"k")
+        images.record(session, default.id, "walk-img", {"kind": "vm", "format": "kernel", "kernel": str(kernel)})
+        images.record(session, default.id, "walk-oci", {"kind": "container", "format": "oci",
+                                                        "archive": str(kernel)})
+        instances.create(session, admin, "vm", "default", "walk-vm", {"cpu": 1, "memory": "256MiB",
+                                                                      "image": "walk-img"})
+        instances.create(session, admin, "container", "default", "walk-ct", {"cpu": 1, "memory": "64MiB",
+                                                                             "image": "walk-oci"})
         task_id = tasks.create(session, "node.inventory", {"node": "node-1"}, queue="cluster",
                                principal=admin, project_id=default.id)["id"]
     callers = {

@@ -1,0 +1,60 @@
+"""Which compute drivers this node's agent uses, built lazily: the hypervisor may
+come up after the agent (both are supervised), so a pass that cannot reach it
+reports why and the next pass tries again."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from appliance.settings import Settings
+from compute.driver import ComputeDriver
+
+log = logging.getLogger("cairn.agent.drivers")
+
+
+class DriverSet:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._drivers: dict[str, ComputeDriver[Any]] = {}
+        self.errors: dict[str, str] = {}
+
+    def _build(self, kind: str, name: str) -> ComputeDriver[Any] | None:
+        if name == "none":
+            return None
+        if name == "libvirt":
+            module = importlib.import_module("compute.libvirt_driver")
+            return module.LibvirtDriver(self.settings.libvirt_uri, self.settings.virt_type)  # type: ignore[no-any-return]
+        if name == "crun":
+            try:
+                module = importlib.import_module("compute.oci")
+            except ImportError:
+                self.errors[kind] = "the crun container driver is not installed on this node"
+                return None
+            return module.CrunDriver(self.settings.data_dir / "containers")  # type: ignore[no-any-return]
+        if name == "fake":
+            from compute.fake import FakeDriver
+
+            return FakeDriver(kind)
+        raise ValueError(f"unknown {kind} driver {name!r}")
+
+    def get(self) -> dict[str, ComputeDriver[Any]]:
+        """The drivers that are up; failures are kept in ``errors`` and retried next time."""
+        for kind, name in (("vm", self.settings.vm_driver), ("container", self.settings.container_driver)):
+            if kind in self._drivers:
+                continue
+            try:
+                driver = self._build(kind, name)
+            except Exception as exc:  # the daemon is not up yet: try again next pass
+                self.errors[kind] = f"{name}: {exc}"
+                log.warning("compute driver not ready", extra={"kind": kind, "error": str(exc)})
+                continue
+            if driver is not None:
+                self._drivers[kind] = driver
+                self.errors.pop(kind, None)
+        return self._drivers
+
+    def drop(self, kind: str) -> None:
+        """Forget a driver whose connection broke (it is rebuilt on the next pass)."""
+        self._drivers.pop(kind, None)

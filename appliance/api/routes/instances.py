@@ -1,0 +1,83 @@
+"""VMs and containers: the same routes, the same flow, the same shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from appliance.api.deps import Caller, DbSession, access
+from appliance.api.routes.tasks import accepted
+from appliance.api.schemas import ContainerCreate, Limit, Name, ResourceList, ResourcePublic, VmCreate
+from appliance.errors import Conflict
+from appliance.services import instances
+
+router = APIRouter(tags=["vms", "containers"])
+ProjectQuery = Annotated[str, Query(min_length=1, max_length=63, description="project name")]
+Action = Literal["start", "stop", "reboot", "pause", "resume"]
+
+
+def _create(kind: str, body: VmCreate | ContainerCreate, session: Any, caller: Any) -> JSONResponse:
+    spec = body.spec.model_dump(exclude_none=True)
+    return accepted(instances.create(session, caller, kind, body.project, body.name, spec))
+
+
+@router.post("/vms", status_code=202, openapi_extra=access("project:write"))
+def create_vm(body: VmCreate, session: DbSession, caller: Caller) -> JSONResponse:
+    """Answers 202: the task reports schedule → volumes → ports → define → start."""
+    return _create("vm", body, session, caller)
+
+
+@router.post("/containers", status_code=202, openapi_extra=access("project:write"))
+def create_container(body: ContainerCreate, session: DbSession, caller: Caller) -> JSONResponse:
+    """Answers 202: the task reports schedule → volumes → ports → define → start."""
+    return _create("container", body, session, caller)
+
+
+def _routes(kind: str, plural: str) -> None:
+    base = f"/{plural}"
+
+    @router.get(base, response_model=ResourceList, openapi_extra=access("authenticated"),
+                name=f"list_{plural}")
+    def list_(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None,
+              project: Annotated[str | None, Query(max_length=63)] = None) -> dict[str, Any]:
+        items, nxt = instances.KINDS[kind].list_(session, caller, project, limit, cursor)
+        return {"items": items, "next_cursor": nxt}
+
+    @router.get(base + "/{name}", response_model=ResourcePublic, openapi_extra=access("project:read"),
+                name=f"get_{kind}")
+    def get(name: Name, session: DbSession, caller: Caller, project: ProjectQuery = "default") -> dict[str, Any]:
+        return instances.KINDS[kind].get(session, caller, project, name)
+
+    @router.delete(base + "/{name}", status_code=202, openapi_extra=access("project:write"), name=f"delete_{kind}")
+    def delete(name: Name, session: DbSession, caller: Caller, project: ProjectQuery = "default") -> JSONResponse:
+        return accepted(instances.delete(session, caller, kind, project, name))
+
+    @router.post(base + "/{name}/{action}", status_code=202, openapi_extra=access("project:write"),
+                 name=f"act_on_{kind}")
+    def act(name: Name, action: Action, session: DbSession, caller: Caller,
+            project: ProjectQuery = "default") -> JSONResponse:
+        """start / stop (graceful, then forced) / reboot / pause / resume; 409 if another
+        operation holds the instance."""
+        return accepted(instances.action(session, caller, kind, project, name, action))
+
+    @router.get(base + "/{name}/console-log", openapi_extra=access("project:read"), name=f"console_log_{kind}",
+                response_class=PlainTextResponse)
+    def console_log(name: Name, session: DbSession, caller: Caller, project: ProjectQuery = "default",
+                    tail: Annotated[int, Query(ge=1, le=1 << 20)] = 65536) -> PlainTextResponse:
+        """What the serial console (VM) or the process (container) printed so far."""
+        data = instances.KINDS[kind].get(session, caller, project, name)
+        logs = [c["path"] for c in data["status"].get("consoles", []) if c["kind"] == "log"]
+        if not logs or not Path(logs[0]).exists():
+            raise Conflict(f"{kind} '{name}' has no console log on this node yet "
+                           f"(node {data['status'].get('node', '?')})")
+        with open(logs[0], "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - tail))
+            return PlainTextResponse(f.read().decode(errors="replace"))
+
+
+_routes("vm", "vms")
+_routes("container", "containers")
