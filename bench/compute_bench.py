@@ -1,0 +1,181 @@
+"""Compute benchmarks, in one run, on private libvirt nodes (TCG here) and crun:
+
+1. VM create -> guest marker on serial through Cairn's LibvirtDriver.spawn(), vs
+   plain libvirt ``createXML`` of the same domain XML -> marker (ratio, target <= 1.2);
+2. container create -> process running (OciDriver.spawn() returns once crun reports
+   it running) and -> first output line (target < 300 ms);
+3. live-migration downtime: an observer container on the VM's bridge pings the VM
+   every 10 ms during a migration between two libvirt nodes; the longest run of
+   lost replies is the downtime a client sees; libvirt's own figure is printed too.
+
+    .venv/bin/python bench/compute_bench.py [--runs 5]
+
+Prints a table and writes bench/results/compute_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import libvirt  # noqa: E402
+
+from compute.libvirt_driver import LibvirtDriver  # noqa: E402
+from compute.libvirt_node import LibvirtNode  # noqa: E402
+from compute.libvirt_xml import build_domain_xml  # noqa: E402
+from compute.oci_driver import OciDriver  # noqa: E402
+from compute.spec import Consoles, ContainerNic, ContainerSpec, KernelBoot, NicSpec, VmSpec  # noqa: E402
+from compute.testguest import MARKER, ensure_test_guest  # noqa: E402
+
+PREFIX = "czb" + secrets.token_hex(2)
+
+
+def wait_for(read: Callable[[], bytes], needle: bytes, t0: float, timeout: float = 90.0) -> float:
+    while time.monotonic() - t0 < timeout:
+        if needle in read():
+            return time.monotonic() - t0
+        time.sleep(0.005)
+    raise RuntimeError(f"{needle!r} not seen within {timeout}s: {read()[-300:]!r}")
+
+
+def read(path: Path) -> bytes:
+    return path.read_bytes() if path.exists() else b""
+
+
+def vm_spec(work: Path, name: str, cmdline: str = "", nics: tuple[NicSpec, ...] = ()) -> VmSpec:
+    g = ensure_test_guest()
+    d = work / name
+    return VmSpec(name=name, vcpus=1, memory_mib=192, nics=nics,
+                  kernel_boot=KernelBoot(g.kernel, g.initrd, f"console=ttyS0 panic=-1 quiet {cmdline}".strip()),
+                  consoles=Consoles(serial_log=str(d / "serial.log"), serial_socket=str(d / "serial.sock"), vnc=False))
+
+
+def bench_vm_boot(node: LibvirtNode, work: Path, runs: int) -> dict[str, Any]:
+    driver = LibvirtDriver(node.uri)
+    conn = libvirt.open(node.uri)
+    cairn, plain = [], []
+    for i in range(runs):
+        spec = vm_spec(work, f"{PREFIX}-boot-{i}")
+        t0 = time.monotonic()
+        driver.spawn(spec)
+        cairn.append(wait_for(lambda s=spec: read(Path(s.consoles.serial_log)), MARKER.encode(), t0))
+        driver.delete(spec.name)
+        base = dataclasses.replace(vm_spec(work, f"{PREFIX}-plain-{i}"), virt_type=driver.virt_type)
+        Path(base.consoles.serial_log).parent.mkdir(parents=True, exist_ok=True)
+        xml = build_domain_xml(base)
+        t0 = time.monotonic()
+        dom = conn.createXML(xml, 0)
+        plain.append(wait_for(lambda b=base: read(Path(b.consoles.serial_log)), MARKER.encode(), t0))
+        dom.destroy()
+    conn.close()
+    driver.close()
+    c, p = statistics.median(cairn), statistics.median(plain)
+    return {"cairn_median_s": c, "plain_createXML_median_s": p, "ratio": c / p, "target_ratio": 1.2,
+            "cairn_runs_s": cairn, "plain_runs_s": plain, "virt_type": driver.virt_type.value}
+
+
+def bench_container(oci: OciDriver, image: str, runs: int) -> dict[str, Any]:
+    running, first_output = [], []
+    for i in range(runs):
+        spec = ContainerSpec(name=f"{PREFIX}-ct-{i}", image=image, memory_mib=64,
+                             command=("/bin/sh", "-c", "echo CT-UP; exec sleep 60"))
+        t0 = time.monotonic()
+        oci.spawn(spec)
+        running.append(time.monotonic() - t0)
+        first_output.append(wait_for(lambda n=spec.name: oci.console_log(n), b"CT-UP", t0, 10))
+        oci.delete(spec.name)
+    return {"create_to_running_median_ms": statistics.median(running) * 1000,
+            "create_to_first_output_median_ms": statistics.median(first_output) * 1000,
+            "target_ms": 300, "runs_ms": [r * 1000 for r in running]}
+
+
+def bench_migration(a: LibvirtNode, b: LibvirtNode, oci: OciDriver, image: str, work: Path) -> dict[str, Any]:
+    br = f"{PREFIX}br"
+    subprocess.run(["ip", "link", "add", br, "type", "bridge"], check=True)
+    subprocess.run(["ip", "link", "set", br, "up"], check=True)
+    src, dst = LibvirtDriver(a.uri, migration_host="127.0.0.1"), LibvirtDriver(b.uri, migration_host="127.0.0.1")
+    vm = vm_spec(work, f"{PREFIX}-mig", cmdline="cairn.ip=10.78.0.2/24",
+                 nics=(NicSpec(mac="52:54:00:bb:00:02", bridge=br),))
+    ct = ContainerSpec(name=f"{PREFIX}-obs", image=image, memory_mib=64,
+                       command=("/bin/sh", "-c", "exec ping -i 0.01 10.78.0.2"),
+                       nics=(ContainerNic(mac="52:54:00:bb:00:03", bridge=br, host_dev=f"{PREFIX}o",
+                                          address="10.78.0.3/24"),))
+    try:
+        src.spawn(vm)
+        wait_for(lambda: read(Path(vm.consoles.serial_log)), b"IP: eth0", time.monotonic())
+        oci.spawn(ct)
+        wait_for(lambda: oci.console_log(ct.name), b"seq=50 ", time.monotonic(), 30)
+        result = src.migrate(vm.name, b.uri)
+        time.sleep(2)
+        oci.stop(ct.name, timeout=1)
+        seqs = sorted({int(s) for s in re.findall(rb"seq=(\d+) ", oci.console_log(ct.name))})
+        gaps = [y - x for x, y in itertools.pairwise(seqs)]
+        lost = max(gaps) - 1 if gaps else -1
+        hb = read(Path(vm.consoles.serial_log))
+        return {"migration_duration_s": result.duration_s, "libvirt_downtime_ms": result.downtime_ms,
+                "ping_interval_ms": 10, "longest_reply_gap_ms": (max(gaps) if gaps else 0) * 10,
+                "lost_replies_in_a_row": lost, "replies": len(seqs), "target_ms": 100,
+                "guest_booted_once": hb.count(MARKER.encode()) == 1,
+                "guest_running_on_destination": dst.power_state(vm.name).value}
+    finally:
+        oci.delete(ct.name)
+        for d in (src, dst):
+            d.delete(vm.name)
+            d.close()
+        subprocess.run(["ip", "link", "del", br], check=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    g = ensure_test_guest()
+    work = Path(tempfile.mkdtemp(prefix=f"cairn-bench-{PREFIX}-"))
+    a, b = LibvirtNode(work / "nodes", "a"), LibvirtNode(work / "nodes", "b")
+    oci = OciDriver(work / "oci")
+    results: dict[str, Any] = {}
+    try:
+        a.start()
+        b.start()
+        results["vm_create_to_marker"] = bench_vm_boot(a, work / "vms", args.runs)
+        results["container_create"] = bench_container(oci, g.oci_archive, args.runs)
+        results["live_migration"] = bench_migration(a, b, oci, g.oci_archive, work / "vms")
+    finally:
+        for name in oci.list_instances():
+            oci.delete(name)
+        a.stop()
+        b.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    v, c, m = results["vm_create_to_marker"], results["container_create"], results["live_migration"]
+    print(f"VM create->marker ({v['virt_type']}): cairn {v['cairn_median_s'] * 1000:.0f} ms, plain createXML "
+          f"{v['plain_createXML_median_s'] * 1000:.0f} ms, ratio {v['ratio']:.2f} (target <= 1.2)")
+    print(f"container create->running {c['create_to_running_median_ms']:.0f} ms, ->first output "
+          f"{c['create_to_first_output_median_ms']:.0f} ms (target < 300 ms)")
+    print(f"live migration: {m['migration_duration_s'] * 1000:.0f} ms total, libvirt downtime "
+          f"{m['libvirt_downtime_ms']} ms, longest ping-reply gap {m['longest_reply_gap_ms']} ms "
+          f"({m['lost_replies_in_a_row']} replies lost in a row at 10 ms; target < 100 ms), "
+          f"guest booted once: {m['guest_booted_once']}")
+    out = ROOT / "bench" / "results" / "compute_bench.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
