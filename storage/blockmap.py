@@ -70,6 +70,10 @@ class BlockMap:
         if shard is None:
             h = self.shards[s]
             shard = bytearray(_ZERO_SHARD if h == ZERO_HASH else self._read_meta(h))
+            if len(self._loaded) >= 512:
+                # Bounded memory on huge volumes: drop clean shards (they reload from the store).
+                for k in [k for k in self._loaded if k not in self._dirty]:
+                    del self._loaded[k]
             self._loaded[s] = shard
         return shard
 

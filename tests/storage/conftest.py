@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from storage.backends import ObjectBackend, open_backend
 from storage.backends.rados_cluster import CephCluster, start_cluster
+from storage.nbd import export_uri
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +53,92 @@ def backend(backend_url: str) -> Iterator[ObjectBackend]:
         yield b
     finally:
         b.close()
+
+
+class NbdDaemon:
+    """A ``cairn-nbd`` child process serving a pool on a unix socket (and optionally TCP)."""
+
+    def __init__(self, backend: str, workdir: Path, create: list[str], listen: str | None = None) -> None:
+        self.backend = backend
+        self.workdir = workdir
+        self.socket = str(workdir / f"nbd-{uuid.uuid4().hex[:8]}.sock")
+        self.create = create
+        self.listen = listen
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "nbd.log"
+
+    def start(self) -> NbdDaemon:
+        """Start and wait for the ready file."""
+        ready = self.workdir / f"ready-{uuid.uuid4().hex[:8]}"
+        argv = [sys.executable, "-m", "storage.nbd.server", "--backend", self.backend, "--socket", self.socket,
+                "--ready-file", str(ready)]
+        for c in self.create:
+            argv += ["--create", c]
+        if self.listen:
+            argv += ["--listen", self.listen]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"cairn-nbd did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.02)
+        return self
+
+    def uri(self, export: str) -> str:
+        """NBD URI of an export."""
+        return export_uri(export, socket=self.socket)
+
+    def rss_kib(self) -> int:
+        """Resident set size of the daemon."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM (clean checkpoint) and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def nbd_daemons(tmp_path: Path) -> Iterator[Callable[..., NbdDaemon]]:
+    """Factory of started cairn-nbd daemons; every one is killed at teardown."""
+    started: list[NbdDaemon] = []
+
+    def factory(backend: str | None = None, create: list[str] | None = None, listen: str | None = None) -> NbdDaemon:
+        d = NbdDaemon(backend or f"local://{tmp_path / 'pool'}", tmp_path, create or [], listen)
+        started.append(d)
+        return d.start()
+
+    try:
+        yield factory
+    finally:
+        for d in started:
+            d.kill()
+
+
+def run_tool(*argv: str, timeout: float = 300, input: bytes | None = None) -> str:
+    """Run a client tool; fail the test with its output when it fails or is missing."""
+    if shutil.which(argv[0]) is None:
+        pytest.fail(f"{argv[0]} is not installed (see tools/packages.txt)")
+    r = subprocess.run(argv, capture_output=True, timeout=timeout, input=input)
+    if r.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} failed ({r.returncode}): {r.stdout.decode()[-2000:]} {r.stderr.decode()[-2000:]}")
+    return r.stdout.decode()
