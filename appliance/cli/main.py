@@ -33,14 +33,21 @@ secgroup_app.add_typer(rule_app, name="rule")
 app.add_typer(network_app, name="network")
 app.add_typer(port_app, name="port")
 app.add_typer(secgroup_app, name="secgroup")
+image_app = typer.Typer(no_args_is_help=True, help="Images VMs and containers boot from.")
+vm_app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
+container_app = typer.Typer(no_args_is_help=True, help="Containers (same flow, network and scheduler as VMs).")
+app.add_typer(image_app, name="image")
+app.add_typer(vm_app, name="vm")
+app.add_typer(container_app, name="container")
 
 # kind (singular and plural) -> (collection path, table columns key)
 KINDS: dict[str, tuple[str, str]] = {}
 for plural in ("nodes", "tasks", "projects", "users", "tokens", "placement-groups", "networks", "subnets",
-               "ports", "security-groups"):
+               "ports", "security-groups", "images", "vms", "containers"):
     KINDS[plural] = KINDS[plural[:-1]] = (f"/{plural}", plural)
 KINDS["secgroups"] = KINDS["secgroup"] = KINDS["security-groups"]
-SCOPED = {"/placement-groups", "/networks", "/subnets", "/ports", "/security-groups"}
+SCOPED = {"/placement-groups", "/networks", "/subnets", "/ports", "/security-groups", "/images", "/vms",
+          "/containers"}
 ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", help="project (default: all you can see)")]
 
 NoWait = Annotated[bool, typer.Option("--no-wait", help="return at once with the task")]
@@ -385,6 +392,143 @@ def secgroup_rule_add(group: str, proto: Annotated[str, typer.Option(help="tcp, 
     c = client()
     emit(run(lambda: c.request("POST", f"/security-groups/{group}/rules", params={"project": project},
                                json=rule).json()), output)
+
+
+# --- images, VMs and containers ------------------------------------------------------------------
+
+@image_app.command("import-test-guest")
+def image_import_test_guest(project: ProjectArg = "default", no_wait: NoWait = False,
+                            output: OutputOpt = Format.table) -> None:
+    """Make the tiny test guest (a VM image) and busybox (a container image) available."""
+    c = client()
+    task = run(lambda: c.post("/images/import-test-guest", {"project": project}))
+    if no_wait:
+        emit(task, output)
+        return
+    final = c.wait_task(task["id"])
+    if final["state"] != "succeeded":
+        fail(f"importing the test guest failed: {final['error']}")
+    emit(final["result"], output)
+
+
+def _instance_commands(kind: str, plural: str, group: typer.Typer) -> None:
+    def act(verb: str) -> None:
+        @group.command(verb)
+        def command(name: str, project: ProjectArg = "default", no_wait: NoWait = False,
+                    timeout: Annotated[float, typer.Option(help="stop: graceful seconds before power-off")] = 30,
+                    output: OutputOpt = Format.table) -> None:
+            c = client()
+            params: dict[str, Any] = {"project": project}
+            if verb == "stop":
+                params["timeout"] = timeout
+            task = run(lambda: c.request("POST", f"/{plural}/{name}/{verb}", params=params).json())
+            if no_wait:
+                emit(task, output)
+                return
+            _finish(c, task, plural, name, project, output)
+
+        command.__doc__ = f"{verb.capitalize()} a {kind}."
+
+    for verb in ("start", "stop", "reboot", "pause", "resume"):
+        act(verb)
+
+    @group.command("get")
+    def get_one(name: str, project: ProjectArg = "default", output: OutputOpt = Format.table) -> None:
+        c = client()
+        emit(run(lambda: c.get(f"/{plural}/{name}", project=project)), output)
+
+    @group.command("delete")
+    def delete_one(name: str, project: ProjectArg = "default", no_wait: NoWait = False,
+                   output: OutputOpt = Format.table) -> None:
+        c = client()
+        task = run(lambda: c.request("DELETE", f"/{plural}/{name}", params={"project": project}).json())
+        if no_wait:
+            emit(task, output)
+            return
+        final = c.wait_task(task["id"])
+        if final["state"] != "succeeded":
+            fail(f"deleting {kind} {name} failed: {final['error']}")
+        emit({"deleted": {"kind": kind, "name": name}}, output)
+
+    @group.command("console")
+    def console(name: str, project: ProjectArg = "default",
+                follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+                output: OutputOpt = Format.table) -> None:
+        """Print the serial console (VMs) or output (containers); --follow keeps reading."""
+        import time as _time
+
+        c = client()
+        seen = 0
+        while True:
+            text = run(lambda: c.request("GET", f"/{plural}/{name}/console-log",
+                                         params={"project": project, "tail": 1 << 20}).text)
+            if output == Format.json and not follow:
+                emit({"name": name, "console": text}, output)
+                return
+            typer.echo(text[seen:] if len(text) >= seen else text, nl=False)
+            seen = len(text)
+            if not follow:
+                return
+            _time.sleep(0.5)
+
+
+def _finish(c: Client, task: dict[str, Any], plural: str, name: str, project: str, output: Format) -> None:
+    """Wait for an instance task (progress bar for people), then show the instance."""
+    if output == Format.json or not sys.stderr.isatty():
+        final = c.wait_task(task["id"])
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[msg]}"),
+                      TimeElapsedColumn(), console=err_console) as bar:
+            row = bar.add_task(task["name"], total=100, msg="")
+            final = c.wait_task(task["id"], lambda t: bar.update(row, completed=t["progress"]["percent"],
+                                                                 msg=t["progress"]["message"]))
+    if final["state"] != "succeeded":
+        fail(f"{task['name']} failed: {final['error']}")
+    emit(run(lambda: c.get(f"/{plural}/{name}", project=project)), output)
+
+
+def _create_instance(plural: str, name: str, project: str, spec: dict[str, Any], no_wait: bool,
+                     output: Format) -> None:
+    c = client()
+    task = run(lambda: c.post(f"/{plural}", {"name": name, "project": project, "spec": spec}))
+    if no_wait:
+        emit(task, output)
+    else:
+        _finish(c, task, plural, name, project, output)
+
+
+@vm_app.command("create")
+def vm_create(name: str, image: Annotated[str, typer.Option()], cpu: Annotated[int, typer.Option()] = 1,
+              memory: Annotated[str, typer.Option(help="e.g. 256MiB, 2GiB")] = "512MiB",
+              network: Annotated[list[str] | None, typer.Option("--network", help="repeatable")] = None,
+              qos: Annotated[str, typer.Option("--qos", help="guaranteed, burstable, best-effort")] = "burstable",
+              group: Annotated[str | None, typer.Option("--placement-group")] = None,
+              project: ProjectArg = "default", no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
+    """Create and start a VM; waits for it to run (progress: schedule → … → start)."""
+    spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
+                            "qos_class": qos}
+    if group:
+        spec["placement_group"] = group
+    _create_instance("vms", name, project, spec, no_wait, output)
+
+
+@container_app.command("create", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def container_create(ctx: typer.Context, name: str, image: Annotated[str, typer.Option()],
+                     cpu: Annotated[float, typer.Option()] = 0.5,
+                     memory: Annotated[str, typer.Option(help="e.g. 64MiB")] = "128MiB",
+                     network: Annotated[list[str] | None, typer.Option("--network", help="repeatable")] = None,
+                     env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE, repeatable")] = None,
+                     project: ProjectArg = "default", no_wait: NoWait = False,
+                     output: OutputOpt = Format.table) -> None:
+    """Create and start a container: cairn container create NAME --image IMG -- CMD ARGS..."""
+    envs = dict(e.split("=", 1) for e in env or [] if "=" in e)
+    spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
+                            "command": list(ctx.args), "env": envs}
+    _create_instance("containers", name, project, spec, no_wait, output)
+
+
+_instance_commands("vm", "vms", vm_app)
+_instance_commands("container", "containers", container_app)
 
 
 if __name__ == "__main__":

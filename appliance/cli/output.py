@@ -38,6 +38,12 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "ports": [("PROJECT", "project"), ("NAME", "name"), ("NETWORK", "spec.network"), ("MAC", "status.mac"),
               ("IPS", "status.ips")],
     "security-groups": [("PROJECT", "project"), ("NAME", "name"), ("RULES", "spec.rules")],
+    "images": [("PROJECT", "project"), ("NAME", "name"), ("KIND", "spec.kind"), ("FORMAT", "spec.format")],
+    "vms": [("PROJECT", "project"), ("NAME", "name"), ("STATE", "status.vm_state"), ("TASK", "status.task_state"),
+            ("POWER", "status.power_state"), ("NODE", "status.node"), ("CPU", "spec.cpu"),
+            ("MEMORY", "spec.memory_bytes")],
+    "containers": [("PROJECT", "project"), ("NAME", "name"), ("STATE", "status.vm_state"),
+                   ("POWER", "status.power_state"), ("NODE", "status.node"), ("IMAGE", "spec.image")],
 }
 
 

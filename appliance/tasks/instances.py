@@ -131,6 +131,8 @@ def act(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     try:
         ctx.progress(10, f"{verb}: asking the node")
         changes: dict[str, Any] = {"power": power}
+        if "stop_timeout" in params:
+            changes["stop_timeout"] = params["stop_timeout"]
         if verb == "reboot":
             changes["reboots"] = int(row.spec.get("reboots", 0)) + 1
         _update(ctx, iid, spec=changes)

@@ -277,6 +277,40 @@ def test_network_cli_spellings(stack: Stack) -> None:
     assert stack.cairn("network", "delete", "lab") == {"deleted": {"kind": "network", "name": "lab"}}
 
 
+def test_vm_lifecycle_with_a_real_guest(stack: Stack) -> None:
+    """create → marker on the serial console → stop → start → delete, with libvirt
+    (TCG here) under the supervisor, through the CLI a user types."""
+    assert stack.cairn("image", "import-test-guest") == {"vm": "tiny-guest", "container": "busybox"}
+    vm = stack.cairn("vm", "create", "t1", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB")
+    assert (vm["status"]["vm_state"], vm["status"]["power_state"]) == ("active", "running")
+    assert vm["status"]["node"] == stack.node
+
+    def marker() -> bool:
+        return "CAIRN-GUEST-UP" in stack.cairn("vm", "console", "t1")["console"]
+
+    wait_for(marker, 60, "the guest's marker on the serial console")
+    with stack.http() as c:  # two operations at once: one wins, the other gets 409
+        first = c.post("/api/v1/vms/t1/stop", params={"timeout": 1})
+        second = c.post("/api/v1/vms/t1/reboot")
+        assert first.status_code == 202 and second.status_code == 409
+        assert "busy (stopping)" in second.json()["detail"]
+    stopped = stack.cairn("task", "wait", first.json()["id"])
+    assert stopped["state"] == "succeeded"
+    assert stack.cairn("vm", "get", "t1")["status"]["power_state"] == "shutdown"
+    assert stack.cairn("vm", "start", "t1")["status"]["power_state"] == "running"
+    assert stack.cairn("vm", "delete", "t1") == {"deleted": {"kind": "vm", "name": "t1"}}
+    assert stack.cairn("get", "vms") == []
+
+
+def test_vm_bad_input(stack: Stack) -> None:
+    with stack.http() as c:
+        big = c.post("/api/v1/vms", json={"name": "big", "spec": {"cpu": 1, "memory": "4TiB", "image": "tiny-guest"}})
+        assert big.status_code == 422 and "largest node has" in big.json()["detail"]
+        ghost = c.post("/api/v1/vms", json={"name": "g", "spec": {"cpu": 1, "memory": "1GiB", "image": "nope"}})
+        assert ghost.status_code == 404 and "no image 'nope'" in ghost.json()["detail"]
+        assert c.get("/api/v1/vms/big").status_code == 404
+
+
 def test_metrics_in_prometheus_format(stack: Stack) -> None:
     with stack.http() as c:
         c.get("/api/v1/nodes")

@@ -17,6 +17,7 @@ from appliance.services import instances
 router = APIRouter(tags=["vms", "containers"])
 ProjectQuery = Annotated[str, Query(min_length=1, max_length=63, description="project name")]
 Action = Literal["start", "stop", "reboot", "pause", "resume"]
+StopTimeout = Annotated[float, Query(ge=0, le=3600, description="stop: graceful seconds before power-off")]
 
 
 def _create(kind: str, body: VmCreate | ContainerCreate, session: Any, caller: Any) -> JSONResponse:
@@ -57,11 +58,12 @@ def _routes(kind: str, plural: str) -> None:
 
     @router.post(base + "/{name}/{action}", status_code=202, openapi_extra=access("project:write"),
                  name=f"act_on_{kind}")
-    def act(name: Name, action: Action, session: DbSession, caller: Caller,
-            project: ProjectQuery = "default") -> JSONResponse:
+    def act(name: Name, action: Action, session: DbSession, caller: Caller, project: ProjectQuery = "default",
+            timeout: StopTimeout = 30) -> JSONResponse:
         """start / stop (graceful, then forced) / reboot / pause / resume; 409 if another
         operation holds the instance."""
-        return accepted(instances.action(session, caller, kind, project, name, action))
+        params = {"stop_timeout": timeout} if action == "stop" else {}
+        return accepted(instances.action(session, caller, kind, project, name, action, params))
 
     @router.get(base + "/{name}/console-log", openapi_extra=access("project:read"), name=f"console_log_{kind}",
                 response_class=PlainTextResponse)
