@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from compute.errors import (
     InvalidSpec,
 )
 from compute.oci_bundle import build_runtime_config, device_numbers_of
+from compute.oci_console import TtyRelay, receive_pty_master
 from compute.oci_image import ImageStore
 from compute.oci_net import attach_nics, detach_nics
 from compute.spec import ContainerNic, ContainerSpec, DeviceIoLimit, PowerState, QosClass, VolumeMount
@@ -71,6 +73,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         (self.state_dir / "containers").mkdir(parents=True, exist_ok=True)
         self.crun_root.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._relays: dict[str, TtyRelay] = {}
         self._hybrid = os.path.ismount(HYBRID_MARK)
 
     # -- crun plumbing -------------------------------------------------------------------------------------------
@@ -154,9 +157,6 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             raise InvalidPowerState(f"container {name!r} is paused: resume it instead")
         if state is PowerState.RUNNING:
             return
-        if spec.tty:
-            raise InvalidSpec(f"container {name!r}: tty=True is not supported by this driver yet; "
-                              "use exec() for commands")
         d = self._dir(name)
         self._crun("delete", "-f", name, check=False)  # leftovers of an earlier run
         rootfs, image_config = self._mount_rootfs(spec)
@@ -166,10 +166,24 @@ class OciDriver(ComputeDriver[ContainerSpec]):
                                           netns_path=f"/run/netns/{netns}" if netns else None,
                                           cgroups_path=f"/cairn/{name}", device_numbers=device_numbers_of(spec))
             (d / "config.json").write_text(json.dumps(config, indent=1))
+            listener = None
+            extra: list[str] = []
+            if spec.tty:
+                (d / "crun-console.sock").unlink(missing_ok=True)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(str(d / "crun-console.sock"))
+                listener.listen(1)
+                extra = ["--console-socket", str(d / "crun-console.sock")]
             with open(d / "console.log", "ab") as out:
-                proc = subprocess.Popen(self._crun_argv("run", "-b", str(d), name), stdin=subprocess.DEVNULL,
-                                        stdout=out, stderr=out, start_new_session=True)
+                proc = subprocess.Popen(self._crun_argv("run", *extra, "-b", str(d), name),
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
             self._procs[name] = proc
+            if listener is not None:
+                with listener:
+                    master = self._receive_terminal(listener, proc, name)
+                relay = TtyRelay(master, d / "console.log", d / "tty.sock")
+                relay.start()
+                self._relays[name] = relay
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 status = self._crun_status(name)
@@ -184,6 +198,24 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             if netns:
                 detach_nics(name, spec.nics)
             raise
+
+    def _receive_terminal(self, listener: socket.socket, proc: subprocess.Popen[bytes], name: str) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                return receive_pty_master(listener, timeout=0.2)
+            except HypervisorError:
+                continue
+        raise HypervisorError(f"container {name!r}: crun did not hand over its terminal "
+                              f"(exit {proc.poll()}): {self.console_log(name)[-300:]!r}")
+
+    def _stop_relay(self, name: str) -> None:
+        relay = self._relays.pop(name, None)
+        if relay is not None:
+            relay.stop()
+            relay.join(5)
 
     def _kill(self, name: str, force: bool) -> None:
         self._crun("kill", name, "KILL" if force else "TERM", check=False)
@@ -214,6 +246,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         proc = self._procs.pop(name, None)
         if proc is not None:
             proc.wait()
+        self._stop_relay(name)
         self._crun("delete", "-f", name, check=False)
         detach_nics(name, spec.nics)
 
@@ -251,6 +284,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             proc = self._procs.pop(name, None)
             if proc is not None:
                 proc.wait(10)
+            self._stop_relay(name)
             detach_nics(name, spec.nics)
         if os.path.ismount(d / "rootfs"):
             subprocess.run(["umount", str(d / "rootfs")], check=False, capture_output=True)
@@ -280,9 +314,12 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         return path.read_bytes() if path.exists() else b""
 
     def consoles(self, name: str) -> list[ConsoleEndpoint]:
-        """The log file (stdout/stderr); interactive access is through exec()."""
+        """The log file (stdout/stderr), and for ``tty=True`` the interactive terminal as a unix socket."""
         self._spec(name)
-        return [ConsoleEndpoint(kind="log", path=str(self._dir(name) / "console.log"))]
+        out = [ConsoleEndpoint(kind="log", path=str(self._dir(name) / "console.log"))]
+        if name in self._relays and self._relays[name].is_alive():
+            out.insert(0, ConsoleEndpoint(kind="serial-unix", path=str(self._dir(name) / "tty.sock")))
+        return out
 
     def exec(self, name: str, argv: list[str], timeout: float = 60.0) -> ExecResult:
         """Run ``argv`` inside the running container and return its status and output."""

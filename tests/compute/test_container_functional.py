@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,3 +159,28 @@ def test_missing_volume_source_is_refused(
     spec = make_container_spec("novol", volumes=(VolumeMount("/nonexistent/vol", "/data"),))
     with pytest.raises(InvalidSpec, match=re.escape("/nonexistent/vol")):
         oci_driver.define(spec)
+
+
+def test_tty_container_is_an_interactive_shell_through_its_console_socket(
+    oci_driver: OciDriver, make_container_spec: Callable[..., ContainerSpec]
+) -> None:
+    spec = make_container_spec("tty", command=("/bin/sh",), tty=True)
+    oci_driver.spawn(spec)
+    try:
+        endpoint = next(c for c in oci_driver.consoles(spec.name) if c.kind == "serial-unix")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(endpoint.path)
+            s.settimeout(0.5)
+            seen = b""
+            deadline = time.monotonic() + 15
+            while b"TTY-42" not in seen and time.monotonic() < deadline:
+                s.sendall(b"[ -t 0 ] && echo TTY-$((6*7))\n")
+                try:
+                    seen += s.recv(65536)
+                except TimeoutError:
+                    pass
+        assert b"TTY-42" in seen, seen[-300:]
+        assert b"TTY-42" in oci_driver.console_log(spec.name), "terminal output is also logged"
+    finally:
+        oci_driver.delete(spec.name)
+    assert not Path(endpoint.path).exists()
