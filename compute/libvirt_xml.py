@@ -66,17 +66,27 @@ def _add_disk(devices: ET.Element, disk: DiskSpec, index: int) -> None:
                 _sub(tune, key, str(value))
 
 
+def _add_memory_backing(root: ET.Element, spec: VmSpec) -> None:
+    """Hugepages for guaranteed placements; shared memfd memory when virtiofs needs it."""
+    hugepages = spec.placement.hugepages_kib if spec.placement is not None else None
+    if not hugepages and not spec.filesystems:
+        return
+    backing = _sub(root, "memoryBacking")
+    if hugepages:
+        hp = _sub(backing, "hugepages")
+        _sub(hp, "page", size=str(hugepages), unit="KiB")
+        _sub(backing, "locked")
+    if spec.filesystems:
+        _sub(backing, "source", type="memfd" if not hugepages else "file")
+        _sub(backing, "access", mode="shared")
+
+
 def _add_cpu_tuning(root: ET.Element, spec: VmSpec) -> None:
     """Pinning, NUMA and hugepages: only the guaranteed class gets dedicated resources."""
     if spec.qos_class is not QosClass.GUARANTEED or spec.placement is None:
         return
     p = spec.placement
     nodeset = ",".join(str(n) for n in p.numa_nodes)
-    if p.hugepages_kib:
-        backing = _sub(root, "memoryBacking")
-        hp = _sub(backing, "hugepages")
-        _sub(hp, "page", size=str(p.hugepages_kib), unit="KiB")
-        _sub(backing, "locked")
     tune = _sub(root, "cputune")
     for vcpu, host_cpu in enumerate(p.host_cpus):
         _sub(tune, "vcpupin", vcpu=str(vcpu), cpuset=str(host_cpu))
@@ -110,6 +120,7 @@ def build_domain_xml(spec: VmSpec) -> str:
     _sub(root, "memory", str(spec.memory_mib), unit="MiB")
     _sub(root, "currentMemory", str(spec.memory_mib), unit="MiB")
     _sub(root, "vcpu", str(spec.vcpus), placement="static")
+    _add_memory_backing(root, spec)
     _add_cpu_tuning(root, spec)
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=spec.machine)
@@ -144,6 +155,12 @@ def build_domain_xml(spec: VmSpec) -> str:
         if nic.mtu:
             _sub(iface, "mtu", size=str(nic.mtu))
         _sub(iface, "rom", enabled="no")
+    for fs in spec.filesystems:
+        fs_el = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+        _sub(fs_el, "driver", type="virtiofs", queue="1024")
+        _sub(fs_el, "binary", path=fs.virtiofsd)
+        _sub(fs_el, "source", dir=fs.source)
+        _sub(fs_el, "target", dir=fs.tag)
     c = spec.consoles
     serial_type = "unix" if c.serial_socket else "pty"
     serial = _sub(devices, "serial", type=serial_type)

@@ -177,6 +177,21 @@ class NicSpec:
 
 
 @dataclass(frozen=True)
+class FilesystemShare:
+    """A host directory shared into the guest over virtiofs, mounted by ``tag``."""
+
+    source: str
+    tag: str
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+
+    def __post_init__(self) -> None:
+        if not self.source.startswith("/"):
+            raise InvalidSpec(f"filesystem share source {self.source!r} must be an absolute path")
+        if not re.match(r"^[A-Za-z0-9_-]{1,36}$", self.tag):
+            raise InvalidSpec(f"filesystem share tag {self.tag!r}: 1-36 chars of [A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
 class KernelBoot:
     """Direct kernel boot (no bootloader)."""
 
@@ -221,6 +236,7 @@ class VmSpec:
     consoles: Consoles
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
+    filesystems: tuple[FilesystemShare, ...] = ()
     kernel_boot: KernelBoot | None = None
     qos_class: QosClass = QosClass.BEST_EFFORT
     placement: Placement | None = None
@@ -319,6 +335,7 @@ class ContainerSpec:
     io_limits: tuple[DeviceIoLimit, ...] = ()
     tty: bool = False
     hostname: str | None = None
+    isolation: str = "container"  # or "vm": run inside a tiny guest (compute.vm_isolation)
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -330,6 +347,8 @@ class ContainerSpec:
             raise InvalidSpec(f"memory {self.memory_mib} MiB out of range")
         if self.hostname is not None:
             check_name(self.hostname, "hostname")
+        if self.isolation not in ("container", "vm"):
+            raise InvalidSpec(f"isolation must be container or vm, not {self.isolation!r}")
 
 
 InstanceSpec = VmSpec | ContainerSpec

@@ -18,6 +18,7 @@ from compute.spec import (
     Consoles,
     DiskSpec,
     FileSource,
+    FilesystemShare,
     IoTune,
     KernelBoot,
     NbdSource,
@@ -81,10 +82,17 @@ CASES: dict[str, VmSpec] = {
         consoles=Consoles(serial_log="/l", vnc_listen="0.0.0.0"),
         disks=(DiskSpec(FileSource("/var/lib/cairn/base.qcow2", format="qcow2")),),
     ),
+    "virtiofs_share_memfd": vm(
+        filesystems=(FilesystemShare("/var/lib/cairn/ct1/rootfs", "rootfs", virtiofsd="/usr/libexec/virtiofsd"),),
+    ),
     "vnc_unix_socket": vm(consoles=Consoles(serial_log="/l", serial_socket="/s", vnc_socket="/run/vnc.sock")),
     "guaranteed_pinned_hugepages": vm(
         vcpus=2, memory_mib=1024, qos_class=QosClass.GUARANTEED,
         placement=Placement(host_cpus=(2, 3), numa_nodes=(0,), hugepages_kib=2048),
+    ),
+    "guaranteed_hugepages_with_virtiofs": vm(
+        qos_class=QosClass.GUARANTEED, placement=Placement(host_cpus=(0,), hugepages_kib=1048576),
+        filesystems=(FilesystemShare("/srv/share", "share"),),
     ),
     "guaranteed_pinned_normal_pages": vm(
         vcpus=1, qos_class=QosClass.GUARANTEED, placement=Placement(host_cpus=(1,), numa_nodes=(1,)),
