@@ -27,12 +27,8 @@ class DriverSet:
             module = importlib.import_module("compute.libvirt_driver")
             return module.LibvirtDriver(self.settings.libvirt_uri, self.settings.virt_type)  # type: ignore[no-any-return]
         if name == "crun":
-            try:
-                module = importlib.import_module("compute.oci")
-            except ImportError:
-                self.errors[kind] = "the crun container driver is not installed on this node"
-                return None
-            return module.CrunDriver(self.settings.data_dir / "containers")  # type: ignore[no-any-return]
+            module = importlib.import_module("compute.oci_driver")
+            return module.OciDriver(self.settings.data_dir / "containers")  # type: ignore[no-any-return]
         if name == "fake":
             from compute.fake import FakeDriver
 

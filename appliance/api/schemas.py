@@ -328,3 +328,8 @@ class ContainerCreate(Strict):
     name: Name
     project: ProjectName = "default"
     spec: ContainerSpecIn
+
+
+class ExecRequest(Strict):
+    command: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(min_length=1, max_length=256)]
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0

@@ -527,6 +527,27 @@ def container_create(ctx: typer.Context, name: str, image: Annotated[str, typer.
     _create_instance("containers", name, project, spec, no_wait, output)
 
 
+@container_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def container_exec(ctx: typer.Context, name: str, project: ProjectArg = "default",
+                   timeout: Annotated[float, typer.Option()] = 60.0, output: OutputOpt = Format.table) -> None:
+    """Run a command in a container: cairn container exec NAME -- CMD ARGS... (exit code passes through)."""
+    if not ctx.args:
+        fail("give the command after --, e.g. cairn container exec web -- ls /", 2)
+    c = client()
+    task = run(lambda: c.request("POST", f"/containers/{name}/exec", params={"project": project},
+                                 json={"command": list(ctx.args), "timeout": timeout}).json())
+    final = c.wait_task(task["id"])
+    if final["state"] != "succeeded":
+        fail(f"exec failed: {final['error']}")
+    result = final["result"]
+    if output == Format.json:
+        emit(result, output)
+    else:
+        sys.stdout.write(result["stdout"])
+        sys.stderr.write(result["stderr"])
+    raise typer.Exit(result["returncode"])
+
+
 _instance_commands("vm", "vms", vm_app)
 _instance_commands("container", "containers", container_app)
 

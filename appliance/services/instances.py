@@ -145,3 +145,17 @@ def group_of(session: Session, instance: Instance) -> PlacementGroup | None:
         return None
     return session.scalar(select(PlacementGroup).where(PlacementGroup.project_id == instance.project_id,
                                                        PlacementGroup.name == name))
+
+
+def exec_(session: Session, principal: Principal, project: str, name: str, command: list[str],
+          timeout: float) -> dict[str, Any]:
+    """Run a command in a running container, on its node (a task on that node's queue)."""
+    row, _ = KINDS["container"].row(session, principal, project, name, "write")
+    if row.power_state != "running" or not row.node_id:
+        raise Conflict(f"container '{name}' is {row.power_state}: exec needs it running")
+    node = session.get(Node, row.node_id)
+    assert node is not None
+    return tasks.create(session, "container.exec", {"instance_id": row.id, "domain": row.status.get("domain"),
+                                                    "command": command, "timeout": timeout},
+                        queue=f"node.{node.name}", principal=principal, project_id=row.project_id,
+                        resource=("container", row.id, name), max_attempts=1)

@@ -206,3 +206,16 @@ def import_test_guest(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any
         images.record(session, params["project_id"], "busybox",
                       {"kind": "container", "format": "oci", "archive": files["archive"], "command": ["/bin/sh"]})
     return {"vm": "tiny-guest", "container": "busybox"}
+
+
+@handler("container.exec")
+def container_exec(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Run on the container's node: crun exec, output captured (bounded)."""
+    from compute.oci_driver import OciDriver
+
+    ctx.progress(10, f"running {params['command'][0]}")
+    driver = OciDriver(get_settings().data_dir / "containers")
+    result = driver.exec(params["domain"], list(params["command"]), timeout=float(params.get("timeout", 60)))
+    limit = 1 << 20
+    return {"returncode": result.returncode, "stdout": result.stdout[-limit:].decode(errors="replace"),
+            "stderr": result.stderr[-limit:].decode(errors="replace")}

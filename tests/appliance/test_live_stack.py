@@ -302,6 +302,25 @@ def test_vm_lifecycle_with_a_real_guest(stack: Stack) -> None:
     assert stack.cairn("get", "vms") == []
 
 
+def test_container_lifecycle_exec_and_console(stack: Stack) -> None:
+    stack.cairn("image", "import-test-guest")
+    r = subprocess.run([*CAIRN, "container", "create", "c1", "--image", "busybox", "--memory", "64MiB", "-o", "json",
+                        "--", "sh", "-c", "echo hello-from-c1; exec sleep 1000"], env=stack.env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ct = json.loads(r.stdout)
+    assert (ct["status"]["vm_state"], ct["status"]["power_state"]) == ("active", "running")
+    wait_for(lambda: "hello-from-c1" in stack.cairn("container", "console", "c1")["console"], 20, "output")
+    r = subprocess.run([*CAIRN, "container", "exec", "c1", "--", "sh", "-c", "echo inside; exit 3"],
+                       env=stack.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and r.stdout == "inside\n"
+    r = subprocess.run([*CAIRN, "container", "exec", "c1", "-o", "json", "--", "hostname"], env=stack.env,
+                       capture_output=True, text=True, timeout=60)
+    assert json.loads(r.stdout) == {"returncode": 0, "stdout": "c1\n", "stderr": ""}
+    assert stack.cairn("container", "stop", "c1", "--timeout", "1")["status"]["power_state"] == "shutdown"
+    assert stack.cairn("container", "delete", "c1") == {"deleted": {"kind": "container", "name": "c1"}}
+
+
 def test_vm_bad_input(stack: Stack) -> None:
     with stack.http() as c:
         big = c.post("/api/v1/vms", json={"name": "big", "spec": {"cpu": 1, "memory": "4TiB", "image": "tiny-guest"}})

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from appliance.api.deps import Caller, DbSession, access
 from appliance.api.routes.tasks import accepted
-from appliance.api.schemas import ContainerCreate, Limit, Name, ResourceList, ResourcePublic, VmCreate
+from appliance.api.schemas import ContainerCreate, ExecRequest, Limit, Name, ResourceList, ResourcePublic, VmCreate
 from appliance.errors import Conflict
 from appliance.services import instances
 
@@ -35,6 +35,13 @@ def create_vm(body: VmCreate, session: DbSession, caller: Caller) -> JSONRespons
 def create_container(body: ContainerCreate, session: DbSession, caller: Caller) -> JSONResponse:
     """Answers 202: the task reports schedule → volumes → ports → define → start."""
     return _create("container", body, session, caller)
+
+
+@router.post("/containers/{name}/exec", status_code=202, openapi_extra=access("project:write"))
+def exec_in_container(name: Name, body: ExecRequest, session: DbSession, caller: Caller,
+                      project: ProjectQuery = "default") -> JSONResponse:
+    """Run a command in a running container; the task's result has returncode, stdout, stderr."""
+    return accepted(instances.exec_(session, caller, project, name, body.command, body.timeout))
 
 
 def _routes(kind: str, plural: str) -> None:
