@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from storage.blockmap import iter_map, meta_hashes
-from storage.chunks import chunk_hash
+from storage.chunks import ZERO_HASH, chunk_hash
 from storage.engine import Pool
 from storage.errors import CorruptionError, InvalidArgument, ObjectNotFound
 from storage.log import CHUNK_HEAD, HEADER, LogPosition, index_name, now, parse_segment
@@ -147,6 +147,16 @@ def check_consistency(pool: Pool) -> list[str]:
     """Every head and snapshot resolves to indexed, framed chunks. Returns the problems found."""
     problems: list[str] = []
     sizes: dict[str, int] = {}
+    for name in pool.list_volumes():
+        # Journal records past the last checkpoint must point at stored chunks too.
+        raw = pool.backend.get_pointer(f"vol/{name}")
+        start = LogPosition.from_json(json.loads(raw)["log"]) if raw else None
+        if start is None or raw is None:
+            continue
+        vol_id = bytes.fromhex(json.loads(raw)["id"])
+        for _blk, h in pool.log.replay(vol_id, start):
+            if h != ZERO_HASH and h not in pool.log.index:
+                problems.append(f"{name}: journaled chunk {h.hex()} missing from the index")
     for vol, snap, root, _size in pool.versions():
         label = f"{vol}@{snap}" if snap else vol
         try:

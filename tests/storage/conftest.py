@@ -140,5 +140,6 @@ def run_tool(*argv: str, timeout: float = 300, input: bytes | None = None) -> st
         pytest.fail(f"{argv[0]} is not installed (see tools/packages.txt)")
     r = subprocess.run(argv, capture_output=True, timeout=timeout, input=input)
     if r.returncode != 0:
-        pytest.fail(f"{' '.join(argv)} failed ({r.returncode}): {r.stdout.decode()[-2000:]} {r.stderr.decode()[-2000:]}")
+        output = r.stdout.decode()[-2000:] + r.stderr.decode()[-2000:]
+        pytest.fail(f"{' '.join(argv)} failed ({r.returncode}): {output}")
     return r.stdout.decode()
