@@ -1,0 +1,171 @@
+/** The REST API client: JSON in/out, CSRF header on unsafe requests, problem+json errors. */
+
+export const API = "/api/v1";
+
+export interface Condition {
+  type: string;
+  status: string;
+  reason: string;
+  message: string;
+  last_transition_time: string | null;
+}
+
+export interface Resource<S = Record<string, unknown>, St = Record<string, unknown>> {
+  id: string;
+  name: string;
+  project: string | null;
+  spec: S;
+  status: St;
+  generation: number;
+  observed_generation: number;
+  conditions: Condition[];
+  created_at: string | null;
+  updated_at: string | null;
+}
+
+export interface Disk { name: string; size_bytes: number; model: string; rotational: boolean }
+export interface Nic { name: string; mac: string; mtu: number; speed_mbps: number | null; addresses: string[] }
+export interface Inventory {
+  cpu_model: string;
+  cores: number;
+  threads: number;
+  numa_nodes: number;
+  memory_bytes: number;
+  disks: Disk[];
+  nics: Nic[];
+  virt_type: string;
+  kernel: string;
+  [extra: string]: unknown;
+}
+export interface NodeStatus {
+  phase: "Ready" | "NotReady";
+  last_heartbeat: string | null;
+  inventory?: Partial<Inventory>;
+  allocatable?: { cpu?: number; memory_bytes?: number };
+  [extra: string]: unknown;
+}
+export type Node = Resource<{ schedulable?: boolean; labels?: Record<string, string> }, NodeStatus>;
+
+export type TaskState = "pending" | "running" | "succeeded" | "failed" | "cancelled";
+export const TASK_STATES: TaskState[] = ["pending", "running", "succeeded", "failed", "cancelled"];
+export interface Task {
+  id: string;
+  name: string;
+  project: string | null;
+  state: TaskState;
+  progress: { percent: number; message: string };
+  error: string | null;
+  result?: Record<string, unknown> | null;
+  resource: { kind: string; name: string; id: string } | null;
+  attempts: number;
+  created_at: string | null;
+  started_at: string | null;
+  finished_at: string | null;
+}
+
+export interface Role { project: string; role: string }
+export interface Me { name: string; cluster_role?: string | null; roles: Role[] }
+
+export interface ClusterStatus {
+  version: string;
+  node?: string;
+  nodes: { total: number; ready: number; [k: string]: number };
+  tasks: Record<string, number>;
+}
+
+export interface Page<T> { items: T[]; next_cursor: string | null }
+
+/** An error the API answered with; `detail` is what a person can act on. */
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly title: string,
+    readonly detail: string,
+  ) {
+    super(detail || title || `HTTP ${status}`);
+  }
+}
+
+type Unauthorized = () => void;
+let onUnauthorized: Unauthorized = () => {};
+let csrfFromLogin = "";
+
+/** Called when any request answers 401: the console goes back to the login page. */
+export function setUnauthorizedHandler(fn: Unauthorized): void {
+  onUnauthorized = fn;
+}
+
+function csrfToken(): string {
+  const match = document.cookie.match(/(?:^|;\s*)cairn_csrf=([^;]*)/);
+  return match ? decodeURIComponent(match[1]) : csrfFromLogin;
+}
+
+async function problem(res: Response): Promise<ApiError> {
+  let title = res.statusText;
+  let detail = "";
+  try {
+    const body = await res.json();
+    title = body.title ?? title;
+    if (typeof body.detail === "string") detail = body.detail;
+    else if (body.detail) detail = JSON.stringify(body.detail);
+  } catch {
+    // not JSON (a proxy's error page): the status line is all we have
+  }
+  return new ApiError(res.status, title, detail || `${res.status} ${title}`);
+}
+
+export async function request<T>(method: string, path: string, body?: unknown, quiet401 = false): Promise<T> {
+  const headers: Record<string, string> = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = csrfToken();
+  let res: Response;
+  try {
+    res = await fetch(path.startsWith("/") ? path : `${API}/${path}`, {
+      method,
+      headers,
+      credentials: "same-origin",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError(0, "Network error", "Cannot reach the Cairn API: is the appliance up?");
+  }
+  if (res.status === 401 && !quiet401) onUnauthorized();
+  if (!res.ok) throw await problem(res);
+  if (res.status === 204) return undefined as T;
+  const text = await res.text();
+  return (text ? JSON.parse(text) : undefined) as T;
+}
+
+export const get = <T>(path: string) => request<T>("GET", path);
+export const post = <T>(path: string, body?: unknown) => request<T>("POST", path, body ?? {});
+
+export async function login(username: string, password: string): Promise<Me> {
+  const res = await request<{ user: Me; csrf_token: string }>("POST", "auth/login", { username, password }, true);
+  csrfFromLogin = res.csrf_token;
+  return res.user;
+}
+
+export async function logout(): Promise<void> {
+  try {
+    await request("POST", "auth/logout", undefined, true);
+  } finally {
+    csrfFromLogin = "";
+  }
+}
+
+export const me = () => request<Me>("GET", "auth/me", undefined, true);
+
+/** Query string from the set values of `params`. */
+export function qs(params: Record<string, string | number | null | undefined>): string {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== null && v !== undefined && v !== "") q.set(k, String(v));
+  const s = q.toString();
+  return s ? `?${s}` : "";
+}
+
+/** Whether the user may change cluster-scoped things (benchmark a node, cancel any task). */
+export function canOperate(user: Me | null): boolean {
+  if (!user) return false;
+  if (user.cluster_role === "admin" || user.cluster_role === "operator") return true;
+  return false;
+}

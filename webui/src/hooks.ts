@@ -1,0 +1,133 @@
+/** Data hooks: fetch with loading/error state, lists that stay current through live events. */
+
+import { useCallback, useEffect, useRef, useState } from "preact/hooks";
+import { ApiError, get, qs, type Page } from "./api";
+import { useLive, type ChangeEvent } from "./live";
+
+export interface Loaded<T> {
+  data: T | null;
+  error: ApiError | null;
+  loading: boolean;
+  reload: () => void;
+}
+
+function asApiError(e: unknown): ApiError {
+  return e instanceof ApiError ? e : new ApiError(0, "Error", String(e));
+}
+
+export function useFetch<T>(path: string | null): Loaded<T> {
+  const [data, setData] = useState<T | null>(null);
+  const [error, setError] = useState<ApiError | null>(null);
+  const [loading, setLoading] = useState(true);
+  const generation = useRef(0);
+  const load = useCallback(() => {
+    if (!path) return;
+    const mine = ++generation.current;
+    setLoading(true);
+    get<T>(path)
+      .then((d) => {
+        if (mine !== generation.current) return;
+        setData(d);
+        setError(null);
+      })
+      .catch((e) => mine === generation.current && setError(asApiError(e)))
+      .finally(() => mine === generation.current && setLoading(false));
+  }, [path]);
+  useEffect(load, [load]);
+  return { data, error, loading, reload: load };
+}
+
+/** Calls `fn` at most once per `ms` however often it is poked (event bursts). */
+export function useThrottled(fn: () => void, ms = 500): () => void {
+  const timer = useRef<number | null>(null);
+  const latest = useRef(fn);
+  latest.current = fn;
+  useEffect(() => () => {
+    if (timer.current !== null) clearTimeout(timer.current);
+  }, []);
+  return useCallback(() => {
+    if (timer.current !== null) return;
+    timer.current = window.setTimeout(() => {
+      timer.current = null;
+      latest.current();
+    }, ms);
+  }, [ms]);
+}
+
+export interface LiveList<T> {
+  items: T[];
+  error: ApiError | null;
+  loading: boolean;
+  more: boolean;
+  loadMore: () => void;
+  reload: () => void;
+}
+
+/**
+ * A paginated list (`{items, next_cursor}`) kept current by events of `kind`:
+ * updates replace the row in place, creations go on top, deletions drop the row.
+ */
+export function useLiveList<T extends { id: string }>(
+  path: string,
+  kind: string,
+  params: Record<string, string | number | null | undefined> = {},
+  accept: (item: T) => boolean = () => true,
+): LiveList<T> {
+  const [items, setItems] = useState<T[]>([]);
+  const [cursor, setCursor] = useState<string | null>(null);
+  const [error, setError] = useState<ApiError | null>(null);
+  const [loading, setLoading] = useState(true);
+  const key = path + qs(params);
+  const generation = useRef(0);
+
+  const fetchPage = useCallback((after: string | null) => {
+    const mine = ++generation.current;
+    setLoading(true);
+    get<Page<T>>(path + qs({ limit: 100, ...params, cursor: after }))
+      .then((page) => {
+        if (mine !== generation.current) return;
+        setItems((old) => (after ? [...old, ...page.items.filter((i) => !old.some((o) => o.id === i.id))] : page.items));
+        setCursor(page.next_cursor);
+        setError(null);
+      })
+      .catch((e) => mine === generation.current && setError(asApiError(e)))
+      .finally(() => mine === generation.current && setLoading(false));
+  }, [key]);
+
+  useEffect(() => fetchPage(null), [fetchPage]);
+
+  const acceptRef = useRef(accept);
+  acceptRef.current = accept;
+  useLive([kind], (e: ChangeEvent) => {
+    const obj = e.object as unknown as T;
+    setItems((old) => {
+      const at = old.findIndex((o) => o.id === e.id);
+      if (e.verb === "deleted" || !acceptRef.current(obj)) return at < 0 ? old : old.filter((o) => o.id !== e.id);
+      if (at >= 0) {
+        const copy = old.slice();
+        copy[at] = obj;
+        return copy;
+      }
+      return [obj, ...old];
+    });
+  });
+
+  return {
+    items,
+    error,
+    loading,
+    more: cursor !== null,
+    loadMore: () => fetchPage(cursor),
+    reload: () => fetchPage(null),
+  };
+}
+
+/** Re-renders every `ms` so relative times ("5 s ago") stay true. */
+export function useTick(ms = 5000): number {
+  const [now, setNow] = useState(Date.now());
+  useEffect(() => {
+    const t = setInterval(() => setNow(Date.now()), ms);
+    return () => clearInterval(t);
+  }, [ms]);
+  return now;
+}

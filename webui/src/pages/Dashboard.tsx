@@ -1,0 +1,103 @@
+import { type ClusterStatus, type Node, type Page, TASK_STATES } from "../api";
+import { Donut, StackedBar } from "../components/charts";
+import { Badge, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
+import { ago, bytes, plural } from "../format";
+import { useFetch, useThrottled, useTick } from "../hooks";
+import { useLive } from "../live";
+
+const TASK_COLORS: Record<string, string> = {
+  pending: "var(--muted-fill)", running: "var(--info)", succeeded: "var(--ok)", failed: "var(--bad)", cancelled: "var(--warn)",
+};
+
+export function Dashboard() {
+  const status = useFetch<ClusterStatus>("cluster/status");
+  const nodes = useFetch<Page<Node>>("nodes?limit=500");
+  const refresh = useThrottled(() => {
+    status.reload();
+    nodes.reload();
+  }, 1000);
+  useLive(["node", "task"], refresh);
+  const now = useTick();
+
+  const s = status.data;
+  const list = nodes.data?.items ?? [];
+  let threads = 0, cpuAlloc = 0, mem = 0, memAlloc = 0;
+  for (const n of list) {
+    const inv = n.status.inventory ?? {};
+    threads += inv.threads ?? inv.cores ?? 0;
+    mem += inv.memory_bytes ?? 0;
+    cpuAlloc += n.status.allocatable?.cpu ?? 0;
+    memAlloc += n.status.allocatable?.memory_bytes ?? 0;
+  }
+  const taskTotal = s ? TASK_STATES.reduce((a, k) => a + (s.tasks[k] ?? 0), 0) : 0;
+
+  return (
+    <>
+      <PageHeader title="Dashboard">{s && <span class="muted">Cairn {s.version}</span>}</PageHeader>
+      <ErrorBox error={status.error} onRetry={status.reload} />
+      {!s && status.loading && <Loading what="cluster status" />}
+      {s && (
+        <div class="cards">
+          <section class="card" aria-labelledby="nodes-h">
+            <h2 id="nodes-h">Nodes</h2>
+            <div class="card-row">
+              <Donut value={s.nodes.ready} total={s.nodes.total} label="ready"
+                color={s.nodes.ready < s.nodes.total ? "var(--warn)" : "var(--ok)"} />
+              <p class="big-stat" data-testid="nodes-ready">
+                <b>{s.nodes.ready}</b> of <b>{s.nodes.total}</b> {s.nodes.total === 1 ? "node" : "nodes"} ready
+                {s.nodes.total - s.nodes.ready > 0 && <><br /><Badge value={`${s.nodes.total - s.nodes.ready} NotReady`} tone="bad" /></>}
+              </p>
+            </div>
+          </section>
+          <section class="card" aria-labelledby="tasks-h">
+            <h2 id="tasks-h">Tasks</h2>
+            <dl class="stat-grid">
+              {TASK_STATES.map((k) => (
+                <div key={k}><dt><a href={`/tasks?state=${k}`}>{k}</a></dt><dd>{s.tasks[k] ?? 0}</dd></div>
+              ))}
+            </dl>
+            {taskTotal > 0 ? (
+              <StackedBar label="Tasks by state"
+                segments={TASK_STATES.filter((k) => s.tasks[k]).map((k) => ({ label: k, value: s.tasks[k], color: TASK_COLORS[k] }))} />
+            ) : <Empty>No tasks yet.</Empty>}
+          </section>
+          <section class="card wide" aria-labelledby="cap-h">
+            <h2 id="cap-h">Capacity</h2>
+            {list.length === 0 ? <Empty>No node has reported its inventory yet.</Empty> : (
+              <>
+                <h3>CPU <span class="muted">{plural(threads, "thread")} on {plural(list.length, "node")}</span></h3>
+                <StackedBar label="CPU" total={threads} format={(n) => `${n}`}
+                  segments={[
+                    { label: "allocatable", value: Math.min(cpuAlloc, threads), color: "var(--ok)" },
+                    { label: "reserved for the system", value: Math.max(0, threads - cpuAlloc), color: "var(--muted-fill)" },
+                  ]} />
+                <h3>Memory <span class="muted">{bytes(mem)}</span></h3>
+                <StackedBar label="Memory" total={mem} format={bytes}
+                  segments={[
+                    { label: "allocatable", value: Math.min(memAlloc, mem), color: "var(--info)" },
+                    { label: "reserved for the system", value: Math.max(0, mem - memAlloc), color: "var(--muted-fill)" },
+                  ]} />
+              </>
+            )}
+          </section>
+          <section class="card wide" aria-labelledby="health-h">
+            <h2 id="health-h">Node health</h2>
+            <ErrorBox error={nodes.error} onRetry={nodes.reload} />
+            {list.length === 0 && !nodes.loading && <Empty>No nodes have joined. Start <code>cairn-agent</code> on a node.</Empty>}
+            <ul class="node-tiles">
+              {list.map((n) => (
+                <li key={n.id}>
+                  <a href={`/nodes/${encodeURIComponent(n.name)}`} class={`node-tile node-${n.status.phase}`}>
+                    <b>{n.name}</b>
+                    <Badge value={n.status.phase ?? "Unknown"} />
+                    <small>heartbeat {ago(n.status.last_heartbeat, now)}</small>
+                  </a>
+                </li>
+              ))}
+            </ul>
+          </section>
+        </div>
+      )}
+    </>
+  );
+}
