@@ -131,3 +131,15 @@ export function useTick(ms = 5000): number {
   }, [ms]);
   return now;
 }
+
+/** Calls `fn` every `ms` while the page is visible. */
+export function usePoll(fn: () => void, ms: number): void {
+  const latest = useRef(fn);
+  latest.current = fn;
+  useEffect(() => {
+    const t = setInterval(() => {
+      if (document.visibilityState === "visible") latest.current();
+    }, ms);
+    return () => clearInterval(t);
+  }, [ms]);
+}

@@ -1,8 +1,9 @@
 import { type ClusterStatus, type Node, type Page, TASK_STATES } from "../api";
+import { CapacityBars } from "../components/capacity";
 import { Donut, StackedBar } from "../components/charts";
 import { Badge, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
-import { ago, bytes, plural } from "../format";
-import { useFetch, useThrottled, useTick } from "../hooks";
+import { ago } from "../format";
+import { useFetch, usePoll, useThrottled, useTick } from "../hooks";
 import { useLive } from "../live";
 
 const TASK_COLORS: Record<string, string> = {
@@ -17,18 +18,12 @@ export function Dashboard() {
     nodes.reload();
   }, 1000);
   useLive(["node", "task"], refresh);
+  // Heartbeats are not events: re-read now and then so "last heartbeat" stays true.
+  usePoll(refresh, 15000);
   const now = useTick();
 
   const s = status.data;
   const list = nodes.data?.items ?? [];
-  let threads = 0, cpuAlloc = 0, mem = 0, memAlloc = 0;
-  for (const n of list) {
-    const inv = n.status.inventory ?? {};
-    threads += inv.threads ?? inv.cores ?? 0;
-    mem += inv.memory_bytes ?? 0;
-    cpuAlloc += n.status.allocatable?.cpu ?? 0;
-    memAlloc += n.status.allocatable?.memory_bytes ?? 0;
-  }
   const taskTotal = s ? TASK_STATES.reduce((a, k) => a + (s.tasks[k] ?? 0), 0) : 0;
 
   return (
@@ -63,22 +58,7 @@ export function Dashboard() {
           </section>
           <section class="card wide" aria-labelledby="cap-h">
             <h2 id="cap-h">Capacity</h2>
-            {list.length === 0 ? <Empty>No node has reported its inventory yet.</Empty> : (
-              <>
-                <h3>CPU <span class="muted">{plural(threads, "thread")} on {plural(list.length, "node")}</span></h3>
-                <StackedBar label="CPU" total={threads} format={(n) => `${n}`}
-                  segments={[
-                    { label: "allocatable", value: Math.min(cpuAlloc, threads), color: "var(--ok)" },
-                    { label: "reserved for the system", value: Math.max(0, threads - cpuAlloc), color: "var(--muted-fill)" },
-                  ]} />
-                <h3>Memory <span class="muted">{bytes(mem)}</span></h3>
-                <StackedBar label="Memory" total={mem} format={bytes}
-                  segments={[
-                    { label: "allocatable", value: Math.min(memAlloc, mem), color: "var(--info)" },
-                    { label: "reserved for the system", value: Math.max(0, mem - memAlloc), color: "var(--muted-fill)" },
-                  ]} />
-              </>
-            )}
+            {list.length === 0 ? <Empty>No node has reported its inventory yet.</Empty> : <CapacityBars nodes={list} />}
           </section>
           <section class="card wide" aria-labelledby="health-h">
             <h2 id="health-h">Node health</h2>

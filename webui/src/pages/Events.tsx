@@ -1,8 +1,7 @@
-import { useState } from "preact/hooks";
+import { useEffect, useState } from "preact/hooks";
 import { Badge, Empty, PageHeader } from "../components/ui";
 import { when } from "../format";
 import { recent, subscribe, useLiveState, type ChangeEvent } from "../live";
-import { useEffect } from "preact/hooks";
 
 function objectState(e: ChangeEvent): string | null {
   const o = e.object as Record<string, any>;
@@ -34,8 +33,8 @@ export function Events() {
           </select>
         </label>
       </PageHeader>
-      <p class="muted">Every change in the cluster, as it happens ({live === "live" ? "stream connected" : `stream ${live}`}); the newest {recent.length ? "200" : ""} since this console was opened.</p>
-      {shown.length === 0 ? <Empty>No events yet. They appear here live as nodes heartbeat and tasks progress.</Empty> : (
+      <p class="muted">Every change in the cluster, as it happens ({live === "live" ? "stream connected" : `stream ${live}`}); the newest 200 since this console was opened.</p>
+      {shown.length === 0 ? <Empty>No changes since this console was opened. Node joins and phase changes, task progress and every create, update or delete appear here as they happen.</Empty> : (
         <ol class="feed" aria-live="polite" aria-relevant="additions">
           {shown.map((e) => {
             const st = objectState(e);

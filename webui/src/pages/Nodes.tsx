@@ -1,9 +1,10 @@
 import { useState } from "preact/hooks";
 import { ApiError, canOperate, get, post, type Me, type Node, type Task } from "../api";
-import { Progress, StackedBar } from "../components/charts";
+import { CapacityBars } from "../components/capacity";
+import { Progress } from "../components/charts";
 import { Badge, Conditions, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
 import { ago, bytes, speed, when } from "../format";
-import { useFetch, useLiveList, useTick } from "../hooks";
+import { useFetch, useLiveList, usePoll, useTick } from "../hooks";
 import { useLive } from "../live";
 
 function cpuSummary(n: Node): string {
@@ -14,6 +15,7 @@ function cpuSummary(n: Node): string {
 
 export function Nodes() {
   const nodes = useLiveList<Node>("nodes", "node");
+  usePoll(nodes.reload, 15000); // heartbeats are not events
   const now = useTick();
   return (
     <>
@@ -56,6 +58,10 @@ export function NodeDetail({ name, user }: { name: string; user: Me | null }) {
   const path = `nodes/${encodeURIComponent(name)}`;
   const node = useFetch<Node>(path);
   const [live, setLive] = useState<Node | null>(null);
+  usePoll(() => {
+    setLive(null);
+    node.reload();
+  }, 15000); // heartbeats are not events
   const [bench, setBench] = useState<Task | null>(null);
   const [benchError, setBenchError] = useState<ApiError | null>(null);
   const now = useTick();
@@ -83,8 +89,6 @@ export function NodeDetail({ name, user }: { name: string; user: Me | null }) {
   if (node.error) return <><PageHeader title={name} /><ErrorBox error={node.error} onRetry={node.reload} /></>;
   if (!n) return <><PageHeader title={name} /><Loading what="node" /></>;
   const inv = n.status.inventory ?? {};
-  const alloc = n.status.allocatable ?? {};
-  const threads = inv.threads ?? inv.cores ?? 0;
   const busy = bench && (bench.state === "pending" || bench.state === "running");
 
   return (
@@ -118,22 +122,16 @@ export function NodeDetail({ name, user }: { name: string; user: Me | null }) {
             <div><dt>Cores / threads</dt><dd>{inv.cores ?? "—"} / {inv.threads ?? "—"}</dd></div>
             <div><dt>NUMA nodes</dt><dd>{inv.numa_nodes ?? "—"}</dd></div>
             <div><dt>Memory</dt><dd>{bytes(inv.memory_bytes)}</dd></div>
-            <div><dt>Virtualization</dt><dd>{inv.virt_type ?? "—"}</dd></div>
+            <div><dt>Virtualization</dt><dd>{inv.virt_type ?? "—"}{typeof inv.virt_reason === "string" && <><br /><small class="muted">{inv.virt_reason}</small></>}</dd></div>
+            {typeof inv.os === "string" && <div><dt>OS</dt><dd>{inv.os}</dd></div>}
             <div><dt>Kernel</dt><dd>{inv.kernel ?? "—"}</dd></div>
             <div><dt>Last heartbeat</dt><dd title={when(n.status.last_heartbeat)}>{ago(n.status.last_heartbeat, now)}</dd></div>
             <div><dt>Schedulable</dt><dd>{n.spec.schedulable === false ? "no (cordoned)" : "yes"}</dd></div>
           </dl>
         </section>
         <section class="card" aria-labelledby="alloc-h">
-          <h2 id="alloc-h">Allocatable</h2>
-          <h3>CPU</h3>
-          <StackedBar label="CPU" total={threads} format={String}
-            segments={[{ label: "allocatable", value: Math.min(alloc.cpu ?? 0, threads), color: "var(--ok)" },
-              { label: "reserved", value: Math.max(0, threads - (alloc.cpu ?? 0)), color: "var(--muted-fill)" }]} />
-          <h3>Memory</h3>
-          <StackedBar label="Memory" total={inv.memory_bytes ?? 0} format={bytes}
-            segments={[{ label: "allocatable", value: Math.min(alloc.memory_bytes ?? 0, inv.memory_bytes ?? 0), color: "var(--info)" },
-              { label: "reserved", value: Math.max(0, (inv.memory_bytes ?? 0) - (alloc.memory_bytes ?? 0)), color: "var(--muted-fill)" }]} />
+          <h2 id="alloc-h">Capacity</h2>
+          <CapacityBars nodes={[n]} />
         </section>
       </div>
       <section class="section" aria-labelledby="disks-h">
