@@ -15,7 +15,6 @@ and reaps it), so no container process is ever orphaned to PID 1.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -39,25 +38,10 @@ from compute.oci_bundle import build_runtime_config, device_numbers_of
 from compute.oci_console import TtyRelay, receive_pty_master
 from compute.oci_image import ImageStore
 from compute.oci_net import attach_nics, detach_nics
-from compute.spec import ContainerNic, ContainerSpec, DeviceIoLimit, PowerState, QosClass, VolumeMount
+from compute.spec import ContainerSpec, PowerState, container_spec_from_dict, container_spec_to_dict
 
 log = logging.getLogger(__name__)
 HYBRID_MARK = Path("/sys/fs/cgroup/unified")
-
-
-def _spec_to_json(spec: ContainerSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
-
-
-def _spec_from_json(d: dict[str, Any]) -> ContainerSpec:
-    return ContainerSpec(
-        **{**d,
-           "command": tuple(d["command"]), "env": tuple(tuple(e) for e in d["env"]),
-           "qos_class": QosClass(d["qos_class"]),
-           "nics": tuple(ContainerNic(**n) for n in d["nics"]),
-           "volumes": tuple(VolumeMount(**v) for v in d["volumes"]),
-           "io_limits": tuple(DeviceIoLimit(**x) for x in d["io_limits"])}
-    )
 
 
 class OciDriver(ComputeDriver[ContainerSpec]):
@@ -105,7 +89,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         path = self._dir(name) / "spec.json"
         if not path.exists():
             raise InstanceNotFound(f"no container named {name!r} on this node")
-        return _spec_from_json(json.loads(path.read_text()))
+        return container_spec_from_dict(json.loads(path.read_text()))
 
     def resources(self) -> NodeResources:
         """Host CPUs and memory."""
@@ -134,7 +118,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         self.images.resolve(spec.image)  # ImageNotFound before anything is written
         for sub in ("rootfs", "upper", "work"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        (d / "spec.json").write_text(json.dumps(_spec_to_json(spec)))
+        (d / "spec.json").write_text(json.dumps(container_spec_to_dict(spec)))
 
     def _mount_rootfs(self, spec: ContainerSpec) -> tuple[Path, Any]:
         d = self._dir(spec.name)

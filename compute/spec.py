@@ -6,10 +6,12 @@ with :class:`~compute.errors.InvalidSpec` before any hypervisor is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from compute.errors import InvalidSpec
@@ -352,3 +354,20 @@ class ContainerSpec:
 
 
 InstanceSpec = VmSpec | ContainerSpec
+
+
+def container_spec_to_dict(spec: ContainerSpec) -> dict[str, Any]:
+    """A JSON-able dict of ``spec`` (drivers persist specs next to their bundles)."""
+    return dataclasses.asdict(spec)
+
+
+def container_spec_from_dict(d: dict[str, Any]) -> ContainerSpec:
+    """Inverse of :func:`container_spec_to_dict`."""
+    return ContainerSpec(
+        **{**d,
+           "command": tuple(d["command"]), "env": tuple(tuple(e) for e in d["env"]),
+           "qos_class": QosClass(d["qos_class"]),
+           "nics": tuple(ContainerNic(**n) for n in d["nics"]),
+           "volumes": tuple(VolumeMount(**v) for v in d["volumes"]),
+           "io_limits": tuple(DeviceIoLimit(**x) for x in d["io_limits"])}
+    )

@@ -7,7 +7,9 @@ The guest's init understands kernel command line options:
 ``cairn.ip=A.B.C.D/NN`` (static address on eth0, else DHCP with udhcpc),
 ``cairn.ping=A.B.C.D`` (ping it and print ``PING-OK`` / ``PING-FAIL``),
 ``cairn.disktest=1`` (print the first bytes of /dev/vda, then write
-``CAIRN-GUEST-WROTE`` at offset 1 MiB). It prints :data:`MARKER` on the
+``CAIRN-GUEST-WROTE`` at offset 1 MiB), ``cairn.virtiofs=TAG`` (mount that
+virtiofs share as a root and, with ``cairn.run=BASE64``, run that shell
+command chrooted into it: how ``isolation: vm`` containers run). It prints :data:`MARKER` on the
 serial console first thing, then a heartbeat ``HB n`` line every second, and
 runs a shell on the serial console.
 """
@@ -33,7 +35,7 @@ MARKER = "CAIRN-GUEST-UP"
 MODULES = [
     "drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
     "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk",
-    "net/core/failover", "drivers/net/net_failover", "drivers/net/virtio_net",
+    "net/core/failover", "drivers/net/net_failover", "drivers/net/virtio_net", "fs/fuse/fuse", "fs/fuse/virtiofs",
 ]
 DEFAULT_CACHE = Path(os.environ.get("CAIRN_TESTGUEST_CACHE", "/var/cache/cairn/testguest"))
 
@@ -74,6 +76,17 @@ if ip link set eth0 up 2>/dev/null; then
     ( ok=0; for i in $(seq 60); do ping -c 1 -W 1 "$P" >/dev/null 2>&1 && { ok=1; break; }; sleep 0.5; done
       [ $ok = 1 ] && say "PING-OK $P" || say "PING-FAIL $P" ) &
   fi
+fi
+FS=$(arg cairn.virtiofs)
+if [ -n "$FS" ]; then
+  mkdir -p /mnt/root
+  if mount -t virtiofs "$FS" /mnt/root; then
+    say "VIRTIOFS-MOUNTED $FS"
+    mount -t proc proc /mnt/root/proc; mount -t sysfs sysfs /mnt/root/sys; mount -t devtmpfs devtmpfs /mnt/root/dev
+    RUN=$(arg cairn.run)
+    [ -n "$RUN" ] && ( chroot /mnt/root /bin/sh -c "$(echo "$RUN" | base64 -d)" </dev/null >/dev/ttyS0 2>&1
+                       say "CAIRN-RUN-EXIT $?" ) &
+  else say "VIRTIOFS-FAILED $FS"; fi
 fi
 ( i=0; while true; do i=$((i+1)); say "HB $i $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done ) &
 # a shell on the serial console (what `cairn vm console` attaches to)

@@ -22,6 +22,7 @@ from compute.libvirt_node import LibvirtNode
 from compute.oci_driver import OciDriver
 from compute.spec import Consoles, ContainerSpec, KernelBoot, NicSpec, VmSpec
 from compute.testguest import TestGuest, ensure_test_guest
+from compute.vm_isolation import VmIsolatedContainerDriver
 
 PREFIX = "cz" + secrets.token_hex(2)  # unique per session: guests, bridges, taps, veths
 BOOT_TIMEOUT = 60.0
@@ -134,3 +135,13 @@ def bridge(prefix: str) -> Iterator[str]:
         with IPRoute() as ipr:
             for idx in ipr.link_lookup(ifname=name):
                 ipr.link("del", index=idx)
+
+
+@pytest.fixture(scope="session")
+def vm_isolated_driver(
+    vm_driver: LibvirtDriver, guest: TestGuest, workdir: Path
+) -> Iterator[VmIsolatedContainerDriver]:
+    driver = VmIsolatedContainerDriver(vm_driver, workdir / "vm-isolated", guest.kernel, guest.initrd)
+    yield driver
+    for name in driver.list_instances():
+        driver.delete(name)

@@ -12,7 +12,6 @@ from compute.driver import ComputeDriver
 from compute.errors import InstanceExists, InstanceNotFound, InsufficientResources, InvalidPowerState
 from compute.fake import fake_container_driver, fake_vm_driver
 from compute.libvirt_driver import LibvirtDriver
-from compute.oci_driver import OciDriver
 from compute.spec import ContainerSpec, PowerState, VmSpec
 from compute.testguest import MARKER
 from tests.compute.conftest import CONTAINER_MARKER, wait_for_console
@@ -28,7 +27,7 @@ class Subject:
     real: bool
 
 
-@pytest.fixture(params=["fake-vm", "libvirt", "fake-container", "crun"])
+@pytest.fixture(params=["fake-vm", "libvirt", "fake-container", "crun", "vm-isolated-container"])
 def subject(
     request: pytest.FixtureRequest,
     make_vm_spec: Callable[..., VmSpec],
@@ -40,12 +39,13 @@ def subject(
     if request.param == "fake-container":
         yield Subject(fake_container_driver(cpus=2), make_container_spec, b"CAIRN-MARKER", real=False)
         return
-    if request.param == "crun":
-        oci: OciDriver = request.getfixturevalue("oci_driver")
+    if request.param in ("crun", "vm-isolated-container"):
+        oci: ComputeDriver[ContainerSpec] = request.getfixturevalue(
+            "oci_driver" if request.param == "crun" else "vm_isolated_driver")
         made: list[str] = []
 
         def make_c(name: str) -> ContainerSpec:
-            spec = make_container_spec(name)
+            spec = make_container_spec(name, isolation="vm" if request.param != "crun" else "container")
             made.append(spec.name)
             return spec
 
