@@ -61,6 +61,20 @@ install_webui() {
     (cd webui && if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; else npm install --no-audit --no-fund --loglevel=error; fi)
     echo "$want" > "$STAMPS/npm"
   fi
+  # Build the console when its sources (or the packages they build with) change: the stamp
+  # hashes every tracked-or-not file under webui/ except node_modules/ and dist/.
+  local sources
+  sources=$(cd webui && find . \( -path ./node_modules -o -path ./dist \) -prune -o -type f -print0 \
+    | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  if [ "$(cat "$STAMPS/webui-build" 2>/dev/null)" != "$sources" ] || [ ! -f webui/dist/index.html ]; then
+    say "building the console (webui/dist)"
+    if ! (cd webui && npm run build --silent >"$STAMPS/webui-build.log" 2>&1); then
+      cat "$STAMPS/webui-build.log" >&2
+      echo "console build failed (log above, also in $STAMPS/webui-build.log)" >&2
+      exit 1
+    fi
+    echo "$sources" > "$STAMPS/webui-build"
+  fi
 }
 
 install_all() {
