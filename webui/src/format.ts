@@ -50,3 +50,20 @@ export function duration(startIso: string | null | undefined, endIso: string | n
 export function plural(n: number, one: string, many = `${one}s`): string {
   return `${n} ${n === 1 ? one : many}`;
 }
+
+/** "fsyncs_per_second" → "fsyncs per second", "write_mib_s" → "write (MiB/s)". */
+export function resultLabel(key: string): string {
+  return key
+    .replace(/_mib_s$/, " (MiB/s)")
+    .replace(/_per_second$/, " per second")
+    .replace(/_bytes$/, " (bytes)")
+    .replace(/_/g, " ")
+    .replace(/\bsha256\b/, "SHA-256")
+    .replace(/^cpu\b/, "CPU");
+}
+
+export function resultValue(v: unknown): string {
+  if (typeof v === "number") return v.toLocaleString(undefined, { maximumFractionDigits: 1 });
+  if (typeof v === "string") return v;
+  return JSON.stringify(v);
+}

@@ -16,12 +16,15 @@ export function PageHeader({ title, children }: { title: string; children?: Comp
 export function ErrorBox({ error, onRetry }: { error: ApiError | Error | string | null; onRetry?: () => void }) {
   if (!error) return null;
   const text = typeof error === "string" ? error : error.message;
-  const title = typeof error === "object" && "title" in error && error.status ? `${error.status} ${error.title}` : "Error";
+  const status = typeof error === "object" && "status" in error ? error.status : 0;
+  const title = typeof error === "object" && "title" in error && status ? `${status} ${error.title}` : "Error";
+  // Retrying only helps when the API was unreachable or failed, not when it said no.
+  const transient = status === 0 || status >= 500;
   return (
     <div class="error-box" role="alert">
       <strong>{title}</strong>
       <span>{text}</span>
-      {onRetry && <button type="button" class="link-button" onClick={onRetry}>Retry</button>}
+      {onRetry && transient && <button type="button" class="link-button" onClick={onRetry}>Retry</button>}
     </div>
   );
 }

@@ -3,7 +3,7 @@ import { ApiError, canOperate, get, post, type Me, type Node, type Task } from "
 import { CapacityBars } from "../components/capacity";
 import { Progress } from "../components/charts";
 import { Badge, Conditions, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
-import { ago, bytes, speed, when } from "../format";
+import { ago, bytes, resultLabel, resultValue, speed, when } from "../format";
 import { useFetch, useLiveList, usePoll, useTick } from "../hooks";
 import { useLive } from "../live";
 
@@ -109,7 +109,7 @@ export function NodeDetail({ name, user }: { name: string; user: Me | null }) {
           {bench.error && <ErrorBox error={bench.error} />}
           {bench.result && (
             <dl class="kv">
-              {Object.entries(bench.result).map(([k, v]) => <div key={k}><dt>{k}</dt><dd>{typeof v === "object" ? JSON.stringify(v) : String(v)}</dd></div>)}
+              {Object.entries(bench.result).map(([k, v]) => <div key={k}><dt>{resultLabel(k)}</dt><dd>{resultValue(v)}</dd></div>)}
             </dl>
           )}
         </section>

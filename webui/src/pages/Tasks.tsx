@@ -2,7 +2,7 @@ import { useState } from "preact/hooks";
 import { ApiError, post, TASK_STATES, type Me, type Task, type TaskState } from "../api";
 import { Progress } from "../components/charts";
 import { Badge, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
-import { duration, when } from "../format";
+import { duration, resultLabel, resultValue, when } from "../format";
 import { useLiveList, useTick } from "../hooks";
 import { navigate } from "../router";
 
@@ -55,12 +55,16 @@ export function Tasks({ user }: { user: Me | null }) {
                 <tr key={t.id}>
                   <td><b>{t.name}</b><br /><small class="muted mono" title="task id">{t.id.slice(0, 8)}</small>
                     {t.attempts > 1 && <small class="muted"> · attempt {t.attempts}</small>}</td>
-                  <td>{t.resource ? <>{t.resource.kind} <b>{t.resource.name}</b></> : "—"}{t.project && <><br /><small class="muted">{t.project}</small></>}</td>
+                  <td>{t.resource ? <>{t.resource.kind}{" "}
+                    {t.resource.kind === "node" ? <a href={`/nodes/${encodeURIComponent(t.resource.name)}`}><b>{t.resource.name}</b></a> : <b>{t.resource.name}</b>}</> : "—"}{t.project && <><br /><small class="muted">{t.project}</small></>}</td>
                   <td><Badge value={t.state} /></td>
                   <td>
                     <Progress percent={t.state === "succeeded" ? 100 : t.progress?.percent ?? 0} state={t.state} label={`${t.name} progress`} />
                     {(t.error || t.progress?.message) && (
                       <small class={t.error ? "error-text" : "muted"}>{t.error ?? t.progress.message}</small>
+                    )}
+                    {t.state === "succeeded" && t.result && Object.keys(t.result).length > 0 && (
+                      <small class="result">{Object.entries(t.result).map(([k, v]) => `${resultLabel(k)}: ${resultValue(v)}`).join(" · ")}</small>
                     )}
                   </td>
                   <td title={when(t.created_at)}>{when(t.started_at)}</td>
