@@ -8,6 +8,9 @@
 3. live-migration downtime: an observer container on the VM's bridge pings the VM
    every 10 ms during a migration between two libvirt nodes; the longest run of
    lost replies is the downtime a client sees; libvirt's own figure is printed too.
+   With Cairn's switchover target (50 ms) and with QEMU's default (300 ms).
+   (Measuring inside the guest does not work under TCG: the guest's clocks stop
+   while it is paused, so the guest cannot see its own downtime.)
 
     .venv/bin/python bench/compute_bench.py [--runs 5]
 
@@ -110,16 +113,19 @@ def bench_container(oci: OciDriver, image: str, runs: int) -> dict[str, Any]:
             "target_ms": 300, "runs_ms": [r * 1000 for r in running]}
 
 
-def bench_migration(a: LibvirtNode, b: LibvirtNode, oci: OciDriver, image: str, work: Path) -> dict[str, Any]:
-    br = f"{PREFIX}br"
+def bench_migration(a: LibvirtNode, b: LibvirtNode, oci: OciDriver, image: str, work: Path,
+                    max_downtime_ms: int | None, tag: str) -> dict[str, Any]:
+    br = f"{PREFIX}br{tag}"
     subprocess.run(["ip", "link", "add", br, "type", "bridge"], check=True)
     subprocess.run(["ip", "link", "set", br, "up"], check=True)
-    src, dst = LibvirtDriver(a.uri, migration_host="127.0.0.1"), LibvirtDriver(b.uri, migration_host="127.0.0.1")
-    vm = vm_spec(work, f"{PREFIX}-mig", cmdline="cairn.ip=10.78.0.2/24",
+    src = (LibvirtDriver(a.uri, migration_host="127.0.0.1", migration_max_downtime_ms=max_downtime_ms)
+           if max_downtime_ms else LibvirtDriver(a.uri, migration_host="127.0.0.1"))
+    dst = LibvirtDriver(b.uri, migration_host="127.0.0.1")
+    vm = vm_spec(work, f"{PREFIX}-mig{tag}", cmdline="cairn.ip=10.78.0.2/24",
                  nics=(NicSpec(mac="52:54:00:bb:00:02", bridge=br),))
-    ct = ContainerSpec(name=f"{PREFIX}-obs", image=image, memory_mib=64,
+    ct = ContainerSpec(name=f"{PREFIX}-obs{tag}", image=image, memory_mib=64,
                        command=("/bin/sh", "-c", "exec ping -i 0.01 10.78.0.2"),
-                       nics=(ContainerNic(mac="52:54:00:bb:00:03", bridge=br, host_dev=f"{PREFIX}o",
+                       nics=(ContainerNic(mac="52:54:00:bb:00:03", bridge=br, host_dev=f"{PREFIX}o{tag}",
                                           address="10.78.0.3/24"),))
     try:
         src.spawn(vm)
@@ -133,7 +139,8 @@ def bench_migration(a: LibvirtNode, b: LibvirtNode, oci: OciDriver, image: str, 
         gaps = [y - x for x, y in itertools.pairwise(seqs)]
         lost = max(gaps) - 1 if gaps else -1
         hb = read(Path(vm.consoles.serial_log))
-        return {"migration_duration_s": result.duration_s, "libvirt_downtime_ms": result.downtime_ms,
+        return {"max_downtime_setting_ms": max_downtime_ms, "migration_duration_s": result.duration_s,
+                "libvirt_downtime_ms": result.downtime_ms,
                 "ping_interval_ms": 10, "longest_reply_gap_ms": (max(gaps) if gaps else 0) * 10,
                 "lost_replies_in_a_row": lost, "replies": len(seqs), "target_ms": 100,
                 "guest_booted_once": hb.count(MARKER.encode()) == 1,
@@ -160,22 +167,27 @@ def main() -> None:
         b.start()
         results["vm_create_to_marker"] = bench_vm_boot(a, work / "vms", args.runs)
         results["container_create"] = bench_container(oci, g.oci_archive, args.runs)
-        results["live_migration"] = bench_migration(a, b, oci, g.oci_archive, work / "vms")
+        # Cairn's driver default (50 ms switchover target) vs QEMU's own default (300 ms)
+        results["live_migration"] = bench_migration(a, b, oci, g.oci_archive, work / "vms", None, "d")
+        results["live_migration_qemu_default_300ms"] = bench_migration(a, b, oci, g.oci_archive, work / "vms",
+                                                                       300, "q")
     finally:
         for name in oci.list_instances():
             oci.delete(name)
         a.stop()
         b.stop()
         shutil.rmtree(work, ignore_errors=True)
-    v, c, m = results["vm_create_to_marker"], results["container_create"], results["live_migration"]
+    v, c = results["vm_create_to_marker"], results["container_create"]
     print(f"VM create->marker ({v['virt_type']}): cairn {v['cairn_median_s'] * 1000:.0f} ms, plain createXML "
           f"{v['plain_createXML_median_s'] * 1000:.0f} ms, ratio {v['ratio']:.2f} (target <= 1.2)")
     print(f"container create->running {c['create_to_running_median_ms']:.0f} ms, ->first output "
           f"{c['create_to_first_output_median_ms']:.0f} ms (target < 300 ms)")
-    print(f"live migration: {m['migration_duration_s'] * 1000:.0f} ms total, libvirt downtime "
-          f"{m['libvirt_downtime_ms']} ms, longest ping-reply gap {m['longest_reply_gap_ms']} ms "
-          f"({m['lost_replies_in_a_row']} replies lost in a row at 10 ms; target < 100 ms), "
-          f"guest booted once: {m['guest_booted_once']}")
+    for key in ("live_migration", "live_migration_qemu_default_300ms"):
+        m = results[key]
+        print(f"{key}: {m['migration_duration_s'] * 1000:.0f} ms total, libvirt downtime "
+              f"{m['libvirt_downtime_ms']} ms, longest ping-reply gap {m['longest_reply_gap_ms']} ms "
+              f"({m['lost_replies_in_a_row']} replies lost in a row at 10 ms; target < 100 ms), "
+              f"guest booted once: {m['guest_booted_once']}")
     out = ROOT / "bench" / "results" / "compute_bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -67,10 +67,12 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
 
     kind = "vm"
 
-    def __init__(self, uri: str, virt_type: str = "auto", migration_host: str | None = None) -> None:
+    def __init__(self, uri: str, virt_type: str = "auto", migration_host: str | None = None,
+                 migration_max_downtime_ms: int | None = 50) -> None:
         self.uri = uri
         self.virt_type = choose_virt_type(virt_type)
         self.migration_host = migration_host  # address the migration data stream uses
+        self.migration_max_downtime_ms = migration_max_downtime_ms  # switchover target; QEMU's own is 300
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         try:
             self._conn = libvirt.open(uri)
@@ -264,6 +266,8 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
         if self.migration_host:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{self.migration_host}"
             params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = self.migration_host
+        if self.migration_max_downtime_ms:
+            dom.migrateSetMaxDowntime(self.migration_max_downtime_ms, 0)
         t0 = time.monotonic()
         try:
             dom.migrateToURI3(destination, params, flags)
