@@ -1,5 +1,5 @@
 import { render } from "preact";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { ApiError, get, logout, me, setUnauthorizedHandler, type Me } from "./api";
 import { connect, disconnect, useLiveState } from "./live";
 import { Access } from "./pages/Access";
@@ -53,6 +53,14 @@ function App() {
   const [checked, setChecked] = useState(false);
   const [notice, setNotice] = useState<string | undefined>();
   const [kinds, setKinds] = useState<Kind[]>([]);
+  const pathname = path.split("?")[0];
+  const firstPath = useRef(pathname);
+
+  // After client-side navigation, move focus to the new page (screen readers announce it).
+  useEffect(() => {
+    if (pathname !== firstPath.current) document.getElementById("main")?.focus({ preventScroll: true });
+    firstPath.current = "";
+  }, [pathname]);
 
   useEffect(() => {
     setUnauthorizedHandler(() => {
@@ -79,7 +87,6 @@ function App() {
     return <Login notice={notice} onLoggedIn={(u) => { setNotice(undefined); setUser(u); if (path.startsWith("/login")) navigate("/", true); }} />;
   }
 
-  const [pathname] = path.split("?");
   const segments = pathname.split("/").filter(Boolean).map(decodeURIComponent);
   let page;
   if (segments.length === 0) page = <Dashboard />;

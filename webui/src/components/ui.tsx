@@ -1,9 +1,13 @@
 /** Shared building blocks: page header, error box, badges, empty states. */
 
 import type { ComponentChildren } from "preact";
+import { useEffect } from "preact/hooks";
 import type { ApiError, Condition } from "../api";
 
 export function PageHeader({ title, children }: { title: string; children?: ComponentChildren }) {
+  useEffect(() => {
+    document.title = `${title} · Cairn`;
+  }, [title]);
   return (
     <header class="page-header">
       <h1>{title}</h1>

@@ -1,4 +1,4 @@
-import { useState } from "preact/hooks";
+import { useEffect, useState } from "preact/hooks";
 import { ApiError, login, type Me } from "../api";
 
 export function Login({ onLoggedIn, notice }: { onLoggedIn: (user: Me) => void; notice?: string }) {
@@ -6,6 +6,9 @@ export function Login({ onLoggedIn, notice }: { onLoggedIn: (user: Me) => void; 
   const [password, setPassword] = useState("");
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
+  useEffect(() => {
+    document.title = "Sign in · Cairn";
+  }, []);
 
   async function submit(ev: Event) {
     ev.preventDefault();
