@@ -15,7 +15,16 @@ import pytest
 from compute.errors import ImageNotFound, InvalidSpec
 from compute.libvirt_driver import LibvirtDriver
 from compute.oci_driver import OciDriver
-from compute.spec import ContainerNic, ContainerSpec, DeviceIoLimit, NicSpec, QosClass, VmSpec, VolumeMount
+from compute.spec import (
+    ContainerNic,
+    ContainerSpec,
+    DeviceIoLimit,
+    NicSpec,
+    PowerState,
+    QosClass,
+    VmSpec,
+    VolumeMount,
+)
 from compute.testguest import MARKER, TestGuest
 from compute.vm_isolation import VmIsolatedContainerDriver
 from tests.compute.conftest import CONTAINER_MARKER, wait_for_console
@@ -212,3 +221,19 @@ def test_vm_isolated_container_runs_its_image_under_its_own_kernel_on_the_bridge
     finally:
         vm_isolated_driver.delete(isolated.name)
         oci_driver.delete(peer.name)
+
+
+def test_a_container_whose_process_exits_is_observed_as_shutdown_and_can_start_again(
+    oci_driver: OciDriver, make_container_spec: Callable[..., ContainerSpec]
+) -> None:
+    spec = make_container_spec("exits", command=("/bin/sh", "-c", "echo RAN; sleep 0.3"))
+    oci_driver.spawn(spec)
+    try:
+        deadline = time.monotonic() + 10
+        while oci_driver.power_state(spec.name) is not PowerState.SHUTDOWN:
+            assert time.monotonic() < deadline, "the exit was not observed"
+            time.sleep(0.05)
+        oci_driver.start(spec.name)
+        wait_for_console(lambda: (oci_driver.console_log(spec.name).count(b"RAN") == 2 and b"RAN") or b"", b"RAN")
+    finally:
+        oci_driver.delete(spec.name)

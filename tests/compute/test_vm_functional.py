@@ -176,3 +176,22 @@ def test_guaranteed_vm_boots_with_its_vcpu_pinned_to_the_placed_host_cpu(
         assert re.search(r"^\s*0\s+1\s*$", out, re.M), out
     finally:
         vm_driver.delete(spec.name)
+
+
+def test_a_guest_that_powers_itself_off_is_observed_as_shutdown(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec]
+) -> None:
+    spec = make_vm_spec("selfoff")
+    vm_driver.spawn(spec)
+    try:
+        wait_for_console(lambda: vm_driver.console_log(spec.name), b"HB 1 ")
+        endpoint = next(c for c in vm_driver.consoles(spec.name) if c.kind == "serial-unix")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(endpoint.path)
+            deadline = time.monotonic() + 30
+            while vm_driver.power_state(spec.name) is PowerState.RUNNING and time.monotonic() < deadline:
+                s.sendall(b"poweroff -f\n")
+                time.sleep(0.5)
+        assert vm_driver.power_state(spec.name) is PowerState.SHUTDOWN
+    finally:
+        vm_driver.delete(spec.name)
