@@ -102,18 +102,23 @@ class ImageStore:
 
     def _unpack(self, archive: Path) -> Image:
         with tarfile.open(archive) as outer:
+            names = set(outer.getnames())
+
+            def member(name: str) -> IO[bytes]:
+                # layouts are tarred both as "./index.json" and as "index.json"
+                for candidate in (name, f"./{name}"):
+                    if candidate in names:
+                        f = outer.extractfile(candidate)
+                        if f is not None:
+                            return f
+                raise KeyError(f"{name} is missing from the archive")
+
             def blob(digest: str) -> IO[bytes]:
                 algo, hexd = digest.split(":", 1)
-                f = outer.extractfile(f"./blobs/{algo}/{hexd}") or outer.extractfile(f"blobs/{algo}/{hexd}")
-                if f is None:
-                    raise KeyError(digest)
-                return f
+                return member(f"blobs/{algo}/{hexd}")
 
             def member_json(name: str) -> Any:
-                f = outer.extractfile(f"./{name}") if f"./{name}" in outer.getnames() else outer.extractfile(name)
-                if f is None:
-                    raise KeyError(name)
-                return json.load(f)
+                return json.load(member(name))
 
             index = member_json("index.json")
             manifest = json.load(blob(index["manifests"][0]["digest"]))
