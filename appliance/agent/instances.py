@@ -141,7 +141,7 @@ class InstanceReconciler:
             return VmSpec(
                 name=name, vcpus=int(spec["cpu"]), memory_mib=memory_mib, uuid=row.id,
                 consoles=Consoles(serial_log=str(workdir / "serial.log"),
-                                  serial_socket=str(workdir / "serial.sock")),
+                                  serial_socket=str(workdir / "serial.sock"), vnc_socket=str(workdir / "vnc.sock")),
                 kernel_boot=KernelBoot(kernel=image.spec["kernel"], initrd=image.spec.get("initrd"),
                                        cmdline=image.spec.get("cmdline", "console=ttyS0")),
                 qos_class=qos, placement=placement, virt_type=VirtType(self._virt(virt)),

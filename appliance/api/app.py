@@ -13,6 +13,7 @@ from appliance.api import metrics, problems
 from appliance.api.routes import (
     auth,
     cluster,
+    consoles,
     events,
     groups,
     images,
@@ -57,7 +58,9 @@ def create_app(settings: Settings | None = None, *, controller: bool = True) -> 
     app.state.registry = registry
     problems.install(app)
     api = APIRouter(prefix=API_PREFIX, responses=ERRORS)  # type: ignore[arg-type]
-    for module in (auth, cluster, events, groups, images, instances, networks, nodes, projects, tasks, tokens, users):
+    routers = (auth, cluster, consoles, events, groups, images, instances, networks, nodes, projects, tasks,
+               tokens, users)
+    for module in routers:
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(cluster.root_router)

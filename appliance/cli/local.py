@@ -98,18 +98,39 @@ def _wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
 
 
 def down() -> dict[str, Any]:
+    """Stop every process and this node's workloads (VMs go with libvirt; containers
+    are stopped here). Desired state stays in the database: `cairn up` restarts them."""
     settings = get_settings()
     pid = supervisor.running_pid(settings)
     if pid is None:
         return {"stopped": False, "message": "the appliance is not running"}
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if supervisor.running_pid(settings) is None:
-            return {"stopped": True, "pid": pid}
+    forced = False
+    while supervisor.running_pid(settings) is not None:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            forced = True
+            break
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    return {"stopped": True, "pid": pid, "forced": True}
+    stopped = _stop_containers(settings)
+    return {"stopped": True, "pid": pid, "forced": forced, "containers_stopped": stopped}
+
+
+def _stop_containers(settings: Settings) -> int:
+    state = settings.data_dir / "containers"
+    if not state.exists():
+        return 0
+    from compute.oci_driver import OciDriver
+
+    driver = OciDriver(state)
+    names = driver.list_instances()
+    for name in names:
+        try:
+            driver.delete(name)
+        except Exception as exc:  # keep going: one stuck container must not block the rest
+            err_console.print(f"[yellow]warning:[/yellow] could not stop container {name}: {exc}")
+    return len(names)
 
 
 def services() -> dict[str, Any]:

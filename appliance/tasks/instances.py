@@ -204,7 +204,8 @@ def import_test_guest(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any
                       {"kind": "vm", "format": "kernel", "kernel": files["kernel"], "initrd": files["initrd"],
                        "cmdline": "console=ttyS0", "marker": guest.marker})
         images.record(session, params["project_id"], "busybox",
-                      {"kind": "container", "format": "oci", "archive": files["archive"], "command": ["/bin/sh"]})
+                      {"kind": "container", "format": "oci", "archive": files["archive"],
+                       "command": ["/bin/sh", "-c", "while true; do sleep 3600; done"]})
     return {"vm": "tiny-guest", "container": "busybox"}
 
 

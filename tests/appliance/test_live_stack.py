@@ -79,7 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         pid = s.supervisor_pid()
-        s.cairn("down", check=False)
+        s.cairn("down", check=False)  # also stops this node's VMs and containers
         if pid:  # belt and braces: never leave a supervisor behind
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -302,6 +302,39 @@ def test_vm_lifecycle_with_a_real_guest(stack: Stack) -> None:
     assert stack.cairn("get", "vms") == []
 
 
+def test_websocket_consoles_serial_and_vnc_are_authenticated(stack: Stack) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    stack.cairn("image", "import-test-guest")
+    stack.cairn("vm", "create", "ws1", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB")
+    wait_for(lambda: "CAIRN-GUEST-UP" in stack.cairn("vm", "console", "ws1")["console"], 60, "boot")
+    base = f"wss://127.0.0.1:{stack.port}/api/v1/vms/ws1/console"
+    auth = {"Authorization": f"Bearer {stack.cli['token']}"}
+    with connect(f"{base}/serial", additional_headers=auth, ssl=stack.tls, open_timeout=10) as ws:
+        ws.send(b"\necho ws-$((20+22))\n")
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"ws-42" not in seen and time.monotonic() < deadline:
+            seen += ws.recv(timeout=30)
+        assert b"ws-42" in seen
+    with connect(f"{base}/vnc", additional_headers=auth, ssl=stack.tls, subprotocols=["binary"],
+                 open_timeout=10) as ws:
+        assert ws.recv(timeout=10).startswith(b"RFB 003.")
+    with stack.http() as c:
+        c.post("/api/v1/projects", json={"name": "other"})
+        c.post("/api/v1/users", json={"name": "mallory", "password": "correct horse battery"})
+        c.put("/api/v1/projects/other/members/mallory", json={"role": "admin"})
+    with httpx.Client(base_url=f"https://127.0.0.1:{stack.port}", verify=stack.tls) as c:
+        csrf = c.post("/api/v1/auth/login", json={"username": "mallory", "password": "correct horse battery"}
+                      ).json()["csrf_token"]
+        other = c.post("/api/v1/tokens", json={"name": "m"}, headers={"X-CSRF-Token": csrf}).json()["token"]
+    for headers in ({}, {"Authorization": f"Bearer {other}"}):
+        with pytest.raises(InvalidStatus):
+            connect(f"{base}/serial", additional_headers=headers, ssl=stack.tls, open_timeout=10)
+    stack.cairn("vm", "delete", "ws1")
+
+
 def test_container_lifecycle_exec_and_console(stack: Stack) -> None:
     stack.cairn("image", "import-test-guest")
     r = subprocess.run([*CAIRN, "container", "create", "c1", "--image", "busybox", "--memory", "64MiB", "-o", "json",
@@ -366,7 +399,17 @@ def test_node_turns_not_ready_when_the_agent_stops_and_ready_when_it_returns(sta
 def test_down_stops_every_process_and_up_restarts(stack: Stack) -> None:
     pids = [p["pid"] for p in stack.services().values()]
     sup = stack.supervisor_pid()
-    assert stack.cairn("down")["stopped"] is True
+    with stack.http() as c:
+        c.post("/api/v1/images/import-test-guest")
+    stack.cairn("image", "import-test-guest")
+    stack.cairn("container", "create", "survivor", "--image", "busybox", "--memory", "64MiB")
+    down = stack.cairn("down")
+    assert down["stopped"] is True and down["containers_stopped"] == 1
+    assert not [m for m in Path("/proc/mounts").read_text().splitlines() if str(stack.root) in m]
     assert sup is not None and not pid_alive(sup)
     assert not any(pid_alive(p) for p in pids)
     assert stack.cairn("up")["phase"] == "Ready"
+    # desired state survived: the agent brings the container back
+    wait_for(lambda: stack.cairn("container", "get", "survivor")["status"]["power_state"] == "running", 30,
+             "the container to be restarted after up")
+    stack.cairn("container", "delete", "survivor")
