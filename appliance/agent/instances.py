@@ -17,9 +17,21 @@ from appliance.db.engine import session_scope
 from appliance.db.models import Claim, Image, Instance, Node, Project
 from appliance.services.instances import KINDS
 from appliance.settings import Settings
+from compute.cloudinit import CloudInitSeed, write_seed_iso
 from compute.driver import ComputeDriver
 from compute.errors import ComputeError, HypervisorError, InstanceNotFound, InsufficientResources
-from compute.spec import Consoles, ContainerSpec, KernelBoot, Placement, PowerState, QosClass, VirtType, VmSpec
+from compute.spec import (
+    Consoles,
+    ContainerSpec,
+    DiskSpec,
+    FileSource,
+    KernelBoot,
+    Placement,
+    PowerState,
+    QosClass,
+    VirtType,
+    VmSpec,
+)
 
 log = logging.getLogger("cairn.agent.instances")
 MIB = 1 << 20
@@ -138,7 +150,13 @@ class InstanceReconciler:
         if qos is QosClass.GUARANTEED:
             placement = self.pin(row, int(-(-float(spec["cpu"]) // 1)))
         if row.kind == "vm":
-            return VmSpec(
+            disks: tuple[DiskSpec, ...] = ()
+            if spec.get("user_data") is not None or (row.status or {}).get("ports"):
+                seed = write_seed_iso(CloudInitSeed(instance_id=row.id, hostname=row.name,
+                                                    user_data=spec.get("user_data") or "#cloud-config\n{}\n"),
+                                      str(workdir / "seed.iso"))
+                disks = (DiskSpec(FileSource(seed), device="cdrom", readonly=True),)
+            return VmSpec(disks=disks,
                 name=name, vcpus=int(spec["cpu"]), memory_mib=memory_mib, uuid=row.id,
                 consoles=Consoles(serial_log=str(workdir / "serial.log"),
                                   serial_socket=str(workdir / "serial.sock"), vnc_socket=str(workdir / "vnc.sock")),

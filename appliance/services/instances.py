@@ -20,6 +20,8 @@ from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.resources import rowcount
 from appliance.services.scoped import ScopedKind
+from compute.cloudinit import validate_user_data
+from compute.errors import InvalidCloudInit
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -88,6 +90,11 @@ def create(session: Session, principal: Principal, kind: str, project: str, name
             raise Conflict(f"port '{port}' is already attached to {port_row.status['instance']}")
     proj = project_by_name(session, principal, project, "write")
     images.resolve(session, proj.id, spec["image"], kind)
+    if spec.get("user_data") is not None:
+        try:
+            validate_user_data(spec["user_data"])
+        except InvalidCloudInit as exc:
+            raise InvalidInput(f"user_data: {exc}")
     check_fits_somewhere(session, float(spec["cpu"]), spec["memory_bytes"])
     spec.setdefault("power", "running")
     row = KINDS[kind].create(session, principal, project, name, spec, {}, vm_state="building",

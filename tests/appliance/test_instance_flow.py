@@ -166,3 +166,15 @@ def test_delete_removes_it_everywhere_and_frees_the_claim(cluster: Cluster) -> N
     with session_scope(cluster.url) as session:
         assert session.get(Instance, row.id) is None
         assert session.query(Claim).filter_by(workload_id=row.id).count() == 0
+
+
+def test_user_data_reaches_the_guest_as_a_nocloud_seed(cluster: Cluster) -> None:
+    from compute.cloudinit import read_seed_iso
+
+    spec = {**VM, "user_data": "#cloud-config\nhostname: seeded\n"}
+    assert cluster.run(instances.create, "vm", "default", "seeded", spec)["state"] == "succeeded"
+    vm_spec = cluster.vm._instances[domain_name(cluster.instance("vm", "seeded"))].spec
+    cdrom = next(d for d in vm_spec.disks if d.device == "cdrom")
+    files = read_seed_iso(Path(cdrom.source.path).read_bytes())
+    assert "hostname: seeded" in files["user-data"]
+    assert cluster.instance("vm", "seeded").id in files["meta-data"]

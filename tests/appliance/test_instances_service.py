@@ -91,3 +91,13 @@ def test_two_operations_on_one_instance_one_wins_the_other_gets_409(world: Any, 
     with session_scope(url) as session:
         instances.create(session, admin(session), "container", "default", "web",
                          {"cpu": 0.5, "memory": "64MiB", "image": "busybox"})
+
+
+@pytest.mark.functional
+def test_invalid_cloud_init_is_refused_before_anything_is_recorded(world: Any) -> None:
+    _, url = world
+    spec = {"cpu": 1, "memory": "256MiB", "image": "tiny", "user_data": "#cloud-config\nusers: [unclosed\n"}
+    with session_scope(url) as session, pytest.raises(InvalidInput, match="user_data"):
+        instances.create(session, admin(session), "vm", "default", "ci", spec)
+    with session_scope(url) as session:
+        assert session.query(Instance).count() == 0
