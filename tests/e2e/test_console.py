@@ -1,8 +1,8 @@
 """The web console in a real browser (Debian's Chromium, driven by Playwright) against
 the real appliance processes: API (serving webui/dist), node agent, worker and Redis.
 
-Screenshots go to ``$CAIRN_E2E_SHOTS`` (default: a ``console-shots`` folder under
-pytest's temp dir); the path is printed."""
+Screenshots go to ``$CAIRN_E2E_SHOTS`` (default: ``<tmp>/cairn-console-shots``, outside
+pytest's rotating temp dirs so they outlive concurrent runs); the path is printed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
                 assert r.status_code == 200, r.text
                 # The session cookie is Secure: httpx will not send it over http, so use the header form.
                 api.headers["Cookie"] = f"cairn_session={r.cookies['cairn_session']}"
+                api.headers["X-CSRF-Token"] = r.json()["csrf_token"]
 
                 def node_ready() -> bool:
                     items = api.get("/nodes").json()["items"]
@@ -143,8 +145,8 @@ def browser(playwright: Playwright, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = Path(os.environ.get("CAIRN_E2E_SHOTS") or tmp_path_factory.getbasetemp() / "console-shots")
+def shots() -> Path:
+    path = Path(os.environ.get("CAIRN_E2E_SHOTS") or Path(tempfile.gettempdir()) / "cairn-console-shots")
     path.mkdir(parents=True, exist_ok=True)
     print(f"console screenshots: {path}")
     return path
@@ -257,8 +259,7 @@ def test_events_feed_and_users_page(page: Page, appliance: Appliance, shots: Pat
     # A change made now (a node relabel through the API) shows up in the feed without a reload.
     node = appliance.api.get(f"/nodes/{appliance.node}").json()
     r = appliance.api.patch(f"/nodes/{appliance.node}", json={"spec": {"labels": {"e2e": "yes"}}},
-                            headers={"If-Match": str(node["generation"]),
-                                     "X-CSRF-Token": appliance.api.cookies.get("cairn_csrf") or ""})
+                            headers={"If-Match": str(node["generation"])})
     assert r.status_code == 200, r.text
     expect(page.locator(".feed-item").filter(has_text=appliance.node).first).to_contain_text("updated")
     page.screenshot(path=shots / "events.png")
@@ -282,3 +283,29 @@ def test_unknown_page_and_sign_out(page: Page, appliance: Appliance) -> None:
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("Password")).to_be_visible()
     assert appliance.api.get("/auth/me").status_code == 200  # only the browser's session ended
+
+
+def test_a_project_viewer_gets_no_cluster_pages_and_sees_the_refusal(browser: BrowserContext, page: Page,
+                                                                      appliance: Appliance, shots: Path) -> None:
+    password = "viewer-password-e2e"
+    r = appliance.api.post("/users", json={"name": "e2e-viewer", "password": password})
+    assert r.status_code in (200, 201), r.text
+    r = appliance.api.put("/projects/default/members/e2e-viewer", json={"role": "viewer"})
+    assert r.status_code == 200, r.text
+    browser.clear_cookies()
+    try:
+        page.goto(appliance.url + "/")
+        page.get_by_label("User name").fill("e2e-viewer")
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Sign in").click()
+        nav = page.get_by_role("navigation", name="Main")
+        expect(nav.get_by_role("link", name="Tasks")).to_be_visible()
+        expect(nav.get_by_role("link", name="Nodes")).to_have_count(0)
+        expect(page.get_by_test_id("nodes-ready")).to_have_text(re.compile(r"1\s*of\s*1\s*node ready"))
+        expect(page.get_by_role("alert")).to_have_count(0)
+        # A typed-in URL the API refuses shows the API's reason, not a blank page.
+        page.goto(appliance.url + "/nodes")
+        expect(page.get_by_role("alert")).to_contain_text("403")
+        page.screenshot(path=shots / "viewer-refused.png")
+    finally:
+        browser.clear_cookies()

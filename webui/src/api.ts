@@ -163,6 +163,11 @@ export function qs(params: Record<string, string | number | null | undefined>): 
   return s ? `?${s}` : "";
 }
 
+/** Whether the user may read cluster-scoped things (nodes, all users): any cluster role. */
+export function clusterReader(user: Me | null): boolean {
+  return !!user?.cluster_role;
+}
+
 /** Whether the user may change cluster-scoped things (benchmark a node, cancel any task). */
 export function canOperate(user: Me | null): boolean {
   if (!user) return false;

@@ -21,7 +21,10 @@ export function useFetch<T>(path: string | null): Loaded<T> {
   const [loading, setLoading] = useState(true);
   const generation = useRef(0);
   const load = useCallback(() => {
-    if (!path) return;
+    if (!path) {
+      setLoading(false);
+      return;
+    }
     const mine = ++generation.current;
     setLoading(true);
     get<T>(path)
@@ -82,6 +85,10 @@ export function useLiveList<T extends { id: string }>(
 
   const fetchPage = useCallback((after: string | null) => {
     const mine = ++generation.current;
+    if (!path) {
+      setLoading(false);
+      return;
+    }
     setLoading(true);
     get<Page<T>>(path + qs({ limit: 100, ...params, cursor: after }))
       .then((page) => {

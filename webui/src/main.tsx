@@ -1,6 +1,6 @@
 import { render } from "preact";
 import { useEffect, useRef, useState } from "preact/hooks";
-import { ApiError, get, logout, me, setUnauthorizedHandler, type Me } from "./api";
+import { ApiError, clusterReader, get, logout, me, setUnauthorizedHandler, type Me } from "./api";
 import { connect, disconnect, useLiveState } from "./live";
 import { Access } from "./pages/Access";
 import { Dashboard } from "./pages/Dashboard";
@@ -89,12 +89,12 @@ function App() {
 
   const segments = pathname.split("/").filter(Boolean).map(decodeURIComponent);
   let page;
-  if (segments.length === 0) page = <Dashboard />;
+  if (segments.length === 0) page = <Dashboard user={user} />;
   else if (segments[0] === "nodes" && segments.length === 1) page = <Nodes />;
   else if (segments[0] === "nodes" && segments.length === 2) page = <NodeDetail key={segments[1]} name={segments[1]} user={user} />;
   else if (segments[0] === "tasks") page = <Tasks key={path} user={user} />;
   else if (segments[0] === "events") page = <Events />;
-  else if (segments[0] === "access") page = <Access />;
+  else if (segments[0] === "access") page = <Access user={user} />;
   else {
     const kind = kinds.find((k) => k.path === segments[0]);
     page = kind ? <Resources key={kind.path} kind={kind} />
@@ -109,7 +109,7 @@ function App() {
         <nav aria-label="Main">
           <ul>
             <NavLink href="/" path={path}>Dashboard</NavLink>
-            <NavLink href="/nodes" path={path}>Nodes</NavLink>
+            {clusterReader(user) && <NavLink href="/nodes" path={path}>Nodes</NavLink>}
             <NavLink href="/tasks" path={path}>Tasks</NavLink>
             <NavLink href="/events" path={path}>Events</NavLink>
             <NavLink href="/access" path={path}>Users & projects</NavLink>

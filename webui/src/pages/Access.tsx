@@ -1,4 +1,4 @@
-import { type Resource } from "../api";
+import { clusterReader, type Me, type Resource } from "../api";
 import { Badge, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
 import { when } from "../format";
 import { useLiveList } from "../hooks";
@@ -6,17 +6,24 @@ import { useLiveList } from "../hooks";
 type User = Resource<{ display_name?: string; email?: string }, { cluster_role?: string | null; roles?: { project: string; role: string }[]; active?: boolean }>;
 type Project = Resource<{ description?: string; quota?: Record<string, number | null> }>;
 
-export function Access() {
-  const users = useLiveList<User>("users", "user");
+export function Access({ user }: { user: Me }) {
+  const users = useLiveList<User>(clusterReader(user) ? "users" : "", "user");
   const projects = useLiveList<Project>("projects", "project");
   return (
     <>
       <PageHeader title="Users & projects" />
       <section class="section" aria-labelledby="users-h">
         <h2 id="users-h">Users</h2>
+        {!clusterReader(user) && (
+          <table class="table">
+            <thead><tr><th>Name</th><th>Project roles</th></tr></thead>
+            <tbody><tr><td><b>{user.name}</b> <span class="muted">(you; the user list is for cluster roles)</span></td>
+              <td>{user.roles.map((r) => <span key={r.project} class="chip">{r.project}: {r.role}</span>)}</td></tr></tbody>
+          </table>
+        )}
         <ErrorBox error={users.error} onRetry={users.reload} />
         {users.loading && users.items.length === 0 && <Loading what="users" />}
-        {!users.loading && !users.error && users.items.length === 0 && <Empty>No users visible to you.</Empty>}
+        {clusterReader(user) && !users.loading && !users.error && users.items.length === 0 && <Empty>No users visible to you.</Empty>}
         {users.items.length > 0 && (
           <table class="table">
             <thead><tr><th>Name</th><th>Display name</th><th>Cluster role</th><th>Project roles</th><th>Active</th><th>Created</th></tr></thead>

@@ -1,4 +1,4 @@
-import { type ClusterStatus, type Node, type Page, TASK_STATES } from "../api";
+import { clusterReader, type ClusterStatus, type Me, type Node, type Page, TASK_STATES } from "../api";
 import { CapacityBars } from "../components/capacity";
 import { Donut, StackedBar } from "../components/charts";
 import { Badge, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
@@ -10,12 +10,14 @@ const TASK_COLORS: Record<string, string> = {
   pending: "var(--muted-fill)", running: "var(--info)", succeeded: "var(--ok)", failed: "var(--bad)", cancelled: "var(--warn)",
 };
 
-export function Dashboard() {
+export function Dashboard({ user }: { user: Me }) {
+  // Nodes are cluster-scoped: project members see the counts, not the inventory.
+  const cluster = clusterReader(user);
   const status = useFetch<ClusterStatus>("cluster/status");
-  const nodes = useFetch<Page<Node>>("nodes?limit=500");
+  const nodes = useFetch<Page<Node>>(cluster ? "nodes?limit=500" : null);
   const refresh = useThrottled(() => {
     status.reload();
-    nodes.reload();
+    if (cluster) nodes.reload();
   }, 1000);
   useLive(["node", "task"], refresh);
   // Heartbeats are not events: re-read now and then so "last heartbeat" stays true.
@@ -56,6 +58,7 @@ export function Dashboard() {
                 segments={TASK_STATES.filter((k) => s.tasks[k]).map((k) => ({ label: k, value: s.tasks[k], color: TASK_COLORS[k] }))} />
             ) : <Empty>No tasks yet.</Empty>}
           </section>
+          {cluster && <>
           <section class="card wide" aria-labelledby="cap-h">
             <h2 id="cap-h">Capacity</h2>
             {list.length === 0 ? <Empty>No node has reported its inventory yet.</Empty> : <CapacityBars nodes={list} />}
@@ -76,6 +79,7 @@ export function Dashboard() {
               ))}
             </ul>
           </section>
+          </>}
         </div>
       )}
     </>
