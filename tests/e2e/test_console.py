@@ -91,8 +91,9 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     node = "e2e-node"
     procs: list[subprocess.Popen[bytes]] = []
     with redis_server() as redis_url:
+        # No compute drivers: the console needs a node's inventory and heartbeats, not libvirt or crun.
         env = {**os.environ, "CAIRN_DATA_DIR": str(data), "CAIRN_REDIS_URL": redis_url, "CAIRN_NODE_NAME": node,
-               "CAIRN_WORKER_CONCURRENCY": "2"}
+               "CAIRN_WORKER_CONCURRENCY": "2", "CAIRN_VM_DRIVER": "none", "CAIRN_CONTAINER_DRIVER": "none"}
 
         def start(*argv: str) -> None:
             log = (logs / f"{argv[0]}.log").open("wb")
