@@ -65,3 +65,18 @@ export function Progress({ percent, state, label }: { percent: number; state: st
     </div>
   );
 }
+
+/** A small inline bar for table cells: `used` of `total`, with the numbers beside it. */
+export function MiniBar({ used, total, label, text }: { used: number; total: number; label: string; text: string }) {
+  const frac = total > 0 ? Math.min(1, used / total) : 0;
+  const color = frac > 0.9 ? "var(--bad)" : frac > 0.7 ? "var(--warn)" : "var(--info)";
+  return (
+    <span class="minibar">
+      <svg width="72" height="8" viewBox="0 0 72 8" role="img" aria-label={`${label}: ${text}`}>
+        <rect width="72" height="8" rx="4" fill="var(--track)" />
+        {frac > 0 && <rect width={Math.max(4, 72 * frac)} height="8" rx="4" fill={color} />}
+      </svg>
+      <small>{text}</small>
+    </span>
+  );
+}

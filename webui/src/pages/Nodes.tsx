@@ -1,7 +1,7 @@
 import { useState } from "preact/hooks";
 import { ApiError, canOperate, get, post, type Me, type Node, type Task } from "../api";
-import { CapacityBars } from "../components/capacity";
-import { Progress } from "../components/charts";
+import { CapacityBars, capacityOf } from "../components/capacity";
+import { MiniBar, Progress } from "../components/charts";
 import { Badge, Conditions, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
 import { ago, bytes, resultLabel, resultValue, speed, when } from "../format";
 import { useFetch, useLiveList, usePoll, useTick } from "../hooks";
@@ -28,11 +28,12 @@ export function Nodes() {
       {nodes.items.length > 0 && (
         <table class="table">
           <thead>
-            <tr><th>Name</th><th>Phase</th><th>CPU</th><th>Memory</th><th>Disks</th><th>Virt</th><th>Last heartbeat</th></tr>
+            <tr><th>Name</th><th>Phase</th><th>CPU</th><th>Memory</th><th>vCPUs claimed</th><th>Memory claimed</th><th>Disks</th><th>Virt</th><th>Last heartbeat</th></tr>
           </thead>
           <tbody>
             {nodes.items.map((n) => {
               const inv = n.status.inventory ?? {};
+              const c = capacityOf([n]);
               return (
                 <tr key={n.id}>
                   <td><a href={`/nodes/${encodeURIComponent(n.name)}`}><b>{n.name}</b></a>
@@ -40,6 +41,10 @@ export function Nodes() {
                   <td><Badge value={n.status.phase ?? "Unknown"} /></td>
                   <td>{cpuSummary(n)}</td>
                   <td>{bytes(inv.memory_bytes)}</td>
+                  <td><MiniBar label="vCPUs claimed" used={c.vcpusClaimed} total={c.vcpus}
+                    text={`${c.vcpusClaimed} / ${c.vcpus}`} /></td>
+                  <td><MiniBar label="Memory claimed" used={c.memoryClaimed} total={c.memoryAllocatable}
+                    text={`${bytes(c.memoryClaimed)} / ${bytes(c.memoryAllocatable)}`} /></td>
                   <td>{inv.disks?.length ?? 0}</td>
                   <td>{inv.virt_type ?? "—"}</td>
                   <td title={when(n.status.last_heartbeat)}>{ago(n.status.last_heartbeat, now)}</td>
