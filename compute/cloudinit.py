@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,3 +97,13 @@ def read_seed_iso(data: bytes) -> dict[str, str]:
     finally:
         iso.close()
     return result
+
+
+def write_seed_iso(seed: CloudInitSeed, path: str) -> str:
+    """Build the seed ISO for ``seed`` and write it to ``path`` (atomically); return ``path``."""
+    data = build_seed_iso(seed)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path

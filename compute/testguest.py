@@ -7,7 +7,8 @@ The guest's init understands kernel command line options:
 ``cairn.ip=A.B.C.D/NN`` (static address on eth0, else DHCP with udhcpc),
 ``cairn.ping=A.B.C.D`` (ping it and print ``PING-OK`` / ``PING-FAIL``),
 ``cairn.disktest=1`` (print the first bytes of /dev/vda, then write
-``CAIRN-GUEST-WROTE`` at offset 1 MiB), ``cairn.virtiofs=TAG`` (mount that
+``CAIRN-GUEST-WROTE`` at offset 1 MiB), ``cairn.peek=DEV:OFFSET:LEN`` (print
+those bytes of /dev/DEV), ``cairn.virtiofs=TAG`` (mount that
 virtiofs share as a root and, with ``cairn.run=BASE64``, run that shell
 command chrooted into it: how ``isolation: vm`` containers run). It prints :data:`MARKER` on the
 serial console first thing, then a heartbeat ``HB n`` line every second, and
@@ -64,6 +65,13 @@ if [ "$(arg cairn.disktest)" = 1 ] && [ -b /dev/vda ]; then
   say "VDA: $(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -c 'A-Za-z0-9-' '.')"
   printf 'CAIRN-GUEST-WROTE' | dd of=/dev/vda bs=1 seek=1048576 conv=notrunc,fsync 2>/dev/null && sync
   say "VDA-WRITTEN"
+fi
+PEEK=$(arg cairn.peek)  # DEV:OFFSET:LEN
+if [ -n "$PEEK" ]; then
+  IFS=: read pdev poff plen <<EOP
+$PEEK
+EOP
+  say "PEEK: $(dd if=/dev/$pdev bs=1 skip=$poff count=$plen 2>/dev/null | tr -c 'A-Za-z0-9-' '.')"
 fi
 ip link set lo up
 if ip link set eth0 up 2>/dev/null; then

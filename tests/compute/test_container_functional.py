@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from compute.errors import ImageNotFound, InvalidSpec
+from compute.errors import ImageNotFound, InvalidSpec, NotSupported
 from compute.libvirt_driver import LibvirtDriver
 from compute.oci_driver import OciDriver
 from compute.spec import (
@@ -237,3 +237,8 @@ def test_a_container_whose_process_exits_is_observed_as_shutdown_and_can_start_a
         wait_for_console(lambda: (oci_driver.console_log(spec.name).count(b"RAN") == 2 and b"RAN") or b"", b"RAN")
     finally:
         oci_driver.delete(spec.name)
+
+
+def test_containers_cannot_live_migrate_and_say_to_restart_on_the_target(oci_driver: OciDriver) -> None:
+    with pytest.raises(NotSupported, match="restart it on the target"):
+        oci_driver.migrate("any", "qemu+unix:///system")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from compute.cloudinit import CloudInitSeed, write_seed_iso
 from compute.errors import ImageNotFound, InvalidPowerState
 from compute.libvirt_driver import LibvirtDriver, choose_virt_type
 from compute.libvirt_node import LibvirtNode
-from compute.spec import DiskSpec, KernelBoot, NbdSource, Placement, PowerState, QosClass, VirtType, VmSpec
+from compute.spec import DiskSpec, FileSource, KernelBoot, NbdSource, Placement, PowerState, QosClass, VirtType, VmSpec
 from compute.testguest import MARKER
 from tests.compute.conftest import wait_for_console
 
@@ -193,5 +194,31 @@ def test_a_guest_that_powers_itself_off_is_observed_as_shutdown(
                 s.sendall(b"poweroff -f\n")
                 time.sleep(0.5)
         assert vm_driver.power_state(spec.name) is PowerState.SHUTDOWN
+    finally:
+        vm_driver.delete(spec.name)
+
+
+def test_cloud_init_seed_attached_as_a_disk_is_visible_to_the_guest_with_its_cidata_label(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec], workdir: Path
+) -> None:
+    iso = write_seed_iso(CloudInitSeed("i-1", "seeded", "#cloud-config\n{}\n"), str(workdir / "seed.iso"))
+    spec = dataclasses.replace(make_vm_spec("seed", cmdline="cairn.peek=vda:32808:6"),
+                               disks=(DiskSpec(FileSource(iso), readonly=True),))
+    vm_driver.spawn(spec)
+    try:
+        wait_for_console(lambda: vm_driver.console_log(spec.name), b"PEEK:")
+        assert b"PEEK: cidata" in vm_driver.console_log(spec.name)
+    finally:
+        vm_driver.delete(spec.name)
+
+
+def test_vnc_console_endpoint_speaks_rfb(vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec]) -> None:
+    spec = make_vm_spec("vnc", vnc=True)
+    vm_driver.spawn(spec)
+    try:
+        endpoint = next(c for c in vm_driver.consoles(spec.name) if c.kind == "vnc-tcp")
+        assert endpoint.host == "127.0.0.1"
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=10) as s:
+            assert s.recv(12).startswith(b"RFB 003.")
     finally:
         vm_driver.delete(spec.name)
