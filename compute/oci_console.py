@@ -54,6 +54,11 @@ class TtyRelay(threading.Thread):
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
 
+    def _drop(self, sel: selectors.BaseSelector, client: socket.socket) -> None:
+        sel.unregister(client)
+        self.clients.remove(client)
+        client.close()
+
     def run(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self.master, selectors.EVENT_READ, "pty")
@@ -81,12 +86,12 @@ class TtyRelay(threading.Thread):
                                 try:
                                     c.sendall(data)
                                 except OSError:
-                                    sel.unregister(c)
-                                    self.clients.remove(c)
-                                    c.close()
+                                    self._drop(sel, c)
                         else:
                             sock = key.fileobj
                             assert isinstance(sock, socket.socket)
+                            if sock not in self.clients:
+                                continue  # dropped earlier in this round
                             try:
                                 data = sock.recv(65536)
                             except OSError:
@@ -94,9 +99,7 @@ class TtyRelay(threading.Thread):
                             if data:
                                 os.write(self.master, data)
                             else:
-                                sel.unregister(sock)
-                                self.clients.remove(sock)
-                                sock.close()
+                                self._drop(sel, sock)
         finally:
             sel.close()
             for c in self.clients:
