@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -24,7 +25,7 @@ from storage.backends import ObjectBackend, open_backend
 from storage.blockmap import BlockMap, iter_map, meta_hashes
 from storage.chunks import ZERO_HASH, ChunkCodec, chunk_hash
 from storage.errors import AlreadyExists, ConflictError, InvalidArgument, NotFound
-from storage.log import LogPosition, SegmentLog
+from storage.log import Location, LogPosition, SegmentLog
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHECKPOINT_BYTES = 32 << 20
@@ -67,6 +68,7 @@ class ChunkStore:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_bytes = 0
         self.touched: set[bytes] | None = None  # filled while a GC sweep is running
+        self._local = threading.local()
 
     def put(self, data: bytes | bytearray | memoryview) -> bytes:
         """Store a chunk once; return its hash."""
@@ -90,37 +92,58 @@ class ChunkStore:
         self._remember(h, data)
         return data
 
-    def get_many(self, hashes: list[bytes]) -> dict[bytes, bytes]:
-        """Several chunks at once: cache misses stored next to each other in a segment are
-        fetched with one backend read (a RADOS op costs ~1 ms whatever its size)."""
-        out: dict[bytes, bytes] = {}
-        misses = []
+    def missing(self, hashes: list[bytes]) -> list[tuple[Location, bytes]]:
+        """Locations of the chunks that are neither cached nor staged (need a backend read)."""
+        out = []
+        seen: set[bytes] = set()
         for h in hashes:
-            data = self._cache.get(h)
-            if data is not None:
-                out[h] = data
-            elif h not in out and h in self.log.index and h not in self.log.pending_chunks:
-                misses.append((self.log.index[h], h))
-            elif h not in out:
-                out[h] = self.get(h)
-        misses.sort(key=lambda m: (m[0].segment, m[0].offset))
+            if h == ZERO_HASH or h in seen or h in self._cache or h in self.log.pending_chunks:
+                continue
+            loc = self.log.index.get(h)
+            if loc is not None:
+                seen.add(h)
+                out.append((loc, h))
+        return out
+
+    def fetch(self, misses: list[tuple[Location, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Read and decode chunks, one backend read per run of neighbours in a segment
+        (a RADOS op costs ~1 ms whatever its size). Thread-safe: the NBD server runs it in
+        worker threads so the event loop keeps serving while RADOS answers."""
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self._local.codec = ChunkCodec()
+        misses = sorted(misses, key=lambda m: (m[0].segment, m[0].offset))
+        out: list[tuple[bytes, bytes]] = []
         i = 0
         while i < len(misses):
             first = misses[i][0]
             j = i + 1
             end = first.offset + first.length
             while (j < len(misses) and misses[j][0].segment == first.segment
-                   and 0 <= misses[j][0].offset - end < 65536 and misses[j][0].offset + misses[j][0].length
-                   - first.offset < (8 << 20)):
+                   and 0 <= misses[j][0].offset - end < 65536
+                   and misses[j][0].offset + misses[j][0].length - first.offset < (8 << 20)):
                 end = max(end, misses[j][0].offset + misses[j][0].length)
                 j += 1
             blob = self.log.backend.get(first.segment, first.offset, end - first.offset)
             for loc, h in misses[i:j]:
                 payload = blob[loc.offset - first.offset : loc.offset - first.offset + loc.length]
-                data = self.codec.decode(loc.flags, payload, loc.raw_length)
-                self._remember(h, data)
-                out[h] = data
+                out.append((h, codec.decode(loc.flags, payload, loc.raw_length)))
             i = j
+        return out
+
+    def remember_many(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """Put fetched chunks in the cache."""
+        for h, data in pairs:
+            self._remember(h, data)
+
+    def get_many(self, hashes: list[bytes]) -> dict[bytes, bytes]:
+        """Several chunks at once (cache, then merged backend reads)."""
+        fetched = self.fetch(self.missing(hashes))
+        self.remember_many(fetched)
+        out = dict(fetched)
+        for h in hashes:
+            if h not in out and h != ZERO_HASH:
+                out[h] = self.get(h)
         return out
 
     def _remember(self, h: bytes, data: bytes) -> None:
@@ -192,6 +215,21 @@ class Volume:
             blk += 1
             boff = 0
         return bytes(out)
+
+    def blocks_needed(self, offset: int, length: int, partial_only: bool) -> list[bytes]:
+        """Hashes a read (or, with ``partial_only``, a write's read-modify-write) will use."""
+        if length <= 0 or offset < 0 or offset + length > self.record.size:
+            return []
+        bs = self.block
+        first, last = offset // bs, (offset + length - 1) // bs
+        if not partial_only:
+            return [self.map.get(b) for b in range(first, last + 1)]
+        out = []
+        if offset % bs:
+            out.append(self.map.get(first))
+        if (offset + length) % bs:
+            out.append(self.map.get(last))
+        return out
 
     def _block_data(self, blk: int) -> bytearray:
         h = self.map.get(blk)

@@ -20,6 +20,8 @@ import os
 import signal
 import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from storage.engine import Pool, Volume, open_pool
 from storage.errors import InvalidArgument, StorageError
@@ -44,6 +46,8 @@ class NbdServer:
         self._scheduled = False
         self._servers: list[asyncio.Server] = []
         self.connections = 0
+        # Backend reads run here so one slow RADOS read does not stall every other request.
+        self._readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="nbd-read")
 
     # ----------------------------------------------------------------- lifecycle
     async def listen_unix(self, path: str) -> None:
@@ -61,6 +65,7 @@ class NbdServer:
         for s in self._servers:
             s.close()
         self._commit()
+        self._readers.shutdown(wait=True)
         self.pool.close()
 
     def export_names(self) -> list[str]:
@@ -182,8 +187,54 @@ class NbdServer:
                 reply(opt, p.REP_ERR_UNSUP)
 
     # ----------------------------------------------------------------- transmission
+    async def _prefetch(self, vol: Volume, offset: int, length: int, partial_only: bool) -> None:
+        """Bring the chunks a request needs into the cache without blocking the loop."""
+        chunks = self.pool.chunks
+        misses = chunks.missing(vol.blocks_needed(offset, length, partial_only))
+        if misses:
+            loop = asyncio.get_running_loop()
+            chunks.remember_many(await loop.run_in_executor(self._readers, chunks.fetch, misses))
+
+    async def _read(self, vol: Volume, writer: asyncio.StreamWriter, handle: int, offset: int, length: int,
+                    slots: asyncio.Semaphore) -> None:
+        try:
+            if length > p.MAX_REQUEST:
+                raise InvalidArgument("read too large")
+            await self._prefetch(vol, offset, length, False)
+            out = vol.read(offset, length)
+            writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle) + out if length < 65536 else
+                         p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
+            if length >= 65536:
+                writer.write(out)
+        except InvalidArgument:
+            writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
+        except StorageError:
+            log.exception("read failed")
+            writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
+        finally:
+            slots.release()
+
+    async def _write(self, vol: Volume, writer: asyncio.StreamWriter, handle: int, offset: int, length: int,
+                     data: bytes | None, fua: bool, slots: asyncio.Semaphore) -> None:
+        try:
+            try:
+                await self._prefetch(vol, offset, length, True)
+            except StorageError:
+                pass  # the write itself reports it
+            self._finish(writer, handle, self._mutate(vol, offset, length, data), fua)
+        finally:
+            slots.release()
+
     async def _transmission(self, vol: Volume, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         pending_reads = 0
+        slots = asyncio.Semaphore(64)
+        tasks: set[asyncio.Task[None]] = set()
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         while True:
             magic, flags, cmd, handle, offset, length = p.REQUEST.unpack(await reader.readexactly(28))
             if magic != p.REQUEST_MAGIC:
@@ -193,32 +244,33 @@ class NbdServer:
                 if length > p.MAX_REQUEST:
                     raise Disconnect("write too large")
                 data = await reader.readexactly(length)
-                err = self._mutate(vol, offset, length, data)
-                self._finish(writer, handle, err, fua)
+                await slots.acquire()
+                if vol.blocks_needed(offset, length, True):
+                    spawn(self._write(vol, writer, handle, offset, length, data, fua, slots))
+                else:
+                    slots.release()
+                    self._finish(writer, handle, self._mutate(vol, offset, length, data), fua)
             elif cmd == p.CMD_READ:
-                try:
-                    if length > p.MAX_REQUEST:
-                        raise InvalidArgument("read too large")
-                    out = vol.read(offset, length)
-                    writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
-                    writer.write(out)
-                    pending_reads += length
-                except InvalidArgument:
-                    writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
-                except StorageError:
-                    log.exception("read failed")
-                    writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
+                await slots.acquire()
+                spawn(self._read(vol, writer, handle, offset, length, slots))
+                pending_reads += length
                 if pending_reads > (8 << 20):
                     pending_reads = 0
                     await writer.drain()
             elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
-                err = self._mutate(vol, offset, length, None)
-                self._finish(writer, handle, err, fua)
+                await slots.acquire()
+                spawn(self._write(vol, writer, handle, offset, length, None, fua, slots))
             elif cmd == p.CMD_FLUSH:
+                # Writes still fetching their old block were not acknowledged yet, but wait
+                # for them anyway so FLUSH covers everything sent before it.
+                if tasks:
+                    await asyncio.gather(*list(tasks))
                 self._defer_reply(writer, p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), True)
             elif cmd == p.CMD_CACHE:
                 writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
             elif cmd == p.CMD_DISC:
+                if tasks:
+                    await asyncio.gather(*list(tasks))
                 self._commit()
                 return
             else:

@@ -86,7 +86,10 @@ def _crash_loop(nbd_daemons: Callable[..., NbdDaemon], backend: str, seed: int) 
         t = threading.Thread(target=_writer, args=(client, rng, model, stop))
         writes_before = model.writes
         t.start()
-        time.sleep(rng.uniform(0.02, 0.15))
+        deadline = time.monotonic() + 10
+        while model.writes == writes_before and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.12))
         daemon.kill()  # kill -9 while the writer is mid-stream
         t.join(timeout=30)
         interrupted += t.is_alive() is False and model.writes > writes_before
