@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     container_driver: str = "crun"
     libvirt_uri: str = "qemu:///system"
     virt_type: str = "auto"  # auto | kvm | qemu
+    # Address other nodes' hypervisors reach this node's for live migration.
+    migration_host: str = "127.0.0.1"
     instance_start_timeout: float = 300.0
     # VXLAN VNIs handed to virtual networks, "first-last" inclusive.
     vni_range: str = "4096-16777215"

@@ -79,6 +79,9 @@ class Agent:
 
     def register(self) -> None:
         inventory = self.collect()
+        # How peers reach this node's hypervisor (live migration targets).
+        inventory["libvirt_uri"] = self.settings.libvirt_uri
+        inventory["migration_host"] = self.settings.migration_host
         with session_scope(self.settings.resolved_database_url) as session:
             nodes.register(session, self.node, inventory, inv.allocatable(inventory))
         self._registered = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from compute.spec import (
 
 log = logging.getLogger("cairn.agent.instances")
 MIB = 1 << 20
+ORPHAN = re.compile(r"[a-z0-9][a-z0-9-]*-[0-9a-f]{8}")  # what domain_name() makes
 
 
 def domain_name(row: Instance) -> str:
@@ -77,16 +79,20 @@ class InstanceReconciler:
                 return
             virt = (node.status or {}).get("inventory", {}).get("virt_type", "qemu")
             rows = list(session.scalars(select(Instance).where(Instance.node_id == node.id)))
+            # A domain arriving by live migration is not "ours" in the database yet.
+            moving = {domain_name(r) for r in session.scalars(
+                select(Instance).where(Instance.task_state == "migrating"))}
             by_name = {(i.project_id, i.name): i for i in session.scalars(select(Image))}
             self.cells = {c.workload_id: c.numa_cell for c in session.scalars(
                 select(Claim).where(Claim.node_id == node.id))}
             self.pinned = {cpu for r in rows if r.power_state != "nostate"
                            for cpu in (r.status or {}).get("pinned_cpus", [])}
         observed: dict[str, dict[str, Any]] = {}
+        self.remove_orphans({domain_name(r) for r in rows} | moving, report)
         for row in rows:
             driver = self.drivers.get(row.kind)
-            if driver is None:
-                continue
+            if driver is None or row.task_state == "migrating":
+                continue  # a migration moves it under us: only its task acts on it
             try:
                 observed[row.id] = self.converge(driver, row, by_name, virt)
             except HypervisorError as exc:
@@ -98,6 +104,16 @@ class InstanceReconciler:
                 report.errors.append(f"{row.kind} {row.name}: {exc}")
                 observed[row.id] = {"power_state": "error", "error": str(exc)}
         self.report(observed, report)
+
+    def remove_orphans(self, wanted: set[str], report: Any) -> None:
+        """Instances this node runs that the database no longer places here (deleted
+        while the node was away, or moved to another node) are removed."""
+        for kind, driver in self.drivers.items():
+            for name in driver.list_instances():
+                if name not in wanted and ORPHAN.fullmatch(name):
+                    log.warning("removing an instance no longer placed here", extra={"instance": name})
+                    driver.delete(name)
+                    report.actions.append(f"{kind} {name}: removed (not placed on this node)")
 
     def converge(self, driver: ComputeDriver[Any], row: Instance, images: dict[tuple[str, str], Image],
                  virt: str) -> dict[str, Any]:

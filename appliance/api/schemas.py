@@ -333,3 +333,7 @@ class ContainerCreate(Strict):
 class ExecRequest(Strict):
     command: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(min_length=1, max_length=256)]
     timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+
+class MigrateRequest(Strict):
+    to: Name = Field(description="the target node")

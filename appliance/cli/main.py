@@ -548,6 +548,23 @@ def container_exec(ctx: typer.Context, name: str, project: ProjectArg = "default
     raise typer.Exit(result["returncode"])
 
 
+def _migrate_command(kind: str, plural: str, group: typer.Typer) -> None:
+    @group.command("migrate")
+    def migrate(name: str, to: Annotated[str, typer.Option("--to", help="target node")],
+                project: ProjectArg = "default", no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
+        """VMs move live; containers are restarted on the target node."""
+        c = client()
+        task = run(lambda: c.request("POST", f"/{plural}/{name}/migrate", params={"project": project},
+                                     json={"to": to}).json())
+        if no_wait:
+            emit(task, output)
+            return
+        _finish(c, task, plural, name, project, output)
+
+
+
+_migrate_command("vm", "vms", vm_app)
+_migrate_command("container", "containers", container_app)
 _instance_commands("vm", "vms", vm_app)
 _instance_commands("container", "containers", container_app)
 

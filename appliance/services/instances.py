@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from appliance.db.models import Instance, Node, PlacementGroup, Port
-from appliance.errors import Conflict, InvalidInput
+from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.services import groups, images, networks, tasks
 from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
@@ -166,3 +166,26 @@ def exec_(session: Session, principal: Principal, project: str, name: str, comma
                                                     "command": command, "timeout": timeout},
                         queue=f"node.{node.name}", principal=principal, project_id=row.project_id,
                         resource=("container", row.id, name), max_attempts=1)
+
+
+def migrate(session: Session, principal: Principal, kind: str, project: str, name: str, to: str) -> dict[str, Any]:
+    """VMs move live (their disks are network storage); containers are restarted on
+    the target node instead."""
+    row, _ = KINDS[kind].row(session, principal, project, name, "write")
+    target = session.scalar(select(Node).where(Node.name == to))
+    if target is None:
+        raise NotFound(f"there is no node named '{to}': `cairn get nodes` lists them")
+    schedulable = (target.spec or {}).get("schedulable", True)
+    if target.phase != "Ready" or not schedulable:
+        state = target.phase if schedulable else f"{target.phase} and cordoned"
+        raise Conflict(f"node '{to}' is {state}: pick a Ready, schedulable node")
+    if row.node_id == target.id:
+        raise Conflict(f"{kind} '{name}' already runs on '{to}'")
+    source = session.get(Node, row.node_id) if row.node_id else None
+    if source is None:
+        raise Conflict(f"{kind} '{name}' is not placed on any node yet")
+    _claim(session, row, "migrating", ("active",))
+    mode = "live" if kind == "vm" else "restart"
+    return tasks.create(session, "instance.migrate", {"instance_id": row.id, "to": to, "mode": mode},
+                        queue=f"node.{source.name}", principal=principal, project_id=row.project_id,
+                        resource=(kind, row.id, name), max_attempts=1)

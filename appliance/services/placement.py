@@ -48,9 +48,13 @@ def host_states(session: Session) -> list[HostState]:
 
 
 def claim(session: Session, kind: str, workload_id: str, request: Request, *,
-          strategy: Strategy = "spread", cpu_ratio: float = 4.0) -> Placement:
-    """Choose a node and reserve the request on it (in the caller's transaction)."""
-    scheduler = Scheduler(host_states(session), strategy, cpu_ratio)
+          strategy: Strategy = "spread", cpu_ratio: float = 4.0, only: str | None = None) -> Placement:
+    """Choose a node (``only`` that one, for a migration) and reserve the request on it,
+    in the caller's transaction."""
+    def states() -> list[HostState]:
+        return [h for h in host_states(session) if only is None or h.name == only]
+
+    scheduler = Scheduler(states(), strategy, cpu_ratio)
     for _ in range(MAX_RACES):
         choice = scheduler.select(request)
         node = session.scalar(select(Node).where(Node.name == choice.host))
@@ -77,7 +81,7 @@ def claim(session: Session, kind: str, workload_id: str, request: Request, *,
         if won:  # capacity was there but a concurrent placement took the group / NUMA slot
             _undo(session, node.id, choice)
         # Someone else got there first: refresh our view and try the next candidate.
-        scheduler = Scheduler(host_states(session), strategy, cpu_ratio)
+        scheduler = Scheduler(states(), strategy, cpu_ratio)
     raise NoValidHost(request, {"placement races lost (the cluster is very busy)": MAX_RACES},
                       len(scheduler.hosts))
 

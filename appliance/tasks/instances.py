@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from appliance.db.engine import session_scope
-from appliance.db.models import Instance, Node, Project
+from appliance.db.models import Claim, Instance, Node, Project
 from appliance.errors import CairnError
 from appliance.scheduler.placement import NoValidHost, Request
 from appliance.services import groups, images, instances, networks, placement
@@ -85,12 +85,9 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         ctx.progress(5, "schedule: choosing a node")
         with session_scope(ctx.db_url) as session:
             images.resolve(session, row.project_id, spec["image"], row.kind)
-            group = instances.group_of(session, row)
-            req = Request(cpus=float(spec["cpu"]), memory_bytes=int(spec["memory_bytes"]),
-                          qos=spec.get("qos_class", "burstable"),
-                          group=groups.group_key(row.project_id, group.name) if group else None,
-                          group_policy=group.spec["policy"] if group else None,
-                          node_selector=tuple(sorted((spec.get("node_selector") or {}).items())))
+            req = _request_for(session, row)
+            req = Request(req.cpus, req.memory_bytes, req.qos, req.group, req.group_policy,
+                          tuple(sorted((spec.get("node_selector") or {}).items())))
             choice = placement.claim(session, row.kind, iid, req)
             node = session.scalar(select(Node.id).where(Node.name == choice.host))
         _update(ctx, iid, node_id=node, task_state="spawning", status={"node": choice.host})
@@ -220,3 +217,54 @@ def container_exec(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     limit = 1 << 20
     return {"returncode": result.returncode, "stdout": result.stdout[-limit:].decode(errors="replace"),
             "stderr": result.stderr[-limit:].decode(errors="replace")}
+
+
+def _request_for(session: Any, row: Instance) -> Request:
+    spec = row.spec
+    group = instances.group_of(session, row)
+    return Request(cpus=float(spec["cpu"]), memory_bytes=int(spec["memory_bytes"]),
+                   qos=spec.get("qos_class", "burstable"),
+                   group=groups.group_key(row.project_id, group.name) if group else None,
+                   group_policy=group.spec["policy"] if group else None)
+
+
+@handler("instance.migrate")
+def migrate(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Runs on the source node: reserve on the target, move, then release the source."""
+    iid, to, mode = params["instance_id"], params["to"], params["mode"]
+    row = _load(ctx, iid)
+    temp_id = f"migrating-{iid}"[:36]
+    try:
+        ctx.progress(10, f"reserving room on {to}")
+        with session_scope(ctx.db_url) as session:
+            placement.claim(session, row.kind, temp_id, _request_for(session, row), only=to)
+            target = session.scalar(select(Node).where(Node.name == to))
+            assert target is not None
+            target_id, target_uri = target.id, (target.status or {}).get("inventory", {}).get("libvirt_uri")
+        result: dict[str, Any] = {"mode": mode, "to": to}
+        if mode == "live":
+            ctx.progress(30, f"live-migrating to {to}")
+            from compute.libvirt_driver import LibvirtDriver
+
+            settings = get_settings()
+            driver = LibvirtDriver(settings.libvirt_uri, settings.virt_type, settings.migration_host)
+            try:
+                moved = driver.migrate(row.status["domain"], target_uri)
+            finally:
+                driver.close()
+            result.update(duration_s=round(moved.duration_s, 3), downtime_ms=moved.downtime_ms)
+        ctx.progress(80, "moving the reservation and the record")
+        with session_scope(ctx.db_url) as session:
+            placement.release(session, iid)
+            session.execute(update(Claim).where(Claim.workload_id == temp_id).values(workload_id=iid))
+        # For a restart-style move the old node's agent removes it; the new one starts it.
+        _update(ctx, iid, node_id=target_id, vm_state="active", task_state=None,
+                status={"node": to, "migration": result})
+        if mode == "restart":
+            _wait_power(ctx, iid, "running", 90, f"restart on {to}")
+    except Exception as exc:
+        with session_scope(ctx.db_url) as session:
+            placement.release(session, temp_id)
+        _update(ctx, iid, task_state=None, status={"migration": {"error": str(exc)}})
+        raise
+    return result

@@ -36,6 +36,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/security-groups/{name}/rules"): {"protocol": "tcp", "port_min": 22, "port_max": 22},
     ("post", "/api/v1/vms"): {"name": "walk-vm2", "spec": {"cpu": 1, "memory": "256MiB", "image": "walk-img"}},
     ("post", "/api/v1/containers/{name}/exec"): {"command": ["true"]},
+    ("post", "/api/v1/vms/{name}/migrate"): {"to": "node-1"},
+    ("post", "/api/v1/containers/{name}/migrate"): {"to": "node-1"},
     ("post", "/api/v1/containers"): {"name": "walk-ct2", "spec": {"cpu": 1, "memory": "64MiB", "image": "walk-oci"}},
 }
 QUERY: dict[str, dict[str, Any]] = {"/api/v1/events": {"max_seconds": 0.3}}

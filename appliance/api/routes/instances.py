@@ -10,7 +10,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from appliance.api.deps import Caller, DbSession, access
 from appliance.api.routes.tasks import accepted
-from appliance.api.schemas import ContainerCreate, ExecRequest, Limit, Name, ResourceList, ResourcePublic, VmCreate
+from appliance.api.schemas import (
+    ContainerCreate,
+    ExecRequest,
+    Limit,
+    MigrateRequest,
+    Name,
+    ResourceList,
+    ResourcePublic,
+    VmCreate,
+)
 from appliance.errors import Conflict
 from appliance.services import instances
 
@@ -42,6 +51,22 @@ def exec_in_container(name: Name, body: ExecRequest, session: DbSession, caller:
                       project: ProjectQuery = "default") -> JSONResponse:
     """Run a command in a running container; the task's result has returncode, stdout, stderr."""
     return accepted(instances.exec_(session, caller, project, name, body.command, body.timeout))
+
+
+@router.post("/vms/{name}/migrate", status_code=202, openapi_extra=access("project:write"))
+def migrate_vm(name: Name, body: MigrateRequest, session: DbSession, caller: Caller,
+               project: ProjectQuery = "default") -> JSONResponse:
+    """Live migration: the guest keeps running; its port and network disks follow.
+    The task result has the duration and the downtime the hypervisor measured."""
+    return accepted(instances.migrate(session, caller, "vm", project, name, body.to))
+
+
+@router.post("/containers/{name}/migrate", status_code=202, openapi_extra=access("project:write"))
+def migrate_container(name: Name, body: MigrateRequest, session: DbSession, caller: Caller,
+                      project: ProjectQuery = "default") -> JSONResponse:
+    """Containers cannot move live: this restarts the container on the target node
+    (task result ``mode: restart``)."""
+    return accepted(instances.migrate(session, caller, "container", project, name, body.to))
 
 
 def _routes(kind: str, plural: str) -> None:
