@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from compute.errors import ImageNotFound, InvalidSpec, NotSupported
+from compute.container_router import ContainerRouter
+from compute.errors import ImageNotFound, InstanceExists, InstanceNotFound, InvalidSpec, NotSupported
+from compute.fake import fake_container_driver
 from compute.libvirt_driver import LibvirtDriver
 from compute.oci_driver import OciDriver
 from compute.spec import (
@@ -242,3 +244,23 @@ def test_a_container_whose_process_exits_is_observed_as_shutdown_and_can_start_a
 def test_containers_cannot_live_migrate_and_say_to_restart_on_the_target(oci_driver: OciDriver) -> None:
     with pytest.raises(NotSupported, match="restart it on the target"):
         oci_driver.migrate("any", "qemu+unix:///system")
+
+
+@pytest.mark.unit
+def test_router_sends_each_container_to_the_backend_its_isolation_names() -> None:
+    plain, micro = fake_container_driver(), fake_container_driver()
+    router = ContainerRouter(plain, micro)
+    base = dict(image="/i.tar", command=("/bin/sh",))
+    router.spawn(ContainerSpec(name="a", **base))  # type: ignore[arg-type]
+    router.spawn(ContainerSpec(name="b", isolation="vm", **base))  # type: ignore[arg-type]
+    assert plain.list_instances() == ["a"] and micro.list_instances() == ["b"]
+    assert router.list_instances() == ["a", "b"]
+    router.pause("b")
+    assert micro.power_state("b") is PowerState.PAUSED and router.power_state("a") is PowerState.RUNNING
+    with pytest.raises(InstanceExists):
+        router.define(ContainerSpec(name="a", isolation="vm", **base))  # type: ignore[arg-type]
+    router.delete("b")
+    router.delete("b")
+    assert router.list_instances() == ["a"]
+    with pytest.raises(InstanceNotFound):
+        router.start("b")
