@@ -97,7 +97,8 @@ class ChunkStore:
         out = []
         seen: set[bytes] = set()
         for h in hashes:
-            if h == ZERO_HASH or h in seen or h in self._cache or h in self.log.pending_chunks:
+            if (h == ZERO_HASH or h in seen or h in self._cache or h in self.log.pending_chunks
+                    or h in self.log.inflight):
                 continue
             loc = self.log.index.get(h)
             if loc is not None:
@@ -482,6 +483,7 @@ class Pool:
             for vol in list(self._open.values()):
                 vol.close()
             self.log.commit(sync=True)
+        self.log.close()
         self.backend.close()
 
     # ------------------------------------------------------------ walking

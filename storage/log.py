@@ -18,6 +18,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from storage.backends.base import ObjectBackend
@@ -137,6 +138,10 @@ class SegmentLog:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.pending_chunks: dict[bytes, bytes] = {}
+        self.inflight: dict[bytes, bytes] = {}
+        self.segment_entries: dict[str, list[bytes]] = {}
+        # One writer thread: appends reach the backend in the order they were taken.
+        self._appender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-append")
         self.load_index()
 
     # ---------------------------------------------------------------- index
@@ -169,13 +174,21 @@ class SegmentLog:
                 at = rec.body_offset + CHUNK_HEAD.size
                 self.index.setdefault(h, Location(seg, at, rec.end - at, flags, raw))
 
-    def write_index(self, seg: str, covered: int) -> None:
-        """Persist the index entries of a segment (covering its first ``covered`` bytes)."""
+    def index_blob(self, seg: str, covered: int) -> bytes:
+        """The index object of a segment (covering its first ``covered`` bytes)."""
         parts = [IDX_HEAD.pack(covered)]
-        for h, loc in self.index.items():
-            if loc.segment == seg:
+        hashes = self.segment_entries.get(seg)
+        if hashes is None:
+            hashes = [h for h, loc in self.index.items() if loc.segment == seg]
+        for h in hashes:
+            loc = self.index.get(h)
+            if loc is not None and loc.segment == seg:
                 parts.append(IDX_ENTRY.pack(h, loc.offset, loc.length, loc.flags, loc.raw_length))
-        self.backend.put(index_name(seg), b"".join(parts))
+        return b"".join(parts)
+
+    def write_index(self, seg: str, covered: int) -> None:
+        """Persist the index entries of a segment."""
+        self.backend.put(index_name(seg), self.index_blob(seg, covered))
 
     # ---------------------------------------------------------------- appends
     @property
@@ -192,6 +205,7 @@ class SegmentLog:
         rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
         at = self.seg_size + self.pending_size + HEADER.size + CHUNK_HEAD.size
         self.index[h] = Location(self.segment, at, len(payload), flags, raw_length)
+        self.segment_entries.setdefault(self.segment, []).append(h)
         self.pending_chunks[h] = payload
         self.pending.append(rec)
         self.pending_size += len(rec)
@@ -203,23 +217,45 @@ class SegmentLog:
         self.pending.append(rec)
         self.pending_size += len(rec)
 
-    def commit(self, sync: bool = False) -> None:
-        """Append everything staged as one backend operation; seal the segment when full."""
-        if self.pending:
+    def commit_async(self, sync: bool = False) -> Future[None]:
+        """Hand everything staged to the writer thread as one append; the future completes
+        when it is in the backend (and synced with ``sync``). Staging may go on meanwhile."""
+        if not self.pending:
             seg = self.segment
-            self.backend.append(seg, b"".join(self.pending))
-            self.seg_size += self.pending_size
-            self.pending.clear()
-            self.pending_size = 0
-            self.pending_chunks.clear()
-            if self.seg_size >= SEGMENT_TARGET:
-                self.backend.sync(seg)
-                self.write_index(seg, self.seg_size)
-                self.seq += 1
-                self.seg_size = 0
-                return
-        if sync:
-            self.backend.sync(self.segment)
+            return self._appender.submit(self.backend.sync, seg) if sync else self._appender.submit(_nothing)
+        seg = self.segment
+        blob = b"".join(self.pending)
+        chunks = self.pending_chunks
+        self.inflight.update(chunks)
+        self.seg_size += self.pending_size
+        self.pending = []
+        self.pending_size = 0
+        self.pending_chunks = {}
+        index = None
+        if self.seg_size >= SEGMENT_TARGET:
+            index = self.index_blob(seg, self.seg_size)
+            self.segment_entries.pop(seg, None)
+            self.seq += 1
+            self.seg_size = 0
+        return self._appender.submit(self._write_batch, seg, blob, chunks, index, sync)
+
+    def _write_batch(self, seg: str, blob: bytes, chunks: dict[bytes, bytes], index: bytes | None,
+                     sync: bool) -> None:
+        self.backend.append(seg, blob)
+        if sync or index is not None:
+            self.backend.sync(seg)
+        if index is not None:
+            self.backend.put(index_name(seg), index)
+        for h in chunks:
+            self.inflight.pop(h, None)
+
+    def commit(self, sync: bool = False) -> None:
+        """Append everything staged and wait for it (after any append already in flight)."""
+        self.commit_async(sync).result()
+
+    def close(self) -> None:
+        """Stop the writer thread (after pending appends)."""
+        self._appender.shutdown(wait=True)
 
     def read_payload(self, h: bytes) -> tuple[Location, bytes]:
         """The stored payload of a chunk (from the staging area or the backend)."""
@@ -227,6 +263,8 @@ class SegmentLog:
         if loc is None:
             raise CorruptionError(f"chunk {h.hex()} is not in the index")
         payload = self.pending_chunks.get(h)
+        if payload is None:
+            payload = self.inflight.get(h)
         if payload is None:
             payload = self.backend.get(loc.segment, loc.offset, loc.length)
             if len(payload) != loc.length:
@@ -254,6 +292,10 @@ class SegmentLog:
     def segments(self) -> dict[str, float]:
         """Every segment with its modification time."""
         return {s: self.backend.mtime(s) for s in self.backend.list("seg/")}
+
+
+def _nothing() -> None:
+    return None
 
 
 def now() -> float:

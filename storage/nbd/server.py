@@ -23,6 +23,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from storage.chunks import RAW, ZERO_HASH
 from storage.engine import Pool, Volume, open_pool
 from storage.errors import InvalidArgument, StorageError
 from storage.nbd import protocol as p
@@ -44,6 +45,7 @@ class NbdServer:
         self._waiting: list[tuple[asyncio.StreamWriter, bytes]] = []
         self._sync = False
         self._scheduled = False
+        self._inflight = False
         self._servers: list[asyncio.Server] = []
         self.connections = 0
         # Backend reads run here so one slow RADOS read does not stall every other request.
@@ -64,7 +66,7 @@ class NbdServer:
         """Stop listening, journal what is staged, checkpoint the volumes."""
         for s in self._servers:
             s.close()
-        self._commit()
+        self.pool.log.commit(sync=True)
         self._readers.shutdown(wait=True)
         self.pool.close()
 
@@ -76,22 +78,31 @@ class NbdServer:
     def _defer_reply(self, writer: asyncio.StreamWriter, reply: bytes, sync: bool) -> None:
         self._waiting.append((writer, reply))
         self._sync |= sync
-        if not self._scheduled:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._inflight:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._commit)
 
     def _commit(self) -> None:
+        """Start one journal append with everything staged; replies go out when it lands.
+        While it is in flight, new writes keep being staged for the next one."""
         self._scheduled = False
+        if self._inflight or (not self._waiting and not self.pool.log.pending):
+            return
         waiting, self._waiting = self._waiting, []
         sync, self._sync = self._sync, False
+        self._inflight = True
+        future = asyncio.wrap_future(self.pool.log.commit_async(sync=sync))
+        future.add_done_callback(lambda f: self._committed(f, waiting))
+
+    def _committed(self, future: asyncio.Future[None], waiting: list[tuple[asyncio.StreamWriter, bytes]]) -> None:
+        self._inflight = False
         error = 0
-        try:
-            self.pool.log.commit(sync=sync)
-            for vol in list(self.pool._open.values()):
-                if vol._since_checkpoint > (32 << 20):
-                    vol.checkpoint()
-        except StorageError:
-            log.exception("journal commit failed")
+        exc = future.exception()
+        if exc is not None:
+            log.error("journal commit failed: %s", exc)
             error = p.EIO
         for writer, reply in waiting:
             if writer.is_closing():
@@ -100,6 +111,14 @@ class NbdServer:
                 magic, _err, handle = p.REPLY.unpack(reply)
                 reply = p.REPLY.pack(magic, error, handle)
             writer.write(reply)
+        try:
+            for vol in list(self.pool._open.values()):
+                if vol._since_checkpoint > (32 << 20):
+                    vol.checkpoint()
+        except StorageError:
+            log.exception("checkpoint failed")
+        if self._waiting:
+            self._schedule()
 
     # ----------------------------------------------------------------- handshake
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -195,13 +214,33 @@ class NbdServer:
             loop = asyncio.get_running_loop()
             chunks.remember_many(await loop.run_in_executor(self._readers, chunks.fetch, misses))
 
+    async def _small_raw_read(self, vol: Volume, offset: int, length: int) -> bytes | None:
+        """A small read inside one uncached, uncompressed chunk: fetch just those bytes
+        (a 4 KiB random read need not move 64 KiB out of RADOS)."""
+        bs = vol.block
+        if length > 16384 or offset < 0 or offset + length > vol.size or offset // bs != (offset + length - 1) // bs:
+            return None
+        h = vol.map.get(offset // bs)
+        chunks = self.pool.chunks
+        if h == ZERO_HASH or not chunks.missing([h]):
+            return None
+        loc = self.pool.log.index[h]
+        if loc.flags != RAW:
+            return None
+        at = loc.offset + offset % bs
+        loop = asyncio.get_running_loop()
+        data: bytes = await loop.run_in_executor(self._readers, self.pool.log.backend.get, loc.segment, at, length)
+        return data if len(data) == length else None
+
     async def _read(self, vol: Volume, writer: asyncio.StreamWriter, handle: int, offset: int, length: int,
                     slots: asyncio.Semaphore) -> None:
         try:
             if length > p.MAX_REQUEST:
                 raise InvalidArgument("read too large")
-            await self._prefetch(vol, offset, length, False)
-            out = vol.read(offset, length)
+            out = await self._small_raw_read(vol, offset, length)
+            if out is None:
+                await self._prefetch(vol, offset, length, False)
+                out = vol.read(offset, length)
             writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle) + out if length < 65536 else
                          p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
             if length >= 65536:
@@ -271,12 +310,12 @@ class NbdServer:
             elif cmd == p.CMD_DISC:
                 if tasks:
                     await asyncio.gather(*list(tasks))
-                self._commit()
+                self._schedule()
                 return
             else:
                 writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
             if self.pool.log.pending_size > (16 << 20):
-                self._commit()
+                self._schedule()
 
     def _mutate(self, vol: Volume, offset: int, length: int, data: bytes | None) -> int:
         """Stage a write (``data``) or a zeroing (``None``); return an NBD errno."""
