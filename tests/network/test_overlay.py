@@ -1,0 +1,130 @@
+"""The overlay with real kernel objects: three nodes as namespaces, VXLAN between them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from network.desired import NodeUnderlay, VirtualNetwork, node_state
+from network.model import ZERO_MAC, Port, bridge_name, vxlan_name
+from network.netlink import node_links
+from network.reconcile import load_applied, reconcile
+from tests.network.lab import Lab, listen, ping, tcp_exchange, wait_ping
+
+pytestmark = pytest.mark.functional
+
+
+def underlays(lab: Lab) -> dict[str, NodeUnderlay]:
+    return {f"n{n}": NodeUnderlay("ul0", lab.vtep(n)) for n in range(1, lab.nodes + 1)}
+
+
+def apply_all(lab: Lab, networks: list[VirtualNetwork], state_dir: object = None) -> None:
+    nodes = underlays(lab)
+    for n in range(1, lab.nodes + 1):
+        report = reconcile(lab.node(n), node_state(f"n{n}", nodes, networks))
+        assert report.ok, report.error
+
+
+def port(i: int, vni: int, ip: str) -> Port:
+    return Port(id=f"p{vni}-{i}", mac=f"02:00:00:{vni // 256:02x}:{vni % 256:02x}:{i:02x}", ips=(ip,),
+                host_ifname=f"tp{vni}-{i}")
+
+
+def test_endpoints_on_three_nodes_reach_each_other_by_ping_and_tcp(lab: Lab) -> None:
+    ports = {f"n{n}": [port(n, 100, f"10.10.0.{n}")] for n in (1, 2, 3)}
+    eps = {n: lab.endpoint(n, f"e100-{n}", ports[f"n{n}"][0], f"10.10.0.{n}/24") for n in (1, 2, 3)}
+    apply_all(lab, [VirtualNetwork(100, ports)])
+    assert wait_ping(eps[1], "10.10.0.2")
+    assert ping(eps[1], "10.10.0.3") and ping(eps[3], "10.10.0.2")
+    server = listen(eps[3], "10.10.0.3", 5000)
+    try:
+        assert tcp_exchange(eps[1], server, "10.10.0.3", 5000) == "ok"
+    finally:
+        server.close()
+    with node_links(lab.node(1)) as nl:
+        links = nl.links()
+        assert links[bridge_name(100)].mtu == 1450 and links[vxlan_name(100)].mtu == 1450
+        fdb = nl.fdb_entries(links[vxlan_name(100)].index)
+    assert (ZERO_MAC, lab.vtep(2)) in fdb and (ZERO_MAC, lab.vtep(3)) in fdb
+    assert (ports["n2"][0].mac, lab.vtep(2)) in fdb  # unicast entry per known remote MAC
+
+
+def test_two_projects_with_the_same_cidr_never_see_each_others_packets(lab: Lab) -> None:
+    a = {"n1": [port(1, 200, "10.30.0.1")], "n2": [port(2, 200, "10.30.0.2")]}
+    b = {"n1": [port(1, 201, "10.30.0.1")], "n2": [port(2, 201, "10.30.0.2")]}
+    a1 = lab.endpoint(1, "a1", a["n1"][0], "10.30.0.1/24")
+    a2 = lab.endpoint(2, "a2", a["n2"][0], "10.30.0.2/24")
+    b1 = lab.endpoint(1, "b1", b["n1"][0], "10.30.0.1/24")
+    b2 = lab.endpoint(2, "b2", b["n2"][0], "10.30.0.2/24")
+    with node_links(b2) as nl:
+        nl.addr_add(nl.index("eth0"), "10.30.0.22/24")  # only project B has .22
+    apply_all(lab, [VirtualNetwork(200, a), VirtualNetwork(201, b)])
+    assert wait_ping(a1, "10.30.0.2") and wait_ping(b1, "10.30.0.22")
+    a1_mac = a["n1"][0].mac
+    # capture on node 2: B's port and B's VXLAN device, any frame from or to A's endpoint
+    caps = [
+        lab.popen(lab.node(2), ["tcpdump", "-i", dev, "-nn", "-e", "-l", "-U", "-Z", "root",
+                                f"ether host {a1_mac}"])
+        for dev in (b["n2"][0].host_ifname, vxlan_name(201))
+    ]
+    own = lab.popen(lab.node(2), ["tcpdump", "-i", vxlan_name(200), "-nn", "-e", "-l", "-U", "-Z", "root",
+                                  f"ether host {a1_mac}"])
+    time.sleep(1.5)  # tcpdump attaches
+    assert ping(a1, "10.30.0.2", count=3)
+    assert not ping(a1, "10.30.0.22", count=2)  # B's address does not exist for A
+    time.sleep(0.5)
+    seen = []
+    for p in [*caps, own]:
+        p.terminate()
+        out, _ = p.communicate(timeout=5)
+        seen.append([line for line in out.splitlines() if line.strip()])
+    assert seen[0] == [] and seen[1] == [], f"project A's frames reached project B: {seen[:2]}"
+    assert len(seen[2]) >= 6, "the capture saw A's own traffic on A's segment (the probe can fail)"
+    with node_links(a1) as nl:
+        assert nl.neighbours("eth0").get("10.30.0.2") == a["n2"][0].mac
+
+
+def test_reconcile_is_idempotent_and_repairs_a_deleted_bridge_and_fdb_entry(lab: Lab, tmp_path: object) -> None:
+    ports = {"n1": [port(1, 300, "10.40.0.1")], "n2": [port(2, 300, "10.40.0.2")]}
+    e1 = lab.endpoint(1, "r1", ports["n1"][0], "10.40.0.1/24")
+    lab.endpoint(2, "r2", ports["n2"][0], "10.40.0.2/24")
+    nodes = underlays(lab)
+    desired = node_state("n1", nodes, [VirtualNetwork(300, ports)])
+    assert reconcile(lab.node(2), node_state("n2", nodes, [VirtualNetwork(300, ports)])).ok
+    first = reconcile(lab.node(1), desired, tmp_path)  # type: ignore[arg-type]
+    assert first.ok and first.changed
+    second = reconcile(lab.node(1), desired, tmp_path)  # type: ignore[arg-type]
+    assert second.ok and second.changed == []
+    assert load_applied(tmp_path) == desired  # type: ignore[arg-type]
+    assert wait_ping(e1, "10.40.0.2")
+    with node_links(lab.node(1)) as nl:  # drift: someone deletes things by hand
+        nl.delete(nl.index(bridge_name(300)))
+        nl.fdb_del(nl.index(vxlan_name(300)), ZERO_MAC, lab.vtep(2))
+    assert not ping(e1, "10.40.0.2", count=1)
+    repaired = reconcile(lab.node(1), desired, tmp_path)  # type: ignore[arg-type]
+    assert repaired.ok and any("created bridge" in c for c in repaired.changed)
+    assert any(f"fdb {vxlan_name(300)} {ZERO_MAC}" in c for c in repaired.changed)
+    assert wait_ping(e1, "10.40.0.2")
+
+
+def test_a_failing_pass_rolls_back_to_the_last_good_state(lab: Lab, tmp_path: object) -> None:
+    nodes = underlays(lab)
+    good = node_state("n3", nodes, [VirtualNetwork(400, {"n3": [port(3, 400, "10.50.0.3")]})])
+    assert reconcile(lab.node(3), good, tmp_path).ok  # type: ignore[arg-type]
+    with node_links(lab.node(3)) as nl:  # a foreign VXLAN device already holds VNI 4242
+        nl.add_vxlan("foreign", 4242, lab.vtep(3), nl.index("ul0"), 1450)
+        before = set(nl.links())
+    bad = node_state(
+        "n3", nodes,
+        [VirtualNetwork(401, {"n3": [port(3, 401, "10.51.0.3")]}), VirtualNetwork(4242, {"n3": []},
+                                                                                    {"n3": ["10.52.0.1/24"]})],
+    )
+    report = reconcile(lab.node(3), bad, tmp_path)  # type: ignore[arg-type]
+    assert not report.ok and report.rolled_back
+    with node_links(lab.node(3)) as nl:
+        after = set(nl.links())
+        nl.delete(nl.index("foreign"))
+    assert after == before  # cbr401/cvx401 created by the failed pass are gone again
+    assert load_applied(tmp_path) == good  # type: ignore[arg-type]
+    time.sleep(0)
