@@ -121,6 +121,14 @@ class ComputeDriver(ABC, Generic[SpecT]):
             self.delete(spec.name)
             raise
 
+    def save_state(self, name: str, path: str) -> None:
+        """Write a running instance's memory/device state to ``path`` and stop it. Default: not supported."""
+        raise NotSupported(f"{self.kind} driver cannot save the state of {name!r}")
+
+    def restore_state(self, name: str, path: str) -> None:
+        """Resume ``name`` from a state file written by :meth:`save_state`. Default: not supported."""
+        raise NotSupported(f"{self.kind} driver cannot restore {name!r}")
+
     def migrate(self, name: str, destination: str) -> MigrationResult:
         """Live-migrate to ``destination`` (a driver-specific URI). Default: not supported."""
         raise NotSupported(f"{self.kind} driver cannot live-migrate {name!r}; restart it on the target instead")

@@ -254,6 +254,30 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
                                            port=int(vnc.get("port", "0"))))
         return out
 
+    def save_state(self, name: str, path: str) -> None:
+        """Save the VM's memory and device state to ``path`` (a memory snapshot); the VM is then shut off.
+
+        Disks are not included: snapshot them through the storage layer at the same moment.
+        """
+        dom = self._dom(name)
+        if self.power_state(name) not in (PowerState.RUNNING, PowerState.PAUSED):
+            raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: only a running VM has state to save")
+        try:
+            dom.save(path)
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"saving the state of VM {name!r}")
+
+    def restore_state(self, name: str, path: str) -> None:
+        """Restore the VM from a state file written by :meth:`save_state`; it resumes where it was."""
+        if self.power_state(name) is not PowerState.SHUTDOWN:
+            raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: stop it before restoring a state")
+        if not os.path.exists(path):
+            raise ImageNotFound(f"state file {path} does not exist")
+        try:
+            self._conn.restore(path)
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"restoring VM {name!r} from {path}")
+
     def migrate(self, name: str, destination: str) -> MigrationResult:
         """Live-migrate peer-to-peer to the libvirtd at ``destination`` (its URI); disks must be shared."""
         dom = self._dom(name)

@@ -222,3 +222,23 @@ def test_vnc_console_endpoint_speaks_rfb(vm_driver: LibvirtDriver, make_vm_spec:
             assert s.recv(12).startswith(b"RFB 003.")
     finally:
         vm_driver.delete(spec.name)
+
+
+def test_saved_memory_state_restores_the_same_running_guest(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec], workdir: Path
+) -> None:
+    spec = make_vm_spec("save")
+    state = workdir / f"{spec.name}.state"
+    vm_driver.spawn(spec)
+    try:
+        wait_for_console(lambda: vm_driver.console_log(spec.name), b"HB 2 ")
+        vm_driver.save_state(spec.name, str(state))
+        assert vm_driver.power_state(spec.name) is PowerState.SHUTDOWN
+        last = max(int(n) for n in re.findall(rb"HB (\d+) ", vm_driver.console_log(spec.name)))
+        vm_driver.restore_state(spec.name, str(state))
+        assert vm_driver.power_state(spec.name) is PowerState.RUNNING
+        wait_for_console(lambda: vm_driver.console_log(spec.name), f"HB {last + 2} ".encode(), timeout=30)
+        assert vm_driver.console_log(spec.name).count(MARKER.encode()) == 1, "resumed, not rebooted"
+    finally:
+        vm_driver.delete(spec.name)
+        state.unlink(missing_ok=True)
