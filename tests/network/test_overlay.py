@@ -54,7 +54,7 @@ def test_two_projects_with_the_same_cidr_never_see_each_others_packets(lab: Lab)
     a = {"n1": [port(1, 200, "10.30.0.1")], "n2": [port(2, 200, "10.30.0.2")]}
     b = {"n1": [port(1, 201, "10.30.0.1")], "n2": [port(2, 201, "10.30.0.2")]}
     a1 = lab.endpoint(1, "a1", a["n1"][0], "10.30.0.1/24")
-    a2 = lab.endpoint(2, "a2", a["n2"][0], "10.30.0.2/24")
+    lab.endpoint(2, "a2", a["n2"][0], "10.30.0.2/24")
     b1 = lab.endpoint(1, "b1", b["n1"][0], "10.30.0.1/24")
     b2 = lab.endpoint(2, "b2", b["n2"][0], "10.30.0.2/24")
     with node_links(b2) as nl:
