@@ -16,6 +16,7 @@ from storage.backends.rados_cluster import CephCluster
 from storage.engine import open_pool
 from storage.maintenance import check_consistency
 from tests.storage.conftest import NbdDaemon, run_tool
+from tests.storage.nbd_client import NbdClient, NbdClientError
 
 pytestmark = pytest.mark.functional
 MiB = 1 << 20
@@ -131,3 +132,20 @@ def test_rados_backed_export_round_trips_and_is_consistent(
         assert check_consistency(pool) == []
     finally:
         pool.close()
+
+
+def test_unknown_export_is_refused_and_out_of_range_requests_get_errors(
+    nbd_daemons: Callable[..., NbdDaemon],
+) -> None:
+    d = nbd_daemons(create=["small:1MiB", "other:1MiB"])
+    with pytest.raises(NbdClientError, match="refused"):
+        NbdClient(d.socket, "nope")
+    client = NbdClient(d.socket, "small")
+    assert client.size == MiB
+    with pytest.raises(NbdClientError, match="error 28"):
+        client.write(MiB - 10, b"x" * 20)
+    with pytest.raises(NbdClientError, match="error 22"):
+        client.read(MiB - 10, 20)
+    client.write(MiB - 10, b"y" * 10, fua=True)
+    assert client.read(MiB - 10, 10) == b"y" * 10
+    client.close()
