@@ -19,7 +19,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from storage.backends.base import ObjectBackend
 from storage.errors import CorruptionError, ObjectNotFound
@@ -33,6 +33,7 @@ IDX_ENTRY = struct.Struct(">32sIIBI")  # hash, payload offset, payload length, f
 REC_CHUNK = 1
 REC_MAP = 2
 SEGMENT_TARGET = 4 << 20
+DATA_STREAMS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,21 @@ def map_entries(body: memoryview) -> tuple[bytes, list[tuple[int, bytes]]]:
     return vol_id, out
 
 
+@dataclass
+class _Stream:
+    """One append stream: ``seg/<name>/<seq>`` segments and what is staged for them."""
+
+    name: str
+    seq: int = 0
+    seg_size: int = 0
+    pending: list[bytes] = field(default_factory=list)
+    pending_size: int = 0
+
+    @property
+    def segment(self) -> str:
+        return segment_name(self.name, self.seq)
+
+
 class SegmentLog:
     """The hash -> location index of a pool plus this process's append stream."""
 
@@ -133,15 +149,14 @@ class SegmentLog:
         self.readonly = readonly
         self.index: dict[bytes, Location] = {}
         self.writer = uuid.uuid4().hex[:12]
-        self.seq = 0
-        self.seg_size = 0
-        self.pending: list[bytes] = []
-        self.pending_size = 0
+        self.journal = _Stream(self.writer)
+        self.data = [_Stream(f"{self.writer}.{k}") for k in range(DATA_STREAMS)]
         self.pending_chunks: dict[bytes, bytes] = {}
         self.inflight: dict[bytes, bytes] = {}
         self.segment_entries: dict[str, list[bytes]] = {}
         # One writer thread: appends reach the backend in the order they were taken.
         self._appender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-append")
+        self._data_pool = ThreadPoolExecutor(max_workers=DATA_STREAMS, thread_name_prefix="log-data")
         self.load_index()
 
     # ---------------------------------------------------------------- index
@@ -193,59 +208,90 @@ class SegmentLog:
     # ---------------------------------------------------------------- appends
     @property
     def segment(self) -> str:
-        """Name of the segment this process appends to."""
-        return segment_name(self.writer, self.seq)
+        """Name of the journal segment this process appends block-map records to."""
+        return self.journal.segment
+
+    def open_segments(self) -> set[str]:
+        """Segments this process is still appending to."""
+        return {st.segment for st in (self.journal, *self.data)}
+
+    @property
+    def pending_size(self) -> int:
+        """Bytes staged and not yet handed to the writer thread."""
+        return self.journal.pending_size + sum(st.pending_size for st in self.data)
 
     def position(self) -> LogPosition:
-        """Position just after everything staged so far."""
-        return LogPosition(self.writer, self.seq, self.seg_size + self.pending_size)
+        """Journal position just after everything staged so far."""
+        j = self.journal
+        return LogPosition(self.writer, j.seq, j.seg_size + j.pending_size)
 
     def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
-        """Queue a chunk record; readable at once through :meth:`read_payload`."""
+        """Queue a chunk record on the least loaded data stream; readable at once."""
+        st = min(self.data, key=lambda x: x.pending_size)
         rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
-        at = self.seg_size + self.pending_size + HEADER.size + CHUNK_HEAD.size
-        self.index[h] = Location(self.segment, at, len(payload), flags, raw_length)
-        self.segment_entries.setdefault(self.segment, []).append(h)
+        at = st.seg_size + st.pending_size + HEADER.size + CHUNK_HEAD.size
+        seg = st.segment
+        self.index[h] = Location(seg, at, len(payload), flags, raw_length)
+        self.segment_entries.setdefault(seg, []).append(h)
         self.pending_chunks[h] = payload
-        self.pending.append(rec)
-        self.pending_size += len(rec)
+        st.pending.append(rec)
+        st.pending_size += len(rec)
 
     def stage_map(self, vol_id: bytes, entries: list[tuple[int, bytes]]) -> None:
-        """Queue a block-map update record for a volume."""
+        """Queue a block-map update record for a volume on the (ordered) journal stream."""
         body = [MAP_HEAD.pack(vol_id, len(entries))] + [MAP_ENTRY.pack(b, h) for b, h in entries]
         rec = frame(REC_MAP, *body)
-        self.pending.append(rec)
-        self.pending_size += len(rec)
+        self.journal.pending.append(rec)
+        self.journal.pending_size += len(rec)
+
+    def _take(self, st: _Stream) -> tuple[str, bytes, bytes | None] | None:
+        if not st.pending:
+            return None
+        seg = st.segment
+        blob = b"".join(st.pending)
+        st.seg_size += st.pending_size
+        st.pending = []
+        st.pending_size = 0
+        index = None
+        if st.seg_size >= SEGMENT_TARGET:
+            index = self.index_blob(seg, st.seg_size)
+            self.segment_entries.pop(seg, None)
+            st.seq += 1
+            st.seg_size = 0
+        return seg, blob, index
 
     def commit_async(self, sync: bool = False) -> Future[None]:
-        """Hand everything staged to the writer thread as one append; the future completes
-        when it is in the backend (and synced with ``sync``). Staging may go on meanwhile."""
-        if not self.pending:
-            seg = self.segment
-            return self._appender.submit(self.backend.sync, seg) if sync else self._appender.submit(_nothing)
-        seg = self.segment
-        blob = b"".join(self.pending)
+        """Hand everything staged to the writer thread; the future completes when it is in
+        the backend (and synced with ``sync``). Staging may go on meanwhile.
+
+        Chunk records go to several data segments appended in parallel (different RADOS
+        placement groups); the journal's block-map records are appended only after them,
+        so a journaled block never points at a chunk that is not stored."""
         chunks = self.pending_chunks
         self.inflight.update(chunks)
-        self.seg_size += self.pending_size
-        self.pending = []
-        self.pending_size = 0
         self.pending_chunks = {}
-        index = None
-        if self.seg_size >= SEGMENT_TARGET:
-            index = self.index_blob(seg, self.seg_size)
-            self.segment_entries.pop(seg, None)
-            self.seq += 1
-            self.seg_size = 0
-        return self._appender.submit(self._write_batch, seg, blob, chunks, index, sync)
+        data = [t for t in (self._take(st) for st in self.data) if t is not None]
+        journal = self._take(self.journal)
+        sync_segments = self.open_segments() if sync else set()
+        return self._appender.submit(self._write_batch, data, journal, chunks, sync_segments)
 
-    def _write_batch(self, seg: str, blob: bytes, chunks: dict[bytes, bytes], index: bytes | None,
-                     sync: bool) -> None:
+    def _write_one(self, seg: str, blob: bytes, index: bytes | None, sync: bool) -> None:
         self.backend.append(seg, blob)
         if sync or index is not None:
             self.backend.sync(seg)
         if index is not None:
             self.backend.put(index_name(seg), index)
+
+    def _write_batch(self, data: list[tuple[str, bytes, bytes | None]], journal: tuple[str, bytes, bytes | None] | None,
+                     chunks: dict[bytes, bytes], sync_segments: set[str]) -> None:
+        futures = [self._data_pool.submit(self._write_one, seg, blob, idx, seg in sync_segments or bool(sync_segments))
+                   for seg, blob, idx in data]
+        for f in futures:
+            f.result()
+        if journal is not None:
+            self._write_one(*journal, bool(sync_segments))
+        for seg in sync_segments:
+            self.backend.sync(seg)
         for h in chunks:
             self.inflight.pop(h, None)
 
@@ -256,6 +302,7 @@ class SegmentLog:
     def close(self) -> None:
         """Stop the writer thread (after pending appends)."""
         self._appender.shutdown(wait=True)
+        self._data_pool.shutdown(wait=True)
 
     def read_payload(self, h: bytes) -> tuple[Location, bytes]:
         """The stored payload of a chunk (from the staging area or the backend)."""

@@ -40,7 +40,7 @@ def collect_garbage(pool: Pool, grace_seconds: float = 3600.0, rewrite_below: fl
         segments = pool.log.segments()
         before = sum(pool.backend.size(s) for s in segments)
         # Replay positions must stay readable (volumes checkpointed above point at the head).
-        keep = {pool.log.segment}
+        keep = pool.log.open_segments()
         for name in pool.list_volumes():
             raw = pool.backend.get_pointer(f"vol/{name}")
             pos = LogPosition.from_json(json.loads(raw)["log"]) if raw else None

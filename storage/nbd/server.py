@@ -89,7 +89,7 @@ class NbdServer:
         """Start one journal append with everything staged; replies go out when it lands.
         While it is in flight, new writes keep being staged for the next one."""
         self._scheduled = False
-        if self._inflight or (not self._waiting and not self.pool.log.pending):
+        if self._inflight or (not self._waiting and not self.pool.log.pending_size):
             return
         waiting, self._waiting = self._waiting, []
         sync, self._sync = self._sync, False
