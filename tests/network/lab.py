@@ -136,18 +136,20 @@ def listen(ns: str, ip: str, port: int) -> socket.socket:
 def tcp_exchange(src_ns: str, server: socket.socket | None, dst: str, port: int, timeout: float = 2.0) -> str:
     """Connect from ``src_ns``; if ``server`` is given, accept and echo one message back.
 
-    Returns "ok" (payload went there and back), "timeout", "refused" or an error."""
+    Returns "ok" (payload went there and back), "connected" (handshake done, no
+    ``server`` to answer), "timeout", "refused" or an error."""
     c = socket_in_netns(src_ns)
     c.settimeout(timeout)
     try:
         c.connect((dst, port))
+        if server is None:
+            return "connected"
         c.sendall(b"ping")
-        if server is not None:
-            server.settimeout(timeout)
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(timeout)
-                conn.sendall(conn.recv(16).upper())
+        server.settimeout(timeout)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(timeout)
+            conn.sendall(conn.recv(16).upper())
         return "ok" if c.recv(16) == b"PING" else "bad reply"
     except TimeoutError:
         return "timeout"

@@ -1,0 +1,200 @@
+"""Security groups as nftables rulesets: a pure builder and an atomic apply.
+
+Where the rules hook (see network/README.md for the reasoning): this kernel has no
+bridge-family conntrack, so a stateful firewall between ports of one bridge uses
+br_netfilter, which passes bridged IPv4/IPv6 frames through the ``inet`` hooks. In
+``prerouting`` the input interface is the bridge port the frame came from (the VM's
+egress), in ``postrouting`` the output interface is the port it goes to (the VM's
+ingress): both can jump to per-port chains by interface name, and conntrack sees every
+packet, so replies to allowed connections pass in both directions. Conntrack zones
+(one per network) keep equal addresses of different projects' networks apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+
+from network.errors import CommandFailed, InvalidSpec
+from network.model import NetworkAttachment, Port, SecurityGroup, SecurityGroupRule, bridge_name
+from network.netlink import run_in_netns, write_sysctl
+
+TABLE = "cairn_sg"
+_SAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _set_name(group_id: str, family: str) -> str:
+    return f"g_{_SAFE.sub('_', group_id)}_{family}"
+
+
+def _rule_text(rule: SecurityGroupRule, group_id: str) -> str:
+    fam = "ip" if rule.ethertype == "ipv4" else "ip6"
+    side = "saddr" if rule.direction == "ingress" else "daddr"
+    parts: list[str] = []
+    if rule.remote_cidr:
+        parts.append(f"{fam} {side} {ipaddress.ip_network(rule.remote_cidr, strict=False)}")
+    elif rule.remote_group:
+        parts.append(f"{fam} {side} @{_set_name(rule.remote_group, 'v4' if fam == 'ip' else 'v6')}")
+    else:
+        parts.append(f"meta nfproto {rule.ethertype}")
+    if rule.protocol in ("tcp", "udp"):
+        if rule.port_min is not None:
+            rng = str(rule.port_min) if rule.port_min == rule.port_max else f"{rule.port_min}-{rule.port_max}"
+            parts.append(f"{rule.protocol} dport {rng}")
+        else:
+            parts.append(f"meta l4proto {rule.protocol}")
+    elif rule.protocol == "icmp":
+        parts.append("meta l4proto icmp")
+    elif rule.protocol == "icmpv6":
+        parts.append("meta l4proto ipv6-icmp")
+    parts.append(f'counter accept comment "sg {_SAFE.sub("_", group_id)}"')
+    return " ".join(parts)
+
+
+def _port_chains(port: Port, groups: Mapping[str, SecurityGroup]) -> list[str]:
+    rules: list[tuple[str, SecurityGroupRule]] = []
+    for gid in port.security_groups:
+        if gid not in groups:
+            raise InvalidSpec(f"port {port.id}: unknown security group {gid!r}")
+        rules.extend((gid, r) for r in groups[gid].rules)
+    name = port.host_ifname
+    out = [f"\tchain egress_{name} {{"]
+    out.append("\t\tct state established,related accept")
+    out.append("\t\tct state invalid counter drop")
+    out.append("\t\tudp sport 68 udp dport 67 accept comment \"DHCP request\"")
+    out.append("\t\ticmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept")
+    out.extend(f"\t\t{_rule_text(r, g)}" for g, r in rules if r.direction == "egress")
+    out.append("\t\tcounter drop comment \"no egress rule allows it\"")
+    out.append("\t}")
+    out.append(f"\tchain ingress_{name} {{")
+    out.append("\t\tct state established,related accept")
+    out.append("\t\tct state invalid counter drop")
+    out.append("\t\tudp sport 67 udp dport 68 accept comment \"DHCP reply\"")
+    out.append("\t\ticmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } accept")
+    out.extend(f"\t\t{_rule_text(r, g)}" for g, r in rules if r.direction == "ingress")
+    out.append("\t\tcounter drop comment \"default deny inbound\"")
+    out.append("\t}")
+    return out
+
+
+def _spoof_chain(port: Port) -> list[str]:
+    v4 = sorted(ip for ip in port.ips if ipaddress.ip_address(ip).version == 4)
+    v6 = sorted(ip for ip in port.ips if ipaddress.ip_address(ip).version == 6)
+    out = [f"\tchain spoof_{port.host_ifname} {{"]
+    out.append(f"\t\tether saddr != {port.mac} counter drop comment \"spoofed MAC\"")
+    out.append("\t\tip saddr 0.0.0.0 udp sport 68 udp dport 67 return comment \"DHCP discover\"")
+    if v4:
+        out.append(f"\t\tip saddr != {{ {', '.join(v4)} }} counter drop comment \"spoofed IPv4\"")
+        out.append(f"\t\tarp saddr ip != {{ {', '.join(v4)} }} counter drop comment \"spoofed ARP\"")
+    else:
+        out.append("\t\tether type ip counter drop comment \"no IPv4 address\"")
+    out.append(f"\t\tarp saddr ether != {port.mac} counter drop comment \"spoofed ARP MAC\"")
+    v6_ok = ", ".join(["fe80::/10", "::", *v6])
+    out.append(f"\t\tip6 saddr != {{ {v6_ok} }} counter drop comment \"spoofed IPv6\"")
+    out.append("\t}")
+    return out
+
+
+def build_ruleset(
+    networks: Sequence[NetworkAttachment],
+    groups: Mapping[str, SecurityGroup],
+    group_members: Mapping[str, Sequence[str]],
+) -> str:
+    """The whole nftables script for one node's ports (an ``nft -f`` transaction).
+
+    ``networks`` are the node's attachments (only ports with a ``host_ifname`` get
+    rules), ``groups`` every group those ports use, ``group_members`` the addresses of
+    every port cluster-wide in each group referenced as a remote group."""
+    ports = sorted((p for n in networks for p in n.ports if p.host_ifname), key=lambda p: p.host_ifname)
+    used_remote = sorted({
+        r.remote_group for p in ports for g in p.security_groups if g in groups
+        for r in groups[g].rules if r.remote_group
+    })
+    lines = [
+        "# cairn security groups (generated; replaced as a whole in one transaction)",
+        f"table bridge {TABLE}",
+        f"delete table bridge {TABLE}",
+        f"table inet {TABLE}",
+        f"delete table inet {TABLE}",
+        "",
+        "# port security: a port sends only with its own MAC and addresses (stateless, bridge family)",
+        f"table bridge {TABLE} {{",
+        "\tchain from_ports {",
+        "\t\ttype filter hook prerouting priority filter; policy accept;",
+    ]
+    if ports:
+        vmap = ", ".join(f'"{p.host_ifname}" : jump spoof_{p.host_ifname}' for p in ports)
+        lines.append(f"\t\tiifname vmap {{ {vmap} }}")
+    lines.append("\t}")
+    for p in ports:
+        lines.extend(_spoof_chain(p))
+    lines += [
+        "}",
+        "",
+        "# stateful groups: br_netfilter hands bridged IP traffic to these inet hooks",
+        f"table inet {TABLE} {{",
+    ]
+    for gid in used_remote:
+        members = group_members.get(gid, ())
+        for fam, typ, ver in (("v4", "ipv4_addr", 4), ("v6", "ipv6_addr", 6)):
+            addrs = sorted(a for a in members if ipaddress.ip_address(a).version == ver)
+            lines.append(f"\tset {_set_name(gid, fam)} {{")
+            lines.append(f"\t\ttype {typ}")
+            if addrs:
+                lines.append(f"\t\telements = {{ {', '.join(addrs)} }}")
+            lines.append("\t}")
+    # in the inet prerouting hook br_netfilter reports the bridge as input interface
+    zone_of = [f'"{bridge_name(n.vni)}" : {n.vni % 65535 + 1}' for n in sorted(networks, key=lambda n: n.vni)]
+    lines.append("\tchain zones {")
+    lines.append("\t\ttype filter hook prerouting priority raw; policy accept;")
+    if zone_of:
+        lines.append(f"\t\tct zone set iifname map {{ {', '.join(zone_of)} }}")
+    lines.append("\t}")
+    lines.append("\tchain from_ports {")
+    lines.append("\t\ttype filter hook prerouting priority filter; policy accept;")
+    if ports:
+        # the input interface here is the bridge, so the port is known by its (anti-spoofed) MAC
+        vmap = ", ".join(f"{p.mac} : jump egress_{p.host_ifname}" for p in ports)
+        lines.append(f"\t\tether saddr vmap {{ {vmap} }}")
+    lines.append("\t}")
+    # ingress: br_netfilter reports the bridge as output interface too, so a port is
+    # found by (its network's bridge, its address); the forward hook sees bridged
+    # and routed traffic towards ports alike
+    lines.append("\tchain to_ports {")
+    lines.append("\t\ttype filter hook forward priority filter; policy accept;")
+    for fam, ver in (("ip", 4), ("ip6", 6)):
+        pairs = [
+            f'"{bridge_name(n.vni)}" . {ip} : jump ingress_{p.host_ifname}'
+            for n in sorted(networks, key=lambda n: n.vni)
+            for p in sorted(n.ports, key=lambda p: p.host_ifname)
+            if p.host_ifname
+            for ip in sorted(p.ips)
+            if ipaddress.ip_address(ip).version == ver
+        ]
+        if pairs:
+            lines.append(f"\t\toifname . {fam} daddr vmap {{ {', '.join(pairs)} }}")
+    lines.append("\t}")
+    for p in ports:
+        lines.extend(_port_chains(p, groups))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def apply_ruleset(netns: str | None, ruleset: str) -> None:
+    """Load a ruleset from :func:`build_ruleset` in one nft transaction (all or nothing).
+
+    Also turns on br_netfilter for the namespace so bridged frames reach the inet hooks."""
+    for key in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"):
+        write_sysctl(netns, key, "1")
+    r = run_in_netns(netns, ["nft", "-f", "-"], input=ruleset, timeout=30)
+    if r.returncode:
+        raise CommandFailed(f"nft rejected the ruleset (nothing changed): {r.stderr.strip()[-800:]}")
+
+
+def rule_counters(netns: str | None) -> str:
+    """The live table as text (for diagnostics and tests)."""
+    r = run_in_netns(netns, ["nft", "list", "table", "inet", TABLE], timeout=30)
+    if r.returncode:
+        raise CommandFailed(r.stderr.strip())
+    return r.stdout
