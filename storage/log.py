@@ -34,6 +34,7 @@ REC_CHUNK = 1
 REC_MAP = 2
 SEGMENT_TARGET = 4 << 20
 DATA_STREAMS = 4
+SMALL_BATCH = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +227,12 @@ class SegmentLog:
         return LogPosition(self.writer, j.seq, j.seg_size + j.pending_size)
 
     def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
-        """Queue a chunk record on the least loaded data stream; readable at once."""
-        st = min(self.data, key=lambda x: x.pending_size)
+        """Queue a chunk record; readable at once. Small batches stay on the journal stream
+        (one append per commit); the rest of a large batch spreads over the data streams."""
+        if self.journal.pending_size < SMALL_BATCH:
+            st = self.journal
+        else:
+            st = min(self.data, key=lambda x: x.pending_size)
         rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
         at = st.seg_size + st.pending_size + HEADER.size + CHUNK_HEAD.size
         seg = st.segment
@@ -294,6 +299,17 @@ class SegmentLog:
             self.backend.sync(seg)
         for h in chunks:
             self.inflight.pop(h, None)
+
+    def rotate(self) -> None:
+        """Seal every open segment (with its index) and start new ones, so that GC may
+        consider the old ones."""
+        self.commit(sync=True)
+        for st in (self.journal, *self.data):
+            if st.seg_size:
+                self.write_index(st.segment, st.seg_size)
+                self.segment_entries.pop(st.segment, None)
+                st.seq += 1
+                st.seg_size = 0
 
     def commit(self, sync: bool = False) -> None:
         """Append everything staged and wait for it (after any append already in flight)."""

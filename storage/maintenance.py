@@ -35,6 +35,7 @@ def collect_garbage(pool: Pool, grace_seconds: float = 3600.0, rewrite_below: fl
         raise InvalidArgument("cannot collect garbage on a read-only pool")
     pool.chunks.touched = set()
     try:
+        pool.log.rotate()
         live = pool.live_hashes()
         pool.log.commit(sync=True)
         segments = pool.log.segments()
