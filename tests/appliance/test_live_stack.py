@@ -333,6 +333,21 @@ def test_websocket_consoles_serial_and_vnc_are_authenticated(stack: Stack) -> No
         with pytest.raises(InvalidStatus):
             connect(f"{base}/serial", additional_headers=headers, ssl=stack.tls, open_timeout=10)
     stack.cairn("vm", "delete", "ws1")
+    # a container's interactive terminal, through the same kind of bridge
+    r = subprocess.run([*CAIRN, "container", "create", "sh1", "--image", "busybox", "--memory", "64MiB", "--tty",
+                        "-o", "json", "--", "/bin/sh"], env=stack.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    tty = f"wss://127.0.0.1:{stack.port}/api/v1/containers/sh1/console/tty"
+    with connect(tty, additional_headers=auth, ssl=stack.tls, open_timeout=10) as ws:
+        ws.send(b"echo tty-$((6*7))\n")
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"tty-42" not in seen and time.monotonic() < deadline:
+            seen += ws.recv(timeout=20)
+        assert b"tty-42" in seen
+    with pytest.raises(InvalidStatus):
+        connect(tty, additional_headers={"Authorization": f"Bearer {other}"}, ssl=stack.tls, open_timeout=10)
+    stack.cairn("container", "delete", "sh1")
 
 
 def test_container_lifecycle_exec_and_console(stack: Stack) -> None:

@@ -77,3 +77,10 @@ async def vm_console(websocket: WebSocket, name: str, console: Literal["serial",
     path = await _open(websocket, "vm", project, name, want)
     offered = websocket.headers.get("sec-websocket-protocol", "")
     await _pump(websocket, path, "binary" if "binary" in offered else None)
+
+
+@router.websocket("/containers/{name}/console/tty")
+async def container_tty(websocket: WebSocket, name: str, project: str = "default") -> None:
+    """The interactive terminal of a container created with ``tty: true`` (xterm.js)."""
+    path = await _open(websocket, "container", project, name, "serial-unix")
+    await _pump(websocket, path, None)
