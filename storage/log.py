@@ -229,10 +229,7 @@ class SegmentLog:
     def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
         """Queue a chunk record; readable at once. Small batches stay on the journal stream
         (one append per commit); the rest of a large batch spreads over the data streams."""
-        if self.journal.pending_size < SMALL_BATCH:
-            st = self.journal
-        else:
-            st = min(self.data, key=lambda x: x.pending_size)
+        st = self.journal if self.journal.pending_size < SMALL_BATCH else min(self.data, key=lambda x: x.pending_size)
         rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
         at = st.seg_size + st.pending_size + HEADER.size + CHUNK_HEAD.size
         seg = st.segment
