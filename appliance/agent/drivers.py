@@ -35,6 +35,19 @@ class DriverSet:
             return FakeDriver(kind)
         raise ValueError(f"unknown {kind} driver {name!r}")
 
+    def _vm_isolation(self, plain: ComputeDriver[Any]) -> ComputeDriver[Any]:
+        """Containers asking for ``isolation: vm`` run in a microVM on this node's hypervisor."""
+        vms = self._drivers.get("vm")
+        if vms is None:
+            return plain
+        from compute.container_router import ContainerRouter
+        from compute.testguest import ensure_test_guest
+        from compute.vm_isolation import VmIsolatedContainerDriver
+
+        guest = ensure_test_guest(self.settings.data_dir / "cache" / "testguest")
+        isolated = VmIsolatedContainerDriver(vms, self.settings.data_dir / "microvms", guest.kernel, guest.initrd)
+        return ContainerRouter(plain, isolated)
+
     def get(self) -> dict[str, ComputeDriver[Any]]:
         """The drivers that are up; failures are kept in ``errors`` and retried next time."""
         for kind, name in (("vm", self.settings.vm_driver), ("container", self.settings.container_driver)):
@@ -47,6 +60,11 @@ class DriverSet:
                 log.warning("compute driver not ready", extra={"kind": kind, "error": str(exc)})
                 continue
             if driver is not None:
+                if kind == "container" and self.settings.vm_driver == "libvirt":
+                    try:
+                        driver = self._vm_isolation(driver)
+                    except Exception as exc:  # plain containers still work without it
+                        self.errors["container-vm-isolation"] = str(exc)
                 self._drivers[kind] = driver
                 self.errors.pop(kind, None)
         return self._drivers

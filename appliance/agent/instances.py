@@ -185,7 +185,7 @@ class InstanceReconciler:
             name=name, image=image.spec["archive"], command=command, vcpus=float(spec["cpu"]),
             memory_mib=max(4, memory_mib), qos_class=qos,
             env=tuple(sorted((spec.get("env") or {}).items())), tty=bool(spec.get("tty", False)),
-            hostname=row.name,
+            hostname=row.name, isolation=spec.get("isolation", "container"),
         )
 
     def pin(self, row: Instance, count: int) -> Placement:

@@ -321,7 +321,8 @@ class ContainerSpecIn(InstanceSpecIn):
     env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)],
               Annotated[str, Field(max_length=65536)]] = {}
     tty: bool = False
-    isolation: Literal["container"] = "container"
+    isolation: Literal["container", "vm"] = Field(
+        "container", description="vm: run the container inside its own microVM (hard multi-tenancy)")
 
 
 class ContainerCreate(Strict):

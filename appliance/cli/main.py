@@ -519,12 +519,13 @@ def container_create(ctx: typer.Context, name: str, image: Annotated[str, typer.
                      network: Annotated[list[str] | None, typer.Option("--network", help="repeatable")] = None,
                      env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE, repeatable")] = None,
                      tty: Annotated[bool, typer.Option("--tty", help="give it an interactive terminal")] = False,
+                     isolation: Annotated[str, typer.Option(help="container, or vm for its own microVM")] = "container",
                      project: ProjectArg = "default", no_wait: NoWait = False,
                      output: OutputOpt = Format.table) -> None:
     """Create and start a container: cairn container create NAME --image IMG -- CMD ARGS..."""
     envs = dict(e.split("=", 1) for e in env or [] if "=" in e)
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
-                            "command": list(ctx.args), "env": envs, "tty": tty}
+                            "command": list(ctx.args), "env": envs, "tty": tty, "isolation": isolation}
     _create_instance("containers", name, project, spec, no_wait, output)
 
 

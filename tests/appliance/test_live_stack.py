@@ -369,6 +369,20 @@ def test_container_lifecycle_exec_and_console(stack: Stack) -> None:
     assert stack.cairn("container", "delete", "c1") == {"deleted": {"kind": "container", "name": "c1"}}
 
 
+def test_container_with_vm_isolation_runs_in_its_own_microvm(stack: Stack) -> None:
+    stack.cairn("image", "import-test-guest")
+    r = subprocess.run([*CAIRN, "container", "create", "iso1", "--image", "busybox", "--memory", "128MiB",
+                        "--isolation", "vm", "-o", "json", "--", "sh", "-c", "echo isolated-$(uname -r); sleep 600"],
+                       env=stack.env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"]["power_state"] == "running"
+    wait_for(lambda: "isolated-" in stack.cairn("container", "console", "iso1")["console"], 60, "output")
+    text = stack.cairn("container", "console", "iso1")["console"]
+    # its own kernel (the guest's), not the host's
+    assert f"isolated-{os.uname().release}" not in text
+    stack.cairn("container", "delete", "iso1")
+
+
 def test_vm_bad_input(stack: Stack) -> None:
     with stack.http() as c:
         big = c.post("/api/v1/vms", json={"name": "big", "spec": {"cpu": 1, "memory": "4TiB", "image": "tiny-guest"}})
