@@ -29,7 +29,7 @@ from storage.log import Location, LogPosition, SegmentLog
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHECKPOINT_BYTES = 32 << 20
-CACHE_BYTES = 64 << 20
+CACHE_BYTES = 192 << 20
 
 
 def _check_name(name: str, what: str) -> None:
@@ -252,10 +252,24 @@ class Volume:
     discard = write_zeroes
 
     def _apply(self, offset: int, view: memoryview | None, length: int) -> None:
-        bs = self.block
-        blk, boff = divmod(offset, bs)
-        pos = 0
+        blk, boff = divmod(offset, self.block)
         entries: list[tuple[int, bytes]] = []
+        self.pool.log.sticky = self.pool.log.pick_stream()
+        try:
+            self._apply_blocks(blk, boff, view, length, entries)
+        finally:
+            self.pool.log.sticky = None
+        if entries:
+            self.pool.log.stage_map(self.id, entries)
+            self._since_checkpoint += length
+        if self.pool.log.pending_size > (16 << 20):
+            # Bound memory and RADOS op size (osd_max_write_size is 90 MiB).
+            self.pool.log.commit()
+
+    def _apply_blocks(self, blk: int, boff: int, view: memoryview | None, length: int,
+                      entries: list[tuple[int, bytes]]) -> None:
+        bs = self.block
+        pos = 0
         chunks = self.pool.chunks
         while pos < length:
             n = min(bs - boff, length - pos)
@@ -272,12 +286,6 @@ class Volume:
             pos += n
             blk += 1
             boff = 0
-        if entries:
-            self.pool.log.stage_map(self.id, entries)
-            self._since_checkpoint += length
-        if self.pool.log.pending_size > (16 << 20):
-            # Bound memory and RADOS op size (osd_max_write_size is 90 MiB).
-            self.pool.log.commit()
 
     def commit(self, sync: bool = False) -> None:
         """Journal everything staged (one backend append); ``sync`` also makes it durable."""

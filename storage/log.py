@@ -153,6 +153,8 @@ class SegmentLog:
         self.journal = _Stream(self.writer)
         self.data = [_Stream(f"{self.writer}.{k}") for k in range(DATA_STREAMS)]
         self.pending_chunks: dict[bytes, bytes] = {}
+        # Chunks of one write request stay together (one read later), see Volume._apply.
+        self.sticky: _Stream | None = None
         self.inflight: dict[bytes, bytes] = {}
         self.segment_entries: dict[str, list[bytes]] = {}
         # One writer thread: appends reach the backend in the order they were taken.
@@ -226,10 +228,16 @@ class SegmentLog:
         j = self.journal
         return LogPosition(self.writer, j.seq, j.seg_size + j.pending_size)
 
+    def pick_stream(self) -> _Stream:
+        """The journal while the batch is small, else the least loaded data stream."""
+        if self.journal.pending_size < SMALL_BATCH:
+            return self.journal
+        return min(self.data, key=lambda x: x.pending_size)
+
     def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
         """Queue a chunk record; readable at once. Small batches stay on the journal stream
         (one append per commit); the rest of a large batch spreads over the data streams."""
-        st = self.journal if self.journal.pending_size < SMALL_BATCH else min(self.data, key=lambda x: x.pending_size)
+        st = self.sticky or self.pick_stream()
         rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
         at = st.seg_size + st.pending_size + HEADER.size + CHUNK_HEAD.size
         seg = st.segment
