@@ -117,30 +117,40 @@ class NodeLinks:
 
     def links(self) -> dict[str, LinkInfo]:
         """All interfaces of the namespace by name (one dump)."""
-        out: dict[str, LinkInfo] = {}
-        for msg in self.ipr.link("dump"):
-            name = msg.get("ifname")
-            kind = msg.get(("linkinfo", "kind")) or ""
-            extra: dict[str, Any] = {}
-            if kind == "vxlan":
-                data = msg.get(("linkinfo", "data"))
-                extra = {
-                    "vxlan_id": data.get("vxlan_id") or 0,
-                    "vxlan_local": data.get("vxlan_local") or "",
-                    "vxlan_learning": data.get("vxlan_learning") or 0,
-                    "vxlan_port": data.get("vxlan_port") or 0,
-                }
-            out[name] = LinkInfo(
-                index=msg["index"],
-                name=name,
-                kind=kind,
-                master=msg.get("master") or 0,
-                mtu=msg.get("mtu") or 0,
-                up=bool(msg["flags"] & 1),
-                address=msg.get("address") or "",
-                **extra,
-            )
-        return out
+        return {info.name: info for info in map(self._info, self.ipr.link("dump"))}
+
+    def link(self, name: str) -> LinkInfo | None:
+        """One interface by name (one request), None when absent."""
+        try:
+            return self._info(self.ipr.link("get", ifname=name)[0])
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return None
+            raise
+
+    @staticmethod
+    def _info(msg: Any) -> LinkInfo:
+        name = msg.get("ifname")
+        kind = msg.get(("linkinfo", "kind")) or ""
+        extra: dict[str, Any] = {}
+        if kind == "vxlan":
+            data = msg.get(("linkinfo", "data"))
+            extra = {
+                "vxlan_id": data.get("vxlan_id") or 0,
+                "vxlan_local": data.get("vxlan_local") or "",
+                "vxlan_learning": data.get("vxlan_learning") or 0,
+                "vxlan_port": data.get("vxlan_port") or 0,
+            }
+        return LinkInfo(
+            index=msg["index"],
+            name=name,
+            kind=kind,
+            master=msg.get("master") or 0,
+            mtu=msg.get("mtu") or 0,
+            up=bool(msg["flags"] & 1),
+            address=msg.get("address") or "",
+            **extra,
+        )
 
     def counters(self, name: str) -> tuple[int, int]:
         """(rx_packets, tx_packets) of an interface."""
@@ -203,6 +213,15 @@ class NodeLinks:
     def set_link(self, index: int, **kw: Any) -> None:
         """Change link attributes (``master=``, ``mtu=``, ``state='up'``, ``address=``)."""
         self.ipr.link("set", index=index, **kw)
+
+    def all_fdb_entries(self) -> dict[int, set[tuple[str, str]]]:
+        """Static (MAC, remote VTEP) entries of every VXLAN device, by ifindex (one dump)."""
+        out: dict[int, set[tuple[str, str]]] = {}
+        for e in self.ipr.fdb("dump"):
+            dst = e.get("dst")
+            if dst:
+                out.setdefault(int(e.get("ifindex")), set()).add((str(e.get("lladdr")).lower(), str(dst)))
+        return out
 
     def fdb_entries(self, vx_index: int) -> set[tuple[str, str]]:
         """Static (MAC, remote VTEP) forwarding entries of a VXLAN device."""

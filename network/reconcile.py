@@ -97,13 +97,15 @@ class _Pass:
         if underlay is None:
             raise ApplyFailed(f"underlay interface {desired.underlay_ifname!r} is missing")
         wanted = {bridge_name(n.vni) for n in desired.networks} | {vxlan_name(n.vni) for n in desired.networks}
-        for link in links.values():  # networks this node no longer hosts
-            if _managed(link) and link.name not in wanted:
-                nl.delete(link.index)
-                self.report.changed.append(f"removed {link.name}")
-        links = nl.links()
+        stale = [link for link in links.values() if _managed(link) and link.name not in wanted]
+        for link in stale:  # networks this node no longer hosts
+            nl.delete(link.index)
+            self.report.changed.append(f"removed {link.name}")
+        if stale:
+            links = nl.links()
+        fdb = nl.all_fdb_entries()
         for net in desired.networks:
-            self._network(net, desired, underlay, links, mtu)
+            self._network(net, desired, underlay, links, fdb, mtu)
 
     def _network(
         self,
@@ -111,6 +113,7 @@ class _Pass:
         desired: NodeNetworkState,
         underlay: LinkInfo,
         links: dict[str, LinkInfo],
+        fdb: dict[int, set[tuple[str, str]]],
         mtu: int,
     ) -> None:
         nl, changed = self.nl, self.report.changed
@@ -122,7 +125,8 @@ class _Pass:
             nl.add_bridge(brn, mtu)
             self.created.append(brn)
             changed.append(f"created bridge {brn}")
-            br = nl.links()[brn]
+            br = nl.link(brn)
+            assert br is not None
         if br.mtu != mtu:
             nl.set_link(br.index, mtu=mtu)
             changed.append(f"mtu {brn}")
@@ -140,7 +144,7 @@ class _Pass:
             nl.add_vxlan(vxn, net.vni, desired.underlay_ip, underlay.index, mtu)
             self.created.append(vxn)
             changed.append(f"created vxlan {vxn} vni {net.vni}")
-            vx = nl.links()[vxn]
+            vx = nl.link(vxn)
         assert vx is not None
         if vx.master != br.index or not vx.up or vx.mtu != mtu:
             nl.set_link(vx.index, master=br.index, mtu=mtu, state="up")
@@ -148,7 +152,7 @@ class _Pass:
         if not br.up:
             nl.set_link(br.index, state="up")
             changed.append(f"up {brn}")
-        want, have = _desired_fdb(net), nl.fdb_entries(vx.index)
+        want, have = _desired_fdb(net), (fdb.get(vx.index, set()) if ok_vx else set())
         for mac, dst in sorted(want - have):
             nl.fdb_add(vx.index, mac, dst)
             changed.append(f"fdb {vxn} {mac} -> {dst}")
@@ -173,7 +177,7 @@ class _Pass:
                 nl.set_link(link.index, master=br.index, mtu=mtu, state="up")
                 changed.append(f"port {port.host_ifname} -> {brn}")
         for link in links.values():  # interfaces of deleted ports: let go of them
-            if link.master == br.index and link.name not in port_names and link.name != vxn:
+            if link.master == br.index and link.master != 0 and link.name not in port_names and link.name != vxn:
                 nl.set_link(link.index, master=0)
                 changed.append(f"released {link.name} from {brn}")
 
@@ -188,6 +192,7 @@ def check(nl: NodeLinks, desired: NodeNetworkState) -> list[str]:
     """Differences between the kernel and ``desired`` (empty = converged)."""
     problems: list[str] = []
     links = nl.links()
+    fdb = nl.all_fdb_entries()
     mtu = desired.overlay_mtu
     for net in desired.networks:
         br, vx = links.get(bridge_name(net.vni)), links.get(vxlan_name(net.vni))
@@ -197,9 +202,8 @@ def check(nl: NodeLinks, desired: NodeNetworkState) -> list[str]:
         if vx is None or vx.master != br.index or not vx.up or vx.vxlan_id != net.vni:
             problems.append(f"vxlan {vxlan_name(net.vni)} missing or not in its bridge")
             continue
-        if nl.fdb_entries(vx.index) != _desired_fdb(net):
-            have = nl.fdb_entries(vx.index)
-            want = _desired_fdb(net)
+        have, want = fdb.get(vx.index, set()), _desired_fdb(net)
+        if have != want:
             problems.append(f"fdb of {vx.name} differs: missing {sorted(want - have)}, extra {sorted(have - want)}")
         if nl.addresses(br.index) != set(net.gateway):
             problems.append(f"addresses of {br.name} differ")
