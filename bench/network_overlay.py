@@ -17,13 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from network.desired import NodeUnderlay, VirtualNetwork, node_state  # noqa: E402
-from network.model import NetworkAttachment, Port  # noqa: E402
-from network.netlink import node_links, popen_in_netns, run_in_netns  # noqa: E402
-from network.reconcile import reconcile  # noqa: E402
-from network.secgroups import apply_ruleset, build_ruleset  # noqa: E402
-from network.model import SecurityGroup, SecurityGroupRule  # noqa: E402
-from tests.network.lab import Lab, wait_ping  # noqa: E402
+from network.desired import NodeUnderlay, VirtualNetwork, node_state
+from network.model import NetworkAttachment, Port, SecurityGroup, SecurityGroupRule
+from network.netlink import node_links, popen_in_netns, run_in_netns
+from network.reconcile import reconcile
+from network.secgroups import apply_ruleset, build_ruleset
+from tests.network.lab import Lab, wait_ping
 
 
 def iperf(server_ns: str, client_ns: str, ip: str, seconds: int) -> float:
