@@ -128,3 +128,21 @@ def test_a_failing_pass_rolls_back_to_the_last_good_state(lab: Lab, tmp_path: ob
     assert after == before  # cbr401/cvx401 created by the failed pass are gone again
     assert load_applied(tmp_path) == good  # type: ignore[arg-type]
     time.sleep(0)
+
+
+def test_removed_port_is_released_and_removed_network_is_torn_down(lab: Lab) -> None:
+    nodes = underlays(lab)
+    keep, gone = port(1, 800, "10.81.0.1"), port(2, 800, "10.81.0.2")
+    lab.endpoint(1, "k1", keep)
+    lab.endpoint(1, "k2", gone)
+    other = VirtualNetwork(801, {"n1": []}, {"n1": ["10.82.0.1/24"]})
+    both = node_state("n1", nodes, [VirtualNetwork(800, {"n1": [keep, gone]}), other])
+    assert reconcile(lab.node(1), both).ok
+    one = node_state("n1", nodes, [VirtualNetwork(800, {"n1": [keep]})])
+    report = reconcile(lab.node(1), one)
+    assert report.ok
+    with node_links(lab.node(1)) as nl:
+        links = nl.links()
+    assert bridge_name(801) not in links and vxlan_name(801) not in links
+    assert links[gone.host_ifname].master == 0
+    assert links[keep.host_ifname].master == links[bridge_name(800)].index
