@@ -99,13 +99,20 @@ def run_agent(argv: list[str] | None = None) -> None:
     from appliance.agent.agent import Agent
     from appliance.agent.drivers import DriverSet
     from appliance.agent.instances import InstanceReconciler
+    from appliance.agent.network import NetworkReconciler
 
     agent = Agent(settings)
+    net = NetworkReconciler(settings)
+    # Networks first: a VM's tap needs its bridge before the VM starts.
+    agent.register_reconciler("network", net, kinds=("network", "subnet", "port", "vm", "container"))
     agent.register_reconciler("instances", InstanceReconciler(settings, DriverSet(settings)),
                               kinds=("vm", "container"))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    agent.serve()
+    try:
+        agent.serve()
+    finally:
+        net.stop()
 
 
 def libvirt_node(settings: Settings) -> LibvirtNode:

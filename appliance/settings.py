@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # VXLAN VNIs handed to virtual networks, "first-last" inclusive.
     vni_range: str = "4096-16777215"
     underlay_mtu: int = 1500
+    # The NIC VXLAN runs over; empty = the interface of the default route.
+    underlay_interface: str = ""
 
     @property
     def vni_bounds(self) -> tuple[int, int]:

@@ -82,6 +82,7 @@ class Agent:
         # How peers reach this node's hypervisor (live migration targets).
         inventory["libvirt_uri"] = self.settings.libvirt_uri
         inventory["migration_host"] = self.settings.migration_host
+        inventory["underlay"] = inv.underlay(self.settings.underlay_interface)
         with session_scope(self.settings.resolved_database_url) as session:
             nodes.register(session, self.node, inventory, inv.allocatable(inventory))
         self._registered = True

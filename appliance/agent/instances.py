@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 
 from appliance.agent.drivers import DriverSet
+from appliance.agent.network import port_ifname
 from appliance.db.engine import session_scope
 from appliance.db.models import Claim, Image, Instance, Node, Project
 from appliance.services.instances import KINDS
@@ -23,16 +24,19 @@ from compute.driver import ComputeDriver
 from compute.errors import ComputeError, HypervisorError, InstanceNotFound, InsufficientResources
 from compute.spec import (
     Consoles,
+    ContainerNic,
     ContainerSpec,
     DiskSpec,
     FileSource,
     KernelBoot,
+    NicSpec,
     Placement,
     PowerState,
     QosClass,
     VirtType,
     VmSpec,
 )
+from network.model import bridge_name
 
 log = logging.getLogger("cairn.agent.instances")
 MIB = 1 << 20
@@ -120,6 +124,8 @@ class InstanceReconciler:
         name = domain_name(row)
         want = (row.spec or {}).get("power", "running")
         present = name in driver.list_instances()
+        if want == "pending":  # its create task is still preparing volumes and ports
+            return {"power_state": "nostate"}
         if want == "deleted":
             if present:
                 driver.delete(name)
@@ -172,8 +178,10 @@ class InstanceReconciler:
                                                     user_data=spec.get("user_data") or "#cloud-config\n{}\n"),
                                       str(workdir / "seed.iso"))
                 disks = (DiskSpec(FileSource(seed), device="cdrom", readonly=True),)
-            return VmSpec(disks=disks,
-                name=name, vcpus=int(spec["cpu"]), memory_mib=memory_mib, uuid=row.id,
+            nics = tuple(NicSpec(mac=p["mac"], bridge=bridge_name(p["vni"]), tap=port_ifname("vm", p["id"]),
+                                 mtu=p.get("mtu") or None) for p in (row.status or {}).get("ports", []))
+            return VmSpec(
+                disks=disks, nics=nics, name=name, vcpus=int(spec["cpu"]), memory_mib=memory_mib, uuid=row.id,
                 consoles=Consoles(serial_log=str(workdir / "serial.log"),
                                   serial_socket=str(workdir / "serial.sock"), vnc_socket=str(workdir / "vnc.sock")),
                 kernel_boot=KernelBoot(kernel=image.spec["kernel"], initrd=image.spec.get("initrd"),
@@ -186,7 +194,16 @@ class InstanceReconciler:
             memory_mib=max(4, memory_mib), qos_class=qos,
             env=tuple(sorted((spec.get("env") or {}).items())), tty=bool(spec.get("tty", False)),
             hostname=row.name, isolation=spec.get("isolation", "container"),
+            nics=tuple(self._container_nic(p) for p in (row.status or {}).get("ports", [])),
         )
+
+    @staticmethod
+    def _container_nic(port: dict[str, Any]) -> ContainerNic:
+        v4 = next((ip for ip in port.get("ips", []) if ":" not in ip["address"]), None)
+        return ContainerNic(mac=port["mac"], bridge=bridge_name(port["vni"]),
+                            host_dev=port_ifname("container", port["id"]),
+                            address=f"{v4['address']}/{v4['prefix']}" if v4 else None,
+                            gateway=v4.get("gateway") if v4 else None)
 
     def pin(self, row: Instance, count: int) -> Placement:
         """Dedicated host CPUs in the NUMA node the scheduler claimed, not used by

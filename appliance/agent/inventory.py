@@ -75,6 +75,27 @@ def nics() -> list[dict[str, Any]]:
     return out
 
 
+def default_route_interface() -> str:
+    """The interface of the IPv4 default route ("lo" when there is none)."""
+    try:
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == "00000000":
+                return fields[0]
+    except OSError:
+        pass
+    return "lo"
+
+
+def underlay(ifname: str = "") -> dict[str, Any]:
+    """The NIC and address VXLAN tunnels of this node start from."""
+    ifname = ifname or default_route_interface()
+    addrs = psutil.net_if_addrs().get(ifname, [])
+    ip = next((a.address for a in addrs if a.family.name == "AF_INET"), "127.0.0.1")
+    stats = psutil.net_if_stats().get(ifname)
+    return {"ifname": ifname, "ip": ip, "mtu": stats.mtu if stats else 1500}
+
+
 def collect() -> dict[str, Any]:
     accel, reason = virt_type()
     return {

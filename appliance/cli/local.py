@@ -114,7 +114,20 @@ def down() -> dict[str, Any]:
             break
         time.sleep(0.1)
     stopped = _stop_containers(settings)
+    _remove_overlay(settings)
     return {"stopped": True, "pid": pid, "forced": forced, "containers_stopped": stopped}
+
+
+def _remove_overlay(settings: Settings) -> None:
+    """Take this node's bridges and VXLAN devices down with it; `cairn up` rebuilds them."""
+    from appliance.agent.inventory import underlay
+    from network.model import NodeNetworkState
+    from network.reconcile import reconcile
+
+    u = underlay(settings.underlay_interface)
+    result = reconcile(None, NodeNetworkState(u["ifname"], u["ip"], u["mtu"], ()), settings.data_dir / "network")
+    if result.error:
+        err_console.print(f"[yellow]warning:[/yellow] removing the overlay: {result.error}")
 
 
 def _stop_containers(settings: Settings) -> int:

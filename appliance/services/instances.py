@@ -96,7 +96,9 @@ def create(session: Session, principal: Principal, kind: str, project: str, name
         except InvalidCloudInit as exc:
             raise InvalidInput(f"user_data: {exc}")
     check_fits_somewhere(session, float(spec["cpu"]), spec["memory_bytes"])
-    spec.setdefault("power", "running")
+    # The node acts only once the create task has its volumes and ports ready.
+    spec["initial_power"] = spec.pop("power", "running")
+    spec["power"] = "pending"
     row = KINDS[kind].create(session, principal, project, name, spec, {}, vm_state="building",
                              task_state="scheduling")
     task = tasks.create(session, "instance.create", {"instance_id": row.id}, queue="cluster",

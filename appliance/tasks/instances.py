@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from appliance.db.engine import session_scope
-from appliance.db.models import Claim, Instance, Node, Project
+from appliance.db.models import Claim, Instance, Network, Node, Project, Subnet
 from appliance.errors import CairnError
 from appliance.scheduler.placement import NoValidHost, Request
 from appliance.services import groups, images, instances, networks, placement
@@ -97,8 +97,9 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         if attached:
             _update(ctx, iid, status={"ports": attached})
         ctx.progress(60, f"define: asking {choice.host} to define the {row.kind}")
-        _update(ctx, iid, spec={"power": spec.get("power", "running")})
-        want = "running" if spec.get("power", "running") == "running" else "shutdown"
+        initial = spec.get("initial_power", "running")
+        _update(ctx, iid, spec={"power": initial})
+        want = "running" if initial == "running" else "shutdown"
         _wait_power(ctx, iid, want, 80, "start")
     except (NoValidHost, CairnError) as exc:
         _update(ctx, iid, vm_state="error", task_state=None, status={"error": str(exc)})
@@ -108,16 +109,33 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ports(ctx: TaskContext, row: Instance) -> list[dict[str, Any]]:
-    """One port per requested network (named <instance>-eth<i>), plus the given ports."""
+    """One port per requested network (named <instance>-eth<i>), plus the given ports;
+    each entry carries what the node needs to plug it in (VNI, addresses, gateway)."""
     out = []
     with session_scope(ctx.db_url) as session:
         project = session.get(Project, row.project_id)
         assert project is not None
-        for i, net in enumerate((row.spec or {}).get("networks", [])):
-            port = networks.create_port(session, SYSTEM, project.name, f"{row.name}-eth{i}"[:63],
-                                        {"network": net, "security_groups": row.spec.get("security_groups", [])})
-            out.append({"id": port["id"], "name": port["name"], "mac": port["status"]["mac"],
-                        "ips": port["status"]["ips"], "network": net, "owned": True})
+        wanted = [(net, None) for net in (row.spec or {}).get("networks", [])]
+        wanted += [(None, port) for port in (row.spec or {}).get("ports", [])]
+        for i, (net, existing) in enumerate(wanted):
+            if existing is None:
+                port = networks.create_port(session, SYSTEM, project.name, f"{row.name}-eth{i}"[:63],
+                                            {"network": net, "security_groups": row.spec.get("security_groups", [])})
+            else:
+                port = networks.ports.get(session, SYSTEM, project.name, existing)
+            port_row, _ = networks.ports.row(session, SYSTEM, project.name, port["name"], "write")
+            network = session.get(Network, port_row.network_id)
+            assert network is not None
+            ips = []
+            for ip in port["status"]["ips"]:
+                sub = session.scalar(select(Subnet).where(Subnet.project_id == row.project_id,
+                                                          Subnet.name == ip["subnet"]))
+                ips.append({**ip, "prefix": int(sub.cidr.split("/")[1]) if sub else 32,
+                            "gateway": sub.spec.get("gateway") if sub else None})
+            networks.ports.set_status(session, port_row, instance=f"{row.kind}/{row.name}", phase="Attached")
+            out.append({"id": port["id"], "name": port["name"], "mac": port["status"]["mac"], "ips": ips,
+                        "network": network.name, "network_id": network.id, "vni": network.vni,
+                        "mtu": network.spec.get("mtu"), "owned": existing is None})
     return out
 
 
@@ -172,6 +190,8 @@ def delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         for port in instances.attached_ports(session, live):
             if port.id in owned:
                 networks.delete_port(session, SYSTEM, project.name, port.name)
+            else:  # a port the user made: it outlives the instance, detached
+                networks.ports.set_status(session, port, instance=None, phase="Detached")
         instances.KINDS[live.kind].delete(session, SYSTEM, project.name, live.name)
     return {}
 

@@ -38,6 +38,7 @@ class Stack:
             "CAIRN_NODE_NAME": self.node,
             "CAIRN_NODE_GRACE_SECONDS": "3",
             "CAIRN_TASK_GRACE_SECONDS": "4",
+            "CAIRN_VNI_RANGE": f"{10000 + os.getpid() % 5000 * 10}-{10009 + os.getpid() % 5000 * 10}",
         }
 
     def cairn(self, *args: str, check: bool = True) -> Any:
@@ -381,6 +382,33 @@ def test_container_with_vm_isolation_runs_in_its_own_microvm(stack: Stack) -> No
     # its own kernel (the guest's), not the host's
     assert f"isolated-{os.uname().release}" not in text
     stack.cairn("container", "delete", "iso1")
+
+
+def test_a_vm_and_a_container_on_one_virtual_network_ping_each_other(stack: Stack) -> None:
+    stack.cairn("image", "import-test-guest")
+    stack.cairn("network", "create", "lab2", "--cidr", "10.77.0.0/24")
+    vm = stack.cairn("vm", "create", "v1", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB",
+                     "--network", "lab2")
+    vm_ip = vm["status"]["ports"][0]["ips"][0]["address"]
+    r = subprocess.run([*CAIRN, "container", "create", "c1", "--image", "busybox", "--memory", "64MiB",
+                        "--network", "lab2", "-o", "json", "--", "sleep", "1000"], env=stack.env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # the guest takes its fixed lease from dnsmasq on the network's bridge
+    wait_for(lambda: f"IP: eth0 {vm_ip}/24" in stack.cairn("vm", "console", "v1")["console"], 60, "the VM's lease")
+
+    def ping() -> bool:
+        r = subprocess.run([*CAIRN, "container", "exec", "c1", "-o", "json", "--", "ping", "-c", "2", "-W", "2",
+                            vm_ip], env=stack.env, capture_output=True, text=True, timeout=60)
+        return r.returncode == 0 and json.loads(r.stdout)["returncode"] == 0
+
+    wait_for(ping, 30, "the container to ping the VM over the overlay")
+    vni = stack.cairn("network", "get", "lab2")["status"]["vni"]
+    assert f"cbr{vni}" in Path("/proc/net/dev").read_text()
+    stack.cairn("vm", "delete", "v1")
+    stack.cairn("container", "delete", "c1")
+    stack.cairn("network", "delete", "lab2")
+    wait_for(lambda: f"cbr{vni}" not in Path("/proc/net/dev").read_text(), 15, "the agent to remove the bridge")
 
 
 def test_vm_bad_input(stack: Stack) -> None:
