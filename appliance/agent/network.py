@@ -18,13 +18,17 @@ from sqlalchemy import select
 
 from appliance.db.engine import session_scope
 from appliance.db.models import Instance, Network, Node, Subnet
+from appliance.db.models import Port as PortRow
+from appliance.db.models import SecurityGroup as SecurityGroupRow
 from appliance.settings import Settings
 from network.desired import NodeUnderlay, VirtualNetwork, node_state
 from network.dhcp import DhcpConfig, DhcpHost, DhcpSubnet, DnsmasqSupervisor, build_dnsmasq_config
-from network.model import Port, bridge_name
+from network.model import Port, SecurityGroup, SecurityGroupRule, bridge_name
 from network.reconcile import reconcile
+from network.secgroups import apply_ruleset, build_ruleset
 
 log = logging.getLogger("cairn.agent.network")
+RULE_FIELDS = ("direction", "protocol", "port_min", "port_max", "remote_cidr", "remote_group", "ethertype")
 
 
 def port_ifname(kind: str, port_id: str) -> str:
@@ -52,6 +56,7 @@ class NetworkReconciler:
         self.netns = netns
         self.state_dir = settings.data_dir / "network"
         self.dhcp: dict[int, DnsmasqSupervisor] = {}
+        self.ruleset: str | None = None
 
     def __call__(self, agent: Any, report: Any) -> None:
         me = self.settings.node_name
@@ -61,6 +66,8 @@ class NetworkReconciler:
             subnets = list(session.scalars(select(Subnet)))
             placed = [i for i in session.scalars(select(Instance).where(Instance.node_id.is_not(None)))
                       if (i.status or {}).get("ports")]
+            port_rows = {p.id: p for p in session.scalars(select(PortRow))}
+            group_rows = list(session.scalars(select(SecurityGroupRow)))
         underlays = {}
         for node in nodes.values():
             u = (node.status or {}).get("inventory", {}).get("underlay")
@@ -68,15 +75,22 @@ class NetworkReconciler:
                 underlays[node.name] = NodeUnderlay(u["ifname"], u["ip"], int(u.get("mtu", 1500)))
         if me not in underlays:
             return  # registered before underlay reporting: the next registration fills it in
+        group_ids = {(g.project_id, g.name): g.id for g in group_rows}
         by_net: dict[str, dict[str, list[Port]]] = defaultdict(lambda: defaultdict(list))
         hosts: dict[str, list[DhcpHost]] = defaultdict(list)
+        members: dict[str, list[str]] = defaultdict(list)
         for inst in placed:
             owner = nodes.get(inst.node_id or "")
             for p in inst.status["ports"]:
                 ips = tuple(ip["address"] for ip in p.get("ips", []))
+                row = port_rows.get(p["id"])
+                names = (row.spec or {}).get("security_groups", []) if row else []
+                gids = tuple(group_ids[(inst.project_id, n)] for n in names if (inst.project_id, n) in group_ids)
+                for gid in gids:
+                    members[gid].extend(ips)
                 by_net[p["network_id"]][owner.name if owner else ""].append(
                     Port(id=p["id"], mac=p["mac"], ips=ips, host_ifname=port_ifname(inst.kind, p["id"]),
-                         name=inst.name))
+                         name=inst.name, security_groups=gids))
                 hosts[p["network_id"]].append(DhcpHost(p["mac"], ips, inst.name))
         virtual = []
         home: dict[str, str] = {}
@@ -94,7 +108,30 @@ class NetworkReconciler:
         if result.error:
             report.errors.append(f"network: {result.error}")
         report.actions.extend(f"network: {c}" for c in result.changed)
+        self._firewall(desired, group_rows, group_ids, members, report)
         self._dhcp(me, home, networks, subnets, hosts, desired.overlay_mtu, report)
+
+    def _firewall(self, desired: Any, group_rows: list[SecurityGroupRow], group_ids: dict[tuple[str, str], str],
+                  members: dict[str, list[str]], report: Any) -> None:
+        """Security groups of this node's ports as one nftables transaction (only when it changed)."""
+        groups = {}
+        for g in group_rows:
+            rules = []
+            for r in (g.spec or {}).get("rules", []):
+                fields = {k: v for k, v in r.items() if k in RULE_FIELDS}
+                if fields.get("remote_group"):
+                    fields["remote_group"] = group_ids.get((g.project_id, fields["remote_group"]))
+                rules.append(SecurityGroupRule(**fields))
+            groups[g.id] = SecurityGroup(g.id, tuple(rules))
+        text = build_ruleset(desired.networks, groups, {k: tuple(v) for k, v in members.items()})
+        if text == self.ruleset:
+            return
+        try:
+            apply_ruleset(self.netns, text)
+            self.ruleset = text
+            report.actions.append("network: security groups applied")
+        except Exception as exc:
+            report.errors.append(f"network: security groups: {exc}")
 
     def _dhcp(self, me: str, home: dict[str, str], networks: dict[str, Network], subnets: list[Subnet],
               hosts: dict[str, list[DhcpHost]], mtu: int, report: Any) -> None:

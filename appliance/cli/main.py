@@ -503,10 +503,11 @@ def vm_create(name: str, image: Annotated[str, typer.Option()], cpu: Annotated[i
               network: Annotated[list[str] | None, typer.Option("--network", help="repeatable")] = None,
               qos: Annotated[str, typer.Option("--qos", help="guaranteed, burstable, best-effort")] = "burstable",
               group: Annotated[str | None, typer.Option("--placement-group")] = None,
+              secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
               project: ProjectArg = "default", no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
     """Create and start a VM; waits for it to run (progress: schedule → … → start)."""
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
-                            "qos_class": qos}
+                            "qos_class": qos, "security_groups": secgroup or []}
     if group:
         spec["placement_group"] = group
     _create_instance("vms", name, project, spec, no_wait, output)
@@ -520,12 +521,14 @@ def container_create(ctx: typer.Context, name: str, image: Annotated[str, typer.
                      env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE, repeatable")] = None,
                      tty: Annotated[bool, typer.Option("--tty", help="give it an interactive terminal")] = False,
                      isolation: Annotated[str, typer.Option(help="container, or vm for its own microVM")] = "container",
+                     secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
                      project: ProjectArg = "default", no_wait: NoWait = False,
                      output: OutputOpt = Format.table) -> None:
     """Create and start a container: cairn container create NAME --image IMG -- CMD ARGS..."""
     envs = dict(e.split("=", 1) for e in env or [] if "=" in e)
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
-                            "command": list(ctx.args), "env": envs, "tty": tty, "isolation": isolation}
+                            "command": list(ctx.args), "env": envs, "tty": tty, "isolation": isolation,
+                            "security_groups": secgroup or []}
     _create_instance("containers", name, project, spec, no_wait, output)
 
 

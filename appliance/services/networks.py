@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from appliance.db.models import IpAllocation, Network, Port, SecurityGroup, Subnet
 from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.services import ipam
+from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.scoped import ScopedKind
 from appliance.settings import Settings
@@ -133,6 +134,10 @@ def create_port(session: Session, principal: Principal, project: str, name: str,
     """A port on a network of the same project: MAC, an address per subnet (or the
     fixed ones asked for), security groups."""
     net, _ = networks.row(session, principal, project, spec["network"], "write")
+    if not spec.get("security_groups"):
+        # Like Neutron: the project's "default" group lets members reach each other.
+        ensure_default_group(session, principal, project)
+        spec = {**spec, "security_groups": [DEFAULT_GROUP]}
     for group in spec.get("security_groups", []):
         secgroups.row(session, principal, project, group)
     mac = (spec.get("mac") or _mac(session)).lower()
@@ -170,6 +175,22 @@ def delete_port(session: Session, principal: Principal, project: str, name: str)
 
 
 # --- security groups -----------------------------------------------------------------------
+
+DEFAULT_GROUP = "default"
+
+
+def ensure_default_group(session: Session, principal: Principal, project: str) -> None:
+    """Each project's "default" group: all egress, ingress from the group's own members."""
+    proj = project_by_name(session, principal, project)
+    exists = session.scalar(select(SecurityGroup.id).where(SecurityGroup.project_id == proj.id,
+                                                           SecurityGroup.name == DEFAULT_GROUP))
+    if exists:
+        return
+    rules = [{"id": uuid.uuid4().hex[:8], "direction": d, "protocol": "any", "ethertype": e,
+              **({"remote_group": DEFAULT_GROUP} if d == "ingress" else {})}
+             for d in ("ingress", "egress") for e in ("ipv4", "ipv6")]
+    secgroups.create(session, principal, project, DEFAULT_GROUP,
+                     {"description": "members reach each other; everything out", "rules": rules})
 
 def create_secgroup(session: Session, principal: Principal, project: str, name: str,
                     description: str) -> dict[str, Any]:

@@ -402,7 +402,22 @@ def test_a_vm_and_a_container_on_one_virtual_network_ping_each_other(stack: Stac
                             vm_ip], env=stack.env, capture_output=True, text=True, timeout=60)
         return r.returncode == 0 and json.loads(r.stdout)["returncode"] == 0
 
-    wait_for(ping, 30, "the container to ping the VM over the overlay")
+    wait_for(ping, 30, "the container to ping the VM over the overlay")  # both in the "default" group
+    # a port in a group without ingress rules is closed (default deny inbound)
+    stack.cairn("secgroup", "create", "closed")
+    r = subprocess.run([*CAIRN, "container", "create", "c2", "--image", "busybox", "--memory", "64MiB", "--network",
+                        "lab2", "--secgroup", "closed", "-o", "json", "--", "sleep", "1000"], env=stack.env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    c2_ip = json.loads(r.stdout)["status"]["ports"][0]["ips"][0]["address"]
+    r = subprocess.run([*CAIRN, "container", "exec", "c1", "-o", "json", "--", "ping", "-c", "2", "-W", "1", c2_ip],
+                       env=stack.env, capture_output=True, text=True, timeout=60)
+    assert json.loads(r.stdout)["returncode"] != 0, "the closed port answered"
+    stack.cairn("secgroup", "rule", "add", "closed", "--proto", "icmp")
+    wait_for(lambda: json.loads(subprocess.run(
+        [*CAIRN, "container", "exec", "c1", "-o", "json", "--", "ping", "-c", "1", "-W", "1", c2_ip], env=stack.env,
+        capture_output=True, text=True, timeout=60).stdout)["returncode"] == 0, 20, "the new rule to open ICMP")
+    stack.cairn("container", "delete", "c2")
     vni = stack.cairn("network", "get", "lab2")["status"]["vni"]
     assert f"cbr{vni}" in Path("/proc/net/dev").read_text()
     stack.cairn("vm", "delete", "v1")
