@@ -40,12 +40,13 @@ from network.model import bridge_name
 
 log = logging.getLogger("cairn.agent.instances")
 MIB = 1 << 20
-ORPHAN = re.compile(r"[a-z0-9][a-z0-9-]*-[0-9a-f]{8}")  # what domain_name() makes
+ORPHAN = re.compile(r"cairn-[a-z0-9][a-z0-9-]*-[0-9a-f]{8}")  # what domain_name() makes
 
 
 def domain_name(row: Instance) -> str:
-    """The name on the node: readable and unique across projects."""
-    return f"{row.name[:54]}-{row.id[:8]}"
+    """The name on the node: readable, unique across projects, and marked as Cairn's
+    (only such names are ever removed as orphans; a hand-made domain is left alone)."""
+    return f"cairn-{row.name[:48]}-{row.id[:8]}"
 
 
 def _cpulist(path: Path) -> list[int]:

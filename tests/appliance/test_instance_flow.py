@@ -178,3 +178,16 @@ def test_user_data_reaches_the_guest_as_a_nocloud_seed(cluster: Cluster) -> None
     files = read_seed_iso(Path(cdrom.source.path).read_bytes())
     assert "hostname: seeded" in files["user-data"]
     assert cluster.instance("vm", "seeded").id in files["meta-data"]
+
+
+def test_orphans_are_removed_but_hand_made_instances_are_left_alone(cluster: Cluster, tmp_path: Path) -> None:
+    from compute.spec import Consoles, VmSpec
+
+    for name in ("cairn-ghost-0123abcd", "handmade-0123abcd"):
+        cluster.vm.define(VmSpec(name=name, vcpus=1, memory_mib=64,
+                                 consoles=Consoles(serial_log=str(tmp_path / f"{name}.log"))))
+    deadline = time.monotonic() + 5
+    while "cairn-ghost-0123abcd" in cluster.vm.list_instances():
+        assert time.monotonic() < deadline, "the orphan was not removed"
+        time.sleep(0.05)
+    assert "handmade-0123abcd" in cluster.vm.list_instances()
