@@ -125,16 +125,24 @@ class DnsmasqSupervisor:
             return False
         self.cfg_path.write_text(config)
         self.stop()
-        self.proc = popen_in_netns(
-            self.netns,
-            ["dnsmasq", "--keep-in-foreground", f"--conf-file={self.cfg_path}", "--user=root", "--log-facility=-"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        # dnsmasq logs every DHCP exchange: to a file, never to a pipe nobody drains.
+        log_path = self.cfg_path.with_suffix(".log")
+        with log_path.open("ab") as log:
+            start = log.tell()
+            self.proc = popen_in_netns(
+                self.netns,
+                ["dnsmasq", "--keep-in-foreground", f"--conf-file={self.cfg_path}", "--user=root",
+                 "--log-facility=-"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         try:
-            _, err = self.proc.communicate(timeout=0.3)  # a bad config exits at once
+            self.proc.wait(timeout=0.3)  # a bad config exits at once
         except subprocess.TimeoutExpired:
             return True
+        with log_path.open("rb") as log:
+            log.seek(start)
+            err = log.read()
         raise CommandFailed(f"dnsmasq exited: {err.decode(errors='replace').strip()[-500:]}")
 
     def stop(self) -> None:
