@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from network.model import bridge_name
 
 log = logging.getLogger("cairn.agent.instances")
 MIB = 1 << 20
+BACKOFF_MAX = 60.0
+BACKOFF_RESET = 120.0  # running this long counts as stable again
 ORPHAN = re.compile(r"cairn-[a-z0-9][a-z0-9-]*-[0-9a-f]{8}")  # what domain_name() makes
 
 
@@ -72,6 +75,7 @@ class InstanceReconciler:
         self.cells: dict[str, int | None] = {}
         self.pinned: set[int] = set()
         self.pins: dict[str, list[int]] = {}
+        self.backoff: dict[str, tuple[float, float, float]] = {}  # id -> (next start, delay, last start)
 
     def __call__(self, agent: Any, report: Any) -> None:
         url = self.settings.resolved_database_url
@@ -146,10 +150,13 @@ class InstanceReconciler:
             if state is PowerState.PAUSED:
                 driver.resume(name)
             elif state is not PowerState.RUNNING:
-                driver.start(name)
+                if self._may_restart(row.id, bool(seen)):
+                    driver.start(name)
             elif reboots > done:
                 driver.reboot(name)
-        elif want == "stopped" and state in (PowerState.RUNNING, PowerState.PAUSED):
+        else:
+            self.backoff.pop(row.id, None)  # a deliberate stop ends a crash loop's backoff
+        if want == "stopped" and state in (PowerState.RUNNING, PowerState.PAUSED):
             driver.stop(name, timeout=float((row.spec or {}).get("stop_timeout", 30)))
         elif want == "paused" and state is PowerState.RUNNING:
             driver.pause(name)
@@ -197,6 +204,22 @@ class InstanceReconciler:
             hostname=row.name, isolation=spec.get("isolation", "container"),
             nics=tuple(self._container_nic(p) for p in (row.status or {}).get("ports", [])),
         )
+
+    def _may_restart(self, iid: str, crashed: bool) -> bool:
+        """Crash-looping instances are restarted with a growing delay (1 s … 60 s), as
+        Kubernetes does; a first start or a stable instance goes at once."""
+        now = time.monotonic()
+        due, delay, started = self.backoff.get(iid, (0.0, 0.0, 0.0))
+        if not crashed and not delay:
+            self.backoff[iid] = (0.0, 0.0, now)
+            return True
+        if now < due:
+            return False
+        if now - started > BACKOFF_RESET:
+            delay = 0.0
+        delay = min(BACKOFF_MAX, max(1.0, delay * 2))
+        self.backoff[iid] = (now + delay, delay, now)
+        return True
 
     @staticmethod
     def _container_nic(port: dict[str, Any]) -> ContainerNic:

@@ -191,3 +191,18 @@ def test_orphans_are_removed_but_hand_made_instances_are_left_alone(cluster: Clu
         assert time.monotonic() < deadline, "the orphan was not removed"
         time.sleep(0.05)
     assert "handmade-0123abcd" in cluster.vm.list_instances()
+
+
+def test_a_crash_looping_instance_is_restarted_with_backoff(cluster: Cluster) -> None:
+    assert cluster.run(instances.create, "vm", "default", "loopy", VM)["state"] == "succeeded"
+    name = domain_name(cluster.instance("vm", "loopy"))
+    boots = []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:  # it dies again as soon as it comes up
+        if cluster.vm._instances[name].state is PowerState.RUNNING:
+            boots.append(time.monotonic())
+            cluster.vm._instances[name].state = PowerState.CRASHED
+        time.sleep(0.02)
+    # 1 s, 2 s, 4 s … between restarts: a handful in 6 s, not one per agent pass (0.1 s)
+    assert 2 <= len(boots) <= 5, boots
+    assert boots[-1] - boots[-2] >= 1.0
