@@ -282,3 +282,38 @@ class Image(ScopedMixin, Base):
 
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("project_id", "name", name="uq_images_name"),)
+
+
+class StoragePool(ResourceMixin, Base):
+    """A dedup pool (DESIGN.md, Storage), written by one node's storage daemon.
+    spec: backend (local | rados), url, chunk_size, replication, nbd_port.
+    status: phase, stats (logical / stored bytes, dedup and compression ratios)."""
+
+    __tablename__ = "storage_pools"
+    __table_args__ = (UniqueConstraint("name", name="uq_storage_pools_name"),)
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"), nullable=True)
+
+
+class Volume(ScopedMixin, Base):
+    """A block device in a pool: class ``dedup`` (our engine, served over NBD) or
+    ``rbd`` (a native RBD image). ``task_state`` guards it like an instance's
+    (compare-and-swap: one operation at a time). status: phase, export, snapshots."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_volumes_name"),)
+    pool_id: Mapped[str] = mapped_column(ForeignKey("storage_pools.id", ondelete="RESTRICT"), index=True)
+    storage_class: Mapped[str] = mapped_column(String(16), default="dedup")
+    size: Mapped[int] = mapped_column(BigInteger)
+    task_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class VolumeSnapshot(Base):
+    """A point-in-time copy of a volume (an O(1) root copy in the engine)."""
+
+    __tablename__ = "volume_snapshots"
+    __table_args__ = (UniqueConstraint("volume_id", "name", name="uq_volume_snapshots_name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
