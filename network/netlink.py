@@ -93,6 +93,15 @@ def write_sysctl(ns: str | None, key: str, value: str) -> None:
         raise NetworkError(f"sysctl {key}={value} in {ns}: {r.stderr.strip()}")
 
 
+def read_sysctl(ns: str | None, key: str) -> str:
+    """Read a per-namespace sysctl inside ``ns`` (our own /proc shows our namespace's)."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    r = run_in_netns(ns, ["cat", path], timeout=10)
+    if r.returncode:
+        raise NetworkError(f"sysctl {key} in {ns}: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
 # ------------------------------------------------------------------ links
 def _ipr(ns: str | None) -> IPRoute:
     return IPRoute(netns=ns, flags=0) if ns else IPRoute()

@@ -24,6 +24,12 @@ TABLE = "cairn_sg"
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
+def zone_for(vni: int) -> int:
+    """The conntrack zone of network ``vni`` (networks of one router share the zone of
+    its first network: pass ``zones`` to :func:`build_ruleset`)."""
+    return vni % 65535 + 1
+
+
 def _set_name(group_id: str, family: str) -> str:
     return f"g_{_SAFE.sub('_', group_id)}_{family}"
 
@@ -100,12 +106,14 @@ def build_ruleset(
     networks: Sequence[NetworkAttachment],
     groups: Mapping[str, SecurityGroup],
     group_members: Mapping[str, Sequence[str]],
+    zones: Mapping[int, int] | None = None,
 ) -> str:
     """The whole nftables script for one node's ports (an ``nft -f`` transaction).
 
     ``networks`` are the node's attachments (only ports with a ``host_ifname`` get
     rules), ``groups`` every group those ports use, ``group_members`` the addresses of
-    every port cluster-wide in each group referenced as a remote group."""
+    every port cluster-wide in each group referenced as a remote group, ``zones`` the
+    conntrack zone of a VNI when it is not :func:`zone_for` (a router's networks share one)."""
     ports = sorted((p for n in networks for p in n.ports if p.host_ifname), key=lambda p: p.host_ifname)
     used_remote = sorted({
         r.remote_group for p in ports for g in p.security_groups if g in groups
@@ -145,7 +153,8 @@ def build_ruleset(
                 lines.append(f"\t\telements = {{ {', '.join(addrs)} }}")
             lines.append("\t}")
     # in the inet prerouting hook br_netfilter reports the bridge as input interface
-    zone_of = [f'"{bridge_name(n.vni)}" : {n.vni % 65535 + 1}' for n in sorted(networks, key=lambda n: n.vni)]
+    zone_of = [f'"{bridge_name(n.vni)}" : {(zones or {}).get(n.vni, zone_for(n.vni))}'
+               for n in sorted(networks, key=lambda n: n.vni)]
     lines.append("\tchain zones {")
     lines.append("\t\ttype filter hook prerouting priority raw; policy accept;")
     if zone_of:
