@@ -317,3 +317,53 @@ class VolumeSnapshot(Base):
     name: Mapped[str] = mapped_column(String(63))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Router(ScopedMixin, Base):
+    """A project's router: the gateway of its subnets (on the networks' home node),
+    egress NAT to its own ``external_address`` through the node's external interface,
+    port forwards (spec.port_forwards) and the floating IPs associated through it."""
+
+    __tablename__ = "routers"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_routers_name"),)
+    external_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class RouterInterface(Base):
+    """A subnet attached to a router; a subnet has one router at most (its gateway lives there)."""
+
+    __tablename__ = "router_interfaces"
+    __table_args__ = (UniqueConstraint("subnet_id", name="uq_router_interfaces_subnet"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    router_id: Mapped[str] = mapped_column(ForeignKey("routers.id", ondelete="CASCADE"), index=True)
+    subnet_id: Mapped[str] = mapped_column(ForeignKey("subnets.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class FloatingIp(ScopedMixin, Base):
+    """An address of the external range; associated, it reaches one port's
+    ``fixed_address`` (DNAT) and that port's egress leaves as it (SNAT)."""
+
+    __tablename__ = "floating_ips"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_floating_ips_name"),)
+    address: Mapped[str] = mapped_column(String(64))
+    port_id: Mapped[str | None] = mapped_column(ForeignKey("ports.id", ondelete="SET NULL"), nullable=True,
+                                                index=True)
+    router_id: Mapped[str | None] = mapped_column(ForeignKey("routers.id", ondelete="SET NULL"), nullable=True,
+                                                  index=True)
+    fixed_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ExternalAddress(Base):
+    """One address of the external range (CAIRN_EXTERNAL_POOL) held by a router or a
+    floating IP; the unique constraint keeps concurrent allocations apart."""
+
+    __tablename__ = "external_addresses"
+    __table_args__ = (UniqueConstraint("address", name="uq_external_addresses_address"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    address: Mapped[str] = mapped_column(String(64))
+    router_id: Mapped[str | None] = mapped_column(ForeignKey("routers.id", ondelete="CASCADE"), nullable=True,
+                                                  index=True)
+    floating_ip_id: Mapped[str | None] = mapped_column(ForeignKey("floating_ips.id", ondelete="CASCADE"),
+                                                       nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
