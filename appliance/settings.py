@@ -6,6 +6,7 @@ cluster points ``database_url`` at PostgreSQL and ``redis_url`` at Redis Sentine
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +45,14 @@ class Settings(BaseSettings):
     # Address other nodes' hypervisors reach this node's for live migration.
     migration_host: str = "127.0.0.1"
     instance_start_timeout: float = 300.0
+    # Routers: the NIC facing the external network on nodes that may host a router
+    # (empty = routers there only route between their own networks), the external
+    # segment's CIDR (its prefix length goes on the addresses put on that NIC) and the
+    # addresses routers and floating IPs take from it, "first-last" (default: the
+    # CIDR's hosts but the first, usually the upstream gateway). Nothing else may use them.
+    external_interface: str = ""
+    external_cidr: str = ""
+    external_pool: str = ""
     # VXLAN VNIs handed to virtual networks, "first-last" inclusive.
     vni_range: str = "4096-16777215"
     underlay_mtu: int = 1500
@@ -54,6 +63,19 @@ class Settings(BaseSettings):
     def vni_bounds(self) -> tuple[int, int]:
         first, _, last = self.vni_range.partition("-")
         return int(first), int(last or first)
+
+    @property
+    def external_pool_bounds(self) -> tuple[str, str] | None:
+        """First and last address of the external pool, or None when no external network is set."""
+        if not self.external_cidr:
+            return None
+        net = ipaddress.IPv4Network(self.external_cidr, strict=False)
+        if self.external_pool:
+            first, _, last = self.external_pool.partition("-")
+            return str(ipaddress.IPv4Address(first.strip())), str(ipaddress.IPv4Address((last or first).strip()))
+        if net.prefixlen > 29:
+            raise ValueError(f"CAIRN_EXTERNAL_CIDR {net} is too small for a pool: set CAIRN_EXTERNAL_POOL")
+        return str(net[2]), str(net[-2])
 
     @property
     def resolved_database_url(self) -> str:
