@@ -53,3 +53,9 @@ class Unavailable(CairnError):
     status = 503
     title = "Service unavailable"
     type_slug = "unavailable"
+
+
+class PayloadTooLarge(CairnError):
+    status = 413
+    title = "Payload too large"
+    type_slug = "payload-too-large"

@@ -100,8 +100,11 @@ def run_agent(argv: list[str] | None = None) -> None:
     from appliance.agent.drivers import DriverSet
     from appliance.agent.instances import InstanceReconciler
     from appliance.agent.network import NetworkReconciler
+    from appliance.agent.storage import StorageReconciler
 
     agent = Agent(settings)
+    # Storage before instances: a VM's disks are NBD exports of this node's pools.
+    agent.register_reconciler("storage", StorageReconciler(settings), kinds=("storage-pool",))
     net = NetworkReconciler(settings)
     # Networks first: a VM's tap needs its bridge before the VM starts.
     agent.register_reconciler("network", net, kinds=("network", "subnet", "port", "security-group", "vm",
@@ -114,6 +117,15 @@ def run_agent(argv: list[str] | None = None) -> None:
         agent.serve()
     finally:
         net.stop()
+
+
+def run_storage(argv: list[str] | None = None) -> None:
+    """This node's storage daemon: the one writer of its pools (NBD + control socket)."""
+    settings = get_settings()
+    logs.setup("cairn-storage", settings.log_level)
+    from storage.daemon import main as storaged
+
+    storaged(["--run-dir", str(settings.storage_run_dir), "--host", settings.storage_host, *(argv or [])])
 
 
 def libvirt_node(settings: Settings) -> LibvirtNode:
@@ -144,7 +156,8 @@ def run_libvirt(argv: list[str] | None = None) -> None:
 
 
 def main() -> None:
-    commands = {"api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt}
+    commands = {"api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt,
+                "storage": run_storage}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m appliance.processes {{{'|'.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     underlay_mtu: int = 1500
     # The NIC VXLAN runs over; empty = the interface of the default route.
     underlay_interface: str = ""
+    # Storage: this node's storage daemon (cairn-storaged) and its NBD exports.
+    storage_host: str = "127.0.0.1"  # address of the TCP NBD exports (the storage network in a cluster)
+    storage_nbd_port: int = 10809  # first TCP port of pools' NBD exports; 0 = unix sockets only
+    storage_default_pool: str = "default"  # made on the first node that reconciles; "" = none
+    max_upload_bytes: int = 1 << 40  # image uploads stream to disk; everything else is small JSON
 
     @property
     def vni_bounds(self) -> tuple[int, int]:
@@ -115,6 +120,18 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def storage_run_dir(self) -> Path:
+        return self.run_dir / "storage"
+
+    @property
+    def storage_socket(self) -> Path:
+        return self.storage_run_dir / "storage.sock"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
 
     @property
     def instances_dir(self) -> Path:

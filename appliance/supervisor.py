@@ -68,6 +68,7 @@ def programs(settings: Settings) -> list[Program]:
         # No system libvirtd here: run the node's own, and point the agent at it.
         progs.append(Program("libvirt", [py, "-m", "appliance.processes", "libvirt"], env))
         env = {**env, "CAIRN_LIBVIRT_URI": embedded_libvirt_uri(settings)}
+    progs.append(Program("storage", [py, "-m", "appliance.processes", "storage"], env))
     for name in ("api", "worker", "agent"):
         progs.append(Program(name, [py, "-m", "appliance.processes", name], env))
     return progs

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,18 +147,17 @@ class StorageDaemon:
         if op in ("gc", "scrub", "check"):
             async with att.busy:
                 if op == "gc":
-                    report = await asyncio.to_thread(collect_garbage, pool, float(req.get("grace_seconds", 3600)))
-                elif op == "scrub":
-                    report = await asyncio.to_thread(scrub, pool)
-                else:
-                    return await asyncio.to_thread(check_consistency, pool)
-            return asdict(report)
+                    grace = float(req.get("grace_seconds", 3600))
+                    return asdict(await asyncio.to_thread(collect_garbage, pool, grace))
+                if op == "scrub":
+                    return asdict(await asyncio.to_thread(scrub, pool))
+                return await asyncio.to_thread(check_consistency, pool)
         if op == "stats":
             return await asyncio.to_thread(pool.stats)
         vol = req.get("volume", "")
         if req.get("class") == "rbd":
             return await asyncio.to_thread(self._rbd_op, att, op, vol, req)
-        simple = {
+        simple: dict[str, Callable[[], Any]] = {
             "volumes": lambda: pool.list_volumes(),
             "create": lambda: pool.create_volume(vol, int(req["size"])),
             "info": lambda: pool.volume_info(vol),
@@ -179,7 +179,7 @@ class StorageDaemon:
     @staticmethod
     def _rbd_op(att: Attached, op: str, vol: str, req: dict[str, Any]) -> Any:
         rbd = att.rbd()
-        ops = {
+        ops: dict[str, Callable[[], Any]] = {
             "create": lambda: rbd.create(vol, int(req["size"])),
             "info": lambda: rbd.info(vol),
             "resize": lambda: rbd.resize(vol, int(req["size"]), bool(req.get("force"))),

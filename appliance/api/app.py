@@ -21,6 +21,7 @@ from appliance.api.routes import (
     networks,
     nodes,
     projects,
+    storage,
     tasks,
     tokens,
     users,
@@ -58,14 +59,15 @@ def create_app(settings: Settings | None = None, *, controller: bool = True) -> 
     app.state.registry = registry
     problems.install(app)
     api = APIRouter(prefix=API_PREFIX, responses=ERRORS)  # type: ignore[arg-type]
-    routers = (auth, cluster, consoles, events, groups, images, instances, networks, nodes, projects, tasks,
+    routers = (auth, cluster, consoles, events, groups, images, instances, networks, nodes, projects, storage, tasks,
                tokens, users)
     for module in routers:
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(cluster.root_router)
     _mount_console(app, settings.webui_dir)
-    app.add_middleware(metrics.BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(metrics.BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       streaming=rf"{API_PREFIX}/images/[a-z0-9-]+/upload")
     app.add_middleware(metrics.LatencyMiddleware, histogram=latency)
     return app
 

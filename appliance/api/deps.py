@@ -55,6 +55,16 @@ def authenticate(request: Request, session: DbSession) -> Principal:
 
 
 Caller = Annotated[Principal, Depends(authenticate)]
+
+
+def authenticate_briefly(request: Request) -> Principal:
+    """For routes that stream a large body: authenticate in a short transaction of
+    its own instead of holding a request-long one (SQLite's write lock) open."""
+    with session_scope(request.app.state.settings.resolved_database_url) as session:
+        return authenticate(request, session)
+
+
+StreamingCaller = Annotated[Principal, Depends(authenticate_briefly)]
 IfMatch = Annotated[str | None, Header(description="The generation you last read; stale → 409")]
 
 

@@ -3,6 +3,7 @@ heartbeat age. Gauges from the database are read at scrape time."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 
@@ -76,12 +77,14 @@ class LatencyMiddleware:
 class BodyLimitMiddleware:
     """Refuse bodies over the limit with 413 before any handler reads them."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, streaming: str | None = None) -> None:
         self.app = app
         self.limit = limit
+        # Routes that stream their body to disk themselves (image uploads), bounded there.
+        self.streaming = re.compile(streaming) if streaming else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.streaming and self.streaming.fullmatch(scope["path"])):
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")

@@ -286,6 +286,51 @@ class RuleCreate(Strict):
     ethertype: Literal["ipv4", "ipv6"] = "ipv4"
 
 
+# --- routers and floating IPs ------------------------------------------------------------------
+
+class RouterSpecIn(Strict):
+    external: bool = Field(True, description="take an address of the external pool: egress NAT, port "
+                                             "forwards and floating IPs through the node's external interface")
+    networks: Annotated[list[Name], Field(max_length=16, description="attach their IPv4 subnets")] = []
+    subnets: Annotated[list[Name], Field(max_length=16)] = []
+    description: Annotated[str, Field(max_length=1000)] = ""
+
+
+class RouterCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: RouterSpecIn = RouterSpecIn()
+
+
+class RouterInterfaceRef(Strict):
+    network: Name | None = Field(None, description="every IPv4 subnet of this network")
+    subnet: Name | None = None
+
+
+class PortForwardCreate(Strict):
+    protocol: Literal["tcp", "udp"] = "tcp"
+    external_port: PortNumber = Field(description="on the router's external address")
+    internal_port: PortNumber | None = Field(None, description="default: external_port")
+    port: Name | None = Field(None, description="the target port (its address in the router's networks)")
+    internal_address: Annotated[str, Field(max_length=64)] | None = Field(
+        None, description="or the target address, in one of the router's subnets")
+
+
+class FloatingIpSpecIn(Strict):
+    port: Name | None = Field(None, description="associate at once with this port")
+    description: Annotated[str, Field(max_length=1000)] = ""
+
+
+class FloatingIpCreate(Strict):
+    name: Name
+    project: ProjectName = "default"
+    spec: FloatingIpSpecIn = FloatingIpSpecIn()
+
+
+class FloatingIpAssociate(Strict):
+    port: Name
+
+
 # --- images and instances ---------------------------------------------------------------------
 
 class ImportTestGuest(Strict):
@@ -338,3 +383,51 @@ class ExecRequest(Strict):
 
 class MigrateRequest(Strict):
     to: Name = Field(description="the target node")
+
+
+# --- storage ------------------------------------------------------------------------------
+
+class StoragePoolCreate(Strict):
+    name: Name
+    node: Name = Field(description="the node whose storage daemon writes the pool")
+    backend: Literal["local", "rados"] = "local"
+    url: Annotated[str, Field(min_length=1, max_length=1024,
+                              description="local: an absolute directory; rados: rados://<pool>/<ns>?conf=...")]
+    chunk_size: Annotated[int, Field(ge=4096, le=1 << 22, description="dedup block size, a power of two")] = 65536
+    replication: Annotated[int, Field(ge=1, le=7)] = 1
+
+
+class VolumeSource(Strict):
+    image: Name | None = None
+    volume: Name | None = None
+    snapshot: Name | None = None
+
+
+class VolumeCreate(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Name
+    project: ProjectName = "default"
+    size: Size | None = Field(None, description="required unless cloning; a clone may be larger than its source")
+    pool: Name | None = Field(None, description="default: 'default'; a clone stays in its source's pool")
+    storage_class: Literal["dedup", "rbd"] = Field("dedup", alias="class")
+    source: VolumeSource | None = None
+    labels: dict[LabelKey, LabelValue] = {}
+
+
+class VolumeResize(Strict):
+    size: Size
+    force: bool = Field(False, description="allow shrinking (loses the data past the new end)")
+
+
+class SnapshotCreate(Strict):
+    name: Name
+
+
+class VolumeRollback(Strict):
+    snapshot: Name
+
+
+class VolumeClone(Strict):
+    snapshot: Name
+    name: Name = Field(description="the new volume")
+    size: Size | None = None

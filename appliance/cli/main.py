@@ -10,7 +10,9 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from appliance.cli import local
-from appliance.cli.client import ApiError, Client, load_config, save_config
+from appliance.cli import storage as storage_cli
+from appliance.cli.client import Client, load_config, save_config
+from appliance.cli.common import NoWait, ProjectArg, client, fail, follow, run
 from appliance.cli.output import Format, OutputOpt, emit, err_console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -39,54 +41,17 @@ container_app = typer.Typer(no_args_is_help=True, help="Containers (same flow, n
 app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
 app.add_typer(container_app, name="container")
+storage_cli.register(app, image_app)
 
 # kind (singular and plural) -> (collection path, table columns key)
 KINDS: dict[str, tuple[str, str]] = {}
 for plural in ("nodes", "tasks", "projects", "users", "tokens", "placement-groups", "networks", "subnets",
-               "ports", "security-groups", "images", "vms", "containers"):
+               "ports", "security-groups", "images", "vms", "containers", "volumes", "pools"):
     KINDS[plural] = KINDS[plural[:-1]] = (f"/{plural}", plural)
 KINDS["secgroups"] = KINDS["secgroup"] = KINDS["security-groups"]
 SCOPED = {"/placement-groups", "/networks", "/subnets", "/ports", "/security-groups", "/images", "/vms",
-          "/containers"}
+          "/containers", "/volumes"}
 ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", help="project (default: all you can see)")]
-
-NoWait = Annotated[bool, typer.Option("--no-wait", help="return at once with the task")]
-
-
-def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
-
-def client() -> Client:
-    return Client()
-
-
-def run(fn: Any) -> Any:
-    try:
-        return fn()
-    except ApiError as exc:
-        fail(exc.detail)
-
-
-def follow(c: Client, task: dict[str, Any], output: Format) -> dict[str, Any]:
-    """Wait for a task with a progress bar (quiet for --output json); exit 1 if it failed."""
-    if output == Format.json or not sys.stderr.isatty():
-        final = c.wait_task(task["id"])
-    else:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                      TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=err_console) as bar:
-            row = bar.add_task(task["name"], total=100, msg="")
-
-            def show(t: dict[str, Any]) -> None:
-                bar.update(row, completed=t["progress"]["percent"], msg=t["progress"]["message"])
-
-            final = c.wait_task(task["id"], show)
-    emit(final, output)
-    if final["state"] != "succeeded":
-        raise typer.Exit(1)
-    return final
-
 
 # --- appliance lifecycle (local) -------------------------------------------------------------
 
@@ -305,9 +270,6 @@ def project_add_member(project: str, user: str, role: Annotated[str, typer.Optio
 
 
 # --- networks ----------------------------------------------------------------------------------
-
-ProjectArg = Annotated[str, typer.Option("--project", "-p", help="project")]
-
 
 @network_app.command("create")
 def network_create(name: str, cidr: Annotated[str | None, typer.Option(help="first subnet, e.g. 10.20.0.0/24")] = None,

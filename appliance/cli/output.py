@@ -42,6 +42,12 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "vms": [("PROJECT", "project"), ("NAME", "name"), ("STATE", "status.vm_state"), ("TASK", "status.task_state"),
             ("POWER", "status.power_state"), ("NODE", "status.node"), ("CPU", "spec.cpu"),
             ("MEMORY", "spec.memory_bytes")],
+    "volumes": [("PROJECT", "project"), ("NAME", "name"), ("PHASE", "status.phase"), ("SIZE", "status.size_bytes"),
+                ("CLASS", "status.class"), ("TASK", "status.task_state"), ("EXPORT", "status.export")],
+    "pools": [("NAME", "name"), ("NODE", "status.node"), ("BACKEND", "spec.backend"), ("PHASE", "status.phase"),
+              ("LOGICAL", "status.stats.logical_bytes"), ("STORED", "status.stats.stored_bytes"),
+              ("DEDUP", "status.stats.dedup_ratio")],
+    "snapshots": [("NAME", "name"), ("VOLUME", "volume"), ("SIZE", "size_bytes"), ("CREATED", "created_at")],
     "containers": [("PROJECT", "project"), ("NAME", "name"), ("STATE", "status.vm_state"),
                    ("POWER", "status.power_state"), ("NODE", "status.node"), ("IMAGE", "spec.image")],
 }

@@ -9,12 +9,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from appliance.db.models import Image, Instance, Project
+from appliance.db.engine import session_scope
+from appliance.db.models import Image, Instance, Project, Volume
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import events, tasks
+from appliance.services import events, pools, tasks, volumes
 from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.scoped import ScopedKind
+from storage import imageio
+from storage.errors import StorageError
 
 images: ScopedKind[Image] = ScopedKind(Image, "image", "`cairn get images` lists them")
 
@@ -63,4 +66,49 @@ def delete(session: Session, principal: Principal, project: str, name: str) -> N
                                  .where(Instance.spec["image"].as_string() == name)))
     if users:
         raise Conflict(f"image '{name}' is used by {', '.join(users[:5])}: delete them first")
-    images.delete(session, principal, project, name)
+    row = images.delete(session, principal, project, name)
+    vol = session.get(Volume, (row.spec or {}).get("volume_id", ""))
+    if vol is not None:  # a disk image: its volume goes too (clones made from it are independent)
+        session.flush()
+        volumes.delete(session, principal, project, vol.name)
+
+
+def upload_check(db_url: str, principal: Principal, project: str, name: str, pool: str | None) -> None:
+    """Before the bytes arrive: may the caller write there, is the name free, is the pool up?"""
+    with session_scope(db_url) as session:
+        proj = project_by_name(session, principal, project, "write")
+        if session.scalar(select(Image.id).where(Image.project_id == proj.id, Image.name == name)):
+            raise Conflict(f"an image named '{name}' already exists in project '{project}': pick another name")
+        volumes.queue_of(session, pools.row(session, pool or "default"))
+
+
+def upload_finish(db_url: str, principal: Principal, project: str, name: str, path: Path, fmt: str | None,
+                  pool: str | None) -> dict[str, Any]:
+    """The upload is on disk: check it with qemu-img (a corrupt or unsupported file is a
+    422 and is deleted), then record the image + its volume and queue the import."""
+    try:
+        info = imageio.probe(path, fmt)
+    except StorageError as exc:
+        path.unlink(missing_ok=True)
+        raise InvalidInput(f"{exc}: nothing was stored") from None
+    try:
+        with session_scope(db_url) as session:
+            proj = project_by_name(session, principal, project, "write")
+            prow = pools.row(session, pool or "default")
+            queue = volumes.queue_of(session, prow)
+            vol = volumes.volumes.create(session, principal, project, f"image-{name}",
+                                         {"image": name, "pool": prow.name, "class": "dedup",
+                                          "size_bytes": info["virtual_size"], "labels": {}},
+                                         {"phase": "Importing"}, pool_id=prow.id,
+                                         storage_class="dedup", size=info["virtual_size"], task_state="importing")
+            spec = {"kind": "vm", "format": "disk", "source_format": info["format"], "volume": vol.name,
+                    "volume_id": vol.id, "snapshot": "base", "virtual_size": info["virtual_size"]}
+            img = images.create(session, principal, project, name, spec, {"phase": "Importing"})
+            return tasks.create(session, "image.import",
+                                {"image_id": img.id, "volume_id": vol.id, "path": str(path),
+                                 "format": info["format"]},
+                                queue=queue, principal=principal, project_id=proj.id,
+                                resource=("image", img.id, name), max_attempts=1)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

@@ -7,7 +7,6 @@ node's agent (defines / starts / stops with the compute driver and reports
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from sqlalchemy import select, update
@@ -20,11 +19,9 @@ from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.resources import rowcount
 from appliance.services.scoped import ScopedKind
+from appliance.services.units import GIB, parse_size
 from compute.cloudinit import validate_user_data
 from compute.errors import InvalidCloudInit
-
-GIB = 1 << 30
-MIB = 1 << 20
 
 
 def _extra(row: Instance) -> dict[str, Any]:
@@ -45,17 +42,6 @@ ACTIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "pause": ("pausing", ("active",), "paused"),
     "resume": ("resuming", ("paused",), "running"),
 }
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from 268435456, "256MiB", "1GiB", "512M" or "2G" (binary units)."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", value, re.IGNORECASE)
-    if not m:
-        raise InvalidInput(f"size {value!r} must look like 256MiB, 1GiB or a number of bytes")
-    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
-    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}[unit])
 
 
 def check_fits_somewhere(session: Session, cpu: float, memory: int) -> None:

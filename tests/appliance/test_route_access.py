@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.db.engine import session_scope
-from appliance.services import auth, groups, images, instances, networks, nodes, tasks
+from appliance.services import auth, groups, images, instances, networks, nodes, pools, tasks, volumes
 
 from .conftest import Api
 from .test_resources import INVENTORY
@@ -39,6 +39,14 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/vms/{name}/migrate"): {"to": "node-1"},
     ("post", "/api/v1/containers/{name}/migrate"): {"to": "node-1"},
     ("post", "/api/v1/containers"): {"name": "walk-ct2", "spec": {"cpu": 1, "memory": "64MiB", "image": "walk-oci"}},
+    ("post", "/api/v1/pools"): {"name": "walk-pool2", "node": "node-1", "url": "/tmp/walk-pool2"},
+    ("post", "/api/v1/volumes"): {"name": "walk-vol2", "size": "1GiB"},
+    ("post", "/api/v1/volumes/{name}/resize"): {"size": "2GiB"},
+    ("post", "/api/v1/volumes/{name}/rollback"): {"snapshot": "walk-snap"},
+    ("post", "/api/v1/volumes/{name}/clone"): {"snapshot": "walk-snap", "name": "walk-vol3"},
+    ("post", "/api/v1/volumes/{name}/snapshots"): {"name": "walk-snap2"},
+    # the upload's name exists: the walk is refused before any byte is read (409 for the admin)
+    ("put", "/api/v1/images/{name}/upload"): {"not": "an image"},
 }
 QUERY: dict[str, dict[str, Any]] = {"/api/v1/events": {"max_seconds": 0.3}}
 WRITES = ("write", "admin")
@@ -55,9 +63,9 @@ def fill(path: str, task_id: str) -> str:
     name = {"nodes": "node-1", "projects": "default", "users": "admin", "tokens": "nope",
             "placement-groups": "walk-g", "networks": "walk-n", "subnets": "walk-n-4", "ports": "walk-p",
             "security-groups": "walk-s", "images": "walk-img", "vms": "walk-vm", "containers": "walk-ct",
-            }.get(kind, "x")
+            "volumes": "walk-vol", "pools": "default"}.get(kind, "x")
     return (path.replace("{name}", name).replace("{user}", "viewer1").replace("{task_id}", task_id)
-            .replace("{rule_id}", "norule").replace("{action}", "stop"))
+            .replace("{rule_id}", "norule").replace("{action}", "stop").replace("{snapshot}", "walk-snap"))
 
 
 def call(api: Api, method: str, path: str, task_id: str, headers: dict[str, str]) -> int:
@@ -90,6 +98,10 @@ def world(api: Api, sent: list[Any]) -> tuple[Api, str, dict[str, dict[str, str]
                                                                       "image": "walk-img"})
         instances.create(session, admin, "container", "default", "walk-ct", {"cpu": 1, "memory": "64MiB",
                                                                              "image": "walk-oci"})
+        pools.create(session, None, "default", "node-1", "local", str(api.settings.data_dir / "pool"))
+        vol, _ = volumes.create(session, admin, "default", "walk-vol", "1GiB")
+        volumes.finish(session, vol, phase="Available")
+        volumes.record_snapshot(session, vol, "walk-snap")
         task_id = tasks.create(session, "node.inventory", {"node": "node-1"}, queue="cluster",
                                principal=admin, project_id=default.id)["id"]
     callers = {

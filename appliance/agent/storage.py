@@ -1,0 +1,79 @@
+"""The agent's storage reconciler: attaches the pools this node serves to its storage
+daemon (detaches the others), creates the ``default`` pool on the first node that
+reconciles, and reports each pool's phase and space stats (logical / stored bytes,
+dedup and compression ratios) back to the database."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from appliance.db.engine import session_scope
+from appliance.db.models import StoragePool
+from appliance.services import pools
+from appliance.settings import Settings
+from storage.control import StorageClient
+from storage.errors import StorageError
+
+log = logging.getLogger("cairn.agent.storage")
+STATS_EVERY = 30.0  # seconds; stats walk every block map of the pool
+
+
+class StorageReconciler:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = StorageClient(settings.storage_socket, timeout=120)
+        self._stats_at: dict[str, float] = {}
+
+    def _ensure_default(self) -> None:
+        name = self.settings.storage_default_pool
+        if not name:
+            return
+        with session_scope(self.settings.resolved_database_url) as session:
+            if session.scalar(select(StoragePool.id).where(StoragePool.name == name)):
+                return
+            directory = self.settings.data_dir / "storage" / name
+            pools.create(session, None, name, self.settings.node_name, "local", str(directory),
+                         nbd_port_base=self.settings.storage_nbd_port)
+        log.info("created the default storage pool", extra={"pool": name})
+
+    def __call__(self, agent: Any, report: Any) -> None:
+        if not self.client.ready():
+            report.errors.append(f"storage: the storage daemon at {self.settings.storage_socket} is not answering")
+            return
+        self._ensure_default()
+        url = self.settings.resolved_database_url
+        with session_scope(url, readonly=True) as session:
+            mine = {p.name: (p.id, dict(p.spec or {}), dict(p.status or {}))
+                    for p in pools.node_pools(session, self.settings.node_name)}
+        attached = {p["name"]: p for p in self.client.call("pools")}
+        for name in set(attached) - set(mine):
+            self.client.call("detach", pool=name)
+            report.actions.append(f"storage: detached pool {name}")
+        for name, (pool_id, spec, status) in mine.items():
+            update: dict[str, Any] = {}
+            try:
+                if name not in attached:
+                    (self.settings.data_dir / "storage").mkdir(parents=True, exist_ok=True)
+                    self.client.call("attach", name=name, backend=spec["url"], chunk_size=spec.get("chunk_size", 65536),
+                                     port=spec.get("nbd_port"))
+                    report.actions.append(f"storage: attached pool {name}")
+                update = {"phase": "Ready", "message": ""}
+                if time.monotonic() - self._stats_at.get(name, 0.0) >= STATS_EVERY:
+                    update["stats"] = self.client.call("stats", pool=name)
+                    self._stats_at[name] = time.monotonic()
+            except StorageError as exc:
+                update = {"phase": "Error", "message": str(exc)}
+                report.errors.append(f"storage: pool {name}: {exc}")
+            if {k: status.get(k) for k in update} != update:
+                with session_scope(url) as session:
+                    row = session.get(StoragePool, pool_id)
+                    if row is not None:
+                        pools.set_status(session, row, **update)
+
+    def refresh_stats(self) -> None:
+        """Report stats on the next pass (after a write-heavy task, for example)."""
+        self._stats_at.clear()
