@@ -60,7 +60,10 @@ class Settings(BaseSettings):
     underlay_interface: str = ""
     # Storage: this node's storage daemon (cairn-storaged) and its NBD exports.
     storage_host: str = "127.0.0.1"  # address of the TCP NBD exports (the storage network in a cluster)
-    storage_nbd_port: int = 10809  # first TCP port of pools' NBD exports; 0 = unix sockets only
+    # First TCP port of pools' NBD exports (cluster nodes whose VMs use another node's pool
+    # set it, with storage_host on the storage network); 0 = unix sockets only, the
+    # embedded default: unauthenticated NBD is not opened on any network by default.
+    storage_nbd_port: int = 0
     storage_default_pool: str = "default"  # made on the first node that reconciles; "" = none
     max_upload_bytes: int = 1 << 40  # image uploads stream to disk; everything else is small JSON
 

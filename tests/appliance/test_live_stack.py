@@ -39,6 +39,7 @@ class Stack:
             "CAIRN_NODE_GRACE_SECONDS": "3",
             "CAIRN_TASK_GRACE_SECONDS": "4",
             "CAIRN_VNI_RANGE": f"{10000 + os.getpid() % 5000 * 10}-{10009 + os.getpid() % 5000 * 10}",
+            "CAIRN_STORAGE_NBD_PORT": str(free_port()),
         }
 
     def cairn(self, *args: str, check: bool = True) -> Any:

@@ -1,0 +1,150 @@
+"""cairn-storaged: the control socket runs pool operations in the pool's one writer,
+while QEMU's own tools read and write the same volumes over its NBD exports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage.backends.rados_cluster import CephCluster
+from storage.control import StorageClient
+from storage.errors import AlreadyExists, BackendError, InvalidArgument, NotFound
+
+from .conftest import run_tool
+
+
+class Daemon:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = StorageClient(run_dir / "storage.sock", timeout=60)
+
+    def start(self) -> Daemon:
+        log = (self.run_dir.parent / "storaged.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "storage.daemon", "--run-dir", str(self.run_dir)],
+                                     stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while not self.client.ready():
+            assert self.proc.poll() is None, (self.run_dir.parent / "storaged.log").read_text()
+            assert time.monotonic() < deadline, "storage daemon did not come up"
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path / "run")
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+def qemu_io(uri: str, command: str) -> str:
+    return run_tool("qemu-io", "-f", "raw", "-c", command, uri).lower()
+
+
+def test_volume_lifecycle_through_the_control_socket_and_qemu(daemon: Daemon, tmp_path: Path) -> None:
+    c = daemon.client
+    c.call("attach", name="p1", backend=f"local://{tmp_path}/pool")
+    c.call("create", pool="p1", volume="v1", size=64 << 20)
+    uri = c.call("export", pool="p1", volume="v1")["unix"]
+    assert "virtual size: 64 MiB" in run_tool("qemu-img", "info", uri)
+    qemu_io(uri, "write -P 0x11 0 1M")
+    c.call("snapshot", pool="p1", volume="v1", snapshot="s1")
+    qemu_io(uri, "write -P 0x22 0 1M")
+    c.call("clone", pool="p1", volume="v1", snapshot="s1", new="v2")
+    clone = c.call("export", pool="p1", volume="v2")["unix"]
+    assert "pattern verification failed" not in qemu_io(clone, "read -P 0x11 0 1M")
+    assert "pattern verification failed" not in qemu_io(uri, "read -P 0x22 0 1M")
+    c.call("rollback", pool="p1", volume="v1", snapshot="s1")
+    assert "pattern verification failed" not in qemu_io(uri, "read -P 0x11 0 1M")
+    assert [s["name"] for s in c.call("snapshots", pool="p1", volume="v1")] == ["s1"]
+    c.call("resize", pool="p1", volume="v1", size=128 << 20)
+    assert c.call("info", pool="p1", volume="v1")["size"] == 128 << 20
+    stats = c.call("stats", pool="p1")
+    assert stats["volumes"] == 2 and stats["logical_bytes"] >= 2 << 20
+    assert c.call("check", pool="p1") == []
+
+
+def test_errors_come_back_as_the_library_exceptions(daemon: Daemon, tmp_path: Path) -> None:
+    c = daemon.client
+    c.call("attach", name="p1", backend=f"local://{tmp_path}/pool")
+    with pytest.raises(NotFound):
+        c.call("snapshot", pool="p1", volume="missing", snapshot="s")
+    with pytest.raises(NotFound):
+        c.call("create", pool="nopool", volume="v", size=1 << 20)
+    c.call("create", pool="p1", volume="v", size=1 << 20)
+    with pytest.raises(AlreadyExists):
+        c.call("create", pool="p1", volume="v", size=1 << 20)
+    with pytest.raises(InvalidArgument):
+        c.call("resize", pool="p1", volume="v", size=1 << 10)  # shrinking without force
+    with pytest.raises(InvalidArgument):
+        c.call("create", pool="p1", volume="w", size=1 << 20, **{"class": "rbd"})  # not a Ceph pool
+    with pytest.raises(InvalidArgument):
+        c.call("frobnicate", pool="p1")
+    assert c.call("info", pool="p1", volume="v")["size"] == 1 << 20  # nothing changed
+
+
+def test_a_killed_daemon_comes_back_with_its_pools_and_every_flushed_write(daemon: Daemon, tmp_path: Path) -> None:
+    c = daemon.client
+    c.call("attach", name="p1", backend=f"local://{tmp_path}/pool", port=0)
+    c.call("create", pool="p1", volume="v1", size=32 << 20)
+    uri = c.call("export", pool="p1", volume="v1")["unix"]
+    data = os.urandom(3 << 20)
+    src = tmp_path / "data.bin"
+    src.write_bytes(data)
+    # qemu-img convert flushes before it exits: every byte it wrote is acknowledged and durable.
+    run_tool("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri)
+    daemon.kill()
+    daemon.start()
+    assert [p["name"] for p in c.call("pools")] == ["p1"]
+    out = tmp_path / "out.bin"
+    run_tool("nbdcopy", uri, str(out))
+    assert out.read_bytes()[: len(data)] == data
+
+
+def test_rbd_class_volumes_live_in_the_same_ceph_pool(daemon: Daemon, ceph: CephCluster) -> None:
+    c = daemon.client
+    ns = f"daemon{os.getpid()}"
+    c.call("attach", name="ceph", backend=ceph.backend_url(ns))
+    rbd = {"class": "rbd"}
+    name = f"{ns}-img"
+    c.call("create", pool="ceph", volume=name, size=16 << 20, **rbd)
+    try:
+        uri = c.call("export", pool="ceph", volume=name, **rbd)["rbd"]
+        qemu_io(uri, "write -P 0x33 0 1M")
+        c.call("snapshot", pool="ceph", volume=name, snapshot="s1", **rbd)
+        qemu_io(uri, "write -P 0x44 0 1M")
+        c.call("rollback", pool="ceph", volume=name, snapshot="s1", **rbd)
+        assert "pattern verification failed" not in qemu_io(uri, "read -P 0x33 0 1M")
+        assert [s["name"] for s in c.call("snapshots", pool="ceph", volume=name, **rbd)] == ["s1"]
+    finally:
+        for snap in c.call("snapshots", pool="ceph", volume=name, **rbd):
+            c.call("delete_snapshot", pool="ceph", volume=name, snapshot=snap["name"], **rbd)
+        c.call("delete", pool="ceph", volume=name, **rbd)
+
+
+def test_a_client_without_a_daemon_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="not answering"):
+        StorageClient(tmp_path / "nothing.sock").call("pools")
