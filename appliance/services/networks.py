@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from appliance.db.models import IpAllocation, Network, Port, SecurityGroup, Subnet
+from appliance.db.models import IpAllocation, Network, Port, Router, RouterInterface, SecurityGroup, Subnet
 from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.services import ipam
 from appliance.services.auth import project_by_name
@@ -87,6 +87,8 @@ def delete_network(session: Session, principal: Principal, project: str, name: s
     if attached:
         raise Conflict(f"network '{name}' still has {attached} port(s): delete them first "
                        f"(`cairn get ports --project {project}`)")
+    _check_unrouted(session, list(session.scalars(select(Subnet.id).where(Subnet.network_id == row.id))),
+                    f"network '{name}'")
     networks.delete(session, principal, project, name)
 
 
@@ -109,7 +111,17 @@ def delete_subnet(session: Session, principal: Principal, project: str, name: st
         IpAllocation.subnet_id == row.id, IpAllocation.port_id.is_not(None)))
     if used:
         raise Conflict(f"subnet '{name}' still has {used} address(es) on ports: delete the ports first")
+    _check_unrouted(session, [row.id], f"subnet '{name}'")
     subnets.delete(session, principal, project, name)
+
+
+def _check_unrouted(session: Session, subnet_ids: list[str], what: str) -> None:
+    """Refuse to delete subnets (or their network) that a router still routes."""
+    router = session.scalar(select(Router).join(RouterInterface, RouterInterface.router_id == Router.id)
+                            .where(RouterInterface.subnet_id.in_(subnet_ids))) if subnet_ids else None
+    if router is not None:
+        raise Conflict(f"{what} is attached to router '{router.name}': detach it first "
+                       f"(`cairn router remove-network {router.name} <network>`)")
 
 
 def reserve(session: Session, principal: Principal, project: str, subnet: str, address: str) -> dict[str, Any]:

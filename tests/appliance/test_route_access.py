@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.db.engine import session_scope
-from appliance.services import auth, groups, images, instances, networks, nodes, pools, tasks, volumes
+from appliance.services import auth, groups, images, instances, networks, nodes, pools, routers, tasks, volumes
 
 from .conftest import Api
 from .test_resources import INVENTORY
@@ -47,6 +47,13 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/volumes/{name}/snapshots"): {"name": "walk-snap2"},
     # the upload's name exists: the walk is refused before any byte is read (409 for the admin)
     ("put", "/api/v1/images/{name}/upload"): {"not": "an image"},
+    ("post", "/api/v1/routers"): {"name": "walk-r2"},
+    ("post", "/api/v1/routers/{name}/port-forwards"): {"external_port": 2222, "internal_port": 22,
+                                                       "internal_address": "10.77.0.9"},
+    ("post", "/api/v1/routers/{name}/add-interface"): {"network": "walk-n"},
+    ("post", "/api/v1/routers/{name}/remove-interface"): {"network": "walk-n"},
+    ("post", "/api/v1/floating-ips"): {"name": "walk-f2"},
+    ("post", "/api/v1/floating-ips/{name}/associate"): {"port": "walk-fp"},
 }
 QUERY: dict[str, dict[str, Any]] = {"/api/v1/events": {"max_seconds": 0.3}}
 WRITES = ("write", "admin")
@@ -63,7 +70,8 @@ def fill(path: str, task_id: str) -> str:
     name = {"nodes": "node-1", "projects": "default", "users": "admin", "tokens": "nope",
             "placement-groups": "walk-g", "networks": "walk-n", "subnets": "walk-n-4", "ports": "walk-p",
             "security-groups": "walk-s", "images": "walk-img", "vms": "walk-vm", "containers": "walk-ct",
-            "volumes": "walk-vol", "pools": "default"}.get(kind, "x")
+            "volumes": "walk-vol", "pools": "default", "routers": "walk-r", "floating-ips": "walk-f",
+            }.get(kind, "x")
     return (path.replace("{name}", name).replace("{user}", "viewer1").replace("{task_id}", task_id)
             .replace("{rule_id}", "norule").replace("{action}", "stop").replace("{snapshot}", "walk-snap"))
 
@@ -89,6 +97,10 @@ def world(api: Api, sent: list[Any]) -> tuple[Api, str, dict[str, dict[str, str]
         networks.create_network(session, admin, api.settings, "default", "walk-n", {"cidr": "10.77.0.0/24"})
         networks.create_secgroup(session, admin, "default", "walk-s", "")
         networks.create_port(session, admin, "default", "walk-p", {"network": "walk-n"})
+        api.settings.external_cidr = "203.0.113.0/24"
+        routers.create_router(session, admin, api.settings, "default", "walk-r", {"networks": ["walk-n"]})
+        networks.create_port(session, admin, "default", "walk-fp", {"network": "walk-n"})
+        routers.create_floating_ip(session, admin, api.settings, "default", "walk-f", {"port": "walk-fp"})
         kernel = api.settings.data_dir / "walk-kernel"
         kernel.write_bytes(b"k")
         images.record(session, default.id, "walk-img", {"kind": "vm", "format": "kernel", "kernel": str(kernel)})
