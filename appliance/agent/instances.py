@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import select
 
@@ -30,6 +31,7 @@ from compute.spec import (
     DiskSpec,
     FileSource,
     KernelBoot,
+    NbdSource,
     NicSpec,
     Placement,
     PowerState,
@@ -64,6 +66,18 @@ def _cpulist(path: Path) -> list[int]:
         cpus.extend(range(int(lo), int(hi or lo) + 1))
     return cpus
 
+
+
+def volume_disk(disk: dict[str, Any]) -> DiskSpec:
+    """A volume as a virtio disk: its NBD export over the local unix socket when the
+    pool is served on this node, else over TCP; the serial names it inside the guest
+    (/dev/disk/by-id/virtio-<volume>)."""
+    uri = disk["export"]
+    sock = parse_qs(urlsplit(uri).query).get("socket", [""])[0]
+    if sock and not Path(sock).exists() and disk.get("exports", {}).get("tcp"):
+        uri = disk["exports"]["tcp"]
+    serial = re.sub(r"[^A-Za-z0-9_-]", "-", disk["volume"])[:20]
+    return DiskSpec(NbdSource(uri), serial=serial)
 
 class InstanceReconciler:
     """One pass: for each instance placed on this node, converge define / power."""
@@ -180,20 +194,21 @@ class InstanceReconciler:
         if qos is QosClass.GUARANTEED:
             placement = self.pin(row, int(-(-float(spec["cpu"]) // 1)))
         if row.kind == "vm":
-            disks: tuple[DiskSpec, ...] = ()
+            disks = tuple(volume_disk(d) for d in (row.status or {}).get("volumes", []))
             if spec.get("user_data") is not None or (row.status or {}).get("ports"):
                 seed = write_seed_iso(CloudInitSeed(instance_id=row.id, hostname=row.name,
                                                     user_data=spec.get("user_data") or "#cloud-config\n{}\n"),
                                       str(workdir / "seed.iso"))
-                disks = (DiskSpec(FileSource(seed), device="cdrom", readonly=True),)
+                disks += (DiskSpec(FileSource(seed), device="cdrom", readonly=True),)
             nics = tuple(NicSpec(mac=p["mac"], bridge=bridge_name(p["vni"]), tap=port_ifname("vm", p["id"]),
                                  mtu=p.get("mtu") or None) for p in (row.status or {}).get("ports", []))
             return VmSpec(
                 disks=disks, nics=nics, name=name, vcpus=int(spec["cpu"]), memory_mib=memory_mib, uuid=row.id,
                 consoles=Consoles(serial_log=str(workdir / "serial.log"),
                                   serial_socket=str(workdir / "serial.sock"), vnc_socket=str(workdir / "vnc.sock")),
-                kernel_boot=KernelBoot(kernel=image.spec["kernel"], initrd=image.spec.get("initrd"),
-                                       cmdline=image.spec.get("cmdline", "console=ttyS0")),
+                kernel_boot=None if image.spec.get("format") == "disk" else KernelBoot(
+                    kernel=image.spec["kernel"], initrd=image.spec.get("initrd"),
+                    cmdline=image.spec.get("cmdline", "console=ttyS0")),
                 qos_class=qos, placement=placement, virt_type=VirtType(self._virt(virt)),
             )
         command = tuple(spec.get("command") or image.spec.get("command") or ["/bin/sh"])

@@ -353,6 +353,8 @@ class InstanceSpecIn(Strict):
     user_data: Annotated[str, Field(max_length=65536)] | None = None
     ha: bool = False
     power: Literal["running", "stopped"] = "running"
+    volumes: Annotated[list[Name], Field(max_length=16, description="existing volumes to attach, in order")] = []
+    root_size: Size | None = Field(None, description="disk images: grow the root volume cloned from the image")
 
 
 class VmCreate(Strict):

@@ -46,6 +46,8 @@ def resolve(session: Session, project_id: str, name: str, kind: str) -> Image:
                        "(`cairn image import-test-guest` provides a tiny one)")
     if row.spec.get("kind") != kind:
         raise InvalidInput(f"image '{name}' is a {row.spec.get('kind')} image, not a {kind} image")
+    if row.spec.get("format") == "disk" and (row.status or {}).get("phase") != "Available":
+        raise Conflict(f"image '{name}' is {(row.status or {}).get('phase')}: wait until it is Available")
     for key in ("kernel", "initrd", "archive"):
         if key in row.spec and not Path(row.spec[key]).exists():
             raise NotFound(f"image '{name}' is missing its {key} file {row.spec[key]}: import it again")

@@ -59,6 +59,40 @@ def check_fits_somewhere(session: Session, cpu: float, memory: int) -> None:
         raise InvalidInput("there are no nodes to run it on: start a node agent first")
 
 
+def check_volumes(session: Session, principal: Principal, kind: str, project: str, name: str,
+                  spec: dict[str, Any], image: Any) -> None:
+    """Volumes to attach must be Available and free; a disk image gets a root volume."""
+    from appliance.services import volumes  # volumes imports this module
+
+    wanted = list(spec.get("volumes") or [])
+    if wanted and kind != "vm":
+        raise InvalidInput("only VMs attach volumes (as virtio disks); containers cannot yet")
+    if len(set(wanted)) != len(wanted):
+        raise InvalidInput("a volume is listed twice in volumes")
+    for vol_name in wanted:
+        vol, _ = volumes.volumes.row(session, principal, project, vol_name, "write")
+        if (vol.status or {}).get("phase") != "Available" or vol.task_state:
+            raise Conflict(f"volume '{vol_name}' is {(vol.status or {}).get('phase')} "
+                           f"({vol.task_state or 'idle'}): it must be Available")
+        if vol.storage_class != "dedup":
+            raise InvalidInput(f"volume '{vol_name}' is class {vol.storage_class}: VMs attach dedup volumes "
+                               "(NBD) for now")
+        users = volumes.users_of(session, vol)
+        if users:
+            raise Conflict(f"volume '{vol_name}' is already attached to {', '.join(users)}")
+    if image.spec.get("format") == "disk":
+        root = f"{name}-root"[:63]
+        if volumes.volumes.exists(session, principal, project, root):
+            raise Conflict(f"a volume named '{root}' already exists: the VM's root volume needs that name")
+        if spec.get("root_size") is not None:
+            size = parse_size(spec["root_size"])
+            if size < int(image.spec.get("virtual_size", 0)):
+                raise InvalidInput(f"root_size {size} is smaller than image '{image.name}' "
+                                   f"({image.spec.get('virtual_size')} bytes)")
+    elif spec.get("root_size") is not None:
+        raise InvalidInput(f"root_size applies to disk images; '{image.name}' is a {image.spec.get('format')} image")
+
+
 def create(session: Session, principal: Principal, kind: str, project: str, name: str,
            spec: dict[str, Any]) -> dict[str, Any]:
     """Validate, record the instance (building / scheduling) and its create task."""
@@ -75,7 +109,8 @@ def create(session: Session, principal: Principal, kind: str, project: str, name
         if (port_row.status or {}).get("instance"):
             raise Conflict(f"port '{port}' is already attached to {port_row.status['instance']}")
     proj = project_by_name(session, principal, project, "write")
-    images.resolve(session, proj.id, spec["image"], kind)
+    image = images.resolve(session, proj.id, spec["image"], kind)
+    check_volumes(session, principal, kind, project, name, spec, image)
     if spec.get("user_data") is not None:
         try:
             validate_user_data(spec["user_data"])

@@ -56,6 +56,11 @@ class ScopedKind(Generic[M]):
             raise NotFound(f"there is no {self.kind} '{name}' in project '{project}': {self.hint}")
         return row, proj
 
+    def exists(self, session: Session, principal: Principal, project: str, name: str) -> bool:
+        proj = project_by_name(session, principal, project)
+        return session.scalar(self._scope(select(self.model.id).where(self.model.project_id == proj.id,
+                                                                      self.model.name == name))) is not None
+
     def get(self, session: Session, principal: Principal, project: str, name: str) -> dict[str, Any]:
         row, proj = self.row(session, principal, project, name)
         return self.public(row, proj.name)

@@ -140,11 +140,11 @@ def _volume(session: Session, principal: Principal, project: str, name: str) -> 
     return volumes.row(session, principal, project, name, "write")
 
 
-def users_of(session: Session, vol: Volume) -> list[str]:
-    """Instances whose spec lists this volume."""
+def users_of(session: Session, vol: Volume, running_only: bool = False) -> list[str]:
+    """Instances whose spec lists this volume (only those powered on, if ``running_only``)."""
     rows = session.scalars(select(Instance).where(Instance.project_id == vol.project_id))
-    return [f"{r.kind} '{r.name}'" for r in rows if vol.name in [d.get("volume") for d in
-                                                                   (r.spec or {}).get("volumes", [])]]
+    return [f"{r.kind} '{r.name}'" for r in rows if vol.name in ((r.spec or {}).get("volumes") or [])
+            and (not running_only or r.power_state in ("running", "paused", "pending"))]
 
 
 def resize(session: Session, principal: Principal, project: str, name: str, size: int | str,
@@ -214,19 +214,12 @@ def snapshot_delete(session: Session, principal: Principal, project: str, name: 
 def rollback(session: Session, principal: Principal, project: str, name: str, snap: str) -> dict[str, Any]:
     vol, _ = _volume(session, principal, project, name)
     snapshot_row(session, vol, snap)
-    running = [u for u in _running_users(session, vol)]
+    running = users_of(session, vol, running_only=True)
     if running:
         raise Conflict(f"volume '{name}' is in use by running {', '.join(running)}: stop it before rolling back")
     _claim(session, vol, "rolling_back")
     return _task(session, principal, vol, "volume.rollback", {"snapshot": snap},
                  queue_of(session, pool_of(session, vol)))
-
-
-def _running_users(session: Session, vol: Volume) -> list[str]:
-    rows = session.scalars(select(Instance).where(Instance.project_id == vol.project_id))
-    return [f"{r.kind} '{r.name}'" for r in rows
-            if vol.name in [d.get("volume") for d in (r.spec or {}).get("volumes", [])]
-            and r.power_state in ("running", "paused", "pending")]
 
 
 def clone(session: Session, principal: Principal, project: str, name: str, snap: str, new: str,

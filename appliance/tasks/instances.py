@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy import select, update
 
 from appliance.db.engine import session_scope
-from appliance.db.models import Claim, Instance, Network, Node, Project, Subnet
+from appliance.db.models import Claim, Instance, Network, Node, Project, Subnet, Task, Volume
 from appliance.errors import CairnError
 from appliance.scheduler.placement import NoValidHost, Request
-from appliance.services import groups, images, instances, networks, placement
+from appliance.services import groups, images, instances, networks, placement, volumes
 from appliance.services.principal import Principal
 from appliance.settings import get_settings
 from appliance.tasks.runner import TaskContext, handler
@@ -91,7 +91,11 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
             choice = placement.claim(session, row.kind, iid, req)
             node = session.scalar(select(Node.id).where(Node.name == choice.host))
         _update(ctx, iid, node_id=node, task_state="spawning", status={"node": choice.host})
-        ctx.progress(25, f"volumes: none to prepare on {choice.host}")
+        ctx.progress(25, "volumes: preparing disks")
+        disks = _volumes(ctx, row)
+        ctx.progress(35, f"volumes: {len(disks)} disk(s) ready" if disks else "volumes: none to prepare")
+        if disks:
+            _update(ctx, iid, status={"volumes": disks})
         ctx.progress(40, "ports: attaching networks")
         attached = _ports(ctx, row)
         if attached:
@@ -106,6 +110,55 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         raise
     _update(ctx, iid, vm_state="active" if want == "running" else "stopped", task_state=None)
     return {"node": choice.host}
+
+
+def _wait_task(ctx: TaskContext, task_id: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(ctx.db_url, readonly=True) as session:
+            task = session.get(Task, task_id)
+            state, error = (task.state, task.error) if task else ("failed", "vanished")
+        if state == "succeeded":
+            return
+        if state in ("failed", "cancelled"):
+            raise InstanceFailed(f"preparing a volume {state}: {error}")
+        if time.monotonic() > deadline:
+            raise InstanceFailed(f"preparing a volume took more than {timeout:g} s")
+        ctx.check()
+        time.sleep(0.1)
+
+
+def _volumes(ctx: TaskContext, row: Instance) -> list[dict[str, Any]]:
+    """The VM's disks, in order: a root volume cloned (O(1)) from a disk image, then the
+    volumes the spec lists; each entry carries its NBD exports."""
+    spec = row.spec or {}
+    sub = None
+    with session_scope(ctx.db_url) as session:
+        project = session.get(Project, row.project_id)
+        assert project is not None
+        image = images.resolve(session, row.project_id, spec["image"], row.kind)
+        names = list(spec.get("volumes") or [])
+        root = spec.get("root_volume")
+        if image.spec.get("format") == "disk" and root is None:
+            root = f"{row.name}-root"[:63]
+            _, sub = volumes.create(session, SYSTEM, project.name, root, size=spec.get("root_size"),
+                                    source={"image": image.name}, labels={"instance": f"{row.kind}/{row.name}"})
+            names.insert(0, root)
+            live = session.get(Instance, row.id)
+            assert live is not None
+            live.spec = {**live.spec, "volumes": names, "root_volume": root}
+    if sub is not None:
+        ctx.progress(28, f"volumes: cloning image {spec['image']} into {root} (O(1))")
+        _wait_task(ctx, sub["id"])
+    out = []
+    with session_scope(ctx.db_url) as session:
+        for name in names:
+            vol = session.scalar(select(Volume).where(Volume.project_id == row.project_id, Volume.name == name))
+            if vol is None or not (vol.status or {}).get("export"):
+                raise InstanceFailed(f"volume '{name}' is gone or not exported")
+            out.append({"volume": name, "id": vol.id, "export": vol.status["export"],
+                        "exports": vol.status.get("exports", {}), "owned": name == root})
+    return out
 
 
 def _ports(ctx: TaskContext, row: Instance) -> list[dict[str, Any]]:
@@ -193,6 +246,13 @@ def delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
             else:  # a port the user made: it outlives the instance, detached
                 networks.ports.set_status(session, port, instance=None, phase="Detached")
         instances.KINDS[live.kind].delete(session, SYSTEM, project.name, live.name)
+        session.flush()
+        for disk in (live.status or {}).get("volumes", []):
+            if disk.get("owned"):  # its root volume goes with it; attached volumes stay
+                try:
+                    volumes.delete(session, SYSTEM, project.name, disk["volume"])
+                except CairnError:
+                    pass  # already gone, or busy: the user can delete it later
     return {}
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,77 @@ def test_pool_reports_its_space_and_survives_a_kill_9_of_the_storage_daemon(stac
              == 0, 30, "the export to come back")
     assert out.read_bytes()[: 5 << 20] == data.read_bytes()
     stack.cairn("volume", "delete", "durable")
+
+
+def serial(s: Stack, vm: str, command: str, expect: str, seconds: float = 60) -> str:
+    """Type a command on the VM's serial console (the API's websocket) and wait for ``expect``."""
+    from websockets.sync.client import connect
+
+    url = f"wss://127.0.0.1:{s.port}/api/v1/vms/{vm}/console/serial"
+    with connect(url, additional_headers={"Authorization": f"Bearer {s.cli['token']}"}, ssl=s.tls,
+                 open_timeout=10) as ws:
+        ws.send(f"\n{command}\n".encode())
+        seen = b""
+        deadline = time.monotonic() + seconds
+        while expect.encode() not in seen:
+            assert time.monotonic() < deadline, f"no {expect!r} on {vm}'s console: {seen[-500:]!r}"
+            seen += ws.recv(timeout=seconds)
+        return seen.decode(errors="replace")
+
+
+def booted(s: Stack, vm: str, times: int = 1) -> None:
+    wait_for(lambda: s.cairn("vm", "console", vm)["console"].count("CAIRN-GUEST-UP") >= times, 90,
+             f"{vm}'s marker on the serial console")
+
+
+def test_a_vm_writes_its_dedup_volume_and_a_rollback_brings_the_old_data_back(stack: Stack) -> None:
+    stack.cairn("image", "import-test-guest")
+    stack.cairn("volume", "create", "vdata", "--size", "16MiB")
+    vm = stack.cairn("vm", "create", "d1", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB",
+                     "--volume", "vdata")
+    assert [d["volume"] for d in vm["status"]["volumes"]] == ["vdata"]
+    booted(stack, "d1")
+    write = "printf {} | dd of=/dev/vda bs=1 seek=1048576 conv=notrunc,fsync 2>/dev/null; echo wrote-$((40+2))"
+    serial(stack, "d1", write.format("FIRST-WRITE"), "wrote-42")
+    stack.cairn("snapshot", "create", "vdata", "s1")  # crash-consistent: the guest synced
+    serial(stack, "d1", write.format("LATER-WRITE"), "wrote-42")
+    assert "stop it before rolling back" in fails(stack, "volume", "rollback", "vdata", "s1")
+    assert "attached to vm 'd1'" in fails(stack, "vm", "create", "d2", "--image", "tiny-guest", "--volume", "vdata")
+
+    stack.cairn("vm", "stop", "d1")
+    stack.cairn("volume", "rollback", "vdata", "s1")
+    stack.cairn("vm", "start", "d1")
+    booted(stack, "d1", times=2)
+    out = serial(stack, "d1", "dd if=/dev/vda bs=1 skip=1048576 count=11 2>/dev/null; echo; echo read-$((40+2))",
+                 "read-42")
+    assert "FIRST-WRITE" in out and "LATER-WRITE" not in out
+    stack.cairn("vm", "delete", "d1")
+    assert stack.cairn("volume", "get", "vdata")["status"]["phase"] == "Available"  # attached volumes stay
+    stack.cairn("volume", "delete", "vdata")
+
+
+def test_vms_from_a_disk_image_get_an_o1_clone_as_root_volume(stack: Stack, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(6 << 20))
+    stack.cairn("image", "upload", str(raw), "appdisk")
+    before = stack.cairn("pool", "get", "default")
+    vms = []
+    for name in ("img1", "img2"):
+        vm = stack.cairn("vm", "create", name, "--image", "appdisk", "--cpu", "1", "--memory", "128MiB",
+                         "--root-size", "32MiB")
+        root = stack.cairn("volume", "get", f"{name}-root")
+        assert vm["status"]["volumes"][0]["volume"] == f"{name}-root" and root["status"]["size_bytes"] == 32 << 20
+        assert root["spec"]["source"]["snapshot"] == "base"
+        vms.append(root)
+    # both roots hold the image: cloned, not copied
+    for root in vms:
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), root["status"]["export"]],
+                             capture_output=True, text=True)
+        assert cmp.returncode in (0, 1) and "Content mismatch" not in cmp.stdout, cmp.stdout  # 1: size differs
+    assert "smaller than image" in fails(stack, "vm", "create", "img3", "--image", "appdisk", "--root-size", "1MiB")
+    for name in ("img1", "img2"):
+        stack.cairn("vm", "delete", name)
+        wait_for(lambda n=name: "no volume" in fails(stack, "volume", "get", f"{n}-root"), 60,
+                 "the VM's root volume to go with it")
+    assert before["spec"]["backend"] == "local"
+    stack.cairn("delete", "image", "appdisk")
