@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from appliance.cli import local
+from appliance.cli import routers as routers_cli
 from appliance.cli import storage as storage_cli
 from appliance.cli.client import Client, load_config, save_config
 from appliance.cli.common import NoWait, ProjectArg, client, fail, follow, run
@@ -42,15 +43,17 @@ app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
 app.add_typer(container_app, name="container")
 storage_cli.register(app, image_app)
+routers_cli.register(app)
 
 # kind (singular and plural) -> (collection path, table columns key)
 KINDS: dict[str, tuple[str, str]] = {}
 for plural in ("nodes", "tasks", "projects", "users", "tokens", "placement-groups", "networks", "subnets",
-               "ports", "security-groups", "images", "vms", "containers", "volumes", "pools"):
+               "ports", "security-groups", "images", "vms", "containers", "volumes", "pools", "routers",
+               "floating-ips"):
     KINDS[plural] = KINDS[plural[:-1]] = (f"/{plural}", plural)
 KINDS["secgroups"] = KINDS["secgroup"] = KINDS["security-groups"]
 SCOPED = {"/placement-groups", "/networks", "/subnets", "/ports", "/security-groups", "/images", "/vms",
-          "/containers", "/volumes"}
+          "/containers", "/volumes", "/routers", "/floating-ips"}
 ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", help="project (default: all you can see)")]
 
 # --- appliance lifecycle (local) -------------------------------------------------------------

@@ -50,6 +50,12 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "snapshots": [("NAME", "name"), ("VOLUME", "volume"), ("SIZE", "size_bytes"), ("CREATED", "created_at")],
     "containers": [("PROJECT", "project"), ("NAME", "name"), ("STATE", "status.vm_state"),
                    ("POWER", "status.power_state"), ("NODE", "status.node"), ("IMAGE", "spec.image")],
+    "routers": [("PROJECT", "project"), ("NAME", "name"), ("EXTERNAL", "status.external_address"),
+                ("NODE", "status.node"), ("PHASE", "status.phase"), ("SUBNETS", "spec.interfaces")],
+    "port-forwards": [("ID", "id"), ("PROTO", "protocol"), ("EXTERNAL", "external_port"),
+                      ("TO", "internal_address"), ("PORT", "internal_port")],
+    "floating-ips": [("PROJECT", "project"), ("NAME", "name"), ("ADDRESS", "status.address"),
+                     ("PORT", "spec.port"), ("FIXED", "status.fixed_address"), ("ROUTER", "status.router")],
 }
 
 

@@ -203,3 +203,66 @@ def test_in_use_routers_and_interfaces_cannot_be_removed(ext: Api) -> None:
             "already forwards")
     post(ext, "/floating-ips", {"name": "f2", "spec": {"port": "web"}})
     refused(ext, "POST", "/floating-ips/f1/associate", {"port": "web"}, 409, "already has floating IP 'f2'")
+
+
+@pytest.fixture
+def cli(ext: Api, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``cairn …`` in-process against this API; returns (exit code, JSON or stderr)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from appliance.cli import common
+    from appliance.cli.client import Client
+    from appliance.cli import main
+
+    c = Client(url="https://testserver", token="unused")
+    c.http = ext.client
+    ext.client.headers.update(ext.admin)
+    for module in (common, main):  # `cairn get` lives in main
+        monkeypatch.setattr(module, "client", lambda: c)
+    runner = CliRunner()
+
+    def invoke(*args: str) -> tuple[int, Any]:
+        r = runner.invoke(main.app, [*args, "--output", "json"])
+        return r.exit_code, (json.loads(r.stdout) if r.exit_code == 0 else r.stderr)
+
+    return invoke
+
+
+def test_cli_router_forward_and_floating_ip_spellings(ext: Api, cli: Any) -> None:
+    post(ext, "/networks", {"name": "lab", "spec": {"cidr": "10.20.0.0/24"}})
+    post(ext, "/networks", {"name": "lab2", "spec": {"cidr": "10.21.0.0/24"}})
+    port = post(ext, "/ports", {"name": "web", "spec": {"network": "lab"}})["status"]["ips"][0]["address"]
+    code, r = cli("router", "create", "r1", "--network", "lab")
+    assert code == 0 and r["status"]["external_address"] == "203.0.113.10"
+    code, r = cli("router", "add-network", "r1", "lab2")
+    assert code == 0 and [i["network"] for i in r["spec"]["interfaces"]] == ["lab", "lab2"]
+    code, r = cli("router", "forward", "add", "r1", "--external-port", "2222", "--to", f"{port}:22")
+    assert code == 0 and r["spec"]["port_forwards"][0]["internal_port"] == 22
+    code, r = cli("router", "forward", "add", "r1", "--proto", "udp", "--external-port", "53", "--port", "web")
+    assert code == 0 and r["spec"]["port_forwards"][1]["internal_address"] == port
+    code, forwards = cli("router", "forward", "list", "r1")
+    assert code == 0 and [f["external_port"] for f in forwards] == [2222, 53]
+    code, err = cli("router", "forward", "add", "r1", "--external-port", "99999", "--to", "10.20.0.5")
+    assert code == 1 and "external_port" in err
+    code, err = cli("router", "forward", "add", "r1", "--external-port", "80", "--to", "192.0.2.1:80")
+    assert code == 1 and "not in the networks of router 'r1'" in err
+    code, r = cli("router", "forward", "remove", "r1", forwards[1]["id"])
+    assert code == 0 and len(r["spec"]["port_forwards"]) == 1
+    code, r = cli("router", "remove-network", "r1", "lab2")
+    assert code == 0 and len(r["spec"]["interfaces"]) == 1
+    code, fip = cli("floating-ip", "create", "web-ip")
+    assert code == 0 and fip["status"]["address"] == "203.0.113.11"
+    code, fip = cli("floating-ip", "associate", "web-ip", "web")
+    assert code == 0 and fip["status"]["fixed_address"] == port
+    code, listed = cli("get", "floating-ips")
+    assert code == 0 and [f["name"] for f in listed] == ["web-ip"]
+    code, err = cli("router", "delete", "r1")
+    assert code == 1 and "disassociate" in err
+    assert cli("floating-ip", "disassociate", "web-ip")[0] == 0
+    assert cli("floating-ip", "delete", "web-ip") == (0, {"deleted": {"kind": "floating-ip", "name": "web-ip"}})
+    assert cli("router", "get", "r1")[1]["status"]["external_address"] == "203.0.113.10"
+    assert cli("router", "delete", "r1") == (0, {"deleted": {"kind": "router", "name": "r1"}})
+    code, listed = cli("get", "routers")
+    assert code == 0 and listed == []
