@@ -23,13 +23,28 @@ from typing import Any
 
 from storage.backends import ObjectBackend, open_backend
 from storage.blockmap import BlockMap, iter_map, meta_hashes
-from storage.chunks import ZERO_HASH, ChunkCodec, chunk_hash
+from storage.chunks import (
+    RAW,
+    ZERO_HASH,
+    ChunkCodec,
+    Extents,
+    chunk_hash,
+    covered,
+    decode_patch,
+    encode_patch,
+    merge_extents,
+)
 from storage.errors import AlreadyExists, ConflictError, InvalidArgument, NotFound
 from storage.log import Location, LogPosition, SegmentLog
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-CHECKPOINT_BYTES = 32 << 20
+# Replay after a crash reads the journal written since the last checkpoint: large
+# writes leave only map records there (their chunks go to data segments), small ones
+# their patches. A checkpoint waits for the journal, so not too often either.
+CHECKPOINT_BYTES = 256 << 20
 CACHE_BYTES = 192 << 20
+MAX_EXTENTS = 32  # a patch with more extents (or covering half its block) is folded
+INFLIGHT_LIMIT = 256 << 20  # bytes handed to the backend and not landed: then wait
 
 
 def _check_name(name: str, what: str) -> None:
@@ -80,6 +95,41 @@ class ChunkStore:
             self.log.stage_chunk(h, flags, len(data), payload)
         self._remember(h, bytes(data))
         return h
+
+    def put_patch(self, blob: bytes, base: bytes) -> bytes:
+        """Store a patch chunk (kept raw: it is small and mostly fresh data)."""
+        h = chunk_hash(blob)
+        if self.touched is not None:
+            self.touched.add(h)
+            self.touched.add(base)
+        if h not in self.log.index:
+            self.log.stage_chunk(h, RAW, len(blob), blob)
+        self._remember(h, blob)
+        return h
+
+    def is_patch(self, h: bytes) -> bool:
+        """Whether a block-map entry names a patch rather than a full block."""
+        if h == ZERO_HASH:
+            return False
+        loc = self.log.index.get(h)
+        return loc is not None and loc.raw_length != self.chunk_size
+
+    def cached(self, h: bytes) -> bytes | None:
+        """The chunk's bytes if they are in memory (cache, staged or in flight), else None."""
+        data = self._cache.get(h)
+        if data is not None:
+            return data
+        payload = self.log.pending_chunks.get(h)
+        if payload is None:
+            payload = self.log.inflight.get(h)
+            if payload is None:
+                return None
+        loc = self.log.index.get(h)
+        if loc is None:
+            return None
+        data = self.codec.decode(loc.flags, payload, loc.raw_length)
+        self._remember(h, data)
+        return data
 
     def get(self, h: bytes) -> bytes:
         """The chunk's bytes (verified against its hash when read from the backend)."""
@@ -132,6 +182,14 @@ class ChunkStore:
             i = j
         return out
 
+    def remember(self, h: bytes, data: bytes) -> None:
+        """Put one fetched chunk in the cache."""
+        self._remember(h, data)
+
+    def has(self, h: bytes) -> bool:
+        """Whether the chunk is in the cache."""
+        return h in self._cache
+
     def remember_many(self, pairs: list[tuple[bytes, bytes]]) -> None:
         """Put fetched chunks in the cache."""
         for h, data in pairs:
@@ -175,6 +233,7 @@ class Volume:
         self.map = BlockMap(bytes.fromhex(record.root), self._nblocks(record.size), pool.chunks.get)
         self._zero = bytes(self.block)
         self._since_checkpoint = 0
+        self._stream_key = int.from_bytes(self.id[:4], "big")
         start = LogPosition.from_json(record.log)
         if start is not None:
             for blk, h in pool.log.replay(self.id, start):
@@ -199,42 +258,129 @@ class Volume:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of ``[offset, offset+length)``; holes read as zeros."""
         self._check_range(offset, length)
-        out = bytearray()
+        hashes = [self.map.get(b) for b in range(offset // self.block, (offset + length - 1) // self.block + 1)]
+        if len(hashes) > 1:
+            self.pool.chunks.get_many([h for h in hashes if h != ZERO_HASH])
+        return bytes(self.read_into(offset, length))
+
+    def read_into(self, offset: int, length: int,
+                  extra: dict[bytes, tuple[int, bytes]] | None = None) -> bytearray:
+        """The bytes of a range in a new buffer. Chunks come from the cache, else from
+        ``extra`` (hash -> (start, bytes) ranges of raw chunks the caller fetched), else
+        from the backend (blocking: the NBD server fetches :meth:`read_needs` first)."""
+        out = bytearray(length)
+        view = memoryview(out)
         bs = self.block
         blk, boff = divmod(offset, bs)
-        last = (offset + length - 1) // bs if length else blk
-        hashes = [self.map.get(b) for b in range(blk, last + 1)]
-        chunks = self.pool.chunks.get_many([h for h in hashes if h != ZERO_HASH]) if len(hashes) > 1 else {}
-        for h in hashes:
-            n = min(bs - boff, length)
-            if h == ZERO_HASH:
-                out += self._zero[:n]
-            else:
-                data = chunks.get(h) or self.pool.chunks.get(h)
-                out += data[boff : boff + n] if n != bs else data
-            length -= n
+        pos = 0
+        while pos < length:
+            n = min(bs - boff, length - pos)
+            h = self.map.get(blk)
+            if h != ZERO_HASH:
+                self._fill(view[pos : pos + n], h, boff, extra)
+            pos += n
             blk += 1
             boff = 0
-        return bytes(out)
+        return out
 
-    def blocks_needed(self, offset: int, length: int, partial_only: bool) -> list[bytes]:
-        """Hashes a read (or, with ``partial_only``, a write's read-modify-write) will use."""
+    def _fill(self, dest: memoryview, h: bytes, boff: int, extra: dict[bytes, tuple[int, bytes]] | None) -> None:
+        """Copy bytes ``[boff, boff+len(dest))`` of block content ``h`` into ``dest``
+        (which holds zeros)."""
+        chunks = self.pool.chunks
+        n = len(dest)
+        if chunks.is_patch(h):
+            base, extents = decode_patch(chunks.get(h))
+            if base != ZERO_HASH and not covered(extents, boff, boff + n):
+                self._fill(dest, base, boff, extra)
+            end = boff + n
+            for eo, ed in extents:
+                s, e = max(eo, boff), min(eo + len(ed), end)
+                if s < e:
+                    dest[s - boff : e - boff] = ed[s - eo : e - eo]
+            return
+        data = chunks.cached(h)
+        if data is None and extra is not None and h in extra:
+            start, part = extra[h]
+            if start <= boff and boff + n <= start + len(part):
+                dest[:] = memoryview(part)[boff - start : boff - start + n]
+                return
+        if data is None:
+            data = chunks.get(h)
+        dest[:] = memoryview(data)[boff : boff + n]
+
+    def read_needs(self, offset: int, length: int,
+                   extra: dict[bytes, tuple[int, bytes]] | None = None) -> list[tuple[bytes, int, int]]:
+        """What a read of the range still lacks in memory: (hash, start, length) ranges of
+        stored chunks; length -1 means the whole chunk (a patch). A patch not in memory
+        hides its base: ask again once it is there."""
+        if length <= 0 or offset < 0 or offset + length > self.record.size:
+            return []
+        needs: list[tuple[bytes, int, int]] = []
+        bs = self.block
+        blk, boff = divmod(offset, bs)
+        pos = 0
+        while pos < length:
+            n = min(bs - boff, length - pos)
+            h = self.map.get(blk)
+            if h != ZERO_HASH:
+                self._needs(h, boff, n, extra, needs)
+            pos += n
+            blk += 1
+            boff = 0
+        return needs
+
+    def _needs(self, h: bytes, boff: int, n: int, extra: dict[bytes, tuple[int, bytes]] | None,
+               needs: list[tuple[bytes, int, int]]) -> None:
+        chunks = self.pool.chunks
+        if chunks.is_patch(h):
+            blob = chunks.cached(h)
+            if blob is None:
+                needs.append((h, 0, -1))
+                return
+            base, extents = decode_patch(blob)
+            if base != ZERO_HASH and not covered(extents, boff, boff + n):
+                self._needs(base, boff, n, extra, needs)
+            return
+        if chunks.cached(h) is not None:
+            return
+        if extra is not None and h in extra:
+            start, part = extra[h]
+            if start <= boff and boff + n <= start + len(part):
+                return
+        needs.append((h, boff, n))
+
+    def write_needs(self, offset: int, length: int) -> list[tuple[bytes, int, int]]:
+        """Chunks a write would read (a patch it extends, a base it folds into) that are
+        not in memory, as :meth:`read_needs` lists them. Whole blocks need nothing."""
         if length <= 0 or offset < 0 or offset + length > self.record.size:
             return []
         bs = self.block
         first, last = offset // bs, (offset + length - 1) // bs
-        if not partial_only:
-            return [self.map.get(b) for b in range(first, last + 1)]
-        out = []
-        if offset % bs:
-            out.append(self.map.get(first))
-        if (offset + length) % bs:
-            out.append(self.map.get(last))
-        return out
+        needs: list[tuple[bytes, int, int]] = []
+        chunks = self.pool.chunks
+        for blk in {first, last}:
+            s = max(offset, blk * bs) - blk * bs
+            n = min(offset + length, (blk + 1) * bs) - blk * bs - s
+            if n == bs:
+                continue
+            cur = self.map.get(blk)
+            base, grown, count = cur, n, 1
+            if chunks.is_patch(cur):
+                blob = chunks.cached(cur)
+                if blob is None:
+                    needs.append((cur, 0, -1))
+                    continue
+                base, extents = decode_patch(blob)
+                grown += sum(len(d) for _o, d in extents)
+                count += len(extents)
+            if (grown >= bs // 2 or count > MAX_EXTENTS) and base != ZERO_HASH and chunks.cached(base) is None:
+                needs.append((base, 0, bs))
+        return needs
 
-    def _block_data(self, blk: int) -> bytearray:
-        h = self.map.get(blk)
-        return bytearray(self._zero if h == ZERO_HASH else self.pool.chunks.get(h))
+    def blocks_needed(self, offset: int, length: int, partial_only: bool) -> list[bytes]:
+        """Hashes a read (or, with ``partial_only``, a write) will use that are not in memory."""
+        needs = self.write_needs(offset, length) if partial_only else self.read_needs(offset, length)
+        return [h for h, _s, _n in needs]
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Stage a write (read-modify-write for partial blocks). Call :meth:`commit` to journal it."""
@@ -254,17 +400,20 @@ class Volume:
     def _apply(self, offset: int, view: memoryview | None, length: int) -> None:
         blk, boff = divmod(offset, self.block)
         entries: list[tuple[int, bytes]] = []
-        self.pool.log.sticky = self.pool.log.pick_stream()
+        log = self.pool.log
+        log.sticky = log.pick_stream(self._stream_key + (offset >> 22), length)
         try:
             self._apply_blocks(blk, boff, view, length, entries)
         finally:
-            self.pool.log.sticky = None
+            log.sticky = None
         if entries:
-            self.pool.log.stage_map(self.id, entries)
+            log.stage_map(self.id, entries)
             self._since_checkpoint += length
-        if self.pool.log.pending_size > (16 << 20):
+        if log.pending_size > (16 << 20):
             # Bound memory and RADOS op size (osd_max_write_size is 90 MiB).
-            self.pool.log.commit()
+            log.commit_async()
+            if log.inflight_bytes > INFLIGHT_LIMIT:
+                log.commit()
 
     def _apply_blocks(self, blk: int, boff: int, view: memoryview | None, length: int,
                       entries: list[tuple[int, bytes]]) -> None:
@@ -277,15 +426,39 @@ class Volume:
                 piece = None if view is None else view[pos : pos + n]
                 h = ZERO_HASH if piece is None or piece == self._zero else chunks.put(piece)
             else:
-                buf = self._block_data(blk)
-                buf[boff : boff + n] = self._zero[:n] if view is None else view[pos : pos + n]
-                h = ZERO_HASH if buf == self._zero else chunks.put(buf)
+                h = self._write_partial(blk, boff, self._zero[:n] if view is None else bytes(view[pos : pos + n]))
             if self.map.get(blk) != h:
                 self.map.set(blk, h)
                 entries.append((blk, h))
             pos += n
             blk += 1
             boff = 0
+
+    def _write_partial(self, blk: int, boff: int, piece: bytes) -> bytes:
+        """New content hash of a block after writing ``piece`` at ``boff``: a patch over
+        the block's content (no read of the old block), or a full block when the
+        patches cover it, or when they cover half of it and its base is at hand."""
+        chunks = self.pool.chunks
+        bs = self.block
+        cur = self.map.get(blk)
+        extents: Extents
+        if chunks.is_patch(cur):
+            base, extents = decode_patch(chunks.get(cur))
+        else:
+            base, extents = cur, []
+        extents = merge_extents(extents, boff, piece)
+        total = sum(len(d) for _o, d in extents)
+        if total >= bs:
+            full = extents[0][1]
+            return ZERO_HASH if full == self._zero else chunks.put(full)
+        if base == ZERO_HASH and all(d.count(0) == len(d) for _o, d in extents):
+            return ZERO_HASH
+        if total >= bs // 2 or len(extents) > MAX_EXTENTS:
+            buf = bytearray(self._zero if base == ZERO_HASH else chunks.get(base))
+            for eo, ed in extents:
+                buf[eo : eo + len(ed)] = ed
+            return ZERO_HASH if buf == self._zero else chunks.put(buf)
+        return chunks.put_patch(encode_patch(base, extents, bs), base)
 
     def commit(self, sync: bool = False) -> None:
         """Journal everything staged (one backend append); ``sync`` also makes it durable."""
@@ -519,6 +692,9 @@ class Pool:
             for _blk, h in iter_map(root, self.chunks.get):
                 logical += self.chunk_size
                 unique.add(h)
+                if self.chunks.is_patch(h):
+                    unique.add(decode_patch(self.chunks.get(h))[0])
+        unique.discard(ZERO_HASH)
         raw = stored = 0
         for h in unique:
             loc = self.log.index.get(h)
@@ -546,7 +722,10 @@ class Pool:
         live: set[bytes] = set()
         for _v, _s, root, _size in self.versions():
             live.update(meta_hashes(root, self.chunks.get))
-            live.update(h for _b, h in iter_map(root, self.chunks.get))
+            for _b, h in iter_map(root, self.chunks.get):
+                live.add(h)
+                if self.chunks.is_patch(h):
+                    live.add(decode_patch(self.chunks.get(h))[0])  # a patch keeps its base alive
         return live
 
 

@@ -14,15 +14,18 @@ or corrupt tail ends a segment scan.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from storage.backends.base import ObjectBackend
-from storage.errors import CorruptionError, ObjectNotFound
+from storage.errors import BackendError, CorruptionError, ObjectNotFound
 
 HEADER = struct.Struct(">IIB")
 CHUNK_HEAD = struct.Struct(">32sBI")  # hash, flags, raw length
@@ -35,6 +38,7 @@ REC_MAP = 2
 SEGMENT_TARGET = 4 << 20
 DATA_STREAMS = 4
 SMALL_BATCH = 1 << 20
+LARGE_WRITE = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +146,133 @@ class _Stream:
         return segment_name(self.name, self.seq)
 
 
+Callback = Callable[[BaseException | None], None]
+ReadCallback = Callable[[bytes | None, BaseException | None], None]
+
+
+class AsyncIO:
+    """Backend operations that report completion through a callback (from any thread).
+
+    With a backend that has librados-style ``aio_*`` methods, operations go straight to
+    it (no thread per operation, any number in flight; appends to one object land in
+    submission order). Otherwise one ordered worker thread runs them (local directories),
+    and reads go to a small pool of reader threads.
+    """
+
+    def __init__(self, backend: ObjectBackend) -> None:
+        self.backend = backend
+        self.native = all(hasattr(backend, m) for m in ("aio_append", "aio_put", "aio_read"))
+        # RADOS acknowledges an append once every replica has it: nothing left to sync.
+        self.durable = bool(getattr(backend, "appends_durable", False))
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-io")
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="log-read")
+        self._unsynced: set[str] = set()
+
+    def _run(self, cb: Callback, fn: Callable[[], None]) -> None:
+        def task() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # reported through the callback
+                cb(exc)
+                return
+            cb(None)
+
+        self._worker.submit(task)
+
+    def append(self, name: str, data: bytes, cb: Callback) -> None:
+        """Append; ``cb`` once it is in the backend (durable for RADOS)."""
+        if self.native:
+            try:
+                self.backend.aio_append(name, data, cb)  # type: ignore[attr-defined]
+            except BaseException as exc:
+                cb(exc)
+            return
+
+        def run() -> None:
+            self.backend.append(name, data)
+            self._unsynced.add(name)
+
+        self._run(cb, run)
+
+    def sync(self, cb: Callback) -> None:
+        """Make every append submitted so far durable."""
+        if self.durable:
+            cb(None)
+            return
+
+        def run() -> None:
+            names, self._unsynced = self._unsynced, set()
+            for n in names:
+                self.backend.sync(n)
+
+        self._run(cb, run)
+
+    def put_index(self, segment: str, data: bytes, cb: Callback) -> None:
+        """Store a segment's index once the segment's appends are durable."""
+        if self.native:
+            try:
+                self.backend.aio_put(index_name(segment), data, cb)  # type: ignore[attr-defined]
+            except BaseException as exc:
+                cb(exc)
+            return
+
+        def run() -> None:
+            if not self.durable:
+                self.backend.sync(segment)
+                self._unsynced.discard(segment)
+            self.backend.put(index_name(segment), data)
+
+        self._run(cb, run)
+
+    def read(self, name: str, offset: int, length: int, cb: ReadCallback) -> None:
+        """Read a range (shorter at the end of the object); ``cb(data, None)`` or ``cb(None, exc)``."""
+        if self.native:
+            try:
+                self.backend.aio_read(name, offset, length, cb)  # type: ignore[attr-defined]
+            except BaseException as exc:
+                cb(None, exc)
+            return
+
+        def task() -> None:
+            try:
+                data = self.backend.get(name, offset, length)
+            except BaseException as exc:
+                cb(None, exc)
+                return
+            cb(data, None)
+
+        self._readers.submit(task)
+
+    def close(self) -> None:
+        """Finish queued operations and stop the threads."""
+        self._worker.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+
+
+@dataclass(eq=False)
+class _Group:
+    """One group commit: chunk appends to data segments, then the ordered journal append."""
+
+    data: list[tuple[str, bytes]]
+    journal: tuple[str, bytes] | None
+    sealed: list[tuple[str, bytes]]
+    chunks: dict[bytes, bytes]
+    sync: bool
+    future: Future[None]
+    data_left: int = 0
+    state: int = 0  # 0 waiting for data, 1 journal submitted, 2 journal landed, 3 sync submitted, 4 done
+
+
 class SegmentLog:
-    """The hash -> location index of a pool plus this process's append stream."""
+    """The hash -> location index of a pool plus this process's append streams.
+
+    Commits are pipelined: any number of groups may be in flight. A group's chunk
+    appends go out at once (to up to ``DATA_STREAMS`` data segments, i.e. different
+    placement groups); its journal append (block-map records, plus the chunks of small
+    writes) is submitted only when those landed and after the previous group's journal
+    append, so a journaled block never points at a missing chunk and journal records
+    stay in write order. Groups complete (their futures resolve) strictly in order.
+    """
 
     def __init__(self, backend: ObjectBackend, readonly: bool = False) -> None:
         self.backend = backend
@@ -156,10 +285,15 @@ class SegmentLog:
         # Chunks of one write request stay together (one read later), see Volume._apply.
         self.sticky: _Stream | None = None
         self.inflight: dict[bytes, bytes] = {}
+        self.inflight_bytes = 0
         self.segment_entries: dict[str, list[bytes]] = {}
-        # One writer thread: appends reach the backend in the order they were taken.
-        self._appender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-append")
-        self._data_pool = ThreadPoolExecutor(max_workers=DATA_STREAMS, thread_name_prefix="log-data")
+        self.io = AsyncIO(backend)
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._groups: deque[_Group] = deque()
+        self._index_puts = 0
+        self._broken: BaseException | None = None
+        self._advancing = self._again = False
         self.load_index()
 
     # ---------------------------------------------------------------- index
@@ -220,23 +354,32 @@ class SegmentLog:
 
     @property
     def pending_size(self) -> int:
-        """Bytes staged and not yet handed to the writer thread."""
+        """Bytes staged and not yet handed to the backend."""
         return self.journal.pending_size + sum(st.pending_size for st in self.data)
+
+    @property
+    def groups_in_flight(self) -> int:
+        """Group commits handed to the backend and not completed yet."""
+        return len(self._groups)
 
     def position(self) -> LogPosition:
         """Journal position just after everything staged so far."""
         j = self.journal
         return LogPosition(self.writer, j.seq, j.seg_size + j.pending_size)
 
-    def pick_stream(self) -> _Stream:
-        """The journal while the batch is small, else the least loaded data stream."""
-        if self.journal.pending_size < SMALL_BATCH:
+    def pick_stream(self, key: int | None = None, size: int = 0) -> _Stream:
+        """Where the chunks of one write request go. Small requests ride on the journal
+        (one append per commit) while the batch is small; large ones go to the data
+        stream of their 4 MiB region (``key``), so a sequentially written range lands
+        contiguously in one segment and reads back with one read-ahead."""
+        if size < LARGE_WRITE and self.journal.pending_size < SMALL_BATCH:
             return self.journal
-        return min(self.data, key=lambda x: x.pending_size)
+        if key is None:
+            return min(self.data, key=lambda x: x.pending_size)
+        return self.data[key % DATA_STREAMS]
 
     def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
-        """Queue a chunk record; readable at once. Small batches stay on the journal stream
-        (one append per commit); the rest of a large batch spreads over the data streams."""
+        """Queue a chunk record; readable at once (from memory until it has landed)."""
         st = self.sticky or self.pick_stream()
         rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
         at = st.seg_size + st.pending_size + HEADER.size + CHUNK_HEAD.size
@@ -254,7 +397,7 @@ class SegmentLog:
         self.journal.pending.append(rec)
         self.journal.pending_size += len(rec)
 
-    def _take(self, st: _Stream) -> tuple[str, bytes, bytes | None] | None:
+    def _take(self, st: _Stream, sealed: list[tuple[str, bytes]]) -> tuple[str, bytes] | None:
         if not st.pending:
             return None
         seg = st.segment
@@ -262,48 +405,124 @@ class SegmentLog:
         st.seg_size += st.pending_size
         st.pending = []
         st.pending_size = 0
-        index = None
         if st.seg_size >= SEGMENT_TARGET:
-            index = self.index_blob(seg, st.seg_size)
+            sealed.append((seg, self.index_blob(seg, st.seg_size)))
             self.segment_entries.pop(seg, None)
             st.seq += 1
             st.seg_size = 0
-        return seg, blob, index
+        return seg, blob
 
     def commit_async(self, sync: bool = False) -> Future[None]:
-        """Hand everything staged to the writer thread; the future completes when it is in
-        the backend (and synced with ``sync``). Staging may go on meanwhile.
+        """Hand everything staged to the backend; the future completes when it (and every
+        earlier commit) has landed, and is durable with ``sync``. Staging and further
+        commits may go on meanwhile."""
+        with self._lock:
+            future: Future[None] = Future()
+            if self._broken is not None:
+                future.set_exception(BackendError(f"the log stopped after a failed append: {self._broken}"))
+                return future
+            chunks = self.pending_chunks
+            self.pending_chunks = {}
+            self.inflight.update(chunks)
+            self.inflight_bytes += sum(len(c) for c in chunks.values())
+            sealed: list[tuple[str, bytes]] = []
+            data = [t for t in (self._take(st, sealed) for st in self.data) if t is not None]
+            journal = self._take(self.journal, sealed)
+            g = _Group(data, journal, sealed, chunks, sync, future, data_left=len(data))
+            self._groups.append(g)
+            for seg, blob in data:
+                self.io.append(seg, blob, partial(self._data_done, g))
+            self._advance()
+        return future
 
-        Chunk records go to several data segments appended in parallel (different RADOS
-        placement groups); the journal's block-map records are appended only after them,
-        so a journaled block never points at a chunk that is not stored."""
-        chunks = self.pending_chunks
-        self.inflight.update(chunks)
-        self.pending_chunks = {}
-        data = [t for t in (self._take(st) for st in self.data) if t is not None]
-        journal = self._take(self.journal)
-        sync_segments = self.open_segments() if sync else set()
-        return self._appender.submit(self._write_batch, data, journal, chunks, sync_segments)
+    def _data_done(self, g: _Group, exc: BaseException | None) -> None:
+        with self._lock:
+            g.data_left -= 1
+            if exc is not None:
+                self._fail(exc)
+            self._advance()
 
-    def _write_one(self, seg: str, blob: bytes, index: bytes | None, sync: bool) -> None:
-        self.backend.append(seg, blob)
-        if sync or index is not None:
-            self.backend.sync(seg)
-        if index is not None:
-            self.backend.put(index_name(seg), index)
+    def _journal_done(self, g: _Group, exc: BaseException | None) -> None:
+        with self._lock:
+            g.state = 2
+            if exc is not None:
+                self._fail(exc)
+            self._advance()
 
-    def _write_batch(self, data: list[tuple[str, bytes, bytes | None]], journal: tuple[str, bytes, bytes | None] | None,
-                     chunks: dict[bytes, bytes], sync_segments: set[str]) -> None:
-        futures = [self._data_pool.submit(self._write_one, seg, blob, idx, seg in sync_segments or bool(sync_segments))
-                   for seg, blob, idx in data]
-        for f in futures:
-            f.result()
-        if journal is not None:
-            self._write_one(*journal, bool(sync_segments))
-        for seg in sync_segments:
-            self.backend.sync(seg)
-        for h in chunks:
-            self.inflight.pop(h, None)
+    def _sync_done(self, g: _Group, exc: BaseException | None) -> None:
+        with self._lock:
+            g.state = 4
+            if exc is not None:
+                self._fail(exc)
+            self._advance()
+
+    def _index_done(self, exc: BaseException | None) -> None:
+        # A lost index only costs a segment scan at the next open (load_index).
+        with self._lock:
+            self._index_puts -= 1
+            self._idle.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        """An append failed: offsets of everything after it are unknown, stop the log."""
+        if self._broken is None:
+            self._broken = exc
+        groups = list(self._groups)
+        self._groups.clear()
+        for g in groups:
+            if not g.future.done():
+                g.future.set_exception(BackendError(f"append failed: {exc}"))
+        self._idle.notify_all()
+
+    def _advance(self) -> None:
+        """Submit journal appends that may go, complete finished groups in order.
+        Re-entrant calls (a callback run at submission) only ask for another pass."""
+        if self._advancing:
+            self._again = True
+            return
+        self._advancing = True
+        try:
+            self._again = True
+            while self._again and self._broken is None:
+                self._again = False
+                self._advance_once()
+        finally:
+            self._advancing = False
+
+    def _advance_once(self) -> None:
+        prev: _Group | None = None
+        for g in list(self._groups):
+            if g.state == 0:
+                if g.data_left > 0:
+                    break
+                if prev is not None and prev.state < 2 and prev.journal is not None and (
+                        g.journal is None or prev.journal[0] != g.journal[0]):
+                    break  # another object: RADOS orders appends per object only
+                g.state = 1
+                if g.journal is not None:
+                    self.io.append(g.journal[0], g.journal[1], partial(self._journal_done, g))
+                else:
+                    g.state = 2
+            prev = g
+        while self._groups and self._broken is None:
+            g = self._groups[0]
+            if g.state == 2:
+                if g.sync and not self.io.durable:
+                    g.state = 3
+                    self.io.sync(partial(self._sync_done, g))
+                    continue
+                g.state = 4
+            if g.state != 4:
+                break
+            self._groups.popleft()
+            for h, c in g.chunks.items():
+                if self.inflight.pop(h, None) is not None:
+                    self.inflight_bytes -= len(c)
+            for seg, idx in g.sealed:
+                self._index_puts += 1
+                self.io.put_index(seg, idx, self._index_done)
+            g.future.set_result(None)
+        if not self._groups:
+            self._idle.notify_all()
 
     def rotate(self) -> None:
         """Seal every open segment (with its index) and start new ones, so that GC may
@@ -320,10 +539,20 @@ class SegmentLog:
         """Append everything staged and wait for it (after any append already in flight)."""
         self.commit_async(sync).result()
 
+    def drain(self) -> None:
+        """Wait until no commit and no index write is in flight."""
+        with self._lock:
+            while self._groups or self._index_puts:
+                self._idle.wait(1.0)
+
     def close(self) -> None:
-        """Stop the writer thread (after pending appends)."""
-        self._appender.shutdown(wait=True)
-        self._data_pool.shutdown(wait=True)
+        """Stop the I/O threads (after pending appends)."""
+        self.drain()
+        self.io.close()
+
+    def read_async(self, seg: str, offset: int, length: int, cb: ReadCallback) -> None:
+        """Read a range of a segment; ``cb(data, exc)`` from any thread."""
+        self.io.read(seg, offset, length, cb)
 
     def read_payload(self, h: bytes) -> tuple[Location, bytes]:
         """The stored payload of a chunk (from the staging area or the backend)."""
@@ -360,10 +589,6 @@ class SegmentLog:
     def segments(self) -> dict[str, float]:
         """Every segment with its modification time."""
         return {s: self.backend.mtime(s) for s in self.backend.list("seg/")}
-
-
-def _nothing() -> None:
-    return None
 
 
 def now() -> float:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import errno
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import rados
@@ -13,14 +14,31 @@ from storage.backends.base import ObjectBackend
 from storage.errors import BackendError, ObjectNotFound
 
 _KEY = "v"
+log = logging.getLogger("cairn.rados")
+
+
+def _error(what: str, name: str, rv: int) -> Exception:
+    if rv == -errno.ENOENT:
+        return ObjectNotFound(name)
+    return BackendError(f"{what} {name}: {errno.errorcode.get(-rv, rv)}")
+
+
+def _report(cb: Callable[..., None], *args: object) -> None:
+    try:
+        cb(*args)
+    except Exception:  # a callback runs on a librados thread: nobody else would see it
+        log.exception("aio completion callback failed")
 
 
 class RadosBackend(ObjectBackend):
     """Objects in namespace ``<ns>``, pointers as omap values in namespace ``<ns>.ptr``.
 
     Appends are acknowledged by RADOS only once every replica has them, so :meth:`sync`
-    has nothing left to do.
+    has nothing left to do. ``aio_*`` variants report through a callback run on a
+    librados thread (used by the log's pipelined commits and the NBD server's reads).
     """
+
+    appends_durable = True
 
     def __init__(self, conf: str, pool: str, namespace: str = "cairn", op_timeout: float = 30.0) -> None:
         self.url = f"rados://{pool}/{namespace}?conf={conf}"
@@ -66,6 +84,38 @@ class RadosBackend(ObjectBackend):
 
     def sync(self, name: str) -> None:
         """Nothing to do: appends are already replicated when acknowledged."""
+
+    def aio_append(self, name: str, data: bytes, cb: Callable[[BaseException | None], None]) -> None:
+        """Queue an append; ``cb(None)`` once every replica has it, ``cb(error)`` otherwise.
+        Appends to one object land in the order they were queued."""
+
+        def done(comp: Any) -> None:
+            rv = comp.get_return_value()
+            _report(cb, None if rv >= 0 else _error("append", name, rv))
+
+        self._io.aio_append(name, bytes(data), oncomplete=done)
+
+    def aio_put(self, name: str, data: bytes, cb: Callable[[BaseException | None], None]) -> None:
+        """Queue an atomic write_full."""
+
+        def done(comp: Any) -> None:
+            rv = comp.get_return_value()
+            _report(cb, None if rv >= 0 else _error("put", name, rv))
+
+        self._io.aio_write_full(name, bytes(data), oncomplete=done)
+
+    def aio_read(self, name: str, offset: int, length: int,
+                 cb: Callable[[bytes | None, BaseException | None], None]) -> None:
+        """Queue a range read; ``cb(data, None)`` (shorter at the object's end) or ``cb(None, error)``."""
+
+        def done(comp: Any, data: bytes | None) -> None:
+            rv = comp.get_return_value()
+            if rv < 0:
+                _report(cb, None, _error("get", name, rv))
+            else:
+                _report(cb, data if data is not None else b"", None)
+
+        self._io.aio_read(name, length, offset, oncomplete=done)
 
     def size(self, name: str) -> int:
         """stat the object."""
