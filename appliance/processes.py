@@ -108,7 +108,7 @@ def run_agent(argv: list[str] | None = None) -> None:
     net = NetworkReconciler(settings)
     # Networks first: a VM's tap needs its bridge before the VM starts.
     agent.register_reconciler("network", net, kinds=("network", "subnet", "port", "security-group", "vm",
-                                                     "container"))
+                                                     "container", "router", "floating-ip"))
     agent.register_reconciler("instances", InstanceReconciler(settings, DriverSet(settings)),
                               kinds=("vm", "container"))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

@@ -273,9 +273,13 @@ class NodeLinks:
         self.ipr.addr("add", index=index, address=ip, prefixlen=int(plen))
 
     def addr_del(self, index: int, cidr: str) -> None:
-        """Remove "ip/prefix" from an interface."""
+        """Remove "ip/prefix" from an interface (missing is fine)."""
         ip, plen = cidr.split("/")
-        self.ipr.addr("del", index=index, address=ip, prefixlen=int(plen))
+        try:
+            self.ipr.addr("del", index=index, address=ip, prefixlen=int(plen))
+        except NetlinkError as e:
+            if e.code != errno.EADDRNOTAVAIL:
+                raise
 
     def route_add(self, dst: str, gateway: str) -> None:
         """Add a route (``dst`` "default" or a CIDR)."""

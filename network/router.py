@@ -67,7 +67,8 @@ class RouterSpec:
     conntrack zone of the networks behind them. ``routed`` lists each router's
     bridges (they route to each other and out of the uplink); when ``isolated`` names
     the node's bridges, nothing else is forwarded in or out of them (turning
-    forwarding on must not route between unrelated networks)."""
+    forwarding on must not route between unrelated networks). ``uplink`` "" = no
+    external side: the routers only route between their own networks."""
 
     uplink: str
     subnets: tuple[str, ...] = ()
@@ -102,7 +103,10 @@ def _v4_net(cidr: str) -> str:
 
 
 def _check(spec: RouterSpec) -> None:
-    check_ifname(spec.uplink)
+    if spec.uplink:
+        check_ifname(spec.uplink)
+    elif spec.subnets or spec.snat or spec.port_forwards or spec.floating_ips or spec.zones:
+        raise InvalidSpec("NAT, port forwards and floating IPs need an uplink interface")
     for cidr in spec.subnets:
         _v4_net(cidr)
     for s in spec.snat:
@@ -134,7 +138,8 @@ def _names(names: Iterable[str]) -> str:
 def _forward_chain(spec: RouterSpec) -> list[str]:
     up = f'"{spec.uplink}"'
     bridges = sorted({*spec.isolated, *(n for group in spec.routed for n in group)})
-    pairs = sorted({(a, b) for group in spec.routed for a in group for b in (*group, spec.uplink) if a != b})
+    outside = (spec.uplink,) if spec.uplink else ()
+    pairs = sorted({(a, b) for group in spec.routed for a in group for b in (*group, *outside) if a != b})
     routed = sorted({n for group in spec.routed for n in group})
     out = [
         "\tchain forward {",
@@ -147,7 +152,7 @@ def _forward_chain(spec: RouterSpec) -> list[str]:
     if pairs:
         out.append("\t\tiifname . oifname { " + ", ".join(f'"{a}" . "{b}"' for a, b in pairs)
                    + ' } accept comment "a router\'s networks: out and to each other"')
-    if routed:
+    if routed and spec.uplink:
         out.append(f"\t\tiifname {up} oifname {{ {_names(routed)} }} ct status dnat accept "
                    'comment "port forwards and floating IPs"')
     out.append(f'\t\tiifname {{ {_names(bridges)} }} counter drop comment "not routed by a router"')
@@ -279,8 +284,10 @@ def _sync_addresses(netns: str | None, uplink: str, wanted: set[str], prefixlen:
         ours = set(managed)
         for ip, cidr in sorted(have.items()):
             if ip not in wanted and (ip in ours or _in_pool(ip, pool)):
-                nl.addr_del(link.index, cidr)
+                nl.addr_del(link.index, cidr)  # gone already if it went with its subnet's primary
                 changed.append(f"removed {cidr} from {uplink}")
+        # removing a primary address takes the secondaries of its subnet along: look again
+        have = {a.split("/")[0]: a for a in nl.addresses(link.index) if ":" not in a}
         for ip in sorted(wanted - set(have)):
             nl.addr_add(link.index, f"{ip}/{prefixlen}")
             changed.append(f"added {ip}/{prefixlen} to {uplink}")
@@ -314,7 +321,8 @@ def reconcile_router(netns: str | None, spec: RouterSpec | None, state_dir: str 
         write_sysctl(netns, FORWARD_KEY, "1")
         changed.append("forwarding turned on")
     wanted = spec.external_ips()
-    changed += _sync_addresses(netns, spec.uplink, wanted, prefixlen, pool, state.addresses)
+    if spec.uplink:
+        changed += _sync_addresses(netns, spec.uplink, wanted, prefixlen, pool, state.addresses)
     state.uplink, state.addresses = spec.uplink, sorted(wanted)
     if script != state.script or router_table(netns) != state.listing:
         _load(netns, script)

@@ -119,11 +119,17 @@ def down() -> dict[str, Any]:
 
 
 def _remove_overlay(settings: Settings) -> None:
-    """Take this node's bridges and VXLAN devices down with it; `cairn up` rebuilds them."""
+    """Take this node's bridges, VXLAN devices and router rules down with it; `cairn up`
+    rebuilds them."""
     from appliance.agent.inventory import underlay
     from network.model import NodeNetworkState
     from network.reconcile import reconcile
+    from network.router import reconcile_router
 
+    try:
+        reconcile_router(None, None, settings.data_dir / "network", pool=settings.external_pool_bounds)
+    except Exception as exc:
+        err_console.print(f"[yellow]warning:[/yellow] removing the router rules: {exc}")
     u = underlay(settings.underlay_interface)
     result = reconcile(None, NodeNetworkState(u["ifname"], u["ip"], u["mtu"], ()), settings.data_dir / "network")
     if result.error:

@@ -275,8 +275,10 @@ def record_status(session: Session, row: Router, node: str | None, ready: bool, 
     writes (and emits an event) only when something changed."""
     phase = "Active" if ready else ("Pending" if node is None else "Error")
     changed = set_condition(row, "Ready", ready, phase, message)
+    if ready and row.observed_generation != row.generation:
+        row.observed_generation = row.generation
+        changed = True
     if changed or (row.status or {}).get("node") != node or (row.status or {}).get("phase") != phase:
-        row.observed_generation = row.generation if ready else row.observed_generation
         routers.set_status(session, row, node=node, phase=phase)
         return True
     return False

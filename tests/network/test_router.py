@@ -120,6 +120,8 @@ def full_spec() -> RouterSpec:
 def test_router_ruleset_with_zones_snat_and_isolation_matches_golden_file() -> None:
     assert_golden("nft_router_full.nft", build_router_ruleset(full_spec()))
     assert full_spec().external_ips() == {"203.0.113.10", "203.0.113.11", "203.0.113.50"}
+    inner = build_router_ruleset(RouterSpec("", routed=(("cbr1", "cbr2"),), isolated=("cbr1", "cbr2", "cbr3")))
+    assert '"cbr1" . "cbr2", "cbr2" . "cbr1" } accept' in inner and "dnat" not in inner and "nat hook" in inner
 
 
 @pytest.mark.unit
@@ -130,6 +132,7 @@ def test_router_ruleset_with_zones_snat_and_isolation_matches_golden_file() -> N
     RouterSpec("up0", snat=(SourceNat("10.0.0.0/24", "fd00::1"),)),
     RouterSpec("up0", zones=(("203.0.113.1", 0),)),
     RouterSpec("up0", isolated=("a-name-longer-than-15",)),
+    RouterSpec("", snat=(SourceNat("10.0.0.0/24", "203.0.113.1"),)),  # NAT needs an uplink
 ])
 def test_bad_router_specs_are_refused_before_anything_is_touched(bad: RouterSpec, tmp_path: Path) -> None:
     with pytest.raises(InvalidSpec):
