@@ -2,7 +2,8 @@
 the real appliance processes: API (serving webui/dist), node agent, worker and Redis.
 
 Screenshots go to ``$CAIRN_E2E_SHOTS`` (default: ``<tmp>/cairn-console-shots``, outside
-pytest's rotating temp dirs so they outlive concurrent runs); the path is printed."""
+pytest's rotating temp dirs so they outlive concurrent runs); the path is printed.
+VMs and containers in the console are in ``test_instances.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,20 +20,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Playwright, expect
 
+from tests.e2e.browser import launch, sign_in
 from tests.services import free_port, redis_server
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "webui" / "dist"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-WAIT_MS = 15_000
 
 
 @dataclass
@@ -125,56 +120,12 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
 
 
 @pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
 def browser(playwright: Playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt package 'chromium'): run ./bootstrap.sh test"
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    context = playwright.chromium.launch_persistent_context(
-        str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-        viewport={"width": 1280, "height": 860}, timeout=60_000,
-    )
-    context.set_default_timeout(WAIT_MS)
+    context = launch(playwright, tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield context
     finally:
         context.close()
-
-
-@pytest.fixture(scope="module")
-def shots() -> Path:
-    path = Path(os.environ.get("CAIRN_E2E_SHOTS") or Path(tempfile.gettempdir()) / "cairn-console-shots")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"console screenshots: {path}")
-    return path
-
-
-@pytest.fixture
-def page(browser: BrowserContext, appliance: Appliance) -> Iterator[Page]:
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
-        yield page
-    finally:
-        page.close()
-    assert not errors, f"uncaught errors in the console's JavaScript: {errors}"
-
-
-def sign_in(page: Page, appliance: Appliance, path: str = "/") -> None:
-    page.goto(appliance.url + path)
-    password = page.get_by_label("Password")
-    main_nav = page.get_by_role("navigation", name="Main")
-    expect(password.or_(main_nav)).to_be_visible()
-    if password.is_visible():
-        page.get_by_label("User name").fill("admin")
-        password.fill(appliance.password)
-        page.get_by_role("button", name="Sign in").click()
-    expect(main_nav).to_be_visible()
 
 
 def test_wrong_password_shows_the_apis_problem_detail(browser: BrowserContext, page: Page,

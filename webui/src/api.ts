@@ -63,6 +63,36 @@ export interface Task {
   finished_at: string | null;
 }
 
+/** VMs and containers share one shape (DESIGN.md, Compute). */
+export type InstanceKind = "vm" | "container";
+export interface PortIp { subnet: string; address: string; prefix?: number; gateway?: string | null }
+export interface AttachedPort { id: string; name: string; mac: string; network: string; ips: PortIp[]; mtu?: number | null }
+export interface InstanceSpec {
+  cpu: number;
+  memory_bytes: number;
+  image: string;
+  networks?: string[];
+  security_groups?: string[];
+  power?: string;
+  command?: string[];
+  tty?: boolean;
+  isolation?: "container" | "vm";
+  [extra: string]: unknown;
+}
+export interface InstanceStatus {
+  vm_state: string;
+  task_state: string | null;
+  power_state: string;
+  node?: string;
+  ports?: AttachedPort[];
+  consoles?: { kind: string }[];
+  error?: string | null;
+  [extra: string]: unknown;
+}
+export type Instance = Resource<InstanceSpec, InstanceStatus>;
+export type Image = Resource<{ kind: InstanceKind; format: string; [extra: string]: unknown }, { phase?: string }>;
+export type Network = Resource<{ cidr?: string | null; mtu?: number }, { phase?: string; vni?: number }>;
+
 export interface Role { project: string; role: string }
 export interface Me { name: string; cluster_role?: string | null; roles: Role[] }
 
@@ -114,8 +144,8 @@ async function problem(res: Response): Promise<ApiError> {
   return new ApiError(res.status, title, detail || `${res.status} ${title}`);
 }
 
-export async function request<T>(method: string, path: string, body?: unknown, quiet401 = false): Promise<T> {
-  const headers: Record<string, string> = { Accept: "application/json" };
+async function send(method: string, path: string, body: unknown, quiet401: boolean, accept: string): Promise<Response> {
+  const headers: Record<string, string> = { Accept: accept };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = csrfToken();
   let res: Response;
@@ -131,13 +161,24 @@ export async function request<T>(method: string, path: string, body?: unknown, q
   }
   if (res.status === 401 && !quiet401) onUnauthorized();
   if (!res.ok) throw await problem(res);
+  return res;
+}
+
+export async function request<T>(method: string, path: string, body?: unknown, quiet401 = false): Promise<T> {
+  const res = await send(method, path, body, quiet401, "application/json");
   if (res.status === 204) return undefined as T;
   const text = await res.text();
   return (text ? JSON.parse(text) : undefined) as T;
 }
 
+/** A plain-text answer (a console log). */
+export async function getText(path: string): Promise<string> {
+  return (await send("GET", path, undefined, false, "text/plain")).text();
+}
+
 export const get = <T>(path: string) => request<T>("GET", path);
 export const post = <T>(path: string, body?: unknown) => request<T>("POST", path, body ?? {});
+export const del = <T>(path: string) => request<T>("DELETE", path);
 
 export async function login(username: string, password: string): Promise<Me> {
   const res = await request<{ user: Me; csrf_token: string }>("POST", "auth/login", { username, password }, true);
@@ -173,4 +214,10 @@ export function canOperate(user: Me | null): boolean {
   if (!user) return false;
   if (user.cluster_role === "admin" || user.cluster_role === "operator") return true;
   return false;
+}
+
+/** Whether the user may change things in `project` (create, start, stop, open consoles): operator or admin there. */
+export function canWrite(user: Me | null, project: string | null): boolean {
+  if (canOperate(user)) return true;
+  return !!user && !!project && user.roles.some((r) => r.project === project && r.role !== "viewer");
 }

@@ -1,7 +1,7 @@
 /** Data hooks: fetch with loading/error state, lists that stay current through live events. */
 
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
-import { ApiError, get, qs, type Page } from "./api";
+import { ApiError, get, qs, type Page, type Task } from "./api";
 import { useLive, type ChangeEvent } from "./live";
 
 export interface Loaded<T> {
@@ -149,4 +149,57 @@ export function usePoll(fn: () => void, ms: number): void {
     }, ms);
     return () => clearInterval(t);
   }, [ms]);
+}
+
+const STATE_RANK: Record<string, number> = { pending: 0, running: 1, succeeded: 2, failed: 2, cancelled: 2 };
+
+/** Whichever copy of one task is further along (events and HTTP answers may arrive in any order). */
+export function laterTask(a: Task | undefined, b: Task): Task {
+  if (!a || a.id !== b.id) return b;
+  const ra = STATE_RANK[a.state] ?? 0;
+  const rb = STATE_RANK[b.state] ?? 0;
+  if (ra !== rb) return rb > ra ? b : a;
+  return (b.progress?.percent ?? 0) >= (a.progress?.percent ?? 0) ? b : a;
+}
+
+export const taskActive = (t: Task | undefined): boolean => !!t && (t.state === "pending" || t.state === "running");
+
+export interface ResourceTasks {
+  /** The newest task seen for each resource id (running ones from the start, then every one the events show). */
+  byResource: Map<string, Task>;
+  /** Follow a task this page just started (the 202 answer of a POST). */
+  track: (task: Task) => void;
+}
+
+/** Tasks acting on resources of `kind` ("vm", "container"), kept current by task events. */
+export function useResourceTasks(kind: string): ResourceTasks {
+  const [byResource, setByResource] = useState<Map<string, Task>>(new Map());
+  const put = useCallback((task: Task) => {
+    const rid = task.resource?.id;
+    if (!rid || task.resource?.kind !== kind) return;
+    setByResource((old) => {
+      const current = old.get(rid);
+      // An older task's late event must not replace the newer one.
+      if (current && current.id !== task.id && (current.created_at ?? "") > (task.created_at ?? "")) return old;
+      const next = laterTask(current, task);
+      if (next === current) return old;
+      const copy = new Map(old);
+      copy.set(rid, next);
+      return copy;
+    });
+  }, [kind]);
+
+  useEffect(() => {
+    for (const state of ["pending", "running"]) {
+      get<Page<Task>>(`tasks${qs({ state, limit: 100 })}`).then((page) => page.items.forEach(put)).catch(() => {});
+    }
+  }, [put]);
+  useLive(["task"], (e) => put(e.object as unknown as Task));
+
+  const track = useCallback((task: Task) => {
+    put(task);
+    // The event stream may already have passed the task's first updates.
+    get<Task>(`tasks/${task.id}`).then(put).catch(() => {});
+  }, [put]);
+  return { byResource, track };
 }

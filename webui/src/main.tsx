@@ -5,10 +5,13 @@ import { connect, disconnect, useLiveState } from "./live";
 import { Access } from "./pages/Access";
 import { Dashboard } from "./pages/Dashboard";
 import { Events } from "./pages/Events";
+import { INSTANCE_KINDS } from "./instances";
+import { InstanceDetail, InstanceList } from "./pages/Instances";
 import { Login } from "./pages/Login";
 import { NodeDetail, Nodes } from "./pages/Nodes";
 import { Resources, type Kind } from "./pages/Resources";
 import { Tasks } from "./pages/Tasks";
+import { Loading } from "./components/ui";
 import { interceptLinks, navigate, usePath } from "./router";
 import "./styles.css";
 
@@ -52,7 +55,8 @@ function App() {
   const [user, setUser] = useState<Me | null>(null);
   const [checked, setChecked] = useState(false);
   const [notice, setNotice] = useState<string | undefined>();
-  const [kinds, setKinds] = useState<Kind[]>([]);
+  const [offered, setKinds] = useState<Kind[] | null>(null); // null until the OpenAPI schema is read
+  const kinds = offered ?? [];
   const pathname = path.split("?")[0];
   const firstPath = useRef(pathname);
 
@@ -97,7 +101,14 @@ function App() {
   else if (segments[0] === "access") page = <Access user={user} />;
   else {
     const kind = kinds.find((k) => k.path === segments[0]);
-    page = kind ? <Resources key={kind.path} kind={kind} />
+    const instances = kind && (kind.path === "vms" || kind.path === "containers") ? INSTANCE_KINDS[kind.path] : null;
+    const project = new URLSearchParams(location.search).get("project") || "default";
+    if (instances && segments.length === 1) page = <InstanceList key={kind!.path} info={instances} user={user} />;
+    else if (instances && segments.length <= 3) {
+      page = <InstanceDetail key={`${kind!.path}/${project}/${segments[1]}`} info={instances} name={segments[1]}
+        project={project} tab={segments[2] ?? ""} user={user} />;
+    } else page = kind ? <Resources key={kind.path} kind={kind} />
+      : offered === null ? <Loading what="the page" />
       : <><h1>Not found</h1><p>There is no page at <code>{pathname}</code>. <a href="/">Go to the dashboard</a>.</p></>;
   }
 

@@ -1,0 +1,320 @@
+"""VMs and containers in the web console, in a real browser (Debian's Chromium through
+Playwright) against the appliance as a user runs it: `cairn up` (supervisor, HTTPS,
+Redis, API, worker, agent, this node's own libvirtd; guests under TCG where KVM is
+missing) and `cairn down`.
+
+A person's path: create from the dialog, watch the task's progress bar, see the guest
+Running with its address, read the boot marker in the serial console (xterm.js), see the
+screen in the VNC console (noVNC), type in a container's terminal, stop / start, delete.
+Whatever a failed test leaves behind is deleted through the API before `cairn down`.
+Screenshots go to ``$CAIRN_E2E_SHOTS`` (see ``conftest.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from playwright.sync_api import BrowserContext, Locator, Page, Playwright, expect
+
+from tests.e2e.browser import launch, sign_in
+from tests.e2e.browser_netns import isolated_chromium
+from tests.services import free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+DIST = ROOT / "webui" / "dist"
+CAIRN = [sys.executable, "-m", "appliance.cli.main"]
+BOOT_MS = 120_000  # create + boot under TCG emulation: seconds here, more on a loaded machine
+NETWORK, CIDR = "e2e-lab", "10.213.7.0/24"
+VM, CONTAINER = "e2e-vm", "e2e-sh"
+
+
+@dataclass
+class Stack:
+    url: str
+    password: str
+    node: str
+    env: dict[str, str]
+    logs: Path  # the appliance's process logs (copied to pytest's temp dirs at the end)
+    api: httpx.Client  # the CLI's admin token, for setup, checks and cleanup
+
+
+def cairn(env: dict[str, str], *args: str) -> Any:
+    r = subprocess.run([*CAIRN, *args, "--output", "json"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"cairn {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}"
+    return json.loads(r.stdout) if r.stdout.strip() else None
+
+
+def wait_for(predicate: Callable[[], Any], seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+
+
+def finish(api: httpx.Client, response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 202, response.text
+    task_id = response.json()["id"]
+    task = wait_for(lambda: (t := api.get(f"/tasks/{task_id}").json())["state"] not in ("pending", "running") and t,
+                    180, f"task {task_id}")
+    assert task["state"] == "succeeded", task
+    return task  # type: ignore[no-any-return]
+
+
+def remove_leftovers(api: httpx.Client) -> None:
+    """Delete every instance and network (the agent removes domains, containers and bridges)."""
+    for kind in ("vms", "containers"):
+        for item in api.get(f"/{kind}", params={"limit": 500}).json()["items"]:
+            api.delete(f"/{kind}/{item['name']}", params={"project": item["project"]})
+    for kind in ("vms", "containers"):
+        wait_for(lambda k=kind: not api.get(f"/{k}").json()["items"], 180, f"the {kind} to be deleted")
+    for net in api.get("/networks").json()["items"]:
+        api.delete(f"/networks/{net['name']}", params={"project": net["project"]})
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    assert (DIST / "index.html").is_file(), (
+        f"the console is not built ({DIST}/index.html is missing): run ./bootstrap.sh install "
+        "(or `npm ci && npm run build` in webui/)"
+    )
+    # Short: unix socket paths under the data dir (a container's console socket) must fit in 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="cairn-e2e-", dir="/tmp"))
+    kept_logs = tmp_path_factory.mktemp("compute-appliance-logs")
+    pid = os.getpid()
+    env = {
+        **os.environ,
+        "CAIRN_DATA_DIR": str(root / "data"),
+        "CAIRN_CONFIG": str(root / "cli.json"),
+        "CAIRN_API_HOST": "127.0.0.1",
+        "CAIRN_API_PORT": str(free_port()),
+        "CAIRN_NODE_NAME": f"e2e-{pid}",
+        # Bridges are named after VNIs: keep clear of other test appliances on this machine.
+        "CAIRN_VNI_RANGE": f"{60000 + pid % 5000 * 10}-{60009 + pid % 5000 * 10}",
+    }
+    api: httpx.Client | None = None
+    try:
+        info = cairn(env, "up", "--timeout", "180")
+        assert info["phase"] == "Ready", info
+        cli = json.loads((root / "cli.json").read_text())
+        api = httpx.Client(base_url=cli["url"] + "/api/v1", timeout=30,
+                           verify=ssl.create_default_context(cafile=cli["ca_file"]),
+                           headers={"Authorization": f"Bearer {cli['token']}"})
+        finish(api, api.post("/images/import-test-guest"))
+        r = api.post("/networks", json={"name": NETWORK, "spec": {"cidr": CIDR}})
+        assert r.status_code == 201, r.text
+        password = Path(info["password_file"]).read_text().strip()
+        yield Stack(cli["url"], password, info["node"], env, Path(info["logs"]), api)
+    finally:
+        try:
+            if api is not None:
+                remove_leftovers(api)
+        finally:
+            if api is not None:
+                api.close()
+            supervisor = root / "data" / "run" / "supervisor.pid"
+            subprocess.run([*CAIRN, "down", "--output", "json"], env=env, capture_output=True, timeout=120)
+            try:  # belt and braces: never leave a supervisor behind
+                os.kill(int(supervisor.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+            if (root / "data" / "log").is_dir():
+                shutil.copytree(root / "data" / "log", kept_logs, dirs_exist_ok=True)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    # Its own network namespace: guests' taps and veths coming and going abort Chromium's requests.
+    with isolated_chromium(urlsplit(stack.url).port or 443) as chromium:
+        # The appliance's certificate is signed by its own fresh CA, which this profile does not know.
+        context = launch(playwright, tmp_path_factory.mktemp("chromium-profile"), chromium, ignore_https_errors=True)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def open_kind(page: Page, stack: Stack, title: str) -> None:
+    sign_in(page, stack)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name=title, exact=True).click()
+    expect(page.get_by_role("heading", name=title, level=1)).to_be_visible()
+
+
+def create_in_dialog(page: Page, one: str, fill: Callable[[Locator], None]) -> None:
+    page.get_by_role("button", name=f"Create {one}").first.click()
+    dialog = page.get_by_role("dialog", name=f"Create {one}")
+    expect(dialog).to_be_visible()
+    fill(dialog)
+    dialog.get_by_role("button", name=f"Create {one}").click()
+    expect(dialog).to_have_count(0)
+
+
+def power_badge(page: Page) -> Locator:
+    return page.locator(".page-header .badge").first
+
+
+def task_card(page: Page) -> Locator:
+    return page.get_by_role("region", name=re.compile(r"^instance\."))
+
+
+def terminal_text(terminal: Locator) -> str:
+    return terminal.locator(".xterm-rows").inner_text().replace("\xa0", " ")
+
+
+def find_in_console(page: Page, console: Locator, text: str, seconds: float) -> None:
+    """Wait for `text` in the terminal with the console's Find box, as a person would: xterm.js
+    draws only the rows in view, and the guest keeps printing heartbeats after its marker."""
+    terminal = console.get_by_test_id("terminal")
+    find = console.get_by_role("searchbox", name="Find in the console")
+    find.fill(text)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        find.press("Enter")  # from the newest line backwards; scrolls the match into view
+        page.wait_for_timeout(300)
+        if text in terminal_text(terminal):
+            return
+        page.wait_for_timeout(1000)  # not printed yet: the guest is still booting
+    page.screenshot(path=Path(os.environ.get("CAIRN_E2E_SHOTS", "/tmp")) / "terminal-failed.png")
+    raise AssertionError(f"{text!r} never showed in the terminal; it shows:\n{terminal_text(terminal)}")
+
+
+def canvas_has_a_picture(page: Page) -> bool:
+    """The noVNC canvas has a size and more than one colour (the guest's screen drew on it)."""
+    return bool(page.evaluate("""() => {
+        const c = document.querySelector('[data-testid="vnc-screen"] canvas');
+        if (!c || !c.width || !c.height) return false;
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        for (let i = 4; i < d.length; i += 4)
+            if (d[i] !== d[0] || d[i + 1] !== d[1] || d[i + 2] !== d[2]) return true;
+        return false;
+    }"""))
+
+
+def delete_from_detail(page: Page, stack: Stack, kind: str, one: str, many: str, name: str) -> None:
+    page.get_by_role("group", name=f"{one} actions").get_by_role("button", name="Delete").click()
+    confirm = page.get_by_role("dialog", name=f"Delete {one} {name}?")
+    confirm.get_by_role("button", name="Delete").click()
+    # Back on the list, which drops the row when the delete task has removed it.
+    expect(page).to_have_url(f"{stack.url}/{kind}")
+    wait_for(lambda: not stack.api.get(f"/{kind}").json()["items"], BOOT_MS / 1000, f"the {one} to be deleted")
+    expect(page.get_by_text(f"No {many} yet.")).to_be_visible()
+    expect(page.get_by_role("row").filter(has_text=name)).to_have_count(0)
+
+
+def test_a_vm_created_in_the_dialog_boots_and_its_serial_and_vnc_consoles_work(page: Page, stack: Stack,
+                                                                               shots: Path) -> None:
+    open_kind(page, stack, "VMs")
+
+    def fill(dialog: Locator) -> None:
+        dialog.get_by_label("Name").fill(VM)
+        expect(dialog.get_by_label("Image")).to_have_value("tiny-guest")
+        dialog.get_by_label("vCPUs").fill("1")
+        dialog.get_by_label("Memory", exact=True).fill("256")
+        dialog.get_by_role("group", name="Networks").get_by_label(NETWORK).check()
+        page.screenshot(path=shots / "vm-create-dialog.png")
+
+    create_in_dialog(page, "VM", fill)
+    # The detail page follows the create task: schedule → volumes → ports → define → start.
+    expect(page).to_have_url(f"{stack.url}/vms/{VM}")
+    expect(page.get_by_role("progressbar", name="Task progress")).to_be_visible()
+    expect(task_card(page)).to_contain_text("succeeded", timeout=BOOT_MS)
+    expect(power_badge(page)).to_have_text("running")
+    vm = stack.api.get(f"/vms/{VM}").json()
+    assert (vm["status"]["vm_state"], vm["status"]["power_state"]) == ("active", "running")
+    address = vm["status"]["ports"][0]["ips"][0]["address"]
+    assert address.startswith("10.213.7.")
+    expect(page.get_by_role("region", name="Network interfaces")).to_contain_text(address)
+    page.screenshot(path=shots / "vm-detail.png", full_page=True)
+
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="VMs", exact=True).click()
+    row = page.get_by_role("row").filter(has_text=VM)
+    for text in ("default", stack.node, "running", "active", "256 MiB", address, "tiny-guest"):
+        expect(row).to_contain_text(text)
+    page.screenshot(path=shots / "vms.png")
+
+    # Serial console: the boot messages (the marker the tiny guest prints), live in xterm.js.
+    row.get_by_role("link", name=VM).click()
+    page.get_by_role("navigation", name="VM views").get_by_role("link", name="Serial console").click()
+    console = page.get_by_role("region", name=f"Serial console of VM {VM}")
+    expect(console.get_by_test_id("console-state")).to_have_text("Connected")
+    marker = stack.api.get("/images/tiny-guest").json()["spec"]["marker"]
+    find_in_console(page, console, marker, BOOT_MS / 1000)
+    page.screenshot(path=shots / "vm-serial-console.png")
+
+    # VNC console: noVNC finishes the RFB handshake and the guest's screen is drawn.
+    page.get_by_role("navigation", name="VM views").get_by_role("link", name="VNC console").click()
+    vnc = page.get_by_role("region", name=f"VNC console of VM {VM}")
+    expect(vnc.get_by_test_id("console-state")).to_contain_text("Connected", timeout=30_000)
+    wait_for(lambda: canvas_has_a_picture(page), 30, "the guest's screen on the noVNC canvas")
+    page.screenshot(path=shots / "vm-vnc-console.png")
+
+    # Lifecycle: power off and start again, each with its task's progress.
+    page.get_by_role("navigation", name="VM views").get_by_role("link", name="Summary").click()
+    actions = page.get_by_role("group", name="VM actions")
+    actions.get_by_role("button", name="Stop").click()
+    page.get_by_role("dialog", name=f"Stop VM {VM}").get_by_role("button", name="Power off").click()
+    expect(task_card(page)).to_contain_text("instance.action")
+    expect(power_badge(page)).to_have_text("shutdown", timeout=BOOT_MS)
+    expect(actions.get_by_role("button", name="Start")).to_be_enabled()
+    actions.get_by_role("button", name="Start").click()
+    expect(power_badge(page)).to_have_text("running", timeout=BOOT_MS)
+    expect(task_card(page)).to_contain_text("succeeded")
+    page.screenshot(path=shots / "vm-restarted.png")
+
+    delete_from_detail(page, stack, "vms", "VM", "VMs", VM)
+
+
+def test_a_container_with_a_tty_answers_in_its_terminal(page: Page, stack: Stack, shots: Path) -> None:
+    open_kind(page, stack, "Containers")
+
+    def fill(dialog: Locator) -> None:
+        dialog.get_by_label("Name").fill(CONTAINER)
+        expect(dialog.get_by_label("Image")).to_have_value("busybox")
+        dialog.get_by_label("Command").fill("sh")
+        dialog.get_by_label("Interactive terminal (TTY)").check()
+        expect(dialog.get_by_label("Isolation")).to_have_value("container")
+        page.screenshot(path=shots / "container-create-dialog.png")
+
+    create_in_dialog(page, "container", fill)
+    expect(page).to_have_url(f"{stack.url}/containers/{CONTAINER}")
+    expect(task_card(page)).to_contain_text("succeeded", timeout=BOOT_MS)
+    expect(power_badge(page)).to_have_text("running")
+    ct = stack.api.get(f"/containers/{CONTAINER}").json()
+    assert (ct["spec"]["command"], ct["spec"]["tty"]) == (["sh"], True)
+
+    page.get_by_role("navigation", name="container views").get_by_role("link", name="Terminal").click()
+    console = page.get_by_role("region", name=f"Terminal of container {CONTAINER}")
+    expect(console.get_by_test_id("console-state")).to_have_text("Connected")
+    terminal = console.get_by_test_id("terminal")
+    terminal.click()
+    page.keyboard.type("echo hi\n")
+    # The shell echoes the command line; the output is a line of its own.
+    expect(terminal.locator(".xterm-rows > div").filter(has_text=re.compile(r"^\s*hi\s*$"))).to_have_count(1)
+    assert "echo hi" in terminal_text(terminal)
+    page.screenshot(path=shots / "container-terminal.png")
+
+    page.get_by_role("navigation", name="container views").get_by_role("link", name="Summary").click()
+    delete_from_detail(page, stack, "containers", "container", "containers", CONTAINER)
