@@ -429,6 +429,11 @@ class VolumeRollback(Strict):
     snapshot: Name
 
 
+class VmClone(Strict):
+    snapshot: Name
+    name: Name = Field(description="the new VM")
+
+
 class VolumeClone(Strict):
     snapshot: Name
     name: Name = Field(description="the new volume")

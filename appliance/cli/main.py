@@ -42,7 +42,7 @@ container_app = typer.Typer(no_args_is_help=True, help="Containers (same flow, n
 app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
 app.add_typer(container_app, name="container")
-storage_cli.register(app, image_app)
+storage_cli.register(app, image_app, vm_app)
 routers_cli.register(app)
 
 # kind (singular and plural) -> (collection path, table columns key)
@@ -469,10 +469,14 @@ def vm_create(name: str, image: Annotated[str, typer.Option()], cpu: Annotated[i
               qos: Annotated[str, typer.Option("--qos", help="guaranteed, burstable, best-effort")] = "burstable",
               group: Annotated[str | None, typer.Option("--placement-group")] = None,
               secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
+              volume: Annotated[list[str] | None, typer.Option("--volume", help="attach, repeatable")] = None,
+              root_size: Annotated[str | None, typer.Option(help="disk images: grow the root volume")] = None,
               project: ProjectArg = "default", no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
     """Create and start a VM; waits for it to run (progress: schedule → … → start)."""
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
-                            "qos_class": qos, "security_groups": secgroup or []}
+                            "qos_class": qos, "security_groups": secgroup or [], "volumes": volume or []}
+    if root_size:
+        spec["root_size"] = root_size
     if group:
         spec["placement_group"] = group
     _create_instance("vms", name, project, spec, no_wait, output)

@@ -207,7 +207,68 @@ def image_upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fals
     emit(run(lambda: c.get(f"/images/{name}", project=project)), output)
 
 
-def register(app: typer.Typer, image_app: typer.Typer) -> None:
+vm_snapshot_app = typer.Typer(no_args_is_help=True, help="VM snapshots: all of a VM's volumes at once.")
+
+
+@vm_snapshot_app.command("create")
+def vm_snapshot_create(vm: str, name: str, project: ProjectArg = "default", no_wait: NoWait = False,
+                       output: OutputOpt = Format.table) -> None:
+    """Snapshot every volume of a VM together (a running VM pauses for that moment)."""
+    c = client()
+    task = run(lambda: c.post(f"/vms/{vm}/snapshots?project={project}", {"name": name}))
+    if no_wait:
+        emit(task, output)
+        return
+    emit(wait(c, task, output)["result"], output)
+
+
+@vm_snapshot_app.command("list")
+def vm_snapshot_list(vm: str, project: ProjectArg = "default", output: OutputOpt = Format.table) -> None:
+    c = client()
+    emit(run(lambda: c.get(f"/vms/{vm}/snapshots", project=project))["items"], output)
+
+
+@vm_snapshot_app.command("delete")
+def vm_snapshot_delete(vm: str, name: str, project: ProjectArg = "default", no_wait: NoWait = False,
+                       output: OutputOpt = Format.table) -> None:
+    c = client()
+    task = run(lambda: c.request("DELETE", f"/vms/{vm}/snapshots/{name}", params={"project": project}).json())
+    if not no_wait:
+        wait(c, task, output)
+    emit(task if no_wait else {"deleted": {"kind": "vm-snapshot", "vm": vm, "name": name}}, output)
+
+
+def vm_restore(vm: str, snapshot: str, project: ProjectArg = "default", no_wait: NoWait = False,
+               output: OutputOpt = Format.table) -> None:
+    """Roll every volume of a stopped VM back to a snapshot."""
+    c = client()
+    task = run(lambda: c.post(f"/vms/{vm}/restore?project={project}", {"snapshot": snapshot}))
+    if no_wait:
+        emit(task, output)
+        return
+    wait(c, task, output)
+    emit(run(lambda: c.get(f"/vms/{vm}", project=project)), output)
+
+
+def vm_clone(source: Annotated[str, typer.Argument(metavar="VM@SNAPSHOT")], new: str, project: ProjectArg = "default",
+             no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
+    """A new VM on O(1) clones of a snapshot's volumes."""
+    vm, at, snap = source.partition("@")
+    if not at or not vm or not snap:
+        fail(f"give the source as VM@SNAPSHOT, not {source!r}", 2)
+    c = client()
+    task = run(lambda: c.post(f"/vms/{vm}/clone?project={project}", {"snapshot": snap, "name": new}))
+    if no_wait:
+        emit(task, output)
+        return
+    wait(c, task, output)
+    emit(run(lambda: c.get(f"/vms/{new}", project=project)), output)
+
+
+def register(app: typer.Typer, image_app: typer.Typer, vm_app: typer.Typer) -> None:
+    vm_app.add_typer(vm_snapshot_app, name="snapshot")
+    vm_app.command("restore")(vm_restore)
+    vm_app.command("clone")(vm_clone)
     app.add_typer(volume_app, name="volume")
     app.add_typer(snapshot_app, name="snapshot")
     app.add_typer(pool_app, name="pool")

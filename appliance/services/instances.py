@@ -80,7 +80,7 @@ def check_volumes(session: Session, principal: Principal, kind: str, project: st
         users = volumes.users_of(session, vol)
         if users:
             raise Conflict(f"volume '{vol_name}' is already attached to {', '.join(users)}")
-    if image.spec.get("format") == "disk":
+    if image.spec.get("format") == "disk" and not spec.get("root_volume"):  # (a clone brings its own)
         root = f"{name}-root"[:63]
         if volumes.volumes.exists(session, principal, project, root):
             raise Conflict(f"a volume named '{root}' already exists: the VM's root volume needs that name")

@@ -45,6 +45,9 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/volumes/{name}/rollback"): {"snapshot": "walk-snap"},
     ("post", "/api/v1/volumes/{name}/clone"): {"snapshot": "walk-snap", "name": "walk-vol3"},
     ("post", "/api/v1/volumes/{name}/snapshots"): {"name": "walk-snap2"},
+    ("post", "/api/v1/vms/{name}/snapshots"): {"name": "walk-vsnap"},
+    ("post", "/api/v1/vms/{name}/restore"): {"snapshot": "walk-snap"},
+    ("post", "/api/v1/vms/{name}/clone"): {"snapshot": "walk-snap", "name": "walk-vm3"},
     # the upload's name exists: the walk is refused before any byte is read (409 for the admin)
     ("put", "/api/v1/images/{name}/upload"): {"not": "an image"},
     ("post", "/api/v1/routers"): {"name": "walk-r2"},

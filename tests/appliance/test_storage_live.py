@@ -205,3 +205,37 @@ def test_vms_from_a_disk_image_get_an_o1_clone_as_root_volume(stack: Stack, tmp_
                  "the VM's root volume to go with it")
     assert before["spec"]["backend"] == "local"
     stack.cairn("delete", "image", "appdisk")
+
+
+def test_vm_snapshot_restore_and_clone(stack: Stack) -> None:
+    stack.cairn("image", "import-test-guest")
+    stack.cairn("volume", "create", "sdata", "--size", "8MiB")
+    stack.cairn("vm", "create", "s1", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB", "--volume", "sdata")
+    booted(stack, "s1")
+    write = "printf {} | dd of=/dev/vda bs=1 seek=4096 conv=notrunc,fsync 2>/dev/null; echo wrote-$((40+2))"
+    serial(stack, "s1", write.format("BEFORE-SNAP"), "wrote-42")
+    taken = stack.cairn("vm", "snapshot", "create", "s1", "good")  # running: paused for the moment it takes
+    assert taken["volumes"] == ["sdata"]
+    assert stack.cairn("vm", "get", "s1")["status"]["power_state"] == "running"
+    serial(stack, "s1", write.format("AFTER--SNAP"), "wrote-42")
+    assert "stop it before" in fails(stack, "vm", "restore", "s1", "good")  # a running VM is not restored
+
+    clone = stack.cairn("vm", "clone", "s1@good", "s2")
+    assert [d["volume"] for d in clone["status"]["volumes"]] == ["s2-sdata"]
+    booted(stack, "s2")
+    read = "dd if=/dev/vda bs=1 skip=4096 count=11 2>/dev/null; echo; echo read-$((40+2))"
+    assert "BEFORE-SNAP" in serial(stack, "s2", read, "read-42")
+
+    stack.cairn("vm", "stop", "s1")
+    stack.cairn("vm", "restore", "s1", "good")
+    stack.cairn("vm", "start", "s1")
+    booted(stack, "s1", times=2)
+    out = serial(stack, "s1", read, "read-42")
+    assert "BEFORE-SNAP" in out and "AFTER--SNAP" not in out
+    assert [s["name"] for s in stack.cairn("vm", "snapshot", "list", "s1")] == ["good"]
+    stack.cairn("vm", "snapshot", "delete", "s1", "good")
+    assert stack.cairn("snapshot", "list", "sdata") == []
+    for vm in ("s1", "s2"):
+        stack.cairn("vm", "delete", vm)
+    stack.cairn("volume", "delete", "s2-sdata")
+    stack.cairn("volume", "delete", "sdata")

@@ -18,10 +18,13 @@ from appliance.api.schemas import (
     Name,
     ResourceList,
     ResourcePublic,
+    SnapshotCreate,
+    VmClone,
     VmCreate,
+    VolumeRollback,
 )
 from appliance.errors import Conflict
-from appliance.services import instances
+from appliance.services import instances, vm_snapshots
 
 router = APIRouter(tags=["vms", "containers"])
 ProjectQuery = Annotated[str, Query(min_length=1, max_length=63, description="project name")]
@@ -67,6 +70,39 @@ def migrate_container(name: Name, body: MigrateRequest, session: DbSession, call
     """Containers cannot move live: this restarts the container on the target node
     (task result ``mode: restart``)."""
     return accepted(instances.migrate(session, caller, "container", project, name, body.to))
+
+
+@router.get("/vms/{name}/snapshots", openapi_extra=access("project:read"))
+def list_vm_snapshots(name: Name, session: DbSession, caller: Caller,
+                      project: ProjectQuery = "default") -> dict[str, Any]:
+    return {"items": vm_snapshots.list_(session, caller, project, name)}
+
+
+@router.post("/vms/{name}/snapshots", status_code=202, openapi_extra=access("project:write"))
+def create_vm_snapshot(name: Name, body: SnapshotCreate, session: DbSession, caller: Caller,
+                       project: ProjectQuery = "default") -> JSONResponse:
+    """Snapshot every volume of the VM together (a running VM is paused for that moment)."""
+    return accepted(vm_snapshots.create(session, caller, project, name, body.name))
+
+
+@router.delete("/vms/{name}/snapshots/{snapshot}", status_code=202, openapi_extra=access("project:write"))
+def delete_vm_snapshot(name: Name, snapshot: Name, session: DbSession, caller: Caller,
+                       project: ProjectQuery = "default") -> JSONResponse:
+    return accepted(vm_snapshots.delete(session, caller, project, name, snapshot))
+
+
+@router.post("/vms/{name}/restore", status_code=202, openapi_extra=access("project:write"))
+def restore_vm(name: Name, body: VolumeRollback, session: DbSession, caller: Caller,
+               project: ProjectQuery = "default") -> JSONResponse:
+    """Roll every volume of a stopped VM back to a snapshot."""
+    return accepted(vm_snapshots.restore(session, caller, project, name, body.snapshot))
+
+
+@router.post("/vms/{name}/clone", status_code=202, openapi_extra=access("project:write"))
+def clone_vm(name: Name, body: VmClone, session: DbSession, caller: Caller,
+             project: ProjectQuery = "default") -> JSONResponse:
+    """A new VM on O(1) clones of a snapshot's volumes (new ports, same networks)."""
+    return accepted(vm_snapshots.clone(session, caller, project, name, body.snapshot, body.name))
 
 
 def _routes(kind: str, plural: str) -> None:
