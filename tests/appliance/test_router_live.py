@@ -69,11 +69,10 @@ class World:
             gateway = subnet.spec["gateway"]
             ips = [{**ip, "prefix": 24, "gateway": gateway} for ip in port["status"]["ips"]]
             net = networks.networks.row(session, self.admin(session), "default", port["spec"]["network"])[0]
+            attached = {"id": port["id"], "name": port["name"], "mac": port["status"]["mac"], "ips": ips,
+                        "network": net.name, "network_id": net.id, "vni": net.vni}
             session.add(Instance(name=port["name"], project_id=project.id, kind="container", node_id=node_id,
-                                 vm_state="active", power_state="running", spec={},
-                                 status={"ports": [{"id": port["id"], "name": port["name"], "mac": port["status"]["mac"],
-                                                    "ips": ips, "network": net.name, "network_id": net.id,
-                                                    "vni": net.vni}]}))
+                                 vm_state="active", power_state="running", spec={}, status={"ports": [attached]}))
         n = 1 if node == "rt-a" else 2
         address = port["status"]["ips"][0]["address"]
         lib_port = Port(port["id"], port["status"]["mac"], (address,),

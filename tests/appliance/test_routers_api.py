@@ -212,9 +212,8 @@ def cli(ext: Api, monkeypatch: pytest.MonkeyPatch) -> Any:
 
     from typer.testing import CliRunner
 
-    from appliance.cli import common
+    from appliance.cli import common, main
     from appliance.cli.client import Client
-    from appliance.cli import main
 
     c = Client(url="https://testserver", token="unused")
     c.http = ext.client

@@ -5,6 +5,8 @@ Revises: 0007
 Create Date: 2026-11-25 05:00:00
 """
 
+from typing import Any
+
 from alembic import op
 import sqlalchemy as sa
 
@@ -15,7 +17,7 @@ branch_labels = None
 depends_on = None
 
 
-def _resource_columns() -> list[sa.Column]:
+def _resource_columns() -> list[sa.Column[Any]]:
     return [
         sa.Column('project_id', sa.String(length=36), nullable=False),
         sa.Column('id', sa.String(length=36), nullable=False),
