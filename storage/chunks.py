@@ -1,6 +1,6 @@
 """Chunk encoding: BLAKE3 identity, zstd compression kept only when it pays.
 
-Compression sampling: the first 8 KiB are compressed first; a block whose sample does
+Compression sampling: the first 4 KiB are compressed first; a block whose sample does
 not shrink by at least 12.5 % is stored raw without compressing the rest (random or
 already-compressed data costs one small compress call instead of a full one).
 """
@@ -15,7 +15,7 @@ import zstandard
 ZERO_HASH = bytes(32)
 RAW = 0
 ZSTD = 1
-_SAMPLE = 8192
+_SAMPLE = 4096
 
 
 def chunk_hash(data: bytes | bytearray | memoryview) -> bytes:

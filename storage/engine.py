@@ -234,6 +234,7 @@ class Volume:
         self._zero = bytes(self.block)
         self._since_checkpoint = 0
         self._stream_key = int.from_bytes(self.id[:4], "big")
+        self._last_patch = self._last_base = ZERO_HASH
         start = LogPosition.from_json(record.log)
         if start is not None:
             for blk, h in pool.log.replay(self.id, start):
@@ -399,7 +400,7 @@ class Volume:
 
     def _apply(self, offset: int, view: memoryview | None, length: int) -> None:
         blk, boff = divmod(offset, self.block)
-        entries: list[tuple[int, bytes]] = []
+        entries: list[tuple[int, bytes, bytes]] = []
         log = self.pool.log
         log.sticky = log.pick_stream(self._stream_key + (offset >> 22), length)
         try:
@@ -416,7 +417,7 @@ class Volume:
                 log.commit()
 
     def _apply_blocks(self, blk: int, boff: int, view: memoryview | None, length: int,
-                      entries: list[tuple[int, bytes]]) -> None:
+                      entries: list[tuple[int, bytes, bytes]]) -> None:
         bs = self.block
         pos = 0
         chunks = self.pool.chunks
@@ -429,7 +430,7 @@ class Volume:
                 h = self._write_partial(blk, boff, self._zero[:n] if view is None else bytes(view[pos : pos + n]))
             if self.map.get(blk) != h:
                 self.map.set(blk, h)
-                entries.append((blk, h))
+                entries.append((blk, h, self._last_base if h == self._last_patch else ZERO_HASH))
             pos += n
             blk += 1
             boff = 0
@@ -458,7 +459,9 @@ class Volume:
             for eo, ed in extents:
                 buf[eo : eo + len(ed)] = ed
             return ZERO_HASH if buf == self._zero else chunks.put(buf)
-        return chunks.put_patch(encode_patch(base, extents, bs), base)
+        h = chunks.put_patch(encode_patch(base, extents, bs), base)
+        self._last_patch, self._last_base = h, base  # journaled with the map entry
+        return h
 
     def commit(self, sync: bool = False) -> None:
         """Journal everything staged (one backend append); ``sync`` also makes it durable."""

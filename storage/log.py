@@ -8,7 +8,15 @@ A sealed segment gets an index object (``idx/<writer>/<seq>``: hash -> location)
 opening a pool reads small indexes instead of whole segments.
 
 Record framing: ``>IIB`` body length, CRC32 of type+body, type; then the body. A torn
-or corrupt tail ends a segment scan.
+or corrupt tail ends a segment scan. Chunk records (type 3) checksum only their type and
+chunk header: the payload is identified by its BLAKE3 hash, which the index scan of an
+unsealed tail (crash recovery) verifies instead of a second checksum over every byte.
+
+Block-map records (type 4) carry, per entry, the base chunk of a patch entry (zero
+otherwise). The journal append of a group commit goes out together with its chunk
+appends, so after a crash a record may name a chunk that never landed; such a write was
+never acknowledged, and replay skips the entries whose chunk (or patch base) is not in
+the index.
 """
 
 from __future__ import annotations
@@ -25,16 +33,23 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from storage.backends.base import ObjectBackend
+from storage.chunks import ChunkCodec, chunk_hash
 from storage.errors import BackendError, CorruptionError, ObjectNotFound
 
 HEADER = struct.Struct(">IIB")
 CHUNK_HEAD = struct.Struct(">32sBI")  # hash, flags, raw length
 MAP_HEAD = struct.Struct(">16sI")  # volume id, entry count
 MAP_ENTRY = struct.Struct(">Q32s")  # block number, chunk hash (zero hash = hole)
+MAP_ENTRY2 = struct.Struct(">Q32s32s")  # block number, chunk hash, base of a patch (else zero)
 IDX_HEAD = struct.Struct(">Q")  # segment length the index covers
 IDX_ENTRY = struct.Struct(">32sIIBI")  # hash, payload offset, payload length, flags, raw length
-REC_CHUNK = 1
-REC_MAP = 2
+REC_CHUNK = 1  # payload covered by the CRC (older pools)
+REC_MAP = 2  # entries without bases (older pools)
+REC_CHUNK2 = 3
+REC_MAP2 = 4
+CHUNK_RECORDS = (REC_CHUNK, REC_CHUNK2)
+MAP_RECORDS = (REC_MAP, REC_MAP2)
+_NO_BASE = bytes(32)
 SEGMENT_TARGET = 4 << 20
 DATA_STREAMS = 4
 SMALL_BATCH = 1 << 20
@@ -90,12 +105,19 @@ def parse_segment(name: str) -> tuple[str, int]:
 
 def frame(rtype: int, *parts: bytes | memoryview) -> bytes:
     """One framed record."""
+    return b"".join(frame_parts(rtype, *parts))
+
+
+def frame_parts(rtype: int, *parts: bytes | memoryview) -> list[bytes | memoryview]:
+    """One framed record as a list of pieces (joined later with the rest of a batch)."""
     crc = zlib.crc32(bytes([rtype]))
     length = 0
     for p in parts:
-        crc = zlib.crc32(p, crc)
         length += len(p)
-    return b"".join((HEADER.pack(length, crc, rtype), *parts))
+    covered = parts[:1] if rtype == REC_CHUNK2 else parts
+    for p in covered:
+        crc = zlib.crc32(p, crc)
+    return [HEADER.pack(length, crc, rtype), *parts]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,16 +140,20 @@ def scan(data: bytes, start: int = 0) -> Iterator[Record]:
         if body_at + length > end:
             return
         body = view[body_at : body_at + length]
-        if zlib.crc32(body, zlib.crc32(bytes([rtype]))) != crc:
+        checked = body[: CHUNK_HEAD.size] if rtype == REC_CHUNK2 else body
+        if zlib.crc32(checked, zlib.crc32(bytes([rtype]))) != crc:
             return
         yield Record(rtype, body, body_at, body_at + length)
         pos = body_at + length
 
 
-def map_entries(body: memoryview) -> tuple[bytes, list[tuple[int, bytes]]]:
-    """Decode a block-map record: (volume id, [(block, hash)])."""
+def map_entries(body: memoryview, rtype: int = REC_MAP) -> tuple[bytes, list[tuple[int, bytes, bytes]]]:
+    """Decode a block-map record: (volume id, [(block, hash, patch base or zero)])."""
     vol_id, count = MAP_HEAD.unpack_from(body, 0)
-    out = [MAP_ENTRY.unpack_from(body, MAP_HEAD.size + i * MAP_ENTRY.size) for i in range(count)]
+    if rtype == REC_MAP2:
+        out = [MAP_ENTRY2.unpack_from(body, MAP_HEAD.size + i * MAP_ENTRY2.size) for i in range(count)]
+    else:
+        out = [(*MAP_ENTRY.unpack_from(body, MAP_HEAD.size + i * MAP_ENTRY.size), _NO_BASE) for i in range(count)]
     return vol_id, out
 
 
@@ -138,7 +164,7 @@ class _Stream:
     name: str
     seq: int = 0
     seg_size: int = 0
-    pending: list[bytes] = field(default_factory=list)
+    pending: list[bytes | memoryview] = field(default_factory=list)
     pending_size: int = 0
 
     @property
@@ -267,11 +293,13 @@ class SegmentLog:
     """The hash -> location index of a pool plus this process's append streams.
 
     Commits are pipelined: any number of groups may be in flight. A group's chunk
-    appends go out at once (to up to ``DATA_STREAMS`` data segments, i.e. different
-    placement groups); its journal append (block-map records, plus the chunks of small
-    writes) is submitted only when those landed and after the previous group's journal
-    append, so a journaled block never points at a missing chunk and journal records
-    stay in write order. Groups complete (their futures resolve) strictly in order.
+    appends (to up to ``DATA_STREAMS`` data segments, i.e. different placement groups)
+    and its journal append (block-map records, plus the chunks of small writes) go out
+    together; journal appends go in write order (after the previous group's, and only
+    after it landed when the journal moved to a new segment object). A group completes
+    (its future resolves, its writes are acknowledged) once all of its appends and every
+    earlier group have landed. Replay skips map entries whose chunk is missing, which
+    only a crash between the two kinds of appends of an unacknowledged group leaves.
     """
 
     def __init__(self, backend: ObjectBackend, readonly: bool = False) -> None:
@@ -320,10 +348,19 @@ class SegmentLog:
 
     def _scan_into_index(self, seg: str, start: int) -> None:
         data = self.backend.get(seg)
+        codec = ChunkCodec()
         for rec in scan(data, start):
-            if rec.rtype == REC_CHUNK:
+            if rec.rtype in CHUNK_RECORDS:
                 h, flags, raw = CHUNK_HEAD.unpack_from(rec.body, 0)
                 at = rec.body_offset + CHUNK_HEAD.size
+                if rec.rtype == REC_CHUNK2 and h not in self.index:
+                    # The checksum did not cover the payload: its hash must match.
+                    try:
+                        ok = chunk_hash(codec.decode(flags, bytes(rec.body[CHUNK_HEAD.size :]), raw)) == h
+                    except Exception:  # zstd raises its own errors on damaged frames
+                        ok = False
+                    if not ok:
+                        return
                 self.index.setdefault(h, Location(seg, at, rec.end - at, flags, raw))
 
     def index_blob(self, seg: str, covered: int) -> bytes:
@@ -381,19 +418,20 @@ class SegmentLog:
     def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
         """Queue a chunk record; readable at once (from memory until it has landed)."""
         st = self.sticky or self.pick_stream()
-        rec = frame(REC_CHUNK, CHUNK_HEAD.pack(h, flags, raw_length), payload)
+        parts = frame_parts(REC_CHUNK2, CHUNK_HEAD.pack(h, flags, raw_length), payload)
         at = st.seg_size + st.pending_size + HEADER.size + CHUNK_HEAD.size
         seg = st.segment
         self.index[h] = Location(seg, at, len(payload), flags, raw_length)
         self.segment_entries.setdefault(seg, []).append(h)
         self.pending_chunks[h] = payload
-        st.pending.append(rec)
-        st.pending_size += len(rec)
+        st.pending += parts
+        st.pending_size += HEADER.size + CHUNK_HEAD.size + len(payload)
 
-    def stage_map(self, vol_id: bytes, entries: list[tuple[int, bytes]]) -> None:
-        """Queue a block-map update record for a volume on the (ordered) journal stream."""
-        body = [MAP_HEAD.pack(vol_id, len(entries))] + [MAP_ENTRY.pack(b, h) for b, h in entries]
-        rec = frame(REC_MAP, *body)
+    def stage_map(self, vol_id: bytes, entries: list[tuple[int, bytes, bytes]]) -> None:
+        """Queue a block-map update record for a volume on the (ordered) journal stream:
+        (block, chunk hash, base chunk of a patch or zero hash) entries."""
+        body = [MAP_HEAD.pack(vol_id, len(entries))] + [MAP_ENTRY2.pack(b, h, base) for b, h, base in entries]
+        rec = frame(REC_MAP2, *body)
         self.journal.pending.append(rec)
         self.journal.pending_size += len(rec)
 
@@ -492,8 +530,6 @@ class SegmentLog:
         prev: _Group | None = None
         for g in list(self._groups):
             if g.state == 0:
-                if g.data_left > 0:
-                    break
                 if prev is not None and prev.state < 2 and prev.journal is not None and (
                         g.journal is None or prev.journal[0] != g.journal[0]):
                     break  # another object: RADOS orders appends per object only
@@ -505,7 +541,7 @@ class SegmentLog:
             prev = g
         while self._groups and self._broken is None:
             g = self._groups[0]
-            if g.state == 2:
+            if g.state == 2 and g.data_left == 0:
                 if g.sync and not self.io.durable:
                     g.state = 3
                     self.io.sync(partial(self._sync_done, g))
@@ -569,7 +605,14 @@ class SegmentLog:
         return loc, payload
 
     def replay(self, vol_id: bytes, start: LogPosition) -> Iterator[tuple[int, bytes]]:
-        """Block-map updates of one volume written at or after ``start`` (in log order)."""
+        """Block-map updates of one volume written at or after ``start`` (in log order),
+        except those whose chunk or patch base never landed (unacknowledged writes)."""
+        index = self.index
+        for blk, h, base in self._replay(vol_id, start):
+            if (h == _NO_BASE or h in index) and (base == _NO_BASE or base in index):
+                yield blk, h
+
+    def _replay(self, vol_id: bytes, start: LogPosition) -> Iterator[tuple[int, bytes, bytes]]:
         seq = start.seq
         offset = start.offset
         while True:
@@ -579,8 +622,8 @@ class SegmentLog:
             except ObjectNotFound:
                 return
             for rec in scan(data, offset):
-                if rec.rtype == REC_MAP:
-                    vid, entries = map_entries(rec.body)
+                if rec.rtype in MAP_RECORDS:
+                    vid, entries = map_entries(rec.body, rec.rtype)
                     if vid == vol_id:
                         yield from entries
             seq += 1

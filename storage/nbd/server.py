@@ -34,12 +34,12 @@ from typing import Any
 from storage.chunks import RAW, ChunkCodec
 from storage.engine import CHECKPOINT_BYTES, Pool, Volume, open_pool
 from storage.errors import CorruptionError, InvalidArgument, StorageError
-from storage.log import CHUNK_HEAD, HEADER, REC_CHUNK, REC_MAP, Location
+from storage.log import CHUNK_HEAD, CHUNK_RECORDS, HEADER, MAP_RECORDS, Location
 from storage.nbd import protocol as p
 
 log = logging.getLogger("cairn.nbd")
 MAX_GROUPS = 4  # group commits in flight
-READAHEAD = 4 << 20  # a sequential read fetches this much of the chunk's segment
+READAHEAD = (4 << 20) + (256 << 10)  # a sequential read fetches a whole 4 MiB segment region (+ record headers)
 SMALL_READ = 16 << 10  # up to this, a read of an uncompressed chunk fetches just its bytes
 _REC_OVERHEAD = HEADER.size + CHUNK_HEAD.size
 
@@ -296,7 +296,10 @@ class NbdServer:
                     j += 1
                 start = first.offset - _REC_OVERHEAD
                 stop = max(end, start + READAHEAD) if sequential else end
-                waits.append(asyncio.ensure_future(self._fetch_run(seg, start, stop, end, items[i:j])))
+                # Registered now, before any other request runs: they wait for this read.
+                entry = (start, stop, asyncio.get_running_loop().create_future())
+                self._reading.setdefault(seg, []).append(entry)
+                waits.append(asyncio.ensure_future(self._fetch_run(seg, entry, end, items[i:j])))
                 i = j
         if waits:
             await asyncio.gather(*waits)
@@ -307,13 +310,11 @@ class NbdServer:
         if len(data) == n:
             extra[h] = (start, data)
 
-    async def _fetch_run(self, seg: str, start: int, stop: int, end: int, items: list[tuple[Location, bytes]]) -> None:
-        """Read ``[start, stop)`` of a segment: the chunks in ``items`` (ending at ``end``),
-        then, as read-ahead, the chunk records that follow."""
-        loop = asyncio.get_running_loop()
-        marker: asyncio.Future[None] = loop.create_future()
-        entry = (start, stop, marker)
-        self._reading.setdefault(seg, []).append(entry)
+    async def _fetch_run(self, seg: str, entry: tuple[int, int, asyncio.Future[None]], end: int,
+                         items: list[tuple[Location, bytes]]) -> None:
+        """Read ``[start, stop)`` of a segment (``entry``, registered in ``_reading``): the
+        chunks in ``items`` (ending at ``end``), then, as read-ahead, the records after them."""
+        start, stop, marker = entry
         try:
             blob = await self._aio_read(seg, start, stop - start)
         finally:
@@ -344,14 +345,14 @@ class NbdServer:
             body = pos + HEADER.size
             if body + length > size:
                 return
-            if rtype == REC_CHUNK:
+            if rtype in CHUNK_RECORDS:
                 h, flags, raw = CHUNK_HEAD.unpack_from(view, body)
                 at = body + CHUNK_HEAD.size
                 loc = index.get(h)
                 if (loc is not None and loc.segment == seg and loc.offset == start + at
                         and loc.length == body + length - at and not chunks.has(h)):
                     chunks.remember(h, self._codec.decode(flags, bytes(view[at : body + length]), raw))
-            elif rtype != REC_MAP:
+            elif rtype not in MAP_RECORDS:
                 return
             pos = body + length
 
