@@ -128,6 +128,35 @@ def run_storage(argv: list[str] | None = None) -> None:
     storaged(["--run-dir", str(settings.storage_run_dir), "--host", settings.storage_host, *(argv or [])])
 
 
+def run_ceph(argv: list[str] | None = None) -> None:
+    """Embedded Ceph (``cairn up --ceph``): 1 mon, 1 mgr, 3 bluestore OSDs on sparse files
+    under data_dir/ceph, made once and restarted with their data afterwards. Writes
+    ``ready`` once HEALTH_OK; the storage reconciler attaches the ``ceph`` pool then."""
+    from storage.backends.rados_cluster import resume_cluster, start_cluster
+
+    settings = get_settings()
+    logs.setup("cairn-ceph", settings.log_level)
+    d = settings.ceph_dir
+    ready = d / "ready"
+    ready.unlink(missing_ok=True)
+    cluster = resume_cluster(d) if (d / "ceph.conf").exists() else start_cluster(d)
+    stop = {"now": False}
+
+    def _term(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    ready.write_text(str(cluster.conf))
+    log.info("ceph up", extra={"conf": str(cluster.conf)})
+    while not stop["now"] and all(p.poll() is None for p in cluster.procs.values()):
+        time.sleep(0.5)
+    ready.unlink(missing_ok=True)
+    cluster.stop(remove=False)
+    if not stop["now"]:
+        sys.exit("a ceph daemon exited; the supervisor restarts the cluster")
+
+
 def libvirt_node(settings: Settings) -> LibvirtNode:
     """The embedded node's own libvirtd (in a private mount namespace under data_dir)."""
     from compute.libvirt_node import LibvirtNode
@@ -157,7 +186,7 @@ def run_libvirt(argv: list[str] | None = None) -> None:
 
 def main() -> None:
     commands = {"api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt,
-                "storage": run_storage}
+                "storage": run_storage, "ceph": run_ceph}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m appliance.processes {{{'|'.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     # embedded default: unauthenticated NBD is not opened on any network by default.
     storage_nbd_port: int = 0
     storage_default_pool: str = "default"  # made on the first node that reconciles; "" = none
+    ceph: bool = False  # run the embedded Ceph cluster (also turned on for good by `cairn up --ceph`)
     max_upload_bytes: int = 1 << 40  # image uploads stream to disk; everything else is small JSON
 
     @property
@@ -131,6 +132,14 @@ class Settings(BaseSettings):
     @property
     def storage_socket(self) -> Path:
         return self.storage_run_dir / "storage.sock"
+
+    @property
+    def ceph_dir(self) -> Path:
+        return self.data_dir / "ceph"
+
+    @property
+    def ceph_enabled(self) -> bool:
+        return self.ceph or (self.data_dir / "ceph.enabled").exists()
 
     @property
     def uploads_dir(self) -> Path:

@@ -68,6 +68,8 @@ def programs(settings: Settings) -> list[Program]:
         # No system libvirtd here: run the node's own, and point the agent at it.
         progs.append(Program("libvirt", [py, "-m", "appliance.processes", "libvirt"], env))
         env = {**env, "CAIRN_LIBVIRT_URI": embedded_libvirt_uri(settings)}
+    if settings.ceph_enabled:
+        progs.append(Program("ceph", [py, "-m", "appliance.processes", "ceph"], env))
     progs.append(Program("storage", [py, "-m", "appliance.processes", "storage"], env))
     for name in ("api", "worker", "agent"):
         progs.append(Program(name, [py, "-m", "appliance.processes", name], env))
@@ -79,6 +81,7 @@ class Supervisor:
         self.settings = settings
         self.progs = progs
         self.stopping = False
+        self.pending: list[Program] = []
         self.state_file = settings.run_dir / "supervisor.json"
 
     def start(self, prog: Program) -> None:
@@ -111,6 +114,8 @@ class Supervisor:
         self.write_state()
         while not self.stopping:
             changed = False
+            if self.pending:
+                self._merge_pending()
             now = time.monotonic()
             for prog in self.progs:
                 if prog.proc is not None and prog.proc.poll() is not None:
@@ -135,6 +140,19 @@ class Supervisor:
         deadline = time.monotonic() + seconds
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def add_new(self, progs: list[Program]) -> None:
+        """SIGHUP: start programs the settings now ask for (``cairn up --ceph`` on a running
+        appliance); running ones are left alone. The loop merges them on its next pass."""
+        self.pending = progs
+
+    def _merge_pending(self) -> None:
+        progs, self.pending = self.pending, []
+        known = {p.name for p in self.progs}
+        for i, prog in enumerate(progs):
+            if prog.name not in known:
+                prog.restarts = -1  # its first start is not a restart
+                self.progs.insert(min(i, len(self.progs)), prog)
 
     def shutdown(self, *_: object) -> None:
         self.stopping = True
@@ -181,6 +199,7 @@ def main() -> None:
     sup = Supervisor(settings, programs(settings))
     signal.signal(signal.SIGTERM, sup.shutdown)
     signal.signal(signal.SIGINT, sup.shutdown)
+    signal.signal(signal.SIGHUP, lambda *_: sup.add_new(programs(settings)))
     try:
         sup.loop()
     finally:

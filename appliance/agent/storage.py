@@ -40,11 +40,25 @@ class StorageReconciler:
                          nbd_port_base=self.settings.storage_nbd_port)
         log.info("created the default storage pool", extra={"pool": name})
 
+    def _ensure_ceph(self) -> None:
+        """``cairn up --ceph``: once the embedded cluster is healthy, its replicated pool
+        (size 3, min_size 2) is the ``ceph`` storage pool (dedup and rbd volumes)."""
+        ready = self.settings.ceph_dir / "ready"
+        if not self.settings.ceph_enabled or not ready.exists():
+            return
+        with session_scope(self.settings.resolved_database_url) as session:
+            if session.scalar(select(StoragePool.id).where(StoragePool.name == "ceph")):
+                return
+            url = f"rados://cairn/cairn?conf={self.settings.ceph_dir / 'ceph.conf'}"
+            pools.create(session, None, "ceph", self.settings.node_name, "rados", url, replication=3,
+                         nbd_port_base=self.settings.storage_nbd_port)
+
     def __call__(self, agent: Any, report: Any) -> None:
         if not self.client.ready():
             report.errors.append(f"storage: the storage daemon at {self.settings.storage_socket} is not answering")
             return
         self._ensure_default()
+        self._ensure_ceph()
         url = self.settings.resolved_database_url
         with session_scope(url, readonly=True) as session:
             mine = {p.name: (p.id, dict(p.spec or {}), dict(p.status or {}))
@@ -55,6 +69,8 @@ class StorageReconciler:
             report.actions.append(f"storage: detached pool {name}")
         for name, (pool_id, spec, status) in mine.items():
             update: dict[str, Any] = {}
+            if name == "ceph" and not (self.settings.ceph_dir / "ready").exists():
+                continue  # the embedded cluster is (re)starting: attaching now would block this pass
             try:
                 if name not in attached:
                     (self.settings.data_dir / "storage").mkdir(parents=True, exist_ok=True)

@@ -46,9 +46,14 @@ def _ensure_cli_token(settings: Settings) -> None:
     save_config({"url": url, "token": created["token"], "ca_file": ca_file, "user": admin.name})
 
 
-def up(timeout: float, quiet: bool = False) -> dict[str, Any]:
+def up(timeout: float, quiet: bool = False, ceph: bool = False) -> dict[str, Any]:
     settings = get_settings()
     prepare(settings)
+    if ceph and not settings.ceph_enabled:
+        (settings.data_dir / "ceph.enabled").write_text("cairn up --ceph\n")  # kept: later `up`s keep Ceph
+        pid = supervisor.running_pid(settings)
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)  # the running supervisor adds the ceph program
     pki.ensure(settings.pki_dir)
     _ensure_cli_token(settings)
     started = False

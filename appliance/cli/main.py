@@ -60,9 +60,12 @@ ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", help="project
 
 @app.command()
 def up(output: OutputOpt = Format.table,
-       timeout: Annotated[float, typer.Option(help="seconds to wait for the node to be Ready")] = 120) -> None:
+       timeout: Annotated[float, typer.Option(help="seconds to wait for the node to be Ready")] = 120,
+       ceph: Annotated[bool, typer.Option("--ceph", help="also run an embedded Ceph cluster (3 OSDs on files) "
+                                          "and serve the 'ceph' storage pool from it; kept for later ups")] = False,
+       ) -> None:
     """Start the embedded single-node appliance (idempotent)."""
-    info = local.up(timeout, quiet=output == Format.json)
+    info = local.up(timeout, quiet=output == Format.json, ceph=ceph)
     if output == Format.json:
         emit(info, output)
         return

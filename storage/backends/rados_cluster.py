@@ -195,6 +195,42 @@ def start_cluster(
     return cluster
 
 
+def resume_cluster(directory: str | os.PathLike[str], pool: str = "cairn", timeout: float = 120.0) -> CephCluster:
+    """Start again the daemons of a cluster made by :func:`start_cluster` (after a reboot or
+    ``cairn down``): same conf, keys, monitor store and OSDs, so every object is still there.
+    Leftover daemons of that folder are killed first. Waits for HEALTH_OK."""
+    d = Path(directory).resolve()
+    conf = d / "ceph.conf"
+    if not conf.exists():
+        raise ClusterError(f"no cluster in {d}: start one with start_cluster")
+    stop_cluster_dir(d, remove=False)
+    ip = next(line.split("=", 1)[1].strip() for line in conf.read_text().splitlines()
+              if line.strip().startswith("public_addr"))
+    cluster = CephCluster(d, ip, pool, conf)
+    osds = sorted(int(p.name) for p in (d / "osd").iterdir() if p.name.isdigit())
+    t0 = time.monotonic()
+    try:
+        _spawn(cluster, "mon.a", "ceph-mon", "-f", "-c", str(conf), "-i", "a")
+        _spawn(cluster, "mgr.x", "ceph-mgr", "-f", "-c", str(conf), "-i", "x")
+        for i in osds:
+            _spawn(cluster, f"osd.{i}", "ceph-osd", "-f", "-c", str(conf), "-i", str(i))
+        c = cluster.connect()
+        try:
+            while not _healthy(c):
+                if time.monotonic() - t0 > timeout:
+                    raise ClusterError(f"cluster in {d} not HEALTH_OK {timeout:.0f} s after a restart")
+                for key, proc in cluster.procs.items():
+                    if proc.poll() is not None:
+                        raise ClusterError(f"{key} exited with {proc.returncode}; see {d}/log")
+                time.sleep(0.3)
+        finally:
+            c.shutdown()
+    except BaseException:
+        cluster.stop(remove=False)
+        raise
+    return cluster
+
+
 def _spawn(cluster: CephCluster, key: str, *argv: str) -> None:
     log = open(cluster.directory / "log" / f"{key}.stdout", "ab")  # noqa: SIM115 - owned by the child
     cluster.procs[key] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

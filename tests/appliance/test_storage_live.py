@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,3 +240,32 @@ def test_vm_snapshot_restore_and_clone(stack: Stack) -> None:
         stack.cairn("vm", "delete", vm)
     stack.cairn("volume", "delete", "s2-sdata")
     stack.cairn("volume", "delete", "sdata")
+
+
+def test_up_with_ceph_serves_a_replicated_pool_for_dedup_and_rbd_volumes(stack: Stack) -> None:
+    """Last in this module: from here on the appliance also runs Ceph (1 mon, 1 mgr, 3 OSDs)."""
+    stack.cairn("up", "--ceph")  # on a running appliance: the supervisor adds the ceph program
+
+    def ceph_pool() -> Any:
+        with stack.http() as http:
+            r = http.get("/api/v1/pools/ceph")
+            return r.json() if r.status_code == 200 and r.json()["status"].get("phase") == "Ready" else None
+
+    pool = wait_for(ceph_pool, 120, "the ceph pool to be Ready")
+    assert pool["spec"]["backend"] == "rados" and pool["spec"]["replication"] == 3
+    assert stack.services()["ceph"]["pid"]
+
+    dedup = stack.cairn("volume", "create", "cv", "--size", "64MiB", "--pool", "ceph")
+    qemu_io(dedup["status"]["export"], "write -P 0x5a 0 2M")
+    assert holds(dedup["status"]["export"], 0x5a, "2M")
+
+    rbd = stack.cairn("volume", "create", "rv", "--size", "64MiB", "--pool", "ceph", "--class", "rbd")
+    uri = rbd["status"]["export"]
+    assert uri.startswith("rbd:") and rbd["status"]["class"] == "rbd"
+    qemu_io(uri, "write -P 0x61 0 1M")
+    stack.cairn("snapshot", "create", "rv", "s1")
+    qemu_io(uri, "write -P 0x62 0 1M")
+    stack.cairn("volume", "rollback", "rv", "s1")
+    assert holds(uri, 0x61)
+    for name in ("rv", "cv"):
+        stack.cairn("volume", "delete", name)
