@@ -3,7 +3,7 @@ Every write waits for its task (progress bar for people) unless ``--no-wait``.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,14 +20,19 @@ pool_app = typer.Typer(no_args_is_help=True, help="Storage pools and their space
 SizeOpt = Annotated[str | None, typer.Option("--size", help="e.g. 10GiB")]
 
 
-def _wait_then_show(c: Client, task: dict[str, Any], name: str, project: str, output: Format,
-                    no_wait: bool) -> None:
-    """Follow a volume task, then print the volume as it is now."""
+def _after(c: Client, task: dict[str, Any], output: Format, no_wait: bool,
+           show: Callable[[dict[str, Any]], Any]) -> None:
+    """Print the task at once with --no-wait; else follow it and print ``show(final task)``."""
     if no_wait:
         emit(task, output)
         return
-    wait(c, task, output)
-    emit(run(lambda: c.get(f"/volumes/{name}", project=project)), output)
+    emit(show(wait(c, task, output)), output)
+
+
+def _wait_then_show(c: Client, task: dict[str, Any], name: str, project: str, output: Format,
+                    no_wait: bool) -> None:
+    """Follow a volume task, then print the volume as it is now."""
+    _after(c, task, output, no_wait, lambda _: run(lambda: c.get(f"/volumes/{name}", project=project)))
 
 
 @volume_app.command("create")
@@ -75,11 +80,7 @@ def volume_delete(name: str, project: ProjectArg = "default", no_wait: NoWait = 
     """Delete a volume and its snapshots (space returns at the next garbage collection)."""
     c = client()
     task = run(lambda: c.request("DELETE", f"/volumes/{name}", params={"project": project}).json())
-    if no_wait:
-        emit(task, output)
-        return
-    wait(c, task, output)
-    emit({"deleted": {"kind": "volume", "name": name}}, output)
+    _after(c, task, output, no_wait, lambda _: {"deleted": {"kind": "volume", "name": name}})
 
 
 @volume_app.command("rollback")
@@ -112,12 +113,12 @@ def snapshot_create(volume: str, name: str, project: ProjectArg = "default", no_
     """Snapshot a volume (O(1) whatever its size)."""
     c = client()
     task = run(lambda: c.post(f"/volumes/{volume}/snapshots?project={project}", {"name": name}))
-    if no_wait:
-        emit(task, output)
-        return
-    wait(c, task, output)
-    items = run(lambda: c.get(f"/volumes/{volume}/snapshots", project=project))["items"]
-    emit(next((s for s in items if s["name"] == name), {}), output)
+
+    def show(_: Any) -> Any:
+        items = run(lambda: c.get(f"/volumes/{volume}/snapshots", project=project))["items"]
+        return next((s for s in items if s["name"] == name), {})
+
+    _after(c, task, output, no_wait, show)
 
 
 @snapshot_app.command("list")
@@ -134,11 +135,7 @@ def snapshot_delete(volume: str, name: str, project: ProjectArg = "default", no_
     c = client()
     task = run(lambda: c.request("DELETE", f"/volumes/{volume}/snapshots/{name}",
                                  params={"project": project}).json())
-    if no_wait:
-        emit(task, output)
-        return
-    wait(c, task, output)
-    emit({"deleted": {"kind": "snapshot", "volume": volume, "name": name}}, output)
+    _after(c, task, output, no_wait, lambda _: {"deleted": {"kind": "snapshot", "volume": volume, "name": name}})
 
 
 @pool_app.command("get")
@@ -200,11 +197,7 @@ def image_upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fals
         task = run(lambda: c.request("PUT", f"/images/{name}/upload", params=params,
                                      content=_chunks(file, bar, row),
                                      headers={"Content-Type": "application/octet-stream"}, timeout=None).json())
-    if no_wait:
-        emit(task, output)
-        return
-    wait(c, task, output)
-    emit(run(lambda: c.get(f"/images/{name}", project=project)), output)
+    _after(c, task, output, no_wait, lambda _: run(lambda: c.get(f"/images/{name}", project=project)))
 
 
 vm_snapshot_app = typer.Typer(no_args_is_help=True, help="VM snapshots: all of a VM's volumes at once.")
@@ -216,10 +209,7 @@ def vm_snapshot_create(vm: str, name: str, project: ProjectArg = "default", no_w
     """Snapshot every volume of a VM together (a running VM pauses for that moment)."""
     c = client()
     task = run(lambda: c.post(f"/vms/{vm}/snapshots?project={project}", {"name": name}))
-    if no_wait:
-        emit(task, output)
-        return
-    emit(wait(c, task, output)["result"], output)
+    _after(c, task, output, no_wait, lambda final: final["result"])
 
 
 @vm_snapshot_app.command("list")
@@ -233,9 +223,7 @@ def vm_snapshot_delete(vm: str, name: str, project: ProjectArg = "default", no_w
                        output: OutputOpt = Format.table) -> None:
     c = client()
     task = run(lambda: c.request("DELETE", f"/vms/{vm}/snapshots/{name}", params={"project": project}).json())
-    if not no_wait:
-        wait(c, task, output)
-    emit(task if no_wait else {"deleted": {"kind": "vm-snapshot", "vm": vm, "name": name}}, output)
+    _after(c, task, output, no_wait, lambda _: {"deleted": {"kind": "vm-snapshot", "vm": vm, "name": name}})
 
 
 def vm_restore(vm: str, snapshot: str, project: ProjectArg = "default", no_wait: NoWait = False,
@@ -243,11 +231,7 @@ def vm_restore(vm: str, snapshot: str, project: ProjectArg = "default", no_wait:
     """Roll every volume of a stopped VM back to a snapshot."""
     c = client()
     task = run(lambda: c.post(f"/vms/{vm}/restore?project={project}", {"snapshot": snapshot}))
-    if no_wait:
-        emit(task, output)
-        return
-    wait(c, task, output)
-    emit(run(lambda: c.get(f"/vms/{vm}", project=project)), output)
+    _after(c, task, output, no_wait, lambda _: run(lambda: c.get(f"/vms/{vm}", project=project)))
 
 
 def vm_clone(source: Annotated[str, typer.Argument(metavar="VM@SNAPSHOT")], new: str, project: ProjectArg = "default",
@@ -258,11 +242,7 @@ def vm_clone(source: Annotated[str, typer.Argument(metavar="VM@SNAPSHOT")], new:
         fail(f"give the source as VM@SNAPSHOT, not {source!r}", 2)
     c = client()
     task = run(lambda: c.post(f"/vms/{vm}/clone?project={project}", {"snapshot": snap, "name": new}))
-    if no_wait:
-        emit(task, output)
-        return
-    wait(c, task, output)
-    emit(run(lambda: c.get(f"/vms/{new}", project=project)), output)
+    _after(c, task, output, no_wait, lambda _: run(lambda: c.get(f"/vms/{new}", project=project)))
 
 
 def register(app: typer.Typer, image_app: typer.Typer, vm_app: typer.Typer) -> None:
