@@ -42,7 +42,7 @@ DIST = ROOT / "webui" / "dist"
 CAIRN = [sys.executable, "-m", "appliance.cli.main"]
 BOOT_MS = 120_000  # create + boot under TCG emulation: seconds here, more on a loaded machine
 NETWORK, CIDR = "e2e-lab", "10.213.7.0/24"
-VM, CONTAINER = "e2e-vm", "e2e-sh"
+VM, CONTAINER, VOLUME = "e2e-vm", "e2e-sh", "e2e-data"
 
 
 @dataclass
@@ -84,12 +84,16 @@ def finish(api: httpx.Client, response: httpx.Response) -> dict[str, Any]:
 
 
 def remove_leftovers(api: httpx.Client) -> None:
-    """Delete every instance and network (the agent removes domains, containers and bridges)."""
+    """Delete every instance, volume and network (the agent removes domains, containers and
+    bridges; the storage daemon the volumes' data)."""
     for kind in ("vms", "containers"):
         for item in api.get(f"/{kind}", params={"limit": 500}).json()["items"]:
             api.delete(f"/{kind}/{item['name']}", params={"project": item["project"]})
     for kind in ("vms", "containers"):
         wait_for(lambda k=kind: not api.get(f"/{k}").json()["items"], 180, f"the {kind} to be deleted")
+    for vol in api.get("/volumes").json()["items"]:
+        api.delete(f"/volumes/{vol['name']}", params={"project": vol["project"]})
+    wait_for(lambda: not api.get("/volumes").json()["items"], 120, "the volumes to be deleted")
     for net in api.get("/networks").json()["items"]:
         api.delete(f"/networks/{net['name']}", params={"project": net["project"]})
 
@@ -318,3 +322,43 @@ def test_a_container_with_a_tty_answers_in_its_terminal(page: Page, stack: Stack
 
     page.get_by_role("navigation", name="container views").get_by_role("link", name="Summary").click()
     delete_from_detail(page, stack, "containers", "container", "containers", CONTAINER)
+
+
+def test_a_volume_created_in_the_dialog_takes_a_snapshot_and_is_deleted(page: Page, stack: Stack, shots: Path) -> None:
+    open_kind(page, stack, "Volumes")
+    page.get_by_role("button", name="Create volume").first.click()
+    dialog = page.get_by_role("dialog", name="Create volume")
+    dialog.get_by_label("Name").fill(VOLUME)
+    dialog.get_by_label("Size", exact=True).fill("1")
+    expect(dialog.get_by_label("Size unit")).to_have_value("GiB")
+    expect(dialog.get_by_label("Class")).to_have_value("dedup")
+    page.screenshot(path=shots / "volume-create-dialog.png")
+    dialog.get_by_role("button", name="Create volume").click()
+    expect(page).to_have_url(f"{stack.url}/volumes/{VOLUME}")
+    expect(page.get_by_role("region", name=re.compile(r"^volume\.create"))).to_contain_text("succeeded", timeout=60_000)
+    expect(page.locator(".page-header .badge").first).to_have_text("Available")
+    volume = stack.api.get(f"/volumes/{VOLUME}").json()
+    assert volume["status"]["size_bytes"] == 1 << 30
+    expect(page.get_by_role("region", name="Volume", exact=True)).to_contain_text("1.0 GiB")
+
+    actions = page.get_by_role("group", name="Volume actions")
+    actions.get_by_role("button", name="Take snapshot").click()
+    snap = page.get_by_role("dialog", name=f"Snapshot of {VOLUME}")
+    snap.get_by_label("Snapshot name").fill("before")
+    snap.get_by_role("button", name="Take snapshot").click()
+    snapshots = page.get_by_role("region", name="Snapshots")
+    expect(snapshots.get_by_role("row").filter(has_text="before")).to_have_count(1, timeout=60_000)
+    assert [s["name"] for s in stack.api.get(f"/volumes/{VOLUME}/snapshots").json()["items"]] == ["before"]
+    page.screenshot(path=shots / "volume-detail.png", full_page=True)
+
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Volumes", exact=True).click()
+    row = page.get_by_role("row").filter(has_text=VOLUME)
+    for text in ("default", "dedup", "1.0 GiB", "Available"):
+        expect(row).to_contain_text(text)
+    page.screenshot(path=shots / "volumes.png")
+    row.get_by_role("link", name=VOLUME).click()
+    actions.get_by_role("button", name="Delete").click()
+    page.get_by_role("dialog", name=f"Delete volume {VOLUME}?").get_by_role("button", name="Delete").click()
+    expect(page).to_have_url(f"{stack.url}/volumes")
+    wait_for(lambda: not stack.api.get("/volumes").json()["items"], 60, "the volume to be deleted")
+    expect(page.get_by_text("No volumes yet.")).to_be_visible()

@@ -85,12 +85,18 @@ export interface InstanceStatus {
   power_state: string;
   node?: string;
   ports?: AttachedPort[];
+  volumes?: { volume: string; id?: string; export?: string; owned?: boolean }[];
   consoles?: { kind: string }[];
   error?: string | null;
   [extra: string]: unknown;
 }
 export type Instance = Resource<InstanceSpec, InstanceStatus>;
 export type Image = Resource<{ kind: InstanceKind; format: string; [extra: string]: unknown }, { phase?: string }>;
+export type Volume = Resource<
+  { pool?: string; class?: string; size_bytes?: number; labels?: Record<string, string> },
+  { phase?: string; message?: string; export?: string; size_bytes?: number; class?: string; task_state?: string | null }
+>;
+export interface VolumeSnapshot { id?: string; name: string; volume: string; size_bytes: number; created_at: string | null }
 export type Network = Resource<{ cidr?: string | null; mtu?: number }, { phase?: string; vni?: number }>;
 
 export interface Role { project: string; role: string }

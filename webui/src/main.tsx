@@ -7,6 +7,7 @@ import { Dashboard } from "./pages/Dashboard";
 import { Events } from "./pages/Events";
 import { INSTANCE_KINDS } from "./instances";
 import { InstanceDetail, InstanceList } from "./pages/Instances";
+import { VolumeDetail, VolumeList } from "./pages/Volumes";
 import { Login } from "./pages/Login";
 import { NodeDetail, Nodes } from "./pages/Nodes";
 import { Resources, type Kind } from "./pages/Resources";
@@ -103,7 +104,10 @@ function App() {
     const kind = kinds.find((k) => k.path === segments[0]);
     const instances = kind && (kind.path === "vms" || kind.path === "containers") ? INSTANCE_KINDS[kind.path] : null;
     const project = new URLSearchParams(location.search).get("project") || "default";
-    if (instances && segments.length === 1) page = <InstanceList key={kind!.path} info={instances} user={user} />;
+    if (kind?.path === "volumes" && segments.length === 1) page = <VolumeList user={user} />;
+    else if (kind?.path === "volumes" && segments.length === 2) {
+      page = <VolumeDetail key={`${project}/${segments[1]}`} name={segments[1]} project={project} user={user} />;
+    } else if (instances && segments.length === 1) page = <InstanceList key={kind!.path} info={instances} user={user} />;
     else if (instances && segments.length <= 3) {
       page = <InstanceDetail key={`${kind!.path}/${project}/${segments[1]}`} info={instances} name={segments[1]}
         project={project} tab={segments[2] ?? ""} user={user} />;

@@ -2,7 +2,7 @@
 
 import { useState } from "preact/hooks";
 import {
-  ApiError, canWrite, get, post, qs, type Image, type Me, type Network, type Page, type Resource, type Task,
+  ApiError, canWrite, get, post, qs, type Image, type Me, type Network, type Page, type Resource, type Task, type Volume,
 } from "../api";
 import { Dialog } from "../components/dialog";
 import { ErrorBox } from "../components/ui";
@@ -71,6 +71,8 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
   const images = useFetch<Page<Image>>(`images${qs({ project, limit: 100 })}`);
   const networks = useFetch<Page<Network>>(`networks${qs({ project, limit: 100 })}`);
   const groups = useFetch<Page<Resource>>(`security-groups${qs({ project, limit: 100 })}`);
+  // Only VMs attach volumes; the list is there only when the API has storage.
+  const volumes = useFetch<Page<Volume>>(info.kind === "vm" ? `volumes${qs({ project, limit: 100 })}` : null);
   const fitting = (images.data?.items ?? []).filter((i) => i.spec.kind === info.kind);
 
   const [name, setName] = useState("");
@@ -80,6 +82,8 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
   const [unit, setUnit] = useState("MiB");
   const [nets, setNets] = useState<string[]>([]);
   const [secgroups, setSecgroups] = useState<string[]>([]);
+  const [disks, setDisks] = useState<string[]>([]);
+  const [rootSize, setRootSize] = useState("");
   const [command, setCommand] = useState("");
   const [tty, setTty] = useState(false);
   const [isolation, setIsolation] = useState<"container" | "vm">("container");
@@ -89,6 +93,7 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
   const [importing, setImporting] = useState<string | null>(null);
 
   const chosenImage = image && fitting.some((i) => i.name === image) ? image : fitting[0]?.name ?? "";
+  const diskImage = fitting.find((i) => i.name === chosenImage)?.spec.format === "disk";
 
   async function importTestGuest() {
     setError(null);
@@ -128,6 +133,8 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
       power: start ? "running" : "stopped",
     };
     if (secgroups.length) spec.security_groups = secgroups;
+    if (disks.length) spec.volumes = disks;
+    if (diskImage && rootSize) spec.root_size = `${rootSize}GiB`;
     if (isContainer) {
       if (words.length) spec.command = words;
       spec.tty = tty;
@@ -187,6 +194,12 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
               </select>
             </span>
           </div>
+          {diskImage && (
+            <label class="field">Root disk size (GiB)
+              <input name="root_size" type="number" min={1} step="any" placeholder="the image's" value={rootSize}
+                onInput={(e) => setRootSize((e.target as HTMLInputElement).value)} />
+            </label>
+          )}
           {isContainer && (
             <>
               <label class="field span2">Command
@@ -210,6 +223,11 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
             empty={networks.loading ? "Loading…" : `No networks in project ${project}: the ${info.one} gets no network interface.`} />
           <Checklist legend="Security groups" items={(groups.data?.items ?? []).map((g) => g.name)} chosen={secgroups}
             onChange={setSecgroups} empty={groups.loading ? "Loading…" : "None: the project's default group applies."} />
+          {volumes.data && (
+            <Checklist legend="Volumes to attach" chosen={disks} onChange={setDisks}
+              items={volumes.data.items.filter((v) => (v.spec.class ?? "dedup") === "dedup").map((v) => v.name)}
+              empty={`No volumes in project ${project}${diskImage ? " (the root disk is cloned from the image)" : ""}.`} />
+          )}
           <label class="check field-check span2">
             <input type="checkbox" name="start" checked={start} onChange={(e) => setStart((e.target as HTMLInputElement).checked)} />
             Start after creation

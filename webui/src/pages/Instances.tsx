@@ -330,6 +330,21 @@ export function InstanceDetail({ info, name, project, tab, user }: {
               </dl>
             </section>
           </div>
+          {(i.status.volumes?.length ?? 0) > 0 && (
+            <section class="section" aria-labelledby="disks-h">
+              <h2 id="disks-h">Disks</h2>
+              <table class="table">
+                <thead><tr><th>Volume</th><th>Role</th><th>Export</th></tr></thead>
+                <tbody>{i.status.volumes!.map((d) => (
+                  <tr key={d.id ?? d.volume}>
+                    <td><a href={`/volumes/${encodeURIComponent(d.volume)}${project !== "default" ? `?project=${encodeURIComponent(project)}` : ""}`}>{d.volume}</a></td>
+                    <td>{d.owned ? "root (cloned from the image, deleted with the VM)" : "attached"}</td>
+                    <td><code class="small">{d.export ?? "—"}</code></td>
+                  </tr>
+                ))}</tbody>
+              </table>
+            </section>
+          )}
           <section class="section" aria-labelledby="nics-h">
             <h2 id="nics-h">Network interfaces</h2>
             {ports.length ? (
