@@ -171,12 +171,21 @@ export interface ResourceTasks {
   track: (task: Task) => void;
 }
 
+const recent = (t: Task): boolean => !t.finished_at || Date.now() - Date.parse(t.finished_at) < 60_000;
+
+// Tasks this console started, by resource id: the page navigated to next (a new VM's detail)
+// shows the task's progress even when it ended before that page could load the running ones.
+const started = new Map<string, Task>();
+
 /** Tasks acting on resources of `kind` ("vm", "container"), kept current by task events. */
 export function useResourceTasks(kind: string): ResourceTasks {
-  const [byResource, setByResource] = useState<Map<string, Task>>(new Map());
+  const [byResource, setByResource] = useState<Map<string, Task>>(
+    () => new Map([...started].filter(([, t]) => t.resource?.kind === kind && recent(t))),
+  );
   const put = useCallback((task: Task) => {
     const rid = task.resource?.id;
     if (!rid || task.resource?.kind !== kind) return;
+    if (started.get(rid)?.id === task.id) started.set(rid, laterTask(started.get(rid), task));
     setByResource((old) => {
       const current = old.get(rid);
       // An older task's late event must not replace the newer one.
@@ -197,6 +206,7 @@ export function useResourceTasks(kind: string): ResourceTasks {
   useLive(["task"], (e) => put(e.object as unknown as Task));
 
   const track = useCallback((task: Task) => {
+    if (task.resource?.id) started.set(task.resource.id, task);
     put(task);
     // The event stream may already have passed the task's first updates.
     get<Task>(`tasks/${task.id}`).then(put).catch(() => {});
