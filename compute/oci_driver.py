@@ -15,6 +15,7 @@ and reaps it), so no container process is ever orphaned to PID 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,19 @@ from compute.spec import ContainerSpec, PowerState, container_spec_from_dict, co
 log = logging.getLogger(__name__)
 HYBRID_MARK = Path("/sys/fs/cgroup/unified")
 
+
+
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
+
+
+def socket_path(path: Path) -> Path:
+    """``path`` when a unix socket can have that name, else a short stand-in under
+    /tmp/cairn-sockets derived from it (deep data directories exceed sun_path)."""
+    if len(str(path)) <= SUN_PATH_MAX:
+        return path
+    short = Path("/tmp/cairn-sockets")
+    short.mkdir(mode=0o700, exist_ok=True)
+    return short / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".sock")
 
 class OciDriver(ComputeDriver[ContainerSpec]):
     """Containers on this host, run by crun."""
@@ -153,11 +167,12 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             listener = None
             extra: list[str] = []
             if spec.tty:
-                (d / "crun-console.sock").unlink(missing_ok=True)
+                console_sock = socket_path(d / "crun-console.sock")
+                console_sock.unlink(missing_ok=True)
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                listener.bind(str(d / "crun-console.sock"))
+                listener.bind(str(console_sock))
                 listener.listen(1)
-                extra = ["--console-socket", str(d / "crun-console.sock")]
+                extra = ["--console-socket", str(console_sock)]
             with open(d / "console.log", "ab") as out:
                 proc = subprocess.Popen(self._crun_argv("run", *extra, "-b", str(d), name),
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
@@ -165,7 +180,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             if listener is not None:
                 with listener:
                     master = self._receive_terminal(listener, proc, name)
-                relay = TtyRelay(master, d / "console.log", d / "tty.sock")
+                relay = TtyRelay(master, d / "console.log", socket_path(d / "tty.sock"))
                 relay.start()
                 self._relays[name] = relay
             deadline = time.monotonic() + 30
@@ -272,6 +287,8 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             detach_nics(name, spec.nics)
         if os.path.ismount(d / "rootfs"):
             subprocess.run(["umount", str(d / "rootfs")], check=False, capture_output=True)
+        for sock in ("tty.sock", "crun-console.sock"):
+            socket_path(d / sock).unlink(missing_ok=True)  # a stand-in may live outside d
         shutil.rmtree(d, ignore_errors=True)
 
     def power_state(self, name: str) -> PowerState:
@@ -302,7 +319,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         self._spec(name)
         out = [ConsoleEndpoint(kind="log", path=str(self._dir(name) / "console.log"))]
         if name in self._relays and self._relays[name].is_alive():
-            out.insert(0, ConsoleEndpoint(kind="serial-unix", path=str(self._dir(name) / "tty.sock")))
+            out.insert(0, ConsoleEndpoint(kind="serial-unix", path=str(socket_path(self._dir(name) / "tty.sock"))))
         return out
 
     def exec(self, name: str, argv: list[str], timeout: float = 60.0) -> ExecResult:
