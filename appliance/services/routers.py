@@ -112,7 +112,10 @@ def _attach(session: Session, settings: Settings, router: Router, subnet: Subnet
         raise Conflict(f"subnet '{subnet.name}' is already attached to {where}: a subnet has one router")
     net = ipaddress.ip_network(subnet.cidr)
     if settings.external_cidr:
-        external = ipaddress.ip_network(settings.external_cidr, strict=False)
+        try:
+            external = ipaddress.ip_network(settings.external_cidr, strict=False)
+        except ValueError as exc:
+            raise Conflict(f"CAIRN_EXTERNAL_CIDR is invalid ({exc}): fix the API's settings")
         if net.overlaps(external):
             raise Conflict(f"{net} overlaps the external network {external}: pick another range")
     routed = session.execute(select(Subnet, RouterInterface.router_id)
