@@ -44,6 +44,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHECKPOINT_BYTES = 256 << 20
 CACHE_BYTES = 192 << 20
 MAX_EXTENTS = 32  # a patch with more extents (or covering half its block) is folded
+PATCH_CACHE = 32768  # decoded patches kept (besides their bytes in the chunk cache)
 INFLIGHT_LIMIT = 256 << 20  # bytes handed to the backend and not landed: then wait
 
 
@@ -82,6 +83,7 @@ class ChunkStore:
         self.codec = ChunkCodec()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_bytes = 0
+        self._patches: OrderedDict[bytes, tuple[bytes, Extents]] = OrderedDict()
         self.touched: set[bytes] | None = None  # filled while a GC sweep is running
         self._local = threading.local()
 
@@ -93,11 +95,15 @@ class ChunkStore:
         if h not in self.log.index:
             flags, payload = self.codec.encode(data)
             self.log.stage_chunk(h, flags, len(data), payload)
-        self._remember(h, bytes(data))
+            # An uncompressed payload is already a copy of the bytes: cache that one.
+            self._remember(h, payload if flags == RAW else bytes(data))
+        elif h not in self._cache:
+            self._remember(h, bytes(data))
         return h
 
-    def put_patch(self, blob: bytes, base: bytes) -> bytes:
+    def put_patch(self, base: bytes, extents: Extents) -> bytes:
         """Store a patch chunk (kept raw: it is small and mostly fresh data)."""
+        blob = encode_patch(base, extents, self.chunk_size)
         h = chunk_hash(blob)
         if self.touched is not None:
             self.touched.add(h)
@@ -105,7 +111,32 @@ class ChunkStore:
         if h not in self.log.index:
             self.log.stage_chunk(h, RAW, len(blob), blob)
         self._remember(h, blob)
+        self._remember_patch(h, (base, extents))
         return h
+
+    def patch(self, h: bytes) -> tuple[bytes, Extents]:
+        """A patch's (base, extents), decoded once (reads it if it is not in memory)."""
+        p = self._patches.get(h)
+        if p is None:
+            p = decode_patch(self.get(h))
+            self._remember_patch(h, p)
+        return p
+
+    def cached_patch(self, h: bytes) -> tuple[bytes, Extents] | None:
+        """A patch's (base, extents) if it is in memory, else None."""
+        p = self._patches.get(h)
+        if p is None:
+            blob = self.cached(h)
+            if blob is None:
+                return None
+            p = decode_patch(blob)
+            self._remember_patch(h, p)
+        return p
+
+    def _remember_patch(self, h: bytes, p: tuple[bytes, Extents]) -> None:
+        self._patches[h] = p
+        if len(self._patches) > PATCH_CACHE:
+            self._patches.popitem(last=False)
 
     def is_patch(self, h: bytes) -> bool:
         """Whether a block-map entry names a patch rather than a full block."""
@@ -115,7 +146,8 @@ class ChunkStore:
         return loc is not None and loc.raw_length != self.chunk_size
 
     def cached(self, h: bytes) -> bytes | None:
-        """The chunk's bytes if they are in memory (cache, staged or in flight), else None."""
+        """The chunk's bytes if they are in memory (cache, staged or in flight), else None
+        (a data block may come as a read-only view rather than ``bytes``)."""
         data = self._cache.get(h)
         if data is not None:
             return data
@@ -136,6 +168,8 @@ class ChunkStore:
         data = self._cache.get(h)
         if data is not None:
             self._cache.move_to_end(h)
+            if type(data) is not bytes:  # a view into a segment read (see NbdServer._decoded)
+                data = self._cache[h] = bytes(data)
             return data
         loc, payload = self.log.read_payload(h)
         data = self.codec.decode(loc.flags, payload, loc.raw_length)
@@ -217,6 +251,7 @@ class ChunkStore:
     def forget(self) -> None:
         """Drop the cache (used by scrub, which must read the backend)."""
         self._cache.clear()
+        self._patches.clear()
         self._cache_bytes = 0
 
 
@@ -265,12 +300,13 @@ class Volume:
         return bytes(self.read_into(offset, length))
 
     def read_into(self, offset: int, length: int,
-                  extra: dict[bytes, tuple[int, bytes]] | None = None) -> bytearray:
-        """The bytes of a range in a new buffer. Chunks come from the cache, else from
-        ``extra`` (hash -> (start, bytes) ranges of raw chunks the caller fetched), else
-        from the backend (blocking: the NBD server fetches :meth:`read_needs` first)."""
-        out = bytearray(length)
-        view = memoryview(out)
+                  extra: dict[bytes, tuple[int, bytes]] | None = None, prefix: int = 0) -> bytearray:
+        """The bytes of a range in a new buffer, after ``prefix`` free bytes (room for a
+        reply header). Chunks come from the cache, else from ``extra`` (hash -> (start,
+        bytes) ranges of raw chunks the caller fetched), else from the backend (blocking:
+        the NBD server fetches :meth:`read_needs` first)."""
+        out = bytearray(prefix + length)
+        view = memoryview(out)[prefix:]
         bs = self.block
         blk, boff = divmod(offset, bs)
         pos = 0
@@ -290,7 +326,7 @@ class Volume:
         chunks = self.pool.chunks
         n = len(dest)
         if chunks.is_patch(h):
-            base, extents = decode_patch(chunks.get(h))
+            base, extents = chunks.patch(h)
             if base != ZERO_HASH and not covered(extents, boff, boff + n):
                 self._fill(dest, base, boff, extra)
             end = boff + n
@@ -334,11 +370,11 @@ class Volume:
                needs: list[tuple[bytes, int, int]]) -> None:
         chunks = self.pool.chunks
         if chunks.is_patch(h):
-            blob = chunks.cached(h)
-            if blob is None:
+            cp = chunks.cached_patch(h)
+            if cp is None:
                 needs.append((h, 0, -1))
                 return
-            base, extents = decode_patch(blob)
+            base, extents = cp
             if base != ZERO_HASH and not covered(extents, boff, boff + n):
                 self._needs(base, boff, n, extra, needs)
             return
@@ -367,11 +403,11 @@ class Volume:
             cur = self.map.get(blk)
             base, grown, count = cur, n, 1
             if chunks.is_patch(cur):
-                blob = chunks.cached(cur)
-                if blob is None:
+                cp = chunks.cached_patch(cur)
+                if cp is None:
                     needs.append((cur, 0, -1))
                     continue
-                base, extents = decode_patch(blob)
+                base, extents = cp
                 grown += sum(len(d) for _o, d in extents)
                 count += len(extents)
             if (grown >= bs // 2 or count > MAX_EXTENTS) and base != ZERO_HASH and chunks.cached(base) is None:
@@ -444,7 +480,7 @@ class Volume:
         cur = self.map.get(blk)
         extents: Extents
         if chunks.is_patch(cur):
-            base, extents = decode_patch(chunks.get(cur))
+            base, extents = chunks.patch(cur)
         else:
             base, extents = cur, []
         extents = merge_extents(extents, boff, piece)
@@ -459,7 +495,7 @@ class Volume:
             for eo, ed in extents:
                 buf[eo : eo + len(ed)] = ed
             return ZERO_HASH if buf == self._zero else chunks.put(buf)
-        h = chunks.put_patch(encode_patch(base, extents, bs), base)
+        h = chunks.put_patch(base, extents)
         self._last_patch, self._last_base = h, base  # journaled with the map entry
         return h
 
@@ -696,7 +732,7 @@ class Pool:
                 logical += self.chunk_size
                 unique.add(h)
                 if self.chunks.is_patch(h):
-                    unique.add(decode_patch(self.chunks.get(h))[0])
+                    unique.add(self.chunks.patch(h)[0])
         unique.discard(ZERO_HASH)
         raw = stored = 0
         for h in unique:
@@ -728,7 +764,7 @@ class Pool:
             for _b, h in iter_map(root, self.chunks.get):
                 live.add(h)
                 if self.chunks.is_patch(h):
-                    live.add(decode_patch(self.chunks.get(h))[0])  # a patch keeps its base alive
+                    live.add(self.chunks.patch(h)[0])  # a patch keeps its base alive
         return live
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
@@ -74,7 +75,7 @@ class NbdServer:
         self.pool = pool
         self.exports = exports
         self.read_only = read_only
-        self._waiting: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self._waiting: list[tuple[Any, bytes]] = []
         self._sync = False
         self._scheduled = False
         self._servers: list[asyncio.Server] = []
@@ -83,6 +84,9 @@ class NbdServer:
         self._reading: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self._last_end: dict[str, int] = {}
         self._codec = ChunkCodec()
+        self._completed: collections.deque[tuple[asyncio.Future[bytes], bytes | None, BaseException | None]] = (
+            collections.deque())
+        self._wake_pending = False
 
     # ----------------------------------------------------------------- lifecycle
     async def listen_unix(self, path: str) -> None:
@@ -107,7 +111,7 @@ class NbdServer:
         return self.exports if self.exports is not None else self.pool.list_volumes()
 
     # ----------------------------------------------------------------- group commit
-    def _defer_reply(self, writer: asyncio.StreamWriter, reply: bytes, sync: bool) -> None:
+    def _defer_reply(self, writer: Any, reply: bytes, sync: bool) -> None:
         self._waiting.append((writer, reply))
         self._sync |= sync
         self._schedule()
@@ -130,7 +134,7 @@ class NbdServer:
         future = asyncio.wrap_future(self.pool.log.commit_async(sync=sync))
         future.add_done_callback(lambda f: self._committed(f, waiting))
 
-    def _committed(self, future: asyncio.Future[None], waiting: list[tuple[asyncio.StreamWriter, bytes]]) -> None:
+    def _committed(self, future: asyncio.Future[None], waiting: list[tuple[Any, bytes]]) -> None:
         error = 0
         exc = future.exception()
         if exc is not None:
@@ -156,9 +160,11 @@ class NbdServer:
     # ----------------------------------------------------------------- handshake
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        handed_over = False
         try:
             vol = await self._handshake(reader, writer)
             if vol is not None:
+                handed_over = True
                 await self._transmission(vol, reader, writer)
         except (Disconnect, asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -167,8 +173,9 @@ class NbdServer:
         finally:
             self.connections -= 1
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if not handed_over:  # else the stream protocol is gone and would never report closing
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
 
     def _flags(self) -> int:
         flags = (p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_FUA | p.TF_SEND_TRIM | p.TF_SEND_WRITE_ZEROES
@@ -243,19 +250,28 @@ class NbdServer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
 
-        def settle(data: bytes | None, exc: BaseException | None) -> None:
+        def done(data: bytes | None, exc: BaseException | None) -> None:  # on a backend thread
+            # Completions are handed over in batches: one loop wake-up for all of those
+            # that arrive while the loop is busy.
+            self._completed.append((fut, data, exc))
+            if not self._wake_pending:
+                self._wake_pending = True
+                loop.call_soon_threadsafe(self._settle_completed)
+
+        self.pool.log.read_async(seg, offset, length, done)
+        return fut
+
+    def _settle_completed(self) -> None:
+        self._wake_pending = False
+        completed = self._completed
+        while completed:
+            fut, data, exc = completed.popleft()
             if fut.done():
-                return
+                continue
             if exc is not None:
                 fut.set_exception(exc)
             else:
                 fut.set_result(data or b"")
-
-        def done(data: bytes | None, exc: BaseException | None) -> None:  # on a backend thread
-            loop.call_soon_threadsafe(settle, data, exc)
-
-        self.pool.log.read_async(seg, offset, length, done)
-        return fut
 
     def _being_read(self, loc: Location) -> asyncio.Future[None] | None:
         for start, end, fut in self._reading.get(loc.segment, ()):
@@ -324,15 +340,22 @@ class NbdServer:
                 del self._reading[seg]
             marker.set_result(None)
         chunks = self.pool.chunks
-        codec = self._codec
         view = memoryview(blob)
         for loc, h in items:
             at = loc.offset - start
             if at + loc.length > len(blob):
                 raise CorruptionError(f"chunk {h.hex()} truncated in {seg}")
-            chunks.remember(h, codec.decode(loc.flags, bytes(view[at : at + loc.length]), loc.raw_length))
+            chunks.remember(h, self._decoded(view, at, at + loc.length, loc.flags, loc.raw_length))
         if stop > end:
             self._readahead(seg, start, view, end - start)
+
+    def _decoded(self, view: memoryview, at: int, end: int, flags: int, raw_length: int) -> bytes:
+        """A chunk's bytes out of a segment read. An uncompressed data block is kept as a
+        view into the read buffer (no copy; the views of one read are cached and evicted
+        together); anything else (patches, map shards) as its own bytes."""
+        if flags == RAW and raw_length == self.pool.chunk_size and end - at == raw_length:
+            return view[at:end]  # type: ignore[return-value]
+        return self._codec.decode(flags, bytes(view[at:end]), raw_length)
 
     def _readahead(self, seg: str, start: int, view: memoryview, pos: int) -> None:
         """Cache the chunk records of ``view`` (segment bytes from ``start``) from ``pos``
@@ -351,109 +374,58 @@ class NbdServer:
                 loc = index.get(h)
                 if (loc is not None and loc.segment == seg and loc.offset == start + at
                         and loc.length == body + length - at and not chunks.has(h)):
-                    chunks.remember(h, self._codec.decode(flags, bytes(view[at : body + length]), raw))
+                    chunks.remember(h, self._decoded(view, at, body + length, flags, raw))
             elif rtype not in MAP_RECORDS:
                 return
             pos = body + length
 
     # ----------------------------------------------------------------- transmission
-    async def _read(self, vol: Volume, writer: asyncio.StreamWriter, handle: int, offset: int, length: int,
-                    slots: asyncio.Semaphore) -> None:
+    async def _read(self, vol: Volume, writer: Any, handle: int, offset: int, length: int,
+                    slots: asyncio.Semaphore, sequential: bool) -> None:
         try:
-            if length > p.MAX_REQUEST or offset < 0 or offset + length > vol.size:
-                raise InvalidArgument("read out of range")
-            sequential = length >= (128 << 10) or self._last_end.get(vol.name) == offset
-            self._last_end[vol.name] = offset + length
             extra: dict[bytes, tuple[int, bytes]] = {}
             for _ in range(4):
                 needs = vol.read_needs(offset, length, extra)
                 if not needs:
                     break
                 await self._fetch(needs, extra, sequential)
-            out = vol.read_into(offset, length, extra)
-            header = p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle)
-            if length < 65536:
-                writer.write(header + out)
-            else:
-                writer.write(header)
+            out = vol.read_into(offset, length, extra, 16)
+            p.REPLY.pack_into(out, 0, p.SIMPLE_REPLY_MAGIC, 0, handle)
+            if not writer.is_closing():
                 writer.write(out)
         except InvalidArgument:
             writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
         except StorageError:
             log.exception("read failed")
             writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
-        finally:
-            slots.release()
 
-    async def _write(self, vol: Volume, writer: asyncio.StreamWriter, handle: int, offset: int, length: int,
-                     data: bytes | None, fua: bool, slots: asyncio.Semaphore) -> None:
+    async def _write(self, vol: Volume, writer: Any, handle: int, offset: int, length: int,
+                     data: bytes | memoryview | None, fua: bool, slots: asyncio.Semaphore) -> None:
         try:
-            try:
-                for _ in range(3):
-                    needs = vol.write_needs(offset, length)
-                    if not needs:
-                        break
-                    await self._fetch(needs, {}, False)
-            except StorageError:
-                pass  # the write itself reports it
-            self._finish(writer, handle, self._mutate(vol, offset, length, data), fua)
-        finally:
-            slots.release()
+            for _ in range(3):
+                needs = vol.write_needs(offset, length)
+                if not needs:
+                    break
+                await self._fetch(needs, {}, False)
+        except StorageError:
+            pass  # the write itself reports it
+        self._finish(writer, handle, self._mutate(vol, offset, length, data), fua)
 
     async def _transmission(self, vol: Volume, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        pending_reads = 0
-        slots = asyncio.Semaphore(64)
-        tasks: set[asyncio.Task[None]] = set()
+        """Serve requests until the client disconnects: the transport is handed to a
+        :class:`_Requests` protocol (requests parsed straight out of the receive buffer,
+        large write payloads received in place, cached reads answered without a task)."""
+        transport = writer.transport
+        leftover = bytes(reader._buffer)  # requests the client pipelined after OPT_GO
+        reader._buffer.clear()
+        proto = _Requests(self, vol, transport)
+        transport.set_protocol(proto)  # type: ignore[arg-type]
+        transport.resume_reading()
+        if leftover:
+            proto.feed(leftover)
+        await proto.done
 
-        def spawn(coro: Any) -> None:
-            task = asyncio.create_task(coro)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        while True:
-            magic, flags, cmd, handle, offset, length = p.REQUEST.unpack(await reader.readexactly(28))
-            if magic != p.REQUEST_MAGIC:
-                raise Disconnect("bad request magic")
-            fua = bool(flags & p.CMD_FLAG_FUA)
-            if cmd == p.CMD_WRITE:
-                if length > p.MAX_REQUEST:
-                    raise Disconnect("write too large")
-                data = await reader.readexactly(length)
-                await slots.acquire()
-                if vol.write_needs(offset, length):
-                    spawn(self._write(vol, writer, handle, offset, length, data, fua, slots))
-                else:
-                    slots.release()
-                    self._finish(writer, handle, self._mutate(vol, offset, length, data), fua)
-            elif cmd == p.CMD_READ:
-                await slots.acquire()
-                spawn(self._read(vol, writer, handle, offset, length, slots))
-                pending_reads += length
-                if pending_reads > (8 << 20):
-                    pending_reads = 0
-                    await writer.drain()
-            elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
-                await slots.acquire()
-                spawn(self._write(vol, writer, handle, offset, length, None, fua, slots))
-            elif cmd == p.CMD_FLUSH:
-                # Writes still fetching their old block were not acknowledged yet, but wait
-                # for them anyway so FLUSH covers everything sent before it.
-                if tasks:
-                    await asyncio.gather(*list(tasks))
-                self._defer_reply(writer, p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), True)
-            elif cmd == p.CMD_CACHE:
-                writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
-            elif cmd == p.CMD_DISC:
-                if tasks:
-                    await asyncio.gather(*list(tasks))
-                self._schedule()
-                return
-            else:
-                writer.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
-            if self.pool.log.pending_size > (4 << 20):
-                self._schedule()
-
-    def _mutate(self, vol: Volume, offset: int, length: int, data: bytes | None) -> int:
+    def _mutate(self, vol: Volume, offset: int, length: int, data: bytes | memoryview | None) -> int:
         """Stage a write (``data``) or a zeroing (``None``); return an NBD errno."""
         if self.read_only:
             return p.EPERM
@@ -471,12 +443,203 @@ class NbdServer:
             return p.EIO
         return 0
 
-    def _finish(self, writer: asyncio.StreamWriter, handle: int, err: int, fua: bool) -> None:
+    def _finish(self, writer: Any, handle: int, err: int, fua: bool) -> None:
         reply = p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, err, handle)
         if err:
             writer.write(reply)
         else:
             self._defer_reply(writer, reply, fua)
+
+
+class _Requests(asyncio.BufferedProtocol):
+    """The transmission phase of one NBD connection.
+
+    Requests are parsed out of one receive buffer; a large write payload is received
+    straight into its own buffer (no copy through a stream). Requests whose data is in
+    memory are served at once; the others (a read missing chunks, a write extending an
+    uncached patch) run as tasks, at most ``MAX_TASKS`` (then reading pauses), and so does
+    FLUSH (it waits for the writes before it). Replies larger than the socket takes at
+    once pause reading too, so a slow reader cannot make us buffer without bound.
+    """
+
+    MAX_TASKS = 64
+    SMALL_PAYLOAD = 256 << 10  # larger write payloads get their own buffer
+
+    def __init__(self, server: NbdServer, vol: Volume, transport: asyncio.BaseTransport) -> None:
+        self.server = server
+        self.vol = vol
+        self.transport: Any = transport
+        self.transport.set_write_buffer_limits(high=8 << 20)
+        self.buf = bytearray(1 << 20)
+        self.start = self.end = 0
+        self.payload: bytearray | None = None
+        self.payload_got = 0
+        self.payload_req: tuple[int, int, int, int] | None = None  # flags, handle, offset, length
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(1 << 30)  # the task count is bounded by pausing instead
+        self.paused_for_tasks = self.paused_for_writes = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ------------------------------------------------------------------ transport side
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.payload is not None:
+            return memoryview(self.payload)[self.payload_got :]
+        if self.end == len(self.buf):
+            if self.start:
+                rest = self.end - self.start
+                self.buf[:rest] = self.buf[self.start : self.end]
+                self.start, self.end = 0, rest
+            else:
+                self.buf.extend(bytes(len(self.buf)))
+        return memoryview(self.buf)[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.payload is not None:
+            self.payload_got += nbytes
+            if self.payload_got < len(self.payload):
+                return
+            payload, self.payload = self.payload, None
+            assert self.payload_req is not None
+            flags, handle, offset, length = self.payload_req
+            self.payload_req = None
+            self._write_request(flags, handle, offset, length, memoryview(payload))
+        else:
+            self.end += nbytes
+        self._process()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received before the protocol took over."""
+        while data:
+            view = self.get_buffer(len(data))
+            n = min(len(view), len(data))
+            view[:n] = data[:n]
+            data = data[n:]
+            self.buffer_updated(n)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused_for_writes = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_for_writes = False
+        if not self.paused_for_tasks and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ requests
+    def _process(self) -> None:
+        buf = self.buf
+        while self.payload is None and self.end - self.start >= 28 and not self.transport.is_closing():
+            magic, flags, cmd, handle, offset, length = p.REQUEST.unpack_from(buf, self.start)
+            if magic != p.REQUEST_MAGIC:
+                self._close()
+                return
+            if cmd == p.CMD_WRITE:
+                if length > p.MAX_REQUEST:
+                    self._close()
+                    return
+                have = self.end - self.start - 28
+                if have >= length:
+                    data = memoryview(bytes(buf[self.start + 28 : self.start + 28 + length]))
+                    self.start += 28 + length
+                    self._write_request(flags, handle, offset, length, data)
+                elif length > self.SMALL_PAYLOAD or self.start + 28 + length > len(buf):
+                    self.payload = bytearray(length)
+                    self.payload[:have] = buf[self.start + 28 : self.end]
+                    self.payload_got = have
+                    self.payload_req = (flags, handle, offset, length)
+                    self.start = self.end = 0
+                    return
+                else:
+                    return  # wait for the rest of a small payload
+            else:
+                self.start += 28
+                self._request(cmd, flags, handle, offset, length)
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self.tasks) >= self.MAX_TASKS and not self.paused_for_tasks:
+            self.paused_for_tasks = True
+            self.transport.pause_reading()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self.paused_for_tasks and len(self.tasks) < self.MAX_TASKS // 2:
+            self.paused_for_tasks = False
+            if not self.paused_for_writes and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _write_request(self, flags: int, handle: int, offset: int, length: int, data: memoryview) -> None:
+        server, vol = self.server, self.vol
+        fua = bool(flags & p.CMD_FLAG_FUA)
+        if vol.write_needs(offset, length):
+            self._spawn(server._write(vol, self.transport, handle, offset, length, data, fua, self.slots))
+        else:
+            server._finish(self.transport, handle, server._mutate(vol, offset, length, data), fua)
+        if server.pool.log.pending_size > (4 << 20):
+            server._schedule()
+
+    def _request(self, cmd: int, flags: int, handle: int, offset: int, length: int) -> None:
+        server, vol, transport = self.server, self.vol, self.transport
+        if cmd == p.CMD_READ:
+            if 0 <= offset and offset + length <= vol.size and length <= p.MAX_REQUEST:
+                server._last_end[vol.name] = offset + length
+                if not vol.read_needs(offset, length):
+                    try:
+                        out = vol.read_into(offset, length, None, 16)
+                    except StorageError:
+                        log.exception("read failed")
+                        transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
+                        return
+                    p.REPLY.pack_into(out, 0, p.SIMPLE_REPLY_MAGIC, 0, handle)
+                    transport.write(out)
+                    return
+                sequential = length >= (128 << 10) or server._last_end.get(vol.name) == offset
+                self._spawn(server._read(vol, transport, handle, offset, length, self.slots, sequential))
+            else:
+                transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
+        elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            fua = bool(flags & p.CMD_FLAG_FUA)
+            if vol.write_needs(offset, length):
+                self._spawn(server._write(vol, transport, handle, offset, length, None, fua, self.slots))
+            else:
+                server._finish(transport, handle, server._mutate(vol, offset, length, None), fua)
+        elif cmd == p.CMD_FLUSH:
+            self._spawn(self._flush(handle))
+        elif cmd == p.CMD_CACHE:
+            transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
+        elif cmd == p.CMD_DISC:
+            self._spawn(self._disconnect())
+        else:
+            transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
+
+    async def _flush(self, handle: int) -> None:
+        # Writes still fetching what they extend were not acknowledged yet, but wait for
+        # them anyway so FLUSH covers everything sent before it.
+        others = [t for t in self.tasks if t is not asyncio.current_task()]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        self.server._defer_reply(self.transport, p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), True)
+
+    async def _disconnect(self) -> None:
+        others = [t for t in self.tasks if t is not asyncio.current_task()]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        self.server._schedule()
+        self._close()
+
+    def _close(self) -> None:
+        self.transport.close()
 
 
 def parse_size(text: str) -> int:
@@ -535,3 +698,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
