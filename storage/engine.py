@@ -42,10 +42,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # writes leave only map records there (their chunks go to data segments), small ones
 # their patches. A checkpoint waits for the journal, so not too often either.
 CHECKPOINT_BYTES = 256 << 20
-CACHE_BYTES = 192 << 20
+CACHE_BYTES = 160 << 20
 MAX_EXTENTS = 32  # a patch with more extents (or covering half its block) is folded
 PATCH_CACHE = 32768  # decoded patches kept (besides their bytes in the chunk cache)
-INFLIGHT_LIMIT = 256 << 20  # bytes handed to the backend and not landed: then wait
+INFLIGHT_LIMIT = 64 << 20  # bytes handed to the backend and not landed: then wait
 
 
 def _check_name(name: str, what: str) -> None:

@@ -28,6 +28,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import struct
 import sys
 from typing import Any
@@ -39,8 +40,9 @@ from storage.log import CHUNK_HEAD, CHUNK_RECORDS, HEADER, MAP_RECORDS, Location
 from storage.nbd import protocol as p
 
 log = logging.getLogger("cairn.nbd")
-MAX_GROUPS = 4  # group commits in flight
+MAX_GROUPS = 16  # group commits in flight
 READAHEAD = (4 << 20) + (256 << 10)  # a sequential read fetches a whole 4 MiB segment region (+ record headers)
+AHEAD = 8 << 20  # a sequential reader gets this much of the volume read ahead of it
 SMALL_READ = 16 << 10  # up to this, a read of an uncompressed chunk fetches just its bytes
 _REC_OVERHEAD = HEADER.size + CHUNK_HEAD.size
 
@@ -59,7 +61,7 @@ def tune_malloc() -> None:
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 64 << 20)
+    libc.mallopt(m_trim_threshold, 16 << 20)
     libc.mallopt(m_top_pad, 8 << 20)
 
 
@@ -83,6 +85,8 @@ class NbdServer:
         # Segment ranges being read: (start, end, future) per segment.
         self._reading: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self._last_end: dict[str, int] = {}
+        self._ahead: dict[str, int] = {}  # volume read-ahead issued up to here
+        self._background: set[asyncio.Task[None]] = set()
         self._codec = ChunkCodec()
         self._completed: collections.deque[tuple[asyncio.Future[bytes], bytes | None, BaseException | None]] = (
             collections.deque())
@@ -272,6 +276,27 @@ class NbdServer:
                 fut.set_exception(exc)
             else:
                 fut.set_result(data or b"")
+
+    def _read_ahead(self, vol: Volume, start: int) -> None:
+        """After a sequential read ending at ``start``, bring the next ``AHEAD`` bytes of
+        the volume into the cache in the background (each range is looked at once)."""
+        done_until = self._ahead.get(vol.name, 0)
+        if not (start - AHEAD <= done_until < start + AHEAD // 2):
+            done_until = start
+        end = min(vol.size, start + AHEAD)
+        if end <= done_until:
+            return
+        self._ahead[vol.name] = end
+        needs = vol.read_needs(done_until, end - done_until)
+        if needs:
+            task = asyncio.get_running_loop().create_task(self._fetch(needs, {}, True))
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("read-ahead failed: %s", task.exception())
 
     def _being_read(self, loc: Location) -> asyncio.Future[None] | None:
         for start, end, fut in self._reading.get(loc.segment, ()):
@@ -470,6 +495,13 @@ class _Requests(asyncio.BufferedProtocol):
         self.vol = vol
         self.transport: Any = transport
         self.transport.set_write_buffer_limits(high=8 << 20)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A whole 1 MiB reply (or write) fits in the socket at once: no partial send
+            # whose rest the transport would copy and send again later.
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         self.buf = bytearray(1 << 20)
         self.start = self.end = 0
         self.payload: bytearray | None = None
@@ -593,7 +625,10 @@ class _Requests(asyncio.BufferedProtocol):
         server, vol, transport = self.server, self.vol, self.transport
         if cmd == p.CMD_READ:
             if 0 <= offset and offset + length <= vol.size and length <= p.MAX_REQUEST:
+                sequential = length >= (128 << 10) or server._last_end.get(vol.name) == offset
                 server._last_end[vol.name] = offset + length
+                if sequential:
+                    server._read_ahead(vol, offset + length)
                 if not vol.read_needs(offset, length):
                     try:
                         out = vol.read_into(offset, length, None, 16)
@@ -604,7 +639,6 @@ class _Requests(asyncio.BufferedProtocol):
                     p.REPLY.pack_into(out, 0, p.SIMPLE_REPLY_MAGIC, 0, handle)
                     transport.write(out)
                     return
-                sequential = length >= (128 << 10) or server._last_end.get(vol.name) == offset
                 self._spawn(server._read(vol, transport, handle, offset, length, self.slots, sequential))
             else:
                 transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
