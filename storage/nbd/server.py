@@ -42,7 +42,7 @@ from storage.nbd import protocol as p
 log = logging.getLogger("cairn.nbd")
 MAX_GROUPS = 16  # group commits in flight
 READAHEAD = (4 << 20) + (256 << 10)  # a sequential read fetches a whole 4 MiB segment region (+ record headers)
-AHEAD = 8 << 20  # a sequential reader gets this much of the volume read ahead of it
+AHEAD = 16 << 20  # a sequential reader gets this much of the volume read ahead of it
 SMALL_READ = 16 << 10  # up to this, a read of an uncompressed chunk fetches just its bytes
 _REC_OVERHEAD = HEADER.size + CHUNK_HEAD.size
 
@@ -281,8 +281,10 @@ class NbdServer:
         """After a sequential read ending at ``start``, bring the next ``AHEAD`` bytes of
         the volume into the cache in the background (each range is looked at once)."""
         done_until = self._ahead.get(vol.name, 0)
-        if not (start - AHEAD <= done_until < start + AHEAD // 2):
-            done_until = start
+        if done_until > start + AHEAD // 2:
+            return  # far enough ahead already
+        if done_until < start or done_until > start + AHEAD:
+            done_until = start  # a new sequential run
         end = min(vol.size, start + AHEAD)
         if end <= done_until:
             return
