@@ -31,6 +31,7 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from storage.chunks import RAW, ChunkCodec
@@ -88,8 +89,7 @@ class NbdServer:
         self._ahead: dict[str, int] = {}  # volume read-ahead issued up to here
         self._background: set[asyncio.Task[None]] = set()
         self._codec = ChunkCodec()
-        self._completed: collections.deque[tuple[asyncio.Future[bytes], bytes | None, BaseException | None]] = (
-            collections.deque())
+        self._completed: collections.deque[tuple[Any, bytes | None, BaseException | None]] = collections.deque()
         self._wake_pending = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -265,11 +265,30 @@ class NbdServer:
         self.pool.log.read_async(seg, offset, length, done)
         return fut
 
+    def _aio_read_cb(self, seg: str, offset: int, length: int,
+                     cb: Callable[[bytes | None, BaseException | None], None]) -> None:
+        """Like :meth:`_aio_read`, calling ``cb(data, exc)`` on the loop instead."""
+        loop = asyncio.get_running_loop()
+
+        def done(data: bytes | None, exc: BaseException | None) -> None:  # on a backend thread
+            self._completed.append((cb, data, exc))
+            if not self._wake_pending:
+                self._wake_pending = True
+                loop.call_soon_threadsafe(self._settle_completed)
+
+        self.pool.log.read_async(seg, offset, length, done)
+
     def _settle_completed(self) -> None:
         self._wake_pending = False
         completed = self._completed
         while completed:
             fut, data, exc = completed.popleft()
+            if not isinstance(fut, asyncio.Future):
+                try:
+                    fut(data, exc)
+                except Exception:
+                    log.exception("read completion failed")
+                continue
             if fut.done():
                 continue
             if exc is not None:
@@ -674,12 +693,15 @@ class _Requests(asyncio.BufferedProtocol):
                 server._last_end[vol.name] = offset + length
                 if sequential:
                     server._read_ahead(vol, offset + length)
-                if not vol.read_needs(offset, length):
+                needs = vol.read_needs(offset, length)
+                if not needs:
                     try:
                         self.send_read(handle, offset, length, None)
                     except StorageError:
                         log.exception("read failed")
                         transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
+                    return
+                if len(needs) == 1 and not sequential and self._direct_read(handle, offset, length, needs[0]):
                     return
                 self._spawn(server._read(vol, self, handle, offset, length, self.slots, sequential))
             else:
@@ -698,6 +720,31 @@ class _Requests(asyncio.BufferedProtocol):
             self._spawn(self._disconnect())
         else:
             transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
+
+    def _direct_read(self, handle: int, offset: int, length: int, need: tuple[bytes, int, int]) -> bool:
+        """A small random read lacking one range of one uncompressed chunk (the common
+        cache miss): one backend read and a callback, no task. False if it is not that."""
+        h, start, n = need
+        loc = self.server.pool.log.index.get(h)
+        if loc is None or loc.flags != RAW or not 0 <= n <= SMALL_READ or self.server._being_read(loc):
+            return False
+
+        def landed(data: bytes | None, exc: BaseException | None) -> None:
+            if exc is not None or data is None or len(data) != n:
+                self._spawn(self.server._read(self.vol, self, handle, offset, length, self.slots, False))
+                return
+            extra = {h: (start, data)}
+            if self.vol.read_needs(offset, length, extra):  # the map changed meanwhile
+                self._spawn(self.server._read(self.vol, self, handle, offset, length, self.slots, False))
+                return
+            try:
+                self.send_read(handle, offset, length, extra)
+            except StorageError:
+                log.exception("read failed")
+                self.transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
+
+        self.server._aio_read_cb(loc.segment, loc.offset + start, n, landed)
+        return True
 
     async def _flush(self, handle: int) -> None:
         # Writes still fetching what they extend were not acknowledged yet, but wait for
