@@ -42,8 +42,9 @@ from storage.nbd import protocol as p
 
 log = logging.getLogger("cairn.nbd")
 MAX_GROUPS = 16  # group commits in flight
+GROUP_BYTES = 2 << 20  # with two groups in flight, a new one waits until it has this much
 READAHEAD = (4 << 20) + (256 << 10)  # a sequential read fetches a whole 4 MiB segment region (+ record headers)
-AHEAD = 16 << 20  # a sequential reader gets this much of the volume read ahead of it
+AHEAD = 32 << 20  # a sequential reader gets this much of the volume read ahead of it
 SMALL_READ = 16 << 10  # up to this, a read of an uncompressed chunk fetches just its bytes
 _REC_OVERHEAD = HEADER.size + CHUNK_HEAD.size
 
@@ -131,8 +132,11 @@ class NbdServer:
         self._scheduled = False
         if not self._waiting and not self.pool.log.pending_size:
             return
-        if self.pool.log.groups_in_flight >= MAX_GROUPS:
+        in_flight = self.pool.log.groups_in_flight
+        if in_flight >= MAX_GROUPS:
             return  # _committed schedules us again
+        if in_flight >= 2 and not self._sync and self.pool.log.pending_size < GROUP_BYTES:
+            return  # let the group grow until one lands (fewer, larger RADOS ops)
         waiting, self._waiting = self._waiting, []
         sync, self._sync = self._sync, False
         future = asyncio.wrap_future(self.pool.log.commit_async(sync=sync))
