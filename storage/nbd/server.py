@@ -92,6 +92,7 @@ class NbdServer:
         self._codec = ChunkCodec()
         self._completed: collections.deque[tuple[Any, bytes | None, BaseException | None]] = collections.deque()
         self._wake_pending = False
+        self._reads_in_flight = 0
 
     # ----------------------------------------------------------------- lifecycle
     async def listen_unix(self, path: str) -> None:
@@ -108,6 +109,13 @@ class NbdServer:
         """Stop listening, journal what is staged, checkpoint the volumes."""
         for s in self._servers:
             s.close()
+        for t in list(self._background):
+            t.cancel()
+        # Backend reads still in flight must land before the backend goes away.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while self._reads_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         self.pool.log.commit(sync=True)
         self.pool.close()
 
@@ -266,6 +274,7 @@ class NbdServer:
                 self._wake_pending = True
                 loop.call_soon_threadsafe(self._settle_completed)
 
+        self._reads_in_flight += 1
         self.pool.log.read_async(seg, offset, length, done)
         return fut
 
@@ -280,6 +289,7 @@ class NbdServer:
                 self._wake_pending = True
                 loop.call_soon_threadsafe(self._settle_completed)
 
+        self._reads_in_flight += 1
         self.pool.log.read_async(seg, offset, length, done)
 
     def _settle_completed(self) -> None:
@@ -287,6 +297,7 @@ class NbdServer:
         completed = self._completed
         while completed:
             fut, data, exc = completed.popleft()
+            self._reads_in_flight -= 1
             if not isinstance(fut, asyncio.Future):
                 try:
                     fut(data, exc)
@@ -346,7 +357,7 @@ class NbdServer:
             if fut is not None:
                 waits.append(fut)
             elif 0 <= n <= SMALL_READ and loc.flags == RAW and not sequential:
-                waits.append(self._fetch_range(h, loc, start, n, extra))
+                waits.append(asyncio.ensure_future(self._fetch_range(h, loc, start, n, extra)))
             else:
                 whole.setdefault(loc.segment, []).append((loc, h))
         for seg, items in whole.items():
@@ -462,11 +473,12 @@ class NbdServer:
         """Serve requests until the client disconnects: the transport is handed to a
         :class:`_Requests` protocol (requests parsed straight out of the receive buffer,
         large write payloads received in place, cached reads answered without a task)."""
-        transport = writer.transport
-        leftover = bytes(reader._buffer)  # requests the client pipelined after OPT_GO
-        reader._buffer.clear()
+        transport: Any = writer.transport
+        buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
+        leftover = bytes(buffered)  # requests the client pipelined after OPT_GO
+        buffered.clear()
         proto = _Requests(self, vol, transport)
-        transport.set_protocol(proto)  # type: ignore[arg-type]
+        transport.set_protocol(proto)
         transport.resume_reading()
         if leftover:
             proto.feed(leftover)
@@ -512,7 +524,7 @@ class _Requests(asyncio.BufferedProtocol):
     MAX_TASKS = 64
     SMALL_PAYLOAD = 256 << 10  # larger write payloads get their own buffer
 
-    def __init__(self, server: NbdServer, vol: Volume, transport: asyncio.BaseTransport) -> None:
+    def __init__(self, server: NbdServer, vol: Volume, transport: Any) -> None:
         self.server = server
         self.vol = vol
         self.transport: Any = transport
@@ -692,7 +704,7 @@ class _Requests(asyncio.BufferedProtocol):
     def _request(self, cmd: int, flags: int, handle: int, offset: int, length: int) -> None:
         server, vol, transport = self.server, self.vol, self.transport
         if cmd == p.CMD_READ:
-            if 0 <= offset and offset + length <= vol.size and length <= p.MAX_REQUEST:
+            if offset >= 0 and offset + length <= vol.size and length <= p.MAX_REQUEST:
                 sequential = length >= (128 << 10) or server._last_end.get(vol.name) == offset
                 server._last_end[vol.name] = offset + length
                 if sequential:

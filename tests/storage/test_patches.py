@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -27,7 +28,7 @@ def test_merged_extents_keep_the_last_write_of_every_byte() -> None:
         extents = merge_extents(extents, off, data)
         model[off : off + len(data)] = data
         written[off : off + len(data)] = b"\1" * len(data)
-    assert all(a[0] + len(a[1]) < b[0] for a, b in zip(extents, extents[1:], strict=False))
+    assert all(a[0] + len(a[1]) < b[0] for a, b in itertools.pairwise(extents))
     for off, data in extents:
         assert model[off : off + len(data)] == data
         assert all(written[off : off + len(data)])
