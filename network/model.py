@@ -16,6 +16,7 @@ from network.errors import InvalidSpec
 VXLAN_PORT = 4789
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
 ZERO_MAC = "00:00:00:00:00:00"
+BRIDGE_PREFIX = "cbr"  # every network bridge is named BRIDGE_PREFIX + VNI
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -36,7 +37,7 @@ def check_ifname(name: str) -> str:
 
 def bridge_name(vni: int) -> str:
     """Name of the bridge that carries network ``vni`` on a node."""
-    return f"cbr{vni}"
+    return f"{BRIDGE_PREFIX}{vni}"
 
 
 def vxlan_name(vni: int) -> str:

@@ -17,7 +17,15 @@ import re
 from collections.abc import Mapping, Sequence
 
 from network.errors import CommandFailed, InvalidSpec
-from network.model import NetworkAttachment, Port, SecurityGroup, SecurityGroupRule, bridge_name
+from network.model import (
+    BRIDGE_PREFIX,
+    VXLAN_PORT,
+    NetworkAttachment,
+    Port,
+    SecurityGroup,
+    SecurityGroupRule,
+    bridge_name,
+)
 from network.netlink import run_in_netns, write_sysctl
 
 TABLE = "cairn_sg"
@@ -157,9 +165,18 @@ def build_ruleset(
                for n in sorted(networks, key=lambda n: n.vni)]
     lines.append("\tchain zones {")
     lines.append("\t\ttype filter hook prerouting priority raw; policy accept;")
+    # the node's own VXLAN packets carry whole networks: no state to keep for them, and
+    # tracking them would cost every overlay packet two more conntrack lookups
+    lines.append(f'\t\tiifname != "{BRIDGE_PREFIX}*" udp dport {VXLAN_PORT} counter notrack comment "overlay underlay"')
     if zone_of:
         lines.append(f"\t\tct zone set iifname map {{ {', '.join(zone_of)} }}")
     lines.append("\t}")
+    lines += [
+        "\tchain vxlan_out {",
+        "\t\ttype filter hook output priority raw; policy accept;",
+        f'\t\tudp dport {VXLAN_PORT} counter notrack comment "overlay underlay"',
+        "\t}",
+    ]
     lines.append("\tchain from_ports {")
     lines.append("\t\ttype filter hook prerouting priority filter; policy accept;")
     if ports:
