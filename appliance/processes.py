@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,16 +82,77 @@ def run_api(argv: list[str] | None = None) -> None:
 
 
 def run_worker(argv: list[str] | None = None) -> None:
+    """The node's task worker: two Celery pools.
+
+    Orchestration tasks (queue ``cluster``: create, snapshot, clone) wait for node tasks
+    (queue ``node.<name>``: volume operations, exec, migrate, inventory), and node tasks
+    never wait for others. Sharing one pool, a burst of orchestration tasks could take
+    every thread and wait forever for node tasks queued behind them, so the node queue
+    gets a pool of its own in a child process that this one restarts and takes down
+    with it. ``--queues cluster|node`` runs one pool only."""
+    parser = argparse.ArgumentParser(prog="cairn-worker")
+    parser.add_argument("--queues", choices=("all", "cluster", "node"), default="all")
+    args, rest = parser.parse_known_args(argv or [])
     settings = get_settings()
     logs.setup("cairn-worker", settings.log_level)
     _install_dispatcher()
     from appliance.tasks.celery_app import celery
 
+    role = args.queues
+    if role == "all":
+        _NodePool(rest).start()
+        role = "cluster"
+    queue = "cluster" if role == "cluster" else f"node.{settings.node_name}"
     celery.worker_main([
-        "worker", "-Q", f"cluster,node.{settings.node_name}", "-n", f"worker@{settings.node_name}",
+        "worker", "-Q", queue, "-n", f"{role}@{settings.node_name}",
         "--pool", "threads", "-c", str(settings.worker_concurrency),
-        "--without-gossip", "--without-mingle", "-l", settings.log_level, *(argv or []),
+        "--without-gossip", "--without-mingle", "-l", settings.log_level, *rest,
     ])
+
+
+class _NodePool:
+    """The node-queue pool as a child process: restarted when it dies, stopped (SIGTERM,
+    then waited for) when this process exits, and killed by the kernel if this one is."""
+
+    def __init__(self, rest: list[str]) -> None:
+        self.argv = [sys.executable, "-m", "appliance.processes", "worker", "--queues", "node", *rest]
+        self.stopping = False
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import atexit
+        import threading
+
+        self.proc = self._spawn()
+        atexit.register(self.stop)
+        threading.Thread(target=self._watch, name="node-pool", daemon=True).start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        from appliance.supervisor import die_with_parent
+
+        proc = subprocess.Popen(self.argv, preexec_fn=die_with_parent)
+        log.info("node task pool started", extra={"pid": proc.pid})
+        return proc
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            assert self.proc is not None
+            code = self.proc.wait()
+            if self.stopping:
+                return
+            log.error("node task pool exited; restarting", extra={"code": code})
+            time.sleep(1)
+            if not self.stopping:
+                self.proc = self._spawn()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # Celery's warm shutdown: running tasks finish
+            try:
+                self.proc.wait(timeout=25)  # within systemd's TimeoutStopSec
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def run_agent(argv: list[str] | None = None) -> None:

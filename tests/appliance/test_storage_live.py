@@ -208,6 +208,33 @@ def test_vms_from_a_disk_image_get_an_o1_clone_as_root_volume(stack: Stack, tmp_
     stack.cairn("delete", "image", "appdisk")
 
 
+def test_a_burst_of_disk_image_vms_larger_than_the_worker_pool_does_not_deadlock(stack: Stack) -> None:
+    """Each create waits for its root-volume task on the node queue: with more creates
+    than worker threads, those tasks still need threads of their own."""
+    stack.cairn("image", "upload", str(_small_disk(stack.root)), "burstdisk")
+    names = [f"burst{i}" for i in range(8)]  # twice the worker's 4 threads (and all 2 CPUs overcommit to)
+    with stack.http() as api:
+        assert api.get("/api/v1/vms").json()["items"] == [], "an earlier test left a VM (eight need every CPU)"
+        tasks = [api.post("/api/v1/vms", json={"name": n, "project": "default", "spec": {
+            "image": "burstdisk", "cpu": 1, "memory": "64MiB", "power": "stopped"}}).json() for n in names]
+
+        def states() -> list[str]:
+            return [api.get(f"/api/v1/tasks/{t['id']}").json()["state"] for t in tasks]
+
+        final = wait_for(lambda: (st := states()) and all(x in ("succeeded", "failed") for x in st) and st,
+                         120, "eight disk-image VM creates to finish")
+    assert final == ["succeeded"] * 8
+    for n in names:
+        stack.cairn("vm", "delete", n)
+    stack.cairn("delete", "image", "burstdisk")
+
+
+def _small_disk(root: Path) -> Path:
+    raw = root / "burst.raw"
+    raw.write_bytes(os.urandom(1 << 20))
+    return raw
+
+
 def test_vm_snapshot_restore_and_clone(stack: Stack) -> None:
     stack.cairn("image", "import-test-guest")
     stack.cairn("volume", "create", "sdata", "--size", "8MiB")
