@@ -110,9 +110,18 @@ def run_worker(argv: list[str] | None = None) -> None:
     ])
 
 
+def _killed_with_parent() -> None:
+    """A worker killed with -9 loses its running tasks (the reaper fails or retries
+    them): its node pool must not live on as an orphan finishing its own."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class _NodePool:
-    """The node-queue pool as a child process: restarted when it dies, stopped (SIGTERM,
-    then waited for) when this process exits, and killed by the kernel if this one is."""
+    """The node-queue pool as a child process: restarted when it dies, stopped (SIGTERM:
+    Celery's warm shutdown, then waited for) when this process exits normally, and
+    killed by the kernel with this one otherwise."""
 
     def __init__(self, rest: list[str]) -> None:
         self.argv = [sys.executable, "-m", "appliance.processes", "worker", "--queues", "node", *rest]
@@ -128,9 +137,7 @@ class _NodePool:
         threading.Thread(target=self._watch, name="node-pool", daemon=True).start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        from appliance.supervisor import die_with_parent
-
-        proc = subprocess.Popen(self.argv, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(self.argv, preexec_fn=_killed_with_parent)
         log.info("node task pool started", extra={"pid": proc.pid})
         return proc
 

@@ -25,7 +25,7 @@ log = logging.getLogger("cairn.supervisor")
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """Children get SIGTERM if the supervisor itself is killed (even with -9)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     os.setpgrp()
@@ -88,7 +88,7 @@ class Supervisor:
         out = open(self.settings.log_dir / f"{prog.name}.log", "ab")  # noqa: SIM115 (child owns it)
         env = {**os.environ, **prog.env}
         prog.proc = Popen(prog.argv, stdin=DEVNULL, stdout=out, stderr=out, env=env,
-                          preexec_fn=die_with_parent, close_fds=True)
+                          preexec_fn=_die_with_parent, close_fds=True)
         out.close()
         prog.started_at = time.monotonic()
         log.info("started", extra={"program": prog.name, "pid": prog.proc.pid})
