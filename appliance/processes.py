@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -15,11 +16,13 @@ from typing import TYPE_CHECKING
 
 from appliance import logs
 from appliance.settings import Settings, get_settings
+from appliance.supervisor import PR_SET_PDEATHSIG
 
 if TYPE_CHECKING:
     from compute.libvirt_node import LibvirtNode
 
 log = logging.getLogger("cairn")
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -113,9 +116,7 @@ def run_worker(argv: list[str] | None = None) -> None:
 def _killed_with_parent() -> None:
     """A worker killed with -9 loses its running tasks (the reaper fails or retries
     them): its node pool must not live on as an orphan finishing its own."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # between fork and exec: nothing to import here
 
 
 class _NodePool:
