@@ -6,19 +6,28 @@ cluster points ``database_url`` at PostgreSQL and ``redis_url`` at Redis Sentine
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
+import string
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("/var/lib/cairn")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAIRN_", extra="ignore")
 
-    data_dir: Path = Path("/var/lib/cairn")
+    data_dir: Path = DEFAULT_DATA_DIR
+    # The tag in the names of everything this stack makes in namespaces it shares with
+    # other stacks on the host (bridges, VXLAN devices, nftables tables, container
+    # netns and cgroups): 0-4 lower-case letters. Empty = derived from data_dir: none for
+    # the installed node's /var/lib/cairn, four letters from a hash of any other.
+    stack_id: str = ""
     database_url: str = ""  # default: SQLite in data_dir
     redis_url: str = ""  # default: the embedded redis-server's unix socket in data_dir
     node_name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
@@ -67,6 +76,34 @@ class Settings(BaseSettings):
     storage_default_pool: str = "default"  # made on the first node that reconciles; "" = none
     ceph: bool = False  # run the embedded Ceph cluster (also turned on for good by `cairn up --ceph`)
     max_upload_bytes: int = 1 << 40  # image uploads stream to disk; everything else is small JSON
+
+    @field_validator("stack_id")
+    @classmethod
+    def _check_stack_id(cls, value: str) -> str:
+        if len(value) > 4 or not set(value) <= set(string.ascii_lowercase):
+            raise ValueError("CAIRN_STACK_ID is 1-4 lower-case letters")
+        return value
+
+    @property
+    def stack_tag(self) -> str:
+        """This stack's tag (see ``stack_id``): two stacks on one host never share one
+        unless told to (``cairn up`` refuses to start a second stack with a live tag)."""
+        if self.stack_id:
+            return self.stack_id
+        data_dir = self.data_dir.resolve()
+        if data_dir == DEFAULT_DATA_DIR:
+            return ""
+        n = int.from_bytes(hashlib.sha256(str(data_dir).encode()).digest()[:8], "big")
+        letters = ""
+        for _ in range(4):
+            n, i = divmod(n, 26)
+            letters += string.ascii_lowercase[i]
+        return letters
+
+    @property
+    def host_prefix(self) -> str:
+        """Prefix of this stack's container netns and cgroup names ("cairn" + tag)."""
+        return f"cairn{self.stack_tag}"
 
     @property
     def vni_bounds(self) -> tuple[int, int]:

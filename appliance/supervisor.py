@@ -188,6 +188,50 @@ def running_pid(settings: Settings) -> int | None:
     return pid if b"appliance.supervisor" in cmdline else None
 
 
+STACKS_DIR = Path("/run/cairn/stacks")
+
+
+def _claim_file(settings: Settings) -> Path:
+    return STACKS_DIR / f"{settings.stack_tag or 'default'}.json"
+
+
+def stack_conflict(settings: Settings) -> str | None:
+    """Why this stack must not start: another live stack on the host uses its tag (the
+    names of bridges, nftables tables, container netns and cgroups), or None."""
+    try:
+        claim = json.loads(_claim_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    other = Path(claim.get("data_dir", ""))
+    if other == settings.data_dir.resolve():
+        return None
+    pid = int(claim.get("pid", 0))
+    try:
+        alive = pid > 0 and b"appliance.supervisor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        alive = False
+    if not alive:
+        return None
+    return (f"the Cairn stack of {other} (supervisor {pid}) already runs on this host with the tag "
+            f"{settings.stack_tag or '(none)'!r} in its host object names; set CAIRN_STACK_ID to 1-4 other "
+            "lower-case letters for this one")
+
+
+def _claim_stack(settings: Settings) -> None:
+    STACKS_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = _claim_file(settings).with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"data_dir": str(settings.data_dir.resolve()), "pid": os.getpid()}))
+    os.replace(tmp, _claim_file(settings))
+
+
+def _release_stack(settings: Settings) -> None:
+    try:
+        if json.loads(_claim_file(settings).read_text()).get("pid") == os.getpid():
+            _claim_file(settings).unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
     settings = get_settings()
     logs.setup("cairn-supervisor", settings.log_level)
@@ -195,6 +239,10 @@ def main() -> None:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     if running_pid(settings):
         sys.exit("a supervisor is already running for this data dir")
+    conflict = stack_conflict(settings)
+    if conflict:
+        sys.exit(conflict)
+    _claim_stack(settings)
     pid_file(settings).write_text(str(os.getpid()))
     sup = Supervisor(settings, programs(settings))
     signal.signal(signal.SIGTERM, sup.shutdown)
@@ -204,6 +252,7 @@ def main() -> None:
         sup.loop()
     finally:
         sup.stop_all()
+        _release_stack(settings)
         pid_file(settings).unlink(missing_ok=True)
         sup.state_file.unlink(missing_ok=True)
 

@@ -3,7 +3,9 @@
 Layout under ``state_dir``: ``containers/<name>/`` holds ``spec.json``,
 ``config.json``, ``rootfs`` (an overlayfs of the image's shared layers plus a
 private ``upper``), and ``console.log``. crun's own state lives in
-``state_dir/crun``.
+``state_dir/crun``. What lives outside ``state_dir`` carries ``host_prefix``: the
+container's netns ``/run/netns/<prefix>-<name>`` and its cgroup ``/<prefix>/<name>``,
+so the containers of two stacks on one host never meet.
 
 On hosts with *hybrid* cgroups crun refuses to run; every crun call therefore
 runs in a private mount namespace where ``/sys/fs/cgroup/unified`` is
@@ -63,8 +65,10 @@ class OciDriver(ComputeDriver[ContainerSpec]):
 
     kind = "container"
 
-    def __init__(self, state_dir: Path, images: ImageStore | None = None, crun: str = "crun") -> None:
+    def __init__(self, state_dir: Path, images: ImageStore | None = None, crun: str = "crun",
+                 host_prefix: str = "cairn") -> None:
         self.state_dir = Path(state_dir)
+        self.host_prefix = host_prefix
         self.images = images or ImageStore(self.state_dir / "images")
         self.crun_root = self.state_dir / "crun"
         self.crun = shutil.which(crun) or crun
@@ -158,11 +162,12 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         d = self._dir(name)
         self._crun("delete", "-f", name, check=False)  # leftovers of an earlier run
         rootfs, image_config = self._mount_rootfs(spec)
-        netns = attach_nics(name, spec.nics) if spec.nics else None
+        netns = attach_nics(name, spec.nics, self.host_prefix) if spec.nics else None
         try:
             config = build_runtime_config(spec, rootfs=str(rootfs), image=image_config,
                                           netns_path=f"/run/netns/{netns}" if netns else None,
-                                          cgroups_path=f"/cairn/{name}", device_numbers=device_numbers_of(spec))
+                                          cgroups_path=f"/{self.host_prefix}/{name}",
+                                          device_numbers=device_numbers_of(spec))
             (d / "config.json").write_text(json.dumps(config, indent=1))
             listener = None
             extra: list[str] = []
@@ -195,7 +200,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         except BaseException:
             self._kill(name, force=True)
             if netns:
-                detach_nics(name, spec.nics)
+                detach_nics(name, spec.nics, self.host_prefix)
             raise
 
     def _receive_terminal(self, listener: socket.socket, proc: subprocess.Popen[bytes], name: str) -> int:
@@ -247,7 +252,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             proc.wait()
         self._stop_relay(name)
         self._crun("delete", "-f", name, check=False)
-        detach_nics(name, spec.nics)
+        detach_nics(name, spec.nics, self.host_prefix)
 
     def reboot(self, name: str) -> None:
         """Restart the container's process (stop with a short grace period, start)."""
@@ -284,7 +289,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             if proc is not None:
                 proc.wait(10)
             self._stop_relay(name)
-            detach_nics(name, spec.nics)
+            detach_nics(name, spec.nics, self.host_prefix)
         if os.path.ismount(d / "rootfs"):
             subprocess.run(["umount", str(d / "rootfs")], check=False, capture_output=True)
         for sock in ("tty.sock", "crun-console.sock"):

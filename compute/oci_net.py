@@ -12,9 +12,10 @@ from compute.errors import HypervisorError
 from compute.spec import ContainerNic
 
 
-def netns_name(container: str) -> str:
-    """The network namespace of a container (visible as /run/netns/<name>)."""
-    return f"cairn-{container}"
+def netns_name(container: str, prefix: str = "cairn") -> str:
+    """The network namespace of a container (visible as /run/netns/<name>); ``prefix``
+    is the driver's, so containers of two stacks on one host never share a name."""
+    return f"{prefix}-{container}"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -24,9 +25,9 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def attach_nics(container: str, nics: tuple[ContainerNic, ...]) -> str:
+def attach_nics(container: str, nics: tuple[ContainerNic, ...], prefix: str = "cairn") -> str:
     """Create the container's netns with one veth per NIC (eth0, eth1...); return the netns name."""
-    ns = netns_name(container)
+    ns = netns_name(container, prefix)
     _ip("netns", "del", ns, check=False)
     _ip("netns", "add", ns)
     try:
@@ -44,13 +45,13 @@ def attach_nics(container: str, nics: tuple[ContainerNic, ...]) -> str:
             if nic.gateway:
                 _ip("-n", ns, "route", "add", "default", "via", nic.gateway)
     except BaseException:
-        detach_nics(container, nics)
+        detach_nics(container, nics, prefix)
         raise
     return ns
 
 
-def detach_nics(container: str, nics: tuple[ContainerNic, ...]) -> None:
+def detach_nics(container: str, nics: tuple[ContainerNic, ...], prefix: str = "cairn") -> None:
     """Remove the container's veths and netns (idempotent)."""
     for nic in nics:
         _ip("link", "del", nic.host_dev, check=False)
-    _ip("netns", "del", netns_name(container), check=False)
+    _ip("netns", "del", netns_name(container, prefix), check=False)

@@ -35,14 +35,63 @@ def check_ifname(name: str) -> str:
     return name
 
 
+VXLAN_PREFIX = "cvx"
+_TAG = re.compile(r"^[a-z]{0,4}$")
+
+
+@dataclass(frozen=True)
+class HostNames:
+    """The names of everything one Cairn stack puts into a namespace it shares with
+    others: bridges, VXLAN devices and nftables tables.
+
+    Two stacks on one host (an installed appliance beside the test suite's stacks, or
+    lab nodes) each get their own ``tag`` and only ever create, change or remove objects
+    carrying it: a reconciler never mistakes another stack's bridge for a stale one of
+    its own, and each stack's nftables tables are its own. ``tag`` is at most four
+    lower-case letters (interface names are at most 15 bytes: ``cbr`` + tag + an 8-digit
+    VNI) and never a digit, so ``cbr<tag><vni>`` parses one way only; "" keeps the plain
+    names of an installed node (``cbr4096``, ``cairn_sg``)."""
+
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        if not _TAG.match(self.tag):
+            raise InvalidSpec(f"a stack tag is 0-4 lower-case letters, not {self.tag!r}")
+
+    def bridge(self, vni: int) -> str:
+        """Name of the bridge that carries network ``vni``."""
+        return f"{BRIDGE_PREFIX}{self.tag}{vni}"
+
+    def vxlan(self, vni: int) -> str:
+        """Name of the VXLAN device of network ``vni``."""
+        return f"{VXLAN_PREFIX}{self.tag}{vni}"
+
+    def owns(self, ifname: str) -> bool:
+        """True for a bridge or VXLAN device name this stack makes."""
+        return re.fullmatch(rf"(?:{BRIDGE_PREFIX}|{VXLAN_PREFIX}){self.tag}[0-9]+", ifname) is not None
+
+    def _table(self, base: str) -> str:
+        return f"{base}_{self.tag}" if self.tag else base
+
+    @property
+    def sg_table(self) -> str:
+        """The security groups' nftables tables (``bridge`` and ``inet`` families)."""
+        return self._table("cairn_sg")
+
+    @property
+    def nat_table(self) -> str:
+        """The routers' nftables table (``ip`` family)."""
+        return self._table("cairn_nat")
+
+
 def bridge_name(vni: int) -> str:
-    """Name of the bridge that carries network ``vni`` on a node."""
-    return f"{BRIDGE_PREFIX}{vni}"
+    """Name of the bridge that carries network ``vni`` on a node (untagged stack)."""
+    return HostNames().bridge(vni)
 
 
 def vxlan_name(vni: int) -> str:
-    """Name of the VXLAN device of network ``vni`` on a node."""
-    return f"cvx{vni}"
+    """Name of the VXLAN device of network ``vni`` on a node (untagged stack)."""
+    return HostNames().vxlan(vni)
 
 
 @dataclass(frozen=True)

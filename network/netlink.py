@@ -187,18 +187,30 @@ class NodeLinks:
         self.ipr.link("add", ifname=name, kind="bridge", mtu=mtu, br_stp_state=0, br_forward_delay=0)
 
     def add_vxlan(self, name: str, vni: int, local: str, underlay_index: int, mtu: int) -> None:
-        """Create a VXLAN device: UDP 4789, learning off (the control plane knows every MAC)."""
-        self.ipr.link(
-            "add",
-            ifname=name,
-            kind="vxlan",
-            vxlan_id=vni,
-            vxlan_local=local,
-            vxlan_port=VXLAN_PORT,
-            vxlan_learning=0,
-            vxlan_link=underlay_index,
-            mtu=mtu,
-        )
+        """Create a VXLAN device: UDP 4789, learning off (the control plane knows every MAC).
+
+        A namespace holds one device per VNI and port: when another stack's device already
+        carries ``vni`` the error names it (each stack on a host needs its own VNI range)."""
+        try:
+            self.ipr.link(
+                "add",
+                ifname=name,
+                kind="vxlan",
+                vxlan_id=vni,
+                vxlan_local=local,
+                vxlan_port=VXLAN_PORT,
+                vxlan_learning=0,
+                vxlan_link=underlay_index,
+                mtu=mtu,
+            )
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+            other = next((i.name for i in self.links().values() if i.kind == "vxlan" and i.vxlan_id == vni), None)
+            if other is None or other == name:
+                raise
+            raise NetworkError(f"VNI {vni} is already carried by {other}, another stack's VXLAN device in this "
+                               "namespace: give each Cairn stack on a host its own VNI range") from e
 
     def add_veth(
         self, name: str, peer: str, mtu: int, peer_ns: str | None = None, peer_mac: str | None = None

@@ -19,13 +19,12 @@ from typing import Any
 from network.errors import ApplyFailed
 from network.model import (
     ZERO_MAC,
+    HostNames,
     NetworkAttachment,
     NodeNetworkState,
     Port,
     RemotePort,
     Report,
-    bridge_name,
-    vxlan_name,
 )
 from network.netlink import LinkInfo, NodeLinks, node_links
 
@@ -70,10 +69,9 @@ def _persist(state_dir: str | os.PathLike[str], state: NodeNetworkState) -> None
     os.replace(tmp, path)  # atomic: a reader sees the old or the new state, never half
 
 
-def _managed(link: LinkInfo) -> bool:
-    return (link.kind == "bridge" and link.name.startswith("cbr")) or (
-        link.kind == "vxlan" and link.name.startswith("cvx")
-    )
+def _managed(link: LinkInfo, names: HostNames) -> bool:
+    """A bridge or VXLAN device of this stack (other stacks' are never touched)."""
+    return link.kind in ("bridge", "vxlan") and names.owns(link.name)
 
 
 def _desired_fdb(net: NetworkAttachment) -> set[tuple[str, str]]:
@@ -85,9 +83,10 @@ def _desired_fdb(net: NetworkAttachment) -> set[tuple[str, str]]:
 class _Pass:
     """The actions of one pass, remembering what it created for a rollback."""
 
-    def __init__(self, nl: NodeLinks, report: Report) -> None:
+    def __init__(self, nl: NodeLinks, report: Report, names: HostNames) -> None:
         self.nl = nl
         self.report = report
+        self.names = names
         self.created: list[str] = []
 
     def apply(self, desired: NodeNetworkState) -> None:
@@ -96,8 +95,9 @@ class _Pass:
         underlay = links.get(desired.underlay_ifname)
         if underlay is None:
             raise ApplyFailed(f"underlay interface {desired.underlay_ifname!r} is missing")
-        wanted = {bridge_name(n.vni) for n in desired.networks} | {vxlan_name(n.vni) for n in desired.networks}
-        stale = [link for link in links.values() if _managed(link) and link.name not in wanted]
+        names = self.names
+        wanted = {names.bridge(n.vni) for n in desired.networks} | {names.vxlan(n.vni) for n in desired.networks}
+        stale = [link for link in links.values() if _managed(link, names) and link.name not in wanted]
         for link in stale:  # networks this node no longer hosts
             nl.delete(link.index)
             self.report.changed.append(f"removed {link.name}")
@@ -117,7 +117,7 @@ class _Pass:
         mtu: int,
     ) -> None:
         nl, changed = self.nl, self.report.changed
-        brn, vxn = bridge_name(net.vni), vxlan_name(net.vni)
+        brn, vxn = self.names.bridge(net.vni), self.names.vxlan(net.vni)
         br = links.get(brn)
         if br is None or br.kind != "bridge":
             if br is not None:
@@ -188,19 +188,20 @@ class _Pass:
                 self.nl.delete(links[name].index)
 
 
-def check(nl: NodeLinks, desired: NodeNetworkState) -> list[str]:
+def check(nl: NodeLinks, desired: NodeNetworkState, names: HostNames | None = None) -> list[str]:
     """Differences between the kernel and ``desired`` (empty = converged)."""
+    names = names or HostNames()
     problems: list[str] = []
     links = nl.links()
     fdb = nl.all_fdb_entries()
     mtu = desired.overlay_mtu
     for net in desired.networks:
-        br, vx = links.get(bridge_name(net.vni)), links.get(vxlan_name(net.vni))
+        br, vx = links.get(names.bridge(net.vni)), links.get(names.vxlan(net.vni))
         if br is None or not br.up or br.mtu != mtu:
-            problems.append(f"bridge {bridge_name(net.vni)} missing, down or wrong MTU")
+            problems.append(f"bridge {names.bridge(net.vni)} missing, down or wrong MTU")
             continue
         if vx is None or vx.master != br.index or not vx.up or vx.vxlan_id != net.vni:
-            problems.append(f"vxlan {vxlan_name(net.vni)} missing or not in its bridge")
+            problems.append(f"vxlan {names.vxlan(net.vni)} missing or not in its bridge")
             continue
         have, want = fdb.get(vx.index, set()), _desired_fdb(net)
         if have != want:
@@ -215,9 +216,13 @@ def check(nl: NodeLinks, desired: NodeNetworkState) -> list[str]:
 
 
 def reconcile(
-    netns: str | None, desired: NodeNetworkState, state_dir: str | os.PathLike[str] | None = None
+    netns: str | None, desired: NodeNetworkState, state_dir: str | os.PathLike[str] | None = None,
+    names: HostNames | None = None,
 ) -> Report:
     """Make the node's bridges, VXLAN devices, forwarding entries and ports match ``desired``.
+
+    Only objects named by ``names`` (this stack's) are created or removed; other stacks
+    sharing the namespace keep theirs.
 
     On failure the objects created by this pass are removed, the last persisted good
     state (if any) is applied again, and the report carries the error; on success the
@@ -225,11 +230,12 @@ def reconcile(
     """
     t0 = time.monotonic()
     report = Report()
+    names = names or HostNames()
     with node_links(netns) as nl:
-        one = _Pass(nl, report)
+        one = _Pass(nl, report, names)
         try:
             one.apply(desired)
-            problems = check(nl, desired)
+            problems = check(nl, desired, names)
             if problems:
                 raise ApplyFailed("; ".join(problems))
         except Exception as e:  # any failure: restore, then say why
@@ -237,7 +243,7 @@ def reconcile(
             one.rollback()
             previous = load_applied(state_dir)
             if previous is not None:
-                _Pass(nl, Report()).apply(previous)
+                _Pass(nl, Report(), names).apply(previous)
             report.rolled_back = True
             report.seconds = time.monotonic() - t0
             return report

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from network.errors import CommandFailed, InvalidSpec
-from network.model import check_ifname
+from network.model import HostNames, check_ifname
 from network.netlink import node_links, read_sysctl, run_in_netns, write_sysctl
 
-TABLE = "cairn_nat"
 STATE_FILE = "router-applied.json"
 FORWARD_KEY = "net.ipv4.ip_forward"
 
@@ -161,15 +160,16 @@ def _forward_chain(spec: RouterSpec) -> list[str]:
     return out
 
 
-def build_router_ruleset(spec: RouterSpec) -> str:
-    """nftables script (one transaction) for ``spec``."""
+def build_router_ruleset(spec: RouterSpec, names: HostNames | None = None) -> str:
+    """nftables script (one transaction) for ``spec``, in this stack's table (``names``)."""
     _check(spec)
     up = f'"{spec.uplink}"'
+    table = (names or HostNames()).nat_table
     lines = [
         "# cairn router (generated; replaced as a whole in one transaction)",
-        f"table ip {TABLE}",
-        f"delete table ip {TABLE}",
-        f"table ip {TABLE} {{",
+        f"table ip {table}",
+        f"delete table ip {table}",
+        f"table ip {table} {{",
     ]
     if spec.zones:
         zones = ", ".join(f"{ip} : {zone}" for ip, zone in sorted(spec.zones))
@@ -208,7 +208,8 @@ def build_router_ruleset(spec: RouterSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def apply_router(netns: str | None, spec: RouterSpec, uplink_prefixlen: int = 32) -> None:
+def apply_router(netns: str | None, spec: RouterSpec, uplink_prefixlen: int = 32,
+                 names: HostNames | None = None) -> None:
     """Turn on forwarding, put floating IPs on the uplink and load the NAT rules atomically."""
     write_sysctl(netns, FORWARD_KEY, "1")
     with node_links(netns) as nl:
@@ -217,7 +218,7 @@ def apply_router(netns: str | None, spec: RouterSpec, uplink_prefixlen: int = 32
         for ip in sorted(spec.external_ips()):
             if ip not in have:
                 nl.addr_add(idx, f"{ip}/{uplink_prefixlen}")
-    _load(netns, build_router_ruleset(spec))
+    _load(netns, build_router_ruleset(spec, names))
 
 
 def _load(netns: str | None, script: str) -> None:
@@ -226,10 +227,17 @@ def _load(netns: str | None, script: str) -> None:
         raise CommandFailed(f"nft rejected the router rules (nothing changed): {r.stderr.strip()[-800:]}")
 
 
-def router_table(netns: str | None) -> str | None:
+def router_table(netns: str | None, names: HostNames | None = None) -> str | None:
     """The live router table as nft lists it, or None when there is none."""
-    r = run_in_netns(netns, ["nft", "list", "table", "ip", TABLE], timeout=30)
+    r = run_in_netns(netns, ["nft", "list", "table", "ip", (names or HostNames()).nat_table], timeout=30)
     return r.stdout if r.returncode == 0 else None
+
+
+def _other_routers(netns: str | None, names: HostNames) -> list[str]:
+    """Router tables of other stacks sharing the namespace (they need forwarding too)."""
+    r = run_in_netns(netns, ["nft", "list", "tables", "ip"], timeout=30)
+    tables = [line.split()[-1] for line in r.stdout.splitlines() if line.startswith("table ip ")]
+    return [t for t in tables if t.startswith("cairn_nat") and t != names.nat_table]
 
 
 # ------------------------------------------------------------------ reconcile
@@ -295,23 +303,27 @@ def _sync_addresses(netns: str | None, uplink: str, wanted: set[str], prefixlen:
 
 
 def reconcile_router(netns: str | None, spec: RouterSpec | None, state_dir: str | os.PathLike[str], *,
-                     prefixlen: int = 32, pool: tuple[str, str] | None = None) -> list[str]:
+                     prefixlen: int = 32, pool: tuple[str, str] | None = None,
+                     names: HostNames | None = None) -> list[str]:
     """One pass: make the node route as ``spec`` says (None: no router here).
 
     Turns forwarding on (and back to what it was once the last router is gone), keeps
     the external addresses on the uplink (removing ours that are no longer wanted: in
     ``pool``, or added by an earlier pass), and reloads the table when it is missing,
     edited by hand or out of date. A node that never had a router is not touched at
-    all. Returns what changed; raises CommandFailed (nothing half-applied in nftables)."""
+    all; only this stack's table (``names``) is ever loaded or removed, and forwarding
+    stays on while another stack's router shares the namespace. Returns what changed;
+    raises CommandFailed (nothing half-applied in nftables)."""
+    names = names or HostNames()
     sdir = Path(state_dir)
     state = _load_state(sdir)
     if spec is None:
         if state is None:
             return []
-        return _remove(netns, sdir, state, pool)
+        return _remove(netns, sdir, state, pool, names)
     state = state or RouterState()
     changed: list[str] = []
-    script = build_router_ruleset(spec)  # invalid specs fail before anything is touched
+    script = build_router_ruleset(spec, names)  # invalid specs fail before anything is touched
     if state.uplink and state.uplink != spec.uplink:
         changed += _sync_addresses(netns, state.uplink, set(), prefixlen, pool, state.addresses)
     current = read_sysctl(netns, FORWARD_KEY)
@@ -324,18 +336,19 @@ def reconcile_router(netns: str | None, spec: RouterSpec | None, state_dir: str 
     if spec.uplink:
         changed += _sync_addresses(netns, spec.uplink, wanted, prefixlen, pool, state.addresses)
     state.uplink, state.addresses = spec.uplink, sorted(wanted)
-    if script != state.script or router_table(netns) != state.listing:
+    if script != state.script or router_table(netns, names) != state.listing:
         _load(netns, script)
-        state.script, state.listing = script, router_table(netns) or ""
+        state.script, state.listing = script, router_table(netns, names) or ""
         changed.append("router rules loaded")
     _save_state(sdir, state)
     return changed
 
 
-def _remove(netns: str | None, sdir: Path, state: RouterState, pool: tuple[str, str] | None) -> list[str]:
+def _remove(netns: str | None, sdir: Path, state: RouterState, pool: tuple[str, str] | None,
+            names: HostNames) -> list[str]:
     changed: list[str] = []
-    if router_table(netns) is not None:
-        r = run_in_netns(netns, ["nft", "delete", "table", "ip", TABLE], timeout=30)
+    if router_table(netns, names) is not None:
+        r = run_in_netns(netns, ["nft", "delete", "table", "ip", names.nat_table], timeout=30)
         if r.returncode:
             raise CommandFailed(f"could not remove the router table: {r.stderr.strip()}")
         changed.append("router rules removed")
@@ -345,7 +358,11 @@ def _remove(netns: str | None, sdir: Path, state: RouterState, pool: tuple[str, 
         except CommandFailed:
             pass  # the uplink is gone, and its addresses with it
     if state.forward_before is not None and state.forward_before != "1":
-        write_sysctl(netns, FORWARD_KEY, state.forward_before)
-        changed.append(f"forwarding restored to {state.forward_before}")
+        others = _other_routers(netns, names)
+        if others:
+            changed.append(f"forwarding left on for {', '.join(others)}")
+        else:
+            write_sysctl(netns, FORWARD_KEY, state.forward_before)
+            changed.append(f"forwarding restored to {state.forward_before}")
     (sdir / STATE_FILE).unlink(missing_ok=True)
     return changed

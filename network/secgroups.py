@@ -20,15 +20,14 @@ from network.errors import CommandFailed, InvalidSpec
 from network.model import (
     BRIDGE_PREFIX,
     VXLAN_PORT,
+    HostNames,
     NetworkAttachment,
     Port,
     SecurityGroup,
     SecurityGroupRule,
-    bridge_name,
 )
 from network.netlink import run_in_netns, write_sysctl
 
-TABLE = "cairn_sg"
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -115,13 +114,18 @@ def build_ruleset(
     groups: Mapping[str, SecurityGroup],
     group_members: Mapping[str, Sequence[str]],
     zones: Mapping[int, int] | None = None,
+    names: HostNames | None = None,
 ) -> str:
     """The whole nftables script for one node's ports (an ``nft -f`` transaction).
 
     ``networks`` are the node's attachments (only ports with a ``host_ifname`` get
     rules), ``groups`` every group those ports use, ``group_members`` the addresses of
     every port cluster-wide in each group referenced as a remote group, ``zones`` the
-    conntrack zone of a VNI when it is not :func:`zone_for` (a router's networks share one)."""
+    conntrack zone of a VNI when it is not :func:`zone_for` (a router's networks share one),
+    ``names`` this stack's bridge and table names (its tables only ever match its own
+    bridges and ports, so other stacks' tables in the namespace keep working)."""
+    names = names or HostNames()
+    table = names.sg_table
     ports = sorted((p for n in networks for p in n.ports if p.host_ifname), key=lambda p: p.host_ifname)
     used_remote = sorted({
         r.remote_group for p in ports for g in p.security_groups if g in groups
@@ -129,13 +133,13 @@ def build_ruleset(
     })
     lines = [
         "# cairn security groups (generated; replaced as a whole in one transaction)",
-        f"table bridge {TABLE}",
-        f"delete table bridge {TABLE}",
-        f"table inet {TABLE}",
-        f"delete table inet {TABLE}",
+        f"table bridge {table}",
+        f"delete table bridge {table}",
+        f"table inet {table}",
+        f"delete table inet {table}",
         "",
         "# port security: a port sends only with its own MAC and addresses (stateless, bridge family)",
-        f"table bridge {TABLE} {{",
+        f"table bridge {table} {{",
         "\tchain from_ports {",
         "\t\ttype filter hook prerouting priority filter; policy accept;",
     ]
@@ -149,7 +153,7 @@ def build_ruleset(
         "}",
         "",
         "# stateful groups: br_netfilter hands bridged IP traffic to these inet hooks",
-        f"table inet {TABLE} {{",
+        f"table inet {table} {{",
     ]
     for gid in used_remote:
         members = group_members.get(gid, ())
@@ -161,7 +165,7 @@ def build_ruleset(
                 lines.append(f"\t\telements = {{ {', '.join(addrs)} }}")
             lines.append("\t}")
     # in the inet prerouting hook br_netfilter reports the bridge as input interface
-    zone_of = [f'"{bridge_name(n.vni)}" : {(zones or {}).get(n.vni, zone_for(n.vni))}'
+    zone_of = [f'"{names.bridge(n.vni)}" : {(zones or {}).get(n.vni, zone_for(n.vni))}'
                for n in sorted(networks, key=lambda n: n.vni)]
     lines.append("\tchain zones {")
     lines.append("\t\ttype filter hook prerouting priority raw; policy accept;")
@@ -191,7 +195,7 @@ def build_ruleset(
     lines.append("\t\ttype filter hook forward priority filter; policy accept;")
     for fam, ver in (("ip", 4), ("ip6", 6)):
         pairs = [
-            f'"{bridge_name(n.vni)}" . {ip} : jump ingress_{p.host_ifname}'
+            f'"{names.bridge(n.vni)}" . {ip} : jump ingress_{p.host_ifname}'
             for n in sorted(networks, key=lambda n: n.vni)
             for p in sorted(n.ports, key=lambda p: p.host_ifname)
             if p.host_ifname
@@ -218,9 +222,24 @@ def apply_ruleset(netns: str | None, ruleset: str) -> None:
         raise CommandFailed(f"nft rejected the ruleset (nothing changed): {r.stderr.strip()[-800:]}")
 
 
-def rule_counters(netns: str | None) -> str:
+def remove_ruleset(netns: str | None, names: HostNames | None = None) -> bool:
+    """Remove this stack's security group tables (a node taken down); True when there were any."""
+    table = (names or HostNames()).sg_table
+    r = run_in_netns(netns, ["nft", "list", "tables"], timeout=30)
+    present = [line.split()[1] for line in r.stdout.splitlines()
+               if line.split()[:1] == ["table"] and line.split()[-1] == table]
+    if not present:
+        return False
+    script = "".join(f"delete table {family} {table}\n" for family in present)
+    r = run_in_netns(netns, ["nft", "-f", "-"], input=script, timeout=30)
+    if r.returncode:
+        raise CommandFailed(f"could not remove the security group tables: {r.stderr.strip()}")
+    return True
+
+
+def rule_counters(netns: str | None, names: HostNames | None = None) -> str:
     """The live table as text (for diagnostics and tests)."""
-    r = run_in_netns(netns, ["nft", "list", "table", "inet", TABLE], timeout=30)
+    r = run_in_netns(netns, ["nft", "list", "table", "inet", (names or HostNames()).sg_table], timeout=30)
     if r.returncode:
         raise CommandFailed(r.stderr.strip())
     return r.stdout

@@ -28,7 +28,8 @@ class DriverSet:
             return module.LibvirtDriver(self.settings.libvirt_uri, self.settings.virt_type)  # type: ignore[no-any-return]
         if name == "crun":
             module = importlib.import_module("compute.oci_driver")
-            return module.OciDriver(self.settings.data_dir / "containers")  # type: ignore[no-any-return]
+            return module.OciDriver(self.settings.data_dir / "containers",  # type: ignore[no-any-return]
+                                    host_prefix=self.settings.host_prefix)
         if name == "fake":
             from compute.fake import FakeDriver
 

@@ -39,7 +39,7 @@ from compute.spec import (
     VirtType,
     VmSpec,
 )
-from network.model import bridge_name
+from network.model import HostNames
 
 log = logging.getLogger("cairn.agent.instances")
 MIB = 1 << 20
@@ -84,6 +84,7 @@ class InstanceReconciler:
 
     def __init__(self, settings: Settings, drivers: dict[str, ComputeDriver[Any]] | DriverSet) -> None:
         self.settings = settings
+        self.names = HostNames(settings.stack_tag)
         self.driver_source = drivers
         self.drivers: dict[str, ComputeDriver[Any]] = drivers if isinstance(drivers, dict) else {}
         self.cells: dict[str, int | None] = {}
@@ -200,7 +201,7 @@ class InstanceReconciler:
                                                     user_data=spec.get("user_data") or "#cloud-config\n{}\n"),
                                       str(workdir / "seed.iso"))
                 disks += (DiskSpec(FileSource(seed), device="cdrom", readonly=True),)
-            nics = tuple(NicSpec(mac=p["mac"], bridge=bridge_name(p["vni"]), tap=port_ifname("vm", p["id"]),
+            nics = tuple(NicSpec(mac=p["mac"], bridge=self.names.bridge(p["vni"]), tap=port_ifname("vm", p["id"]),
                                  mtu=p.get("mtu") or None) for p in (row.status or {}).get("ports", []))
             return VmSpec(
                 disks=disks, nics=nics, name=name, vcpus=int(spec["cpu"]), memory_mib=memory_mib, uuid=row.id,
@@ -236,10 +237,9 @@ class InstanceReconciler:
         self.backoff[iid] = (now + delay, delay, now)
         return True
 
-    @staticmethod
-    def _container_nic(port: dict[str, Any]) -> ContainerNic:
+    def _container_nic(self, port: dict[str, Any]) -> ContainerNic:
         v4 = next((ip for ip in port.get("ips", []) if ":" not in ip["address"]), None)
-        return ContainerNic(mac=port["mac"], bridge=bridge_name(port["vni"]),
+        return ContainerNic(mac=port["mac"], bridge=self.names.bridge(port["vni"]),
                             host_dev=port_ifname("container", port["id"]),
                             address=f"{v4['address']}/{v4['prefix']}" if v4 else None,
                             gateway=v4.get("gateway") if v4 else None)

@@ -29,7 +29,7 @@ from appliance.services import routers as router_service
 from appliance.settings import Settings
 from network.desired import NodeUnderlay, VirtualNetwork, node_state
 from network.dhcp import DhcpConfig, DhcpHost, DhcpSubnet, DnsmasqSupervisor, build_dnsmasq_config
-from network.model import Port, SecurityGroup, SecurityGroupRule, bridge_name
+from network.model import HostNames, Port, SecurityGroup, SecurityGroupRule
 from network.reconcile import reconcile
 from network.router import FloatingIp as FloatingIpSpec
 from network.router import PortForward, RouterSpec, SourceNat, reconcile_router
@@ -63,6 +63,7 @@ class NetworkReconciler:
         self.settings = settings
         self.netns = netns
         self.state_dir = settings.data_dir / "network"
+        self.names = HostNames(settings.stack_tag)
         self.dhcp: dict[int, DnsmasqSupervisor] = {}
         self.ruleset: str | None = None
 
@@ -125,7 +126,7 @@ class NetworkReconciler:
             virtual.append(VirtualNetwork(vni=net.vni, ports=per_node,
                                           gateways={home[net_id]: tuple(gateways)}))
         desired = node_state(me, underlays, virtual)
-        result = reconcile(self.netns, desired, self.state_dir)
+        result = reconcile(self.netns, desired, self.state_dir, self.names)
         if result.error:
             report.errors.append(f"network: {result.error}")
         report.actions.extend(f"network: {c}" for c in result.changed)
@@ -185,7 +186,7 @@ class NetworkReconciler:
         problems: dict[str, str] = {}
         for rid, row in mine.items():
             vnis = sorted({networks[s.network_id].vni for s in routed[rid] if s.network_id in networks} & here)
-            groups.append(tuple(bridge_name(v) for v in vnis))
+            groups.append(tuple(self.names.bridge(v) for v in vnis))
             address = row.external_address
             if not address:
                 continue
@@ -209,13 +210,14 @@ class NetworkReconciler:
         if mine:
             spec = RouterSpec(uplink if (snat or forwards or floating) else "", snat=tuple(snat),
                               port_forwards=tuple(forwards), floating_ips=tuple(floating), zones=tuple(ext_zones),
-                              routed=tuple(g for g in groups if g), isolated=tuple(sorted(map(bridge_name, here))))
+                              routed=tuple(g for g in groups if g),
+                              isolated=tuple(sorted(map(self.names.bridge, here))))
         error = None
         try:
             cidr = self.settings.external_cidr
             prefixlen = ipaddress.ip_network(cidr, strict=False).prefixlen if cidr else 32
             changed = reconcile_router(self.netns, spec, self.state_dir, prefixlen=prefixlen,
-                                       pool=self.settings.external_pool_bounds)
+                                       pool=self.settings.external_pool_bounds, names=self.names)
             report.actions.extend(f"network: router: {c}" for c in changed)
         except Exception as exc:
             log.exception("router reconcile failed")
@@ -251,7 +253,8 @@ class NetworkReconciler:
                     fields["remote_group"] = group_ids.get((g.project_id, fields["remote_group"]))
                 rules.append(SecurityGroupRule(**fields))
             groups[g.id] = SecurityGroup(g.id, tuple(rules))
-        text = build_ruleset(desired.networks, groups, {k: tuple(v) for k, v in members.items()}, zones)
+        text = build_ruleset(desired.networks, groups, {k: tuple(v) for k, v in members.items()}, zones,
+                             self.names)
         if text == self.ruleset:
             return
         try:
@@ -272,7 +275,7 @@ class NetworkReconciler:
             subs = tuple(DhcpSubnet(s.cidr, s.spec.get("gateway")) for s in subnets if s.network_id == net_id)
             gateway = next((s.gateway for s in subs if s.gateway and ipaddress.ip_address(s.gateway).version == 4),
                            None)
-            cfg = DhcpConfig(network_id=f"vni{net.vni}", interface=bridge_name(net.vni), subnets=subs,
+            cfg = DhcpConfig(network_id=f"vni{net.vni}", interface=self.names.bridge(net.vni), subnets=subs,
                              hosts=tuple(hosts[net_id]), mtu=mtu, dns_server=gateway,
                              run_dir=str(self.settings.run_dir / "dnsmasq"))
             sup = self.dhcp.get(net.vni)

@@ -58,6 +58,9 @@ def up(timeout: float, quiet: bool = False, ceph: bool = False) -> dict[str, Any
     _ensure_cli_token(settings)
     started = False
     if supervisor.running_pid(settings) is None:
+        conflict = supervisor.stack_conflict(settings)
+        if conflict:
+            raise SystemExit(conflict)
         log = open(settings.log_dir / "supervisor.log", "ab")  # noqa: SIM115
         subprocess.Popen([sys.executable, "-m", "appliance.supervisor"], stdin=subprocess.DEVNULL,
                          stdout=log, stderr=log, start_new_session=True, close_fds=True)
@@ -127,16 +130,23 @@ def _remove_overlay(settings: Settings) -> None:
     """Take this node's bridges, VXLAN devices and router rules down with it; `cairn up`
     rebuilds them."""
     from appliance.agent.inventory import underlay
-    from network.model import NodeNetworkState
+    from network.model import HostNames, NodeNetworkState
     from network.reconcile import reconcile
     from network.router import reconcile_router
+    from network.secgroups import remove_ruleset
 
+    names = HostNames(settings.stack_tag)
     try:
-        reconcile_router(None, None, settings.data_dir / "network", pool=settings.external_pool_bounds)
+        remove_ruleset(None, names)
+    except Exception as exc:
+        err_console.print(f"[yellow]warning:[/yellow] removing the security group rules: {exc}")
+    try:
+        reconcile_router(None, None, settings.data_dir / "network", pool=settings.external_pool_bounds, names=names)
     except Exception as exc:
         err_console.print(f"[yellow]warning:[/yellow] removing the router rules: {exc}")
     u = underlay(settings.underlay_interface)
-    result = reconcile(None, NodeNetworkState(u["ifname"], u["ip"], u["mtu"], ()), settings.data_dir / "network")
+    result = reconcile(None, NodeNetworkState(u["ifname"], u["ip"], u["mtu"], ()), settings.data_dir / "network",
+                       names)
     if result.error:
         err_console.print(f"[yellow]warning:[/yellow] removing the overlay: {result.error}")
 
@@ -147,7 +157,7 @@ def _stop_containers(settings: Settings) -> int:
         return 0
     from compute.oci_driver import OciDriver
 
-    driver = OciDriver(state)
+    driver = OciDriver(state, host_prefix=settings.host_prefix)
     names = driver.list_instances()
     for name in names:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -18,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.settings import Settings
+from network.model import HostNames
 from tests.services import free_port
 
 pytestmark = pytest.mark.functional
@@ -25,10 +28,11 @@ CAIRN = [sys.executable, "-m", "appliance.cli.main"]
 
 
 class Stack:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, node: str = "live", vni_base: int = 10000, **env: str) -> None:
         self.root = root
         self.port = free_port()
-        self.node = f"live-{os.getpid()}"
+        self.node = f"{node}-{os.getpid()}"
+        vnis = vni_base + os.getpid() % 5000 * 10
         self.env = {
             **os.environ,
             "CAIRN_DATA_DIR": str(root / "data"),
@@ -38,8 +42,9 @@ class Stack:
             "CAIRN_NODE_NAME": self.node,
             "CAIRN_NODE_GRACE_SECONDS": "3",
             "CAIRN_TASK_GRACE_SECONDS": "4",
-            "CAIRN_VNI_RANGE": f"{10000 + os.getpid() % 5000 * 10}-{10009 + os.getpid() % 5000 * 10}",
+            "CAIRN_VNI_RANGE": f"{vnis}-{vnis + 9}",
             "CAIRN_STORAGE_NBD_PORT": str(free_port()),
+            **env,
         }
 
     def cairn(self, *args: str, check: bool = True) -> Any:
@@ -65,6 +70,11 @@ class Stack:
         state = json.loads((self.root / "data" / "run" / "supervisor.json").read_text())
         return state["programs"]  # type: ignore[no-any-return]
 
+    @property
+    def names(self) -> HostNames:
+        """The names of this stack's bridges and nftables tables on the host."""
+        return HostNames(Settings(data_dir=self.root / "data").stack_tag)
+
     def supervisor_pid(self) -> int | None:
         try:
             return int((self.root / "data" / "run" / "supervisor.pid").read_text())
@@ -72,21 +82,54 @@ class Stack:
             return None
 
 
+def stop_stack(s: Stack) -> None:
+    pid = s.supervisor_pid()
+    s.cairn("down", check=False)  # also stops this node's VMs and containers
+    if pid:  # belt and braces: never leave a supervisor behind
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def create_container(s: Stack, name: str, *options: str, command: tuple[str, ...] = ("sleep", "100000")) -> Any:
+    r = subprocess.run([*CAIRN, "container", "create", name, "--image", "busybox", "--memory", "32MiB", *options,
+                        "-o", "json", "--", *command], env=s.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def neighbour(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second stack on this host all through the module, standing in for the appliance
+    `./bootstrap.sh up` runs beside the suite: two of its containers share a network and
+    one pings the other five times a second, whatever this module's stack does."""
+    n = Stack(tmp_path_factory.mktemp("neighbour"), node="nb", vni_base=30000, CAIRN_VM_DRIVER="none")
+    try:
+        assert n.cairn("up")["phase"] == "Ready"
+        n.cairn("image", "import-test-guest")
+        n.cairn("network", "create", "home", "--cidr", "10.78.0.0/24")
+        peer = create_container(n, "peer", "--network", "home")["status"]["ports"][0]["ips"][0]["address"]
+        create_container(n, "pinger", "--network", "home", command=("ping", "-i", "0.2", peer))
+        wait_for(lambda: b" seq=" in console_of(n, "pinger"), 30, "the neighbour's first ping reply")
+        yield n
+    finally:
+        stop_stack(n)
+
+
+def console_of(s: Stack, container: str) -> bytes:
+    return str(s.cairn("container", "console", container)["console"]).encode()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, neighbour: Stack) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("stack"))
     try:
         info = s.cairn("up")
         assert info["phase"] == "Ready"
         yield s
     finally:
-        pid = s.supervisor_pid()
-        s.cairn("down", check=False)  # also stops this node's VMs and containers
-        if pid:  # belt and braces: never leave a supervisor behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_stack(s)
 
 
 def pid_alive(pid: int) -> bool:
@@ -431,11 +474,12 @@ def test_a_vm_and_a_container_on_one_virtual_network_ping_each_other(stack: Stac
         capture_output=True, text=True, timeout=60).stdout)["returncode"] == 0, 20, "the new rule to open ICMP")
     stack.cairn("container", "delete", "c2")
     vni = stack.cairn("network", "get", "lab2")["status"]["vni"]
-    assert f"cbr{vni}" in Path("/proc/net/dev").read_text()
+    bridge = stack.names.bridge(vni)
+    assert bridge in Path("/proc/net/dev").read_text()
     stack.cairn("vm", "delete", "v1")
     stack.cairn("container", "delete", "c1")
     stack.cairn("network", "delete", "lab2")
-    wait_for(lambda: f"cbr{vni}" not in Path("/proc/net/dev").read_text(), 15, "the agent to remove the bridge")
+    wait_for(lambda: bridge not in Path("/proc/net/dev").read_text(), 15, "the agent to remove the bridge")
 
 
 def test_vm_bad_input(stack: Stack) -> None:
@@ -497,3 +541,24 @@ def test_down_stops_every_process_and_up_restarts(stack: Stack) -> None:
     wait_for(lambda: stack.cairn("container", "get", "survivor")["status"]["power_state"] == "running", 30,
              "the container to be restarted after up")
     stack.cairn("container", "delete", "survivor")
+
+
+def test_a_neighbour_stacks_guests_kept_their_network_throughout(stack: Stack, neighbour: Stack) -> None:
+    """Two stacks on one host (the appliance and the suite's) never touch each other's
+    bridges, VXLAN devices or nftables tables: the neighbour's ping never missed a reply
+    while every test above made, changed and removed this stack's networks and rules."""
+    text = console_of(neighbour, "pinger").decode(errors="replace")
+    seqs = [int(m) for m in re.findall(r" seq=(\d+) ", text)]
+    assert seqs, text[-500:]
+    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
+    assert not missing, f"the neighbour's guest lost {len(missing)} of {seqs[-1] + 1} pings: {missing[:20]}..."
+    before = seqs[-1]
+    wait_for(lambda: max(map(int, re.findall(r" seq=(\d+) ", console_of(neighbour, "pinger").decode()))) > before,
+             10, "the neighbour's ping to go on")
+    vni = neighbour.cairn("network", "get", "home")["status"]["vni"]
+    mine, theirs = stack.names, neighbour.names
+    assert mine != theirs and theirs.bridge(vni) in Path("/proc/net/dev").read_text()
+    ports = [p["id"] for c in ("peer", "pinger")
+             for p in neighbour.cairn("container", "get", c)["status"]["ports"]]
+    table = subprocess.run(["nft", "list", "table", "inet", theirs.sg_table], capture_output=True, text=True).stdout
+    assert all(f"egress_ve{p.replace('-', '')[:10]}" in table for p in ports), table[-800:]

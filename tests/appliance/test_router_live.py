@@ -23,7 +23,7 @@ from appliance.db.models import Instance, Node, Project, Router
 from appliance.processes import prepare
 from appliance.services import auth, networks, nodes, routers
 from appliance.settings import Settings
-from network.model import Port
+from network.model import HostNames, Port
 from network.netlink import node_links, read_sysctl, run_in_netns
 from network.router import router_table
 from tests.network.lab import Lab, listen, tcp_exchange, wait_ping
@@ -177,7 +177,8 @@ def test_router_egress_port_forward_floating_ip_drift_and_removal(world: World) 
         assert again.actions == []
 
         # drift: rules flushed and an address removed by hand come back on the next pass
-        run_in_netns(world.lab.node(1), ["nft", "delete", "table", "ip", "cairn_nat"])
+        names = HostNames(settings.stack_tag)
+        run_in_netns(world.lab.node(1), ["nft", "delete", "table", "ip", names.nat_table])
         with node_links(world.lab.node(1)) as nl:
             nl.addr_del(nl.index("up0"), f"{fip_ip}/24")
         assert tcp_exchange(world.ext, ssh, outer, 2222, timeout=1) != "ok"
@@ -194,7 +195,7 @@ def test_router_egress_port_forward_floating_ip_drift_and_removal(world: World) 
             routers.delete_router(session, admin, "default", "r1")
         gone = world.run("rt-a").actions
         assert "rt-a: network: router: router rules removed" in gone
-        assert router_table(world.lab.node(1)) is None
+        assert router_table(world.lab.node(1), names) is None
         with node_links(world.lab.node(1)) as nl:
             assert not [a for a in nl.addresses(nl.index("up0")) if a.startswith(EXTERNAL)]
         assert read_sysctl(world.lab.node(1), "net.ipv4.ip_forward") == forward_before

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from network.desired import NodeUnderlay, VirtualNetwork, node_state
-from network.model import ZERO_MAC, Port, bridge_name, vxlan_name
-from network.netlink import node_links, socket_in_netns
+from network.errors import InvalidSpec
+from network.model import ZERO_MAC, HostNames, Port, bridge_name, vxlan_name
+from network.netlink import node_links, run_in_netns, socket_in_netns
 from network.reconcile import load_applied, reconcile
+from network.secgroups import apply_ruleset, build_ruleset, remove_ruleset
 from tests.network.lab import Lab, listen, ping, tcp_exchange, wait_ping
 
 pytestmark = pytest.mark.functional
@@ -160,3 +163,43 @@ def test_removed_port_is_released_and_removed_network_is_torn_down(lab: Lab) -> 
     assert bridge_name(801) not in links and vxlan_name(801) not in links
     assert links[gone.host_ifname].master == 0
     assert links[keep.host_ifname].master == links[bridge_name(800)].index
+
+
+def test_stacks_sharing_a_namespace_never_touch_each_others_bridges_or_tables(lab: Lab, tmp_path: Path) -> None:
+    """An appliance and the suite's stacks (or lab nodes) on one host: each reconciles,
+    firewalls and tears down only what carries its own tag."""
+    nodes = underlays(lab)
+    a, b, plain = HostNames("ab"), HostNames("cd"), HostNames()
+    pa, pb = port(1, 900, "10.90.0.1"), port(2, 901, "10.91.0.1")
+    lab.endpoint(1, "sa", pa, "10.90.0.1/24")
+    lab.endpoint(1, "sb", pb, "10.91.0.1/24")
+    sa = node_state("n1", nodes, [VirtualNetwork(900, {"n1": [pa]})])
+    sb = node_state("n1", nodes, [VirtualNetwork(901, {"n1": [pb]})])
+    assert reconcile(lab.node(1), sa, tmp_path / "a", a).ok
+    assert reconcile(lab.node(1), sb, tmp_path / "b", b).ok
+    apply_ruleset(lab.node(1), build_ruleset(sa.networks, {}, {}, names=a))
+    apply_ruleset(lab.node(1), build_ruleset(sb.networks, {}, {}, names=b))
+    assert reconcile(lab.node(1), sa, tmp_path / "a", a).changed == []  # b's bridge is not a's to remove
+    empty = node_state("n1", nodes, [])
+    untagged = reconcile(lab.node(1), empty, tmp_path / "p", plain).changed  # nor an untagged stack's
+    assert not [c for c in untagged if "ab9" in c or "cd9" in c], untagged
+    assert reconcile(lab.node(1), empty, tmp_path / "a", a).ok  # a goes away
+    assert remove_ruleset(lab.node(1), a)
+    with node_links(lab.node(1)) as nl:
+        links = nl.links()
+    assert a.bridge(900) not in links and a.vxlan(900) not in links
+    assert links[pb.host_ifname].master == links[b.bridge(901)].index and links[b.vxlan(901)].up
+    tables = run_in_netns(lab.node(1), ["nft", "list", "tables"]).stdout
+    assert "cairn_sg_ab" not in tables and f"table inet {b.sg_table}" in tables
+    assert f"egress_{pb.host_ifname}" in run_in_netns(lab.node(1), ["nft", "list", "table", "inet", b.sg_table]).stdout
+    assert remove_ruleset(lab.node(1), b) and reconcile(lab.node(1), empty, tmp_path / "b", b).ok
+
+
+def test_a_stack_tag_names_everything_one_way() -> None:
+    names = HostNames("zz")
+    assert (names.bridge(16777215), names.vxlan(1)) == ("cbrzz16777215", "cvxzz1")
+    assert len(names.bridge(16777215)) <= 15 and names.owns("cbrzz7") and not names.owns("cbr7")
+    assert not HostNames().owns("cbrzz7") and HostNames().owns("cvx4096")
+    assert (names.sg_table, names.nat_table, HostNames().sg_table) == ("cairn_sg_zz", "cairn_nat_zz", "cairn_sg")
+    with pytest.raises(InvalidSpec):
+        HostNames("a1")

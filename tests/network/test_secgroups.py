@@ -8,10 +8,10 @@ import pytest
 
 from network.desired import NodeUnderlay, VirtualNetwork, node_state
 from network.errors import CommandFailed, InvalidSpec
-from network.model import NetworkAttachment, Port, SecurityGroup, SecurityGroupRule
+from network.model import HostNames, NetworkAttachment, Port, SecurityGroup, SecurityGroupRule
 from network.netlink import run_in_netns
 from network.reconcile import reconcile
-from network.secgroups import TABLE, apply_ruleset, build_ruleset, rule_counters
+from network.secgroups import apply_ruleset, build_ruleset, rule_counters
 from tests.network.golden import assert_golden
 from tests.network.lab import Lab, listen, tcp_exchange, wait_ping
 
@@ -111,7 +111,7 @@ def test_security_group_allows_tcp_22_not_80_both_directions_and_rule_changes_ap
 
 def _notracked(ns: str, chain: str) -> int:
     """Packets the "overlay underlay" notrack rule of ``chain`` has matched."""
-    text = run_in_netns(ns, ["nft", "list", "chain", "inet", TABLE, chain]).stdout
+    text = run_in_netns(ns, ["nft", "list", "chain", "inet", HostNames().sg_table, chain]).stdout
     line = next(ln for ln in text.splitlines() if "notrack" in ln)
     return int(line.split("packets ")[1].split()[0])
 
