@@ -121,8 +121,15 @@ def console_of(s: Stack, container: str) -> bytes:
     return str(s.cairn("container", "console", container)["console"]).encode()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def beside_a_neighbour(neighbour: Stack) -> Stack:
+    """Every test of this module runs with the neighbour up (modules that borrow
+    ``stack`` do not pay for one)."""
+    return neighbour
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, neighbour: Stack) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("stack"))
     try:
         info = s.cairn("up")

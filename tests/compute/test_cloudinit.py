@@ -27,7 +27,11 @@ def test_seed_iso_without_network_config_has_two_files() -> None:
 
 
 def test_shell_script_user_data_is_accepted() -> None:
-    build_seed_iso(CloudInitSeed("i-3", "vm3", "#!/bin/sh\necho hi\n"))
+    # not YAML at all (an unclosed flow sequence): a script must be passed through, never parsed
+    script = "#!/bin/sh\necho 'key: [unclosed' > /tmp/x\n"
+    files = read_seed_iso(build_seed_iso(CloudInitSeed("i-3", "vm3", script)))
+    assert files["user-data"] == script
+    assert "instance-id: i-3" in files["meta-data"]
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,13 @@ Regenerate after an intended change with ``CAIRN_REGEN_GOLDEN=1``.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
+import re
+import typing
+import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -135,8 +140,6 @@ def _fields(obj: object, prefix: str) -> set[str]:
 
 
 def _all_fields(cls: type, prefix: str) -> set[str]:
-    import typing
-
     hints = typing.get_type_hints(cls)
     out: set[str] = set()
     for f in dataclasses.fields(cls):
@@ -157,10 +160,98 @@ def test_every_vm_spec_field_is_exercised_by_a_golden_case() -> None:
     assert missing == set()
 
 
+def _seen(obj: object, prefix: str, out: dict[str, list[object]]) -> dict[str, list[object]]:
+    """Every value each dotted field takes somewhere in ``obj`` (devices included)."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value, name = getattr(obj, f.name), f"{prefix}.{f.name}"
+        items = value if isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]) else (value,)
+        for item in items:
+            if dataclasses.is_dataclass(item):
+                _seen(item, name, out)
+            elif item not in out.setdefault(name, []):
+                out[name].append(item)
+    return out
+
+
+SEEN: dict[str, list[object]] = {}
+for _case in CASES.values():
+    _seen(_case, "vm", SEEN)
+
+
+def _others(value: object, hint: object, name: str) -> list[object]:
+    """Different values of the same kind, best first: other members of a Literal, values
+    golden cases use for the same field, then a derived one (the spec may refuse some)."""
+    out = [c for arg in (hint, *typing.get_args(hint)) if typing.get_origin(arg) is typing.Literal
+           for c in typing.get_args(arg)]
+    out += [c for c in SEEN.get(name, []) if type(c) is type(value)]
+    if isinstance(value, bool):
+        out.append(not value)
+    elif isinstance(value, enum.Enum):
+        out += [m for m in type(value) if m is not value]
+    elif isinstance(value, int):
+        out.append(value + 1)
+    elif isinstance(value, str):
+        if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", value):
+            out.append(value[:-2] + ("a1" if value[-2:] != "a1" else "a2"))
+        try:
+            uuid.UUID(value)
+            out.append(str(uuid.uuid4()))
+        except ValueError:
+            out.append(value + "x" if len(value) < 14 else value[:-1] + "x")
+    elif isinstance(value, tuple) and value and not dataclasses.is_dataclass(value[0]):
+        out += [(*value[:-1], o) for o in _others(value[-1], None, "")]
+    return [o for o in out if o != value]
+
+
+def _accepted(obj: object, field: str, values: Iterable[object]) -> Iterator[object]:
+    """Copies of ``obj`` with ``field`` set to each of ``values`` that the spec accepts."""
+    for value in values:
+        try:
+            yield dataclasses.replace(obj, **{field: value})  # type: ignore[type-var]
+        except (InvalidSpec, ValueError):
+            continue
+
+
+def _in_tuple(items: tuple[object, ...], i: int, changed: Iterable[object]) -> Iterator[tuple[object, ...]]:
+    for item in changed:
+        yield (*items[:i], item, *items[i + 1:])
+
+
+def _variants(obj: object, prefix: str) -> Iterator[tuple[str, Iterator[object]]]:
+    """(dotted field, accepted copies of ``obj`` with only that field changed), for every
+    field set in ``obj``, nested devices included."""
+    assert dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            for sub, changed in _variants(value, name):
+                yield sub, _accepted(obj, f.name, changed)
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                for sub, changed in _variants(item, name):
+                    yield sub, _accepted(obj, f.name, _in_tuple(value, i, changed))
+        if value is None or value == ():
+            continue
+        others = _others(value, typing.get_type_hints(type(obj))[f.name], name)
+        if f.default is None:
+            others.append(None)  # an optional value left out
+        yield name, _accepted(obj, f.name, others)
+
+
 def test_every_vm_spec_field_changes_the_xml() -> None:
-    base = build_domain_xml(vm())
+    """Each field of VmSpec and of its devices, changed alone in some golden case,
+    changes the domain XML: no field is silently ignored by the builder."""
+    proven: set[str] = set()
     for spec in CASES.values():
-        assert build_domain_xml(spec) != base or spec == vm()
+        xml = build_domain_xml(spec)
+        for name, candidates in _variants(spec, "vm"):
+            changed = next(candidates, None)  # the first change the whole spec accepts
+            if changed is None:
+                continue
+            assert isinstance(changed, VmSpec)
+            if build_domain_xml(changed) != xml:  # a device proves itself through its fields
+                proven |= {".".join(name.split(".")[:i]) for i in range(2, name.count(".") + 2)}
+    assert _all_fields(VmSpec, "vm") - proven == set()
 
 
 @pytest.mark.parametrize(
