@@ -18,7 +18,7 @@ from sqlalchemy import select
 from appliance.agent.drivers import DriverSet
 from appliance.agent.network import port_ifname
 from appliance.db.engine import session_scope
-from appliance.db.models import Claim, Image, Instance, Node, Project
+from appliance.db.models import Claim, Image, Instance, Node
 from appliance.services.instances import KINDS
 from appliance.settings import Settings
 from compute.cloudinit import CloudInitSeed, write_seed_iso
@@ -118,7 +118,7 @@ class InstanceReconciler:
             if driver is None or row.task_state == "migrating":
                 continue  # a migration moves it under us: only its task acts on it
             try:
-                observed[row.id] = self.converge(driver, row, by_name, virt)
+                observed[row.id] = {**self.converge(driver, row, by_name, virt), "generation": row.generation}
             except HypervisorError as exc:
                 # the connection may be gone (daemon restarted): rebuild it next pass
                 if isinstance(self.driver_source, DriverSet):
@@ -126,7 +126,7 @@ class InstanceReconciler:
                 report.errors.append(f"{row.kind} {row.name}: {exc}")
             except ComputeError as exc:
                 report.errors.append(f"{row.kind} {row.name}: {exc}")
-                observed[row.id] = {"power_state": "error", "error": str(exc)}
+                observed[row.id] = {"power_state": "error", "error": str(exc), "generation": row.generation}
         self.report(observed, report)
 
     def remove_orphans(self, wanted: set[str], report: Any) -> None:
@@ -158,7 +158,7 @@ class InstanceReconciler:
         seen: dict[str, Any] = {}
         if want == "running" and row.power_state == "running" and state is not PowerState.RUNNING:
             # It stopped by itself (crash, guest shutdown, OOM): say so, then restart it.
-            seen["unexpected_stops"] = int((row.status or {}).get("unexpected_stops", 0)) + 1
+            seen["crashed"] = True
             seen["last_unexpected_stop"] = {"state": str(state), "time": datetime.now(UTC).isoformat()}
             log.warning("instance stopped by itself; restarting", extra={"instance": name, "state": str(state)})
         if want == "running":
@@ -260,20 +260,26 @@ class InstanceReconciler:
         return inventory_virt if self.settings.virt_type == "auto" else self.settings.virt_type
 
     def report(self, observed: dict[str, dict[str, Any]], report: Any) -> None:
-        """Write observed state back; only rows whose observation changed get an event."""
+        """Write observed state back, each row under its lock (in id order): the power
+        state, the status keys seen, a crash as +1 on the count the row holds now, and
+        ``observed_generation`` = the generation this pass acted on (never the one a
+        task wrote meanwhile). Only rows whose observation changed get an event."""
         if not observed:
             return
         with session_scope(self.settings.resolved_database_url) as session:
-            for row in session.scalars(select(Instance).where(Instance.id.in_(observed))):
-                seen = observed[row.id]
-                status = {**(row.status or {}), **{k: v for k, v in seen.items() if k != "power_state"}}
-                power = seen["power_state"]
-                if status == (row.status or {}) and power == row.power_state \
-                        and row.observed_generation == row.generation:
-                    continue
-                row.status, row.power_state, row.observed_generation = status, power, row.generation
-                project = session.scalar(select(Project.name).where(Project.id == row.project_id)) or ""
-                KINDS[row.kind].emit(session, row, project, "updated")
-                report.actions.append(f"{row.kind} {row.name}: {power}")
+            for row in session.scalars(select(Instance).where(Instance.id.in_(observed)).order_by(Instance.id)):
+                seen = dict(observed[row.id])
+                power = seen.pop("power_state")
+                acted_on = seen.pop("generation", None)
+                crashed = seen.pop("crashed", False)
 
+                def patch(now: dict[str, Any], seen: dict[str, Any] = seen, crashed: bool = crashed) -> dict[str, Any]:
+                    return {**seen, "unexpected_stops": int(now.get("unexpected_stops", 0)) + 1} if crashed else seen
 
+                def generation(live: Instance, acted_on: int | None = acted_on) -> None:
+                    if acted_on is not None:
+                        live.observed_generation = max(live.observed_generation, acted_on)
+
+                if KINDS[row.kind].write_status(session, row, patch, columns={"power_state": power},
+                                                change=generation):
+                    report.actions.append(f"{row.kind} {row.name}: {power}")

@@ -169,8 +169,7 @@ def create_port(session: Session, principal: Principal, project: str, name: str,
     if not fixed:
         for sub in subs:
             ips.append({"subnet": sub.name, "address": ipam.allocate(session, sub, row.id)})
-    row.status = {"phase": "Pending", "ips": ips, "mac": mac}
-    ports.emit(session, row, project, "updated")
+    ports.write_status(session, row, {"phase": "Pending", "ips": ips, "mac": mac})
     return ports.public(row, project)
 
 

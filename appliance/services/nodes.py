@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import Node
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import events
+from appliance.services import events, statuses
 from appliance.services.principal import Principal
 from appliance.services.resources import check_generation, iso, keyset, page, public, set_condition
 
@@ -34,14 +34,17 @@ def register(session: Session, name: str, inventory: dict[str, Any], allocatable
     if node is None:
         node = Node(name=name, spec={"schedulable": True, "labels": {}})
         session.add(node)
-    node.status = {**(node.status or {}), "inventory": inventory, "allocatable": allocatable}
-    node.cpu_capacity = float(allocatable["cpu"]) * float(allocatable.get("cpu_ratio", 4.0))
-    node.memory_capacity = int(allocatable["memory_bytes"])
-    node.heartbeat_at = datetime.now(UTC)
-    node.phase = "Ready"
-    node.observed_generation = node.generation
-    set_condition(node, "Ready", True, "AgentRegistered", "the node agent registered and heartbeats")
-    _emit(session, node, "created" if created else "updated")
+
+    def ready(row: Node) -> None:
+        row.cpu_capacity = float(allocatable["cpu"]) * float(allocatable.get("cpu_ratio", 4.0))
+        row.memory_capacity = int(allocatable["memory_bytes"])
+        row.heartbeat_at = datetime.now(UTC)
+        row.phase = "Ready"
+        row.observed_generation = row.generation
+        set_condition(row, "Ready", True, "AgentRegistered", "the node agent registered and heartbeats")
+
+    statuses.write(session, node, {"inventory": inventory, "allocatable": allocatable}, change=ready,
+                   emit=_emit, verb="created" if created else "updated")
     return created
 
 
@@ -50,11 +53,14 @@ def heartbeat(session: Session, name: str) -> bool:
     node = session.scalar(select(Node).where(Node.name == name))
     if node is None:
         return False
+    statuses.lock(session, node)  # mark_lost may be turning it NotReady right now
     node.heartbeat_at = datetime.now(UTC)
     if node.phase != "Ready":
-        node.phase = "Ready"
-        set_condition(node, "Ready", True, "HeartbeatResumed", "the node agent heartbeats again")
-        _emit(session, node, "updated")
+        def resumed(row: Node) -> None:
+            row.phase = "Ready"
+            set_condition(row, "Ready", True, "HeartbeatResumed", "the node agent heartbeats again")
+
+        statuses.write(session, node, change=resumed, emit=_emit)
     return True
 
 
@@ -62,8 +68,7 @@ def update_status(session: Session, name: str, **status: Any) -> None:
     node = session.scalar(select(Node).where(Node.name == name))
     if node is None:
         raise NotFound(f"there is no node named '{name}'")
-    node.status = {**(node.status or {}), **status}
-    _emit(session, node, "updated")
+    statuses.write(session, node, status, emit=_emit)
 
 
 def mark_lost(session: Session, grace_seconds: float) -> list[str]:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import Node, StoragePool, Volume
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import events
+from appliance.services import events, statuses
 from appliance.services.principal import Principal
 from appliance.services.resources import keyset, page, public
 
@@ -101,12 +101,9 @@ def delete(session: Session, principal: Principal, name: str) -> None:
     events.record(session, "storage-pool", "deleted", data, None)
 
 
-def set_status(session: Session, pool: StoragePool, **status: Any) -> None:
+def set_status(session: Session, pool: StoragePool, **status: Any) -> bool:
     """Agent reports (phase, stats); an event only when something changed."""
-    new = {**(pool.status or {}), **status}
-    if new != pool.status:
-        pool.status = new
-        _emit(session, pool, "updated")
+    return statuses.write(session, pool, status, emit=_emit)
 
 
 def node_pools(session: Session, node: str) -> list[StoragePool]:

@@ -277,14 +277,13 @@ def record_status(session: Session, row: Router, node: str | None, ready: bool, 
     """The agent of the router's node reports where it lives and whether it is applied;
     writes (and emits an event) only when something changed."""
     phase = "Active" if ready else ("Pending" if node is None else "Error")
-    changed = set_condition(row, "Ready", ready, phase, message)
-    if ready and row.observed_generation != row.generation:
-        row.observed_generation = row.generation
-        changed = True
-    if changed or (row.status or {}).get("node") != node or (row.status or {}).get("phase") != phase:
-        routers.set_status(session, row, node=node, phase=phase)
-        return True
-    return False
+
+    def observed(live: Router) -> None:
+        set_condition(live, "Ready", ready, phase, message)
+        if ready:
+            live.observed_generation = live.generation
+
+    return routers.write_status(session, row, {"node": node, "phase": phase}, change=observed)
 
 
 # --- floating IPs ----------------------------------------------------------------------------
@@ -321,23 +320,24 @@ def associate(session: Session, principal: Principal, project: str, name: str, p
     if found is None:
         raise Conflict(f"port '{port_name}' is on no network that a router with an external address routes: "
                        "`cairn router create <router> --network <its network>` first")
-    row.port_id, row.router_id, row.fixed_address = port.id, found[0].id, found[1]
-    row.spec = {**row.spec, "port": port.name}
-    row.status = {**(row.status or {}), "router": found[0].name}
-    row.generation += 1
-    floating_ips.emit(session, row, project, "updated")
+    floating_ips.write_status(session, row, {"router": found[0].name},
+                              columns={"port_id": port.id, "router_id": found[0].id, "fixed_address": found[1]},
+                              change=lambda live: _respec(live, port=port.name))
     return floating_ips.public(row, project)
 
 
 def disassociate(session: Session, principal: Principal, project: str, name: str) -> dict[str, Any]:
     row, _ = floating_ips.row(session, principal, project, name, "write")
     if row.port_id is not None or row.spec.get("port"):
-        row.port_id = row.router_id = row.fixed_address = None
-        row.spec = {**row.spec, "port": None}
-        row.status = {**(row.status or {}), "router": None}
-        row.generation += 1
-        floating_ips.emit(session, row, project, "updated")
+        floating_ips.write_status(session, row, {"router": None},
+                                  columns={"port_id": None, "router_id": None, "fixed_address": None},
+                                  change=lambda live: _respec(live, port=None))
     return floating_ips.public(row, project)
+
+
+def _respec(row: FloatingIp, **spec: Any) -> None:
+    row.spec = {**row.spec, **spec}
+    row.generation += 1
 
 
 def delete_floating_ip(session: Session, principal: Principal, project: str, name: str) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import Project, ScopedMixin
 from appliance.errors import Conflict, NotFound
-from appliance.services import events
+from appliance.services import events, statuses
 from appliance.services.auth import project_by_name
 from appliance.services.principal import Action, Principal
 from appliance.services.resources import check_generation, keyset, page, public
@@ -112,10 +112,19 @@ class ScopedKind(Generic[M]):
             self.emit(session, row, proj.name, "updated")
         return row, changed
 
-    def set_status(self, session: Session, row: M, **status: Any) -> None:
-        row.status = {**(row.status or {}), **status}
+    def emit_row(self, session: Session, row: M, verb: str) -> dict[str, Any]:
+        """``emit`` for callers that hold the row but not its project's name."""
         project = session.scalar(select(Project.name).where(Project.id == row.project_id)) or ""
-        self.emit(session, row, project, "updated")
+        return self.emit(session, row, project, verb)
+
+    def write_status(self, session: Session, row: M, patch: statuses.StatusPatch | None = None, *,
+                     columns: dict[str, Any] | None = None, change: Callable[[M], None] | None = None,
+                     verb: str = "updated") -> bool:
+        """Observed state of one row, through :func:`statuses.write` (row lock, merge, event)."""
+        return statuses.write(session, row, patch, emit=self.emit_row, verb=verb, columns=columns, change=change)
+
+    def set_status(self, session: Session, row: M, **status: Any) -> bool:
+        return self.write_status(session, row, status)
 
     def delete(self, session: Session, principal: Principal, project: str, name: str) -> M:
         row, proj = self.row(session, principal, project, name, "write")

@@ -227,12 +227,10 @@ def clone(session: Session, principal: Principal, project: str, name: str, snap:
     return create(session, principal, project, new, size=size, source={"volume": name, "snapshot": snap})
 
 
-def finish(session: Session, vol: Volume, verb: str = "updated", **status: Any) -> None:
-    """Clear task_state and merge ``status`` (task handlers)."""
-    vol.task_state = None
-    vol.status = {**(vol.status or {}), **status}
-    project = session.scalar(select(Project.name).where(Project.id == vol.project_id)) or ""
-    volumes.emit(session, vol, project, verb)
+def finish(session: Session, vol: Volume, verb: str = "updated", columns: dict[str, Any] | None = None,
+           **status: Any) -> None:
+    """Clear task_state, set ``columns`` and merge ``status`` (task handlers)."""
+    volumes.write_status(session, vol, status, columns={**(columns or {}), "task_state": None}, verb=verb)
 
 
 def record_snapshot(session: Session, vol: Volume, snap: str) -> None:

@@ -14,7 +14,7 @@ from appliance.db.engine import session_scope
 from appliance.db.models import Claim, Instance, Network, Node, Project, Subnet, Task, Volume
 from appliance.errors import CairnError
 from appliance.scheduler.placement import NoValidHost, Request
-from appliance.services import groups, images, instances, networks, placement, volumes
+from appliance.services import groups, images, instances, networks, placement, statuses, volumes
 from appliance.services.principal import Principal
 from appliance.settings import get_settings
 from appliance.tasks.runner import TaskContext, handler
@@ -36,22 +36,20 @@ def _load(ctx: TaskContext, instance_id: str) -> Instance:
         return row
 
 
-def _update(ctx: TaskContext, instance_id: str, **fields: Any) -> None:
+def _update(ctx: TaskContext, instance_id: str, status: statuses.StatusPatch | None = None,
+            spec: dict[str, Any] | None = None, **columns: Any) -> None:
+    """Change one instance (columns, a status patch, a spec merge that bumps the
+    generation) under its row lock, with its event."""
+    def merge_spec(row: Instance) -> None:
+        if spec is not None:
+            row.spec = {**row.spec, **spec}
+            row.generation += 1
+
     with session_scope(ctx.db_url) as session:
         row = session.get(Instance, instance_id)
         if row is None:
             return
-        spec = fields.pop("spec", None)
-        status = fields.pop("status", None)
-        for key, value in fields.items():
-            setattr(row, key, value)
-        if spec is not None:
-            row.spec = {**row.spec, **spec}
-            row.generation += 1
-        if status is not None:
-            row.status = {**(row.status or {}), **status}
-        project = session.scalar(select(Project.name).where(Project.id == row.project_id)) or ""
-        instances.KINDS[row.kind].emit(session, row, project, "updated")
+        instances.KINDS[row.kind].write_status(session, row, status, columns=columns, change=merge_spec)
 
 
 def _wait_power(ctx: TaskContext, instance_id: str, want: str, start_pct: float, label: str) -> Instance:

@@ -48,9 +48,7 @@ def _finish(ctx: TaskContext, volume_id: str, **changes: Any) -> None:
         if vol is None:
             return
         status = changes.pop("status", {})
-        for key, value in changes.items():
-            setattr(vol, key, value)
-        volumes.finish(session, vol, **status)
+        volumes.finish(session, vol, columns=changes, **status)
 
 
 @contextlib.contextmanager
@@ -209,6 +207,4 @@ def _image_status(ctx: TaskContext, image_id: str, status: dict[str, Any]) -> No
     with session_scope(ctx.db_url) as session:
         img = session.get(Image, image_id)
         if img is not None:
-            img.status = {**(img.status or {}), **status}
-            project = session.scalar(select(Project.name).where(Project.id == img.project_id)) or ""
-            images.images.emit(session, img, project, "updated")
+            images.images.write_status(session, img, status)

@@ -72,8 +72,7 @@ def snapshot(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
                 _wait_power(ctx, iid, "running", 90, "resume")
         taken = {"name": snap, "volumes": disks, "created_at": datetime.now(UTC).isoformat(),
                  "power_state": row.power_state}
-        snaps = [*(_load(ctx, iid).status or {}).get("snapshots", []), taken]
-        _update(ctx, iid, task_state=None, status={"snapshots": snaps})
+        _update(ctx, iid, task_state=None, status=lambda now: {"snapshots": [*now.get("snapshots", []), taken]})
         return taken
 
     return _guarded(ctx, iid, run)
@@ -105,8 +104,8 @@ def snapshot_delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     def run() -> dict[str, Any]:
         _each_volume(ctx, project, taken["volumes"], "deleting snapshot of", 10, 80,
                      lambda s, p, d: volumes.snapshot_delete(s, SYSTEM, p, d, snap), missing_ok=True)
-        snaps = [s for s in (_load(ctx, iid).status or {}).get("snapshots", []) if s["name"] != snap]
-        _update(ctx, iid, task_state=None, status={"snapshots": snaps})
+        _update(ctx, iid, task_state=None,
+                status=lambda now: {"snapshots": [s for s in now.get("snapshots", []) if s["name"] != snap]})
         return {}
 
     return _guarded(ctx, iid, run)
