@@ -36,13 +36,13 @@ def prepare(settings: Settings) -> str | None:
     """Directories, database schema, the default project and first admin (idempotent).
     Returns the admin password when it was just created."""
     from appliance.db.engine import session_scope
-    from appliance.db.migrate import upgrade
+    from appliance.db.migrate import ensure_schema
     from appliance.services import auth
 
     for d in (settings.data_dir, settings.log_dir, settings.run_dir):
         d.mkdir(parents=True, exist_ok=True)
     settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    upgrade(settings.resolved_database_url)
+    ensure_schema(settings.resolved_database_url, settings.node_name, wait_seconds=settings.schema_wait_seconds)
     with session_scope(settings.resolved_database_url) as session:
         password = auth.bootstrap(session)
     if password:
@@ -98,6 +98,10 @@ def run_worker(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv or [])
     settings = get_settings()
     logs.setup("cairn-worker", settings.log_level)
+    from appliance.db.migrate import ensure_schema
+
+    # Tasks use this release's schema: wait (or migrate) until the database has it.
+    ensure_schema(settings.resolved_database_url, settings.node_name, wait_seconds=settings.schema_wait_seconds)
     _install_dispatcher()
     from appliance.tasks.celery_app import celery
 

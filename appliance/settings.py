@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # Seconds without a heartbeat before a node turns NotReady.
     node_grace_seconds: float = 10.0
     heartbeat_interval: float = 2.0
+    # How long a starting API / worker waits for the other members before it may migrate
+    # the schema (a rolling upgrade); 0 waits as long as it takes, like LXD.
+    schema_wait_seconds: float = 0.0
     # Seconds without a task heartbeat before a running task is declared lost.
     task_grace_seconds: float = 15.0
     task_heartbeat_interval: float = 2.0

@@ -183,11 +183,24 @@ class TaskList(Open):
     next_cursor: str | None
 
 
+class MemberVersion(Open):
+    name: str
+    code: str | None = Field(description="the member's Cairn release (None: recorded before 0.1.0 kept it)")
+    schema_: str = Field(alias="schema", description="the newest schema revision the member's code carries")
+
+
+class Versions(Open):
+    database_schema: str | None
+    compatible_with: str | None = Field(description="the oldest code schema that can run on the database")
+    members: list[MemberVersion]
+
+
 class ClusterStatus(Open):
     version: str
     node: str
     nodes: dict[str, int]
     tasks: dict[str, int]
+    versions: Versions
 
 
 class Health(Open):

@@ -90,7 +90,7 @@ def status(output: OutputOpt = Format.table) -> None:
     data = run(lambda: c.get("/cluster/status"))
     data["nodes_detail"] = [
         {"name": n["name"], "phase": n["status"].get("phase"),
-         "last_heartbeat": n["status"].get("last_heartbeat")}
+         "version": n["status"].get("version"), "last_heartbeat": n["status"].get("last_heartbeat")}
         for n in run(lambda: c.list_all("/nodes"))
     ]
     data["services"] = local.services()

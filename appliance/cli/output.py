@@ -24,6 +24,7 @@ OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for peo
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "nodes": [("NAME", "name"), ("PHASE", "status.phase"), ("CPU", "status.inventory.threads"),
               ("MEMORY", "status.inventory.memory_bytes"), ("VIRT", "status.inventory.virt_type"),
+              ("VERSION", "status.version.code"), ("SCHEMA", "status.version.schema"),
               ("HEARTBEAT", "status.last_heartbeat")],
     "tasks": [("ID", "id"), ("NAME", "name"), ("STATE", "state"), ("PROGRESS", "progress.percent"),
               ("MESSAGE", "progress.message"), ("RESOURCE", "resource.name"), ("CREATED", "created_at")],

@@ -135,6 +135,22 @@ class Node(ResourceMixin, Base):
     memory_claimed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     cpu_capacity: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     memory_capacity: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # What this member runs (LXD-style): its release, and the newest schema revision its
+    # code carries. Migrations wait until every member's code can run on their result.
+    code_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    schema_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class SchemaState(Base):
+    """One row: the schema revision the database is at and the oldest code schema that
+    can run on it (members one release behind keep working on additive migrations)."""
+
+    __tablename__ = "schema_state"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revision: Mapped[str] = mapped_column(String(32))
+    compatible_with: Mapped[str] = mapped_column(String(32))
+    migrated_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    migrated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Claim(Base):

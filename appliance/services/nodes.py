@@ -8,18 +8,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from appliance.db.migrate import code_schema
 from appliance.db.models import Node
 from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.services import events, statuses
 from appliance.services.principal import Principal
 from appliance.services.resources import check_generation, iso, keyset, page, public, set_condition
+from appliance.version import __version__
 
 PHASES = ("Ready", "NotReady")
 
 
 def node_public(node: Node) -> dict[str, Any]:
     claimed = {"cpu": round(node.cpu_claimed or 0.0, 3), "memory_bytes": node.memory_claimed or 0}
-    return public(node, None, phase=node.phase, last_heartbeat=iso(node.heartbeat_at), claimed=claimed)
+    return public(node, None, phase=node.phase, last_heartbeat=iso(node.heartbeat_at), claimed=claimed,
+                  version={"code": node.code_version, "schema": node.schema_version})
 
 
 def _emit(session: Session, node: Node, verb: str) -> None:
@@ -41,6 +44,7 @@ def register(session: Session, name: str, inventory: dict[str, Any], allocatable
         row.heartbeat_at = datetime.now(UTC)
         row.phase = "Ready"
         row.observed_generation = row.generation
+        row.code_version, row.schema_version = __version__, code_schema()
         set_condition(row, "Ready", True, "AgentRegistered", "the node agent registered and heartbeats")
 
     statuses.write(session, node, {"inventory": inventory, "allocatable": allocatable}, change=ready,

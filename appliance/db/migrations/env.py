@@ -12,6 +12,13 @@ target_metadata = Base.metadata
 
 
 def run_migrations_online() -> None:
+    given = config.attributes.get("connection")
+    if given is not None:  # appliance.db.migrate.step: inside its locked transaction
+        context.configure(connection=given, target_metadata=target_metadata,
+                          render_as_batch=given.dialect.name == "sqlite")
+        with context.begin_transaction():
+            context.run_migrations()
+        return
     url = config.get_main_option("sqlalchemy.url")
     assert url
     engine = create_engine(url, poolclass=pool.NullPool)
