@@ -194,6 +194,11 @@ class Settings(BaseSettings):
         return self.data_dir / "images"
 
     @property
+    def desired_state_file(self) -> Path:
+        """The agent's copy of its node's last desired-state document."""
+        return self.data_dir / "agent" / "desired-state.json"
+
+    @property
     def admin_password_file(self) -> Path:
         return self.secrets_dir / "admin-password"
 

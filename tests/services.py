@@ -30,31 +30,61 @@ def _pg_bin() -> Path:
     return versions[-1].parent
 
 
+class Postgres:
+    """A private PostgreSQL (initdb in a temp dir, run as the postgres user) that a test
+    may stop and start again (a database that goes away, as in a failover)."""
+
+    def __init__(self) -> None:
+        self.bindir = _pg_bin()
+        pg = pwd.getpwnam("postgres")
+        self.root = Path(tempfile.mkdtemp(prefix="cairn-pg-"))
+        os.chown(self.root, pg.pw_uid, pg.pw_gid)
+        self.data, self.port = self.root / "data", free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+
+    def _as_pg(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True,
+                              cwd=self.root)
+
+    def init(self) -> None:
+        r = self._as_pg(str(self.bindir / "initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres",
+                        "-E", "UTF8")
+        if r.returncode:
+            raise RuntimeError(f"initdb failed: {r.stderr}")
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off")
+        r = self._as_pg(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
+                        str(self.root / "log"), "-w", "start")
+        if r.returncode:
+            raise RuntimeError(f"PostgreSQL did not start: {r.stderr}{(self.root / 'log').read_text()}")
+
+    def stop(self) -> None:
+        self._as_pg(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres() -> Iterator[Postgres]:
+    """A started private PostgreSQL, always removed."""
+    server = Postgres()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Yields a server URL prefix ``postgresql+psycopg://postgres@127.0.0.1:<port>``."""
-    bindir = _pg_bin()
-    pg = pwd.getpwnam("postgres")
-    root = Path(tempfile.mkdtemp(prefix="cairn-pg-"))
-    os.chown(root, pg.pw_uid, pg.pw_gid)
-    data, port = root / "data", free_port()
-
-    def as_pg(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True,
-                              cwd=root)
-
-    try:
-        r = as_pg(str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8")
-        if r.returncode:
-            raise RuntimeError(f"initdb failed: {r.stderr}")
-        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
-        r = as_pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start")
-        if r.returncode:
-            raise RuntimeError(f"PostgreSQL did not start: {r.stderr}{(root / 'log').read_text()}")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        as_pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres() as server:
+        yield server.url
 
 
 def create_pg_database(server: str, name: str) -> str:

@@ -1,7 +1,11 @@
 """The node agent. cephadm-style ``serve()``: a loop woken by a timer or an
-event, each pass = heartbeat + every registered reconciler. ``run_once()`` is one
-pass, callable from tests; storage / network / compute reconcilers plug in with
-``register_reconciler``."""
+event, each pass = heartbeat + this node's desired-state document + every registered
+reconciler. ``run_once()`` is one pass, callable from tests; storage / network /
+compute reconcilers plug in with ``register_reconciler`` and read ``agent.document``.
+
+The database may be away (a PostgreSQL failover): the heartbeat fails, the document
+comes from the local cache (``agent.document_fresh`` False, see
+:mod:`appliance.agent.document`), and the reconcilers keep guests running from it."""
 
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.agent import inventory as inv
+from appliance.agent.document import DesiredState
 from appliance.db.engine import session_scope
 from appliance.services import events, nodes
+from appliance.services.desired_state import NodeDocument
 from appliance.settings import Settings
 
 log = logging.getLogger("cairn.agent")
@@ -31,6 +37,7 @@ class PassReport:
 
 Reconciler = Callable[["Agent", PassReport], None]
 EVENT_POLL_SECONDS = 0.25
+EVENT_RETRY_MAX = 5.0  # back-off of the event watcher while the database is away
 
 
 class Agent:
@@ -43,6 +50,22 @@ class Agent:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._registered = False
+        self.desired = DesiredState(settings)
+
+    @property
+    def document(self) -> NodeDocument | None:
+        """This pass's desired-state document (None: never seen one)."""
+        return self.desired.document
+
+    @property
+    def document_fresh(self) -> bool:
+        """True when this pass's document came from the database (not the cache)."""
+        return self.desired.fresh
+
+    def refresh_document(self, report: PassReport) -> None:
+        _, why = self.desired.refresh()
+        if why:
+            report.errors.append(why)
 
     def register_reconciler(self, name: str, fn: Reconciler, kinds: tuple[str, ...] = ()) -> None:
         """Add a reconciler; a change to any of ``kinds`` (an event) wakes the loop at once."""
@@ -61,13 +84,23 @@ class Agent:
         return last
 
     def _watch(self) -> None:
-        with session_scope(self.settings.resolved_database_url, readonly=True) as session:
-            seq = events.latest_seq(session)
-        while not self._stop.wait(EVENT_POLL_SECONDS):
+        seq: int | None = None
+        delay = 0.0  # the starting point at once: later events are the news
+        while not self._stop.wait(delay):
+            delay = max(delay, EVENT_POLL_SECONDS)
             try:
+                if seq is None:
+                    with session_scope(self.settings.resolved_database_url, readonly=True) as session:
+                        seq = events.latest_seq(session)
                 seq = self.wake_on_events(seq)
-            except Exception:
-                log.exception("event watch failed")
+                if delay > EVENT_POLL_SECONDS:
+                    log.info("event watch resumed")
+                    self.wake()  # changes made while we could not see them
+                delay = EVENT_POLL_SECONDS
+            except Exception as exc:
+                if delay == EVENT_POLL_SECONDS:
+                    log.warning("event watch failed; retrying", extra={"error": str(exc)[:300]})
+                delay = min(EVENT_RETRY_MAX, delay * 2)
 
     def wake(self) -> None:
         """Ask for a pass now (e.g. on a desired-state event)."""
@@ -89,17 +122,29 @@ class Agent:
         log.info("node registered", extra={"node": self.node, "virt_type": inventory["virt_type"]})
 
     def run_once(self) -> PassReport:
-        """One pass: heartbeat (re-register if the node row vanished), then reconcile."""
+        """One pass: heartbeat (re-register if the node row vanished), the document
+        (from the database, else the cache), then reconcile. Losing the database fails
+        the heartbeat, not the pass."""
         report = PassReport()
-        if not self._registered:
-            self.register()
-            report.registered = True
-        else:
-            with session_scope(self.settings.resolved_database_url) as session:
-                known = nodes.heartbeat(session, self.node)
-            if not known:
+        try:
+            if not self._registered:
                 self.register()
                 report.registered = True
+            else:
+                with session_scope(self.settings.resolved_database_url) as session:
+                    known = nodes.heartbeat(session, self.node)
+                if not known:
+                    self.register()
+                    report.registered = True
+        except Exception as exc:  # the database is away: keep the guests running from the cache
+            self._registered = False
+            log.warning("heartbeat failed", extra={"error": str(exc)[:300]})
+            report.errors.append(f"heartbeat: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")
+        if not self.reconcilers:
+            return report
+        self.refresh_document(report)
+        if self.document is None:
+            return report  # nothing seen yet: nothing to keep running
         for name, fn in self.reconcilers:
             try:
                 fn(self, report)

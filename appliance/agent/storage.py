@@ -1,7 +1,9 @@
 """The agent's storage reconciler: attaches the pools this node serves to its storage
 daemon (detaches the others), creates the ``default`` pool on the first node that
 reconciles, and reports each pool's phase and space stats (logical / stored bytes,
-dedup and compression ratios) back to the database."""
+dedup and compression ratios) back to the database. The pools come from the node's
+desired-state document, so with a cached one (database away) a restarted storage
+daemon gets its pools back and the guests their disks."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from sqlalchemy import select
 from appliance.db.engine import session_scope
 from appliance.db.models import StoragePool
 from appliance.services import pools
+from appliance.services.desired_state import NodeDocument
 from appliance.settings import Settings
 from storage.control import StorageClient
 from storage.errors import StorageError
@@ -28,67 +31,79 @@ class StorageReconciler:
         self.client = StorageClient(settings.storage_socket, timeout=120)
         self._stats_at: dict[str, float] = {}
 
-    def _ensure_default(self) -> None:
+    def _ensure_default(self) -> bool:
         name = self.settings.storage_default_pool
         if not name:
-            return
+            return False
         with session_scope(self.settings.resolved_database_url) as session:
             if session.scalar(select(StoragePool.id).where(StoragePool.name == name)):
-                return
+                return False
             directory = self.settings.data_dir / "storage" / name
             pools.create(session, None, name, self.settings.node_name, "local", str(directory),
                          nbd_port_base=self.settings.storage_nbd_port)
         log.info("created the default storage pool", extra={"pool": name})
+        return True
 
-    def _ensure_ceph(self) -> None:
+    def _ensure_ceph(self) -> bool:
         """``cairn up --ceph``: once the embedded cluster is healthy, its replicated pool
         (size 3, min_size 2) is the ``ceph`` storage pool (dedup and rbd volumes)."""
         ready = self.settings.ceph_dir / "ready"
         if not self.settings.ceph_enabled or not ready.exists():
-            return
+            return False
         with session_scope(self.settings.resolved_database_url) as session:
             if session.scalar(select(StoragePool.id).where(StoragePool.name == "ceph")):
-                return
+                return False
             url = f"rados://cairn/cairn?conf={self.settings.ceph_dir / 'ceph.conf'}"
             pools.create(session, None, "ceph", self.settings.node_name, "rados", url, replication=3,
                          nbd_port_base=self.settings.storage_nbd_port)
+        return True
 
     def __call__(self, agent: Any, report: Any) -> None:
         if not self.client.ready():
             report.errors.append(f"storage: the storage daemon at {self.settings.storage_socket} is not answering")
             return
-        self._ensure_default()
-        self._ensure_ceph()
-        url = self.settings.resolved_database_url
-        with session_scope(url, readonly=True) as session:
-            mine = {p.name: (p.id, dict(p.spec or {}), dict(p.status or {}))
-                    for p in pools.node_pools(session, self.settings.node_name)}
+        if agent.document_fresh:
+            try:
+                if self._ensure_default() | self._ensure_ceph():
+                    agent.refresh_document(report)  # the pool just made is in the document now
+            except Exception as exc:  # the database went away: attach what the document has
+                report.errors.append(f"storage: {exc.__class__.__name__}: {str(exc)[:300]}")
+        if agent.document is not None:
+            self.reconcile(agent.document, report, fresh=agent.document_fresh)
+
+    def reconcile(self, doc: NodeDocument, report: Any, fresh: bool = True) -> None:
+        mine = {p.name: p for p in doc.pools}
         attached = {p["name"]: p for p in self.client.call("pools")}
-        for name in set(attached) - set(mine):
-            self.client.call("detach", pool=name)
-            report.actions.append(f"storage: detached pool {name}")
-        for name, (pool_id, spec, status) in mine.items():
+        if fresh:  # a cached document may predate a pool added since
+            for name in set(attached) - set(mine):
+                self.client.call("detach", pool=name)
+                report.actions.append(f"storage: detached pool {name}")
+        for name, pool in mine.items():
             update: dict[str, Any] = {}
             if name == "ceph" and not (self.settings.ceph_dir / "ready").exists():
                 continue  # the embedded cluster is (re)starting: attaching now would block this pass
             try:
                 if name not in attached:
                     (self.settings.data_dir / "storage").mkdir(parents=True, exist_ok=True)
-                    self.client.call("attach", name=name, backend=spec["url"], chunk_size=spec.get("chunk_size", 65536),
-                                     port=spec.get("nbd_port"))
+                    self.client.call("attach", name=name, backend=pool.url, chunk_size=pool.chunk_size,
+                                     port=pool.nbd_port)
                     report.actions.append(f"storage: attached pool {name}")
                 update = {"phase": "Ready", "message": ""}
-                if time.monotonic() - self._stats_at.get(name, 0.0) >= STATS_EVERY:
+                if fresh and time.monotonic() - self._stats_at.get(name, 0.0) >= STATS_EVERY:
                     update["stats"] = self.client.call("stats", pool=name)
                     self._stats_at[name] = time.monotonic()
             except StorageError as exc:
                 update = {"phase": "Error", "message": str(exc)}
                 report.errors.append(f"storage: pool {name}: {exc}")
-            if {k: status.get(k) for k in update} != update:
-                with session_scope(url) as session:
-                    row = session.get(StoragePool, pool_id)
-                    if row is not None:
-                        pools.set_status(session, row, **update)
+            known = {"phase": pool.phase, "message": pool.message}
+            if fresh and {k: known.get(k) for k in update} != update:
+                try:
+                    with session_scope(self.settings.resolved_database_url) as session:
+                        row = session.get(StoragePool, pool.id)
+                        if row is not None:
+                            pools.set_status(session, row, **update)
+                except Exception as exc:  # the database went away during the pass
+                    report.errors.append(f"storage: pool {name}: reporting failed: {exc}")
 
     def refresh_stats(self) -> None:
         """Report stats on the next pass (after a write-heavy task, for example)."""

@@ -6,8 +6,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+# libpq: give up connecting after 10 s, drop a connection whose sent data stays
+# unacknowledged for 10 s or whose idle peer stops answering keepalives
+PG_TIMEOUTS = {"connect_timeout": 10, "tcp_user_timeout": 10000, "keepalives": 1, "keepalives_idle": 5,
+               "keepalives_interval": 2, "keepalives_count": 3}
 
 
 def make_engine(url: str, readonly: bool = False) -> Engine:
@@ -38,7 +43,11 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # A failed-over or partitioned primary must fail fast, not hang a pass or a request
+    # (the agent then works from its cached document); the URL's own settings win.
+    given = make_url(url).query
+    connect_args = {k: v for k, v in PG_TIMEOUTS.items() if k not in given}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 @lru_cache(maxsize=16)

@@ -21,7 +21,7 @@ from appliance.agent.network import NetworkReconciler, port_ifname
 from appliance.db.engine import session_scope
 from appliance.db.models import Instance, Node, Project, Router
 from appliance.processes import prepare
-from appliance.services import auth, networks, nodes, routers
+from appliance.services import auth, desired_state, networks, nodes, routers
 from appliance.settings import Settings
 from network.model import HostNames, Port
 from network.netlink import node_links, read_sysctl, run_in_netns
@@ -52,7 +52,7 @@ class World:
         merged = PassReport()
         for name in names or tuple(self.agents):
             report = PassReport()
-            self.agents[name](None, report)
+            self.agents[name].reconcile(desired_state.for_node(self.url, name), report)
             assert report.errors == [], f"{name}: {report.errors}"
             merged.actions += [f"{name}: {a}" for a in report.actions]
         return merged

@@ -83,7 +83,8 @@ def test_concurrent_task_and_agent_status_writers_lose_nothing_on_postgresql(tmp
         try:
             start.wait()
             for i in range(rounds):
-                agent.report({iid: {"power_state": "running", "crashed": True, "seen": i}}, PassReport())
+                agent.crashes[iid] = 1  # what converge() counts when the guest stopped by itself
+                agent.report({iid: {"power_state": "running", "seen": i}}, PassReport())
         except BaseException as exc:
             errors.append(exc)
 
