@@ -19,7 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.db import migrate
 from appliance.settings import Settings
+from appliance.version import __version__
 from network.model import HostNames
 from tests.services import free_port
 
@@ -178,9 +180,12 @@ def test_up_prints_console_and_password_file_and_is_idempotent(stack: Stack) -> 
 def test_status_reports_the_node_ready(stack: Stack) -> None:
     status = stack.cairn("status")
     assert status["nodes"]["ready"] == 1
+    head = migrate.code_schema()
     assert status["nodes_detail"] == [
-        {"name": stack.node, "phase": "Ready", "last_heartbeat": status["nodes_detail"][0]["last_heartbeat"]}
+        {"name": stack.node, "phase": "Ready", "version": {"code": __version__, "schema": head},
+         "last_heartbeat": status["nodes_detail"][0]["last_heartbeat"]}
     ]
+    assert status["versions"]["database_schema"] == head  # the member's versions, for rolling upgrades
     assert all(svc["running"] for svc in status["services"].values())
     nodes = stack.cairn("get", "nodes")
     assert [n["name"] for n in nodes] == [stack.node]
