@@ -34,7 +34,10 @@ class Postgres:
     """A private PostgreSQL (initdb in a temp dir, run as the postgres user) that a test
     may stop and start again (a database that goes away, as in a failover)."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """``durable``: a commit survives a crash of the server (synchronous_commit=on, as
+        in production); the suite's default trades that for speed."""
+        self.durable = durable
         self.bindir = _pg_bin()
         pg = pwd.getpwnam("postgres")
         self.root = Path(tempfile.mkdtemp(prefix="cairn-pg-"))
@@ -54,13 +57,14 @@ class Postgres:
 
     def start(self) -> None:
         opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off")
+                f"-c synchronous_commit={'on' if self.durable else 'off'}")
         r = self._as_pg(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
                         str(self.root / "log"), "-w", "start")
         if r.returncode:
             raise RuntimeError(f"PostgreSQL did not start: {r.stderr}{(self.root / 'log').read_text()}")
 
     def stop(self) -> None:
+        """Like a crash (``-m immediate``): unless ``durable``, the last commits may be lost."""
         self._as_pg(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def remove(self) -> None:
@@ -69,9 +73,9 @@ class Postgres:
 
 
 @contextmanager
-def postgres() -> Iterator[Postgres]:
+def postgres(durable: bool = False) -> Iterator[Postgres]:
     """A started private PostgreSQL, always removed."""
-    server = Postgres()
+    server = Postgres(durable)
     try:
         server.init()
         server.start()

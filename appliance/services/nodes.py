@@ -79,14 +79,16 @@ def mark_lost(session: Session, grace_seconds: float) -> list[str]:
     """Nodes silent for longer than the grace period turn NotReady."""
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_seconds)
     lost = []
-    for node in session.scalars(
-        select(Node).where(Node.phase == "Ready", Node.heartbeat_at < cutoff).with_for_update()
-    ):
-        node.phase = "NotReady"
-        set_condition(node, "Ready", False, "HeartbeatTimeout",
-                      f"no heartbeat since {iso(node.heartbeat_at)} (grace {grace_seconds:g} s)")
-        _emit(session, node, "updated")
-        lost.append(node.name)
+    def silent(row: Node) -> None:
+        if row.phase == "Ready" and row.heartbeat_at is not None and row.heartbeat_at < cutoff:  # still, locked
+            row.phase = "NotReady"
+            set_condition(row, "Ready", False, "HeartbeatTimeout",
+                          f"no heartbeat since {iso(row.heartbeat_at)} (grace {grace_seconds:g} s)")
+
+    for node in session.scalars(select(Node).where(Node.phase == "Ready", Node.heartbeat_at < cutoff)
+                                .order_by(Node.id)):
+        if statuses.write(session, node, change=silent, emit=_emit):
+            lost.append(node.name)
     return lost
 
 

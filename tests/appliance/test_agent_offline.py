@@ -35,7 +35,7 @@ LOOP = ["/bin/sh", "-c", "while true; do sleep 3600; done"]
 
 @pytest.fixture
 def database() -> Iterator[Postgres]:
-    with postgres() as server:
+    with postgres(durable=True) as server:  # a failover loses no commit (Patroni's synchronous mode)
         yield server
 
 
@@ -105,7 +105,7 @@ def test_agent_restarts_a_crashed_container_from_its_cached_document_while_the_d
         driver.define(ContainerSpec(name=ghost, image=guest.oci_archive, command=tuple(LOOP), vcpus=0.1,
                                     memory_mib=16))
 
-        database.stop()  # the failover: nothing answers on the database's address
+        database.stop()  # the primary crashes: nothing answers on the database's address
         first = _crash(driver, name)
         report = agent.run_once()
         assert any(e.startswith("heartbeat:") for e in report.errors), report.errors
