@@ -184,7 +184,8 @@ def import_image(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
             exports = _exports(pool, vol)
             target = exports["exports"].get("rbd") or exports["exports"]["unix"]
             imageio.copy_into(upload, params["format"], target,
-                              lambda pct: ctx.progress(5 + pct * 0.9, f"copying: {pct:.0f} %"))
+                              lambda pct: ctx.progress(5 + pct * 0.9, f"copying: {pct:.0f} %"),
+                              virtual_size=vol.size)
             ctx.progress(97, "snapshot 'base'")
             _call(pool, vol, "snapshot", snapshot="base")
     except BaseException as exc:

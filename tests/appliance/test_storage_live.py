@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.storage.test_imageio import MARKER, with_backing, with_data_file
+
 from . import test_live_stack as live
 from .test_live_stack import CAIRN, Stack, wait_for
 
@@ -111,6 +113,33 @@ def test_image_upload_is_checked_and_new_volumes_clone_it(stack: Stack, tmp_path
     assert "holds image" in fails(stack, "volume", "delete", image["spec"]["volume"])
     stack.cairn("volume", "delete", "root1")
     stack.cairn("delete", "image", "disk1")
+
+
+def test_uploads_that_refer_to_host_files_are_refused_and_copy_nothing(stack: Stack, tmp_path: Path) -> None:
+    """The attack: a qcow2 whose header makes the root-run qemu-img read a host file
+    (an external data file, a backing file, a json: backing) would copy that file into
+    the tenant's volume. Each is a 422 now, and no volume holds a byte of the file."""
+    secret = tmp_path / "host" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(MARKER * 4096)
+    json_backing = f'json:{{"driver": "raw", "file": {{"driver": "file", "filename": "{secret}"}}}}'
+    for sub in "abc":
+        (tmp_path / sub).mkdir()
+    attacks = {"datafile": with_data_file(tmp_path / "a", secret),
+               "backing": with_backing(tmp_path / "b", str(secret)),
+               "jsonbacking": with_backing(tmp_path / "c", json_backing)}
+    with stack.http() as http:
+        for name, image in attacks.items():
+            with image.open("rb") as body:
+                r = http.put(f"/api/v1/images/{name}/upload", content=body.read())
+            assert r.status_code == 422, (name, r.status_code, r.text)
+            assert "other files" in r.json()["detail"] and "nothing was stored" in r.json()["detail"]
+            assert http.get(f"/api/v1/images/{name}").status_code == 404
+    assert not any((Path(stack.env["CAIRN_DATA_DIR"]) / "uploads").iterdir())
+    for vol in stack.cairn("get", "volumes"):
+        out = tmp_path / f"{vol['name']}.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", vol["status"]["export"], str(out)], check=True, timeout=120)
+        assert MARKER not in out.read_bytes(), f"volume {vol['name']} holds the host file"
 
 
 def test_pool_reports_its_space_and_survives_a_kill_9_of_the_storage_daemon(stack: Stack, tmp_path: Path) -> None:
