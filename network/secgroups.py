@@ -109,6 +109,54 @@ def _spoof_chain(port: Port) -> list[str]:
     return out
 
 
+def _host_chain(networks: Sequence[NetworkAttachment], names: HostNames) -> list[str]:
+    """Guests never reach the node itself: of what a port sends to the host's own
+    addresses (any of them, through its network's bridge) only DHCP, DNS and ping to its
+    gateway address pass; the rest is rejected. VXLAN for this stack's networks is taken
+    only from their member nodes' underlay addresses (a guest, or anyone else, could
+    otherwise inject frames into any network by sending UDP 4789 to a node)."""
+    nets = sorted(networks, key=lambda n: n.vni)
+    if not nets:
+        return []
+    out: list[str] = []
+    peers = {ver: sorted({v for n in nets for v in n.remote_vteps if ipaddress.ip_address(v).version == ver})
+             for ver in (4, 6)}
+    for ver, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        out.append(f"\tset vxlan_peers{ver} {{")
+        out.append(f"\t\ttype {typ}")
+        if peers[ver]:
+            out.append(f"\t\telements = {{ {', '.join(peers[ver])} }}")
+        out.append("\t}")
+    vnis = ", ".join(str(n.vni) for n in nets)
+    bridges = ", ".join(f'"{names.bridge(n.vni)}"' for n in nets)
+    gateways = [f'"{names.bridge(n.vni)}" . {ipaddress.ip_interface(g).ip}'
+                for n in nets for g in n.gateway if ipaddress.ip_interface(g).version == 4]
+    out += [
+        "\tchain to_host {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        # the VNI is the 24 bits after the 8-byte UDP header and 4 bytes of VXLAN flags
+        f"\t\tudp dport {VXLAN_PORT} @th,96,24 {{ {vnis} }} ip saddr != @vxlan_peers4 counter drop "
+        'comment "VXLAN from a node that is no member"',
+        f"\t\tudp dport {VXLAN_PORT} @th,96,24 {{ {vnis} }} ip6 saddr != @vxlan_peers6 counter drop "
+        'comment "VXLAN from a node that is no member"',
+        f"\t\tiifname != {{ {bridges} }} return",
+        "\t\tct state established,related accept",
+        '\t\tudp sport 68 udp dport 67 accept comment "DHCP"',
+        '\t\tudp sport 546 udp dport 547 accept comment "DHCPv6"',
+        "\t\ticmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept",
+    ]
+    if gateways:
+        pairs = ", ".join(gateways)
+        out.append(f'\t\tiifname . ip daddr {{ {pairs} }} meta l4proto {{ tcp, udp }} th dport 53 accept comment "DNS"')
+        out.append(f'\t\tiifname . ip daddr {{ {pairs} }} icmp type echo-request accept comment "ping the gateway"')
+    out += [
+        '\t\tmeta l4proto tcp counter reject with tcp reset comment "guests reach no node service"',
+        '\t\tcounter reject with icmpx admin-prohibited comment "guests reach no node service"',
+        "\t}",
+    ]
+    return out
+
+
 def build_ruleset(
     networks: Sequence[NetworkAttachment],
     groups: Mapping[str, SecurityGroup],
@@ -164,6 +212,7 @@ def build_ruleset(
             if addrs:
                 lines.append(f"\t\telements = {{ {', '.join(addrs)} }}")
             lines.append("\t}")
+    lines += _host_chain(networks, names)
     # in the inet prerouting hook br_netfilter reports the bridge as input interface
     zone_of = [f'"{names.bridge(n.vni)}" : {(zones or {}).get(n.vni, zone_for(n.vni))}'
                for n in sorted(networks, key=lambda n: n.vni)]

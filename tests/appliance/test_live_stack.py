@@ -8,11 +8,13 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -494,6 +496,83 @@ def test_a_vm_and_a_container_on_one_virtual_network_ping_each_other(stack: Stac
     wait_for(lambda: bridge not in Path("/proc/net/dev").read_text(), 15, "the agent to remove the bridge")
 
 
+@dataclass
+class Intruders:
+    """A VM and a container on their own network, run by a tenant who tries to leave them."""
+
+    vm: str
+    container: str
+    gateway: str
+    vm_ip: str
+    container_ip: str
+
+
+@pytest.fixture(scope="module")
+def intruders(stack: Stack) -> Iterator[Intruders]:
+    stack.cairn("image", "import-test-guest")
+    net = stack.cairn("network", "create", "wall", "--cidr", "10.79.0.0/24")
+    vm = stack.cairn("vm", "create", "vprobe", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB",
+                     "--network", "wall")
+    ct = create_container(stack, "probe", "--network", "wall")
+    found = Intruders("vprobe", "probe", net["status"]["subnets"][0]["gateway"],
+                      vm["status"]["ports"][0]["ips"][0]["address"], ct["status"]["ports"][0]["ips"][0]["address"])
+    wait_for(lambda: f"IP: eth0 {found.vm_ip}/24" in stack.cairn("vm", "console", "vprobe")["console"], 60,
+             "the probe VM's lease")
+    yield found
+    stack.cairn("vm", "delete", "vprobe", check=False)
+    stack.cairn("container", "delete", "probe", check=False)
+    stack.cairn("network", "delete", "wall", check=False)
+
+
+def in_container(s: Stack, name: str, script: str) -> tuple[int, str]:
+    r = subprocess.run([*CAIRN, "container", "exec", name, "-o", "json", "--", "sh", "-c", script], env=s.env,
+                       capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout)
+    return int(out["returncode"]), out["stdout"] + out["stderr"]
+
+
+def in_vm(s: Stack, name: str, script: str, timeout: float = 60) -> str:
+    """Run ``script`` in the guest's serial shell; returns what it printed."""
+    from websockets.sync.client import connect
+
+    tag = f"done-{time.monotonic_ns()}"
+    with connect(f"wss://127.0.0.1:{s.port}/api/v1/vms/{name}/console/serial", ssl=s.tls, open_timeout=10,
+                 additional_headers={"Authorization": f"Bearer {s.cli['token']}"}) as ws:
+        ws.send(f"\n{script}; echo {tag[:5]}''{tag[5:]}\n".encode())
+        seen, deadline = b"", time.monotonic() + timeout
+        while tag.encode() not in seen and time.monotonic() < deadline:
+            seen += ws.recv(timeout=timeout)
+    assert tag.encode() in seen, seen[-500:]
+    return seen.decode(errors="replace")
+
+
+def test_guests_reach_no_node_service(stack: Stack, intruders: Intruders) -> None:
+    """The attack: from inside a VM and a container, connect to services of the node
+    (the API, Redis, PostgreSQL, NBD over TCP listen on the node's addresses; a listener
+    on every address stands in for them) through the gateway and the node's own address.
+    All are refused; DNS from the network's dnsmasq still answers."""
+    host_ip = subprocess.run(["ip", "-4", "-o", "route", "get", "192.0.2.1"], capture_output=True,
+                             text=True).stdout.split(" src ")[1].split()[0]
+    service = socket.create_server(("0.0.0.0", 0))
+    port = service.getsockname()[1]
+    service.settimeout(0.1)
+    targets = [(intruders.gateway, port), (host_ip, port), (intruders.gateway, stack.port),
+               (intruders.gateway, int(stack.env["CAIRN_STORAGE_NBD_PORT"]))]
+    try:
+        for address, p in targets:
+            probe = f"timeout 5 nc -w 3 {address} {p} </dev/null"  # connected = no refusal, killed at 5 s
+            _, out = in_container(stack, intruders.container, probe)
+            assert "Connection refused" in out, f"the container reached {address}:{p}: {out}"
+            out = in_vm(stack, intruders.vm, probe)
+            assert "Connection refused" in out, f"the VM reached {address}:{p}: {out[-300:]}"
+        with pytest.raises(TimeoutError):
+            service.accept()
+    finally:
+        service.close()
+    _, out = in_container(stack, intruders.container, f"nslookup -type=a {intruders.vm} {intruders.gateway}")
+    assert f"Address: {intruders.vm_ip}" in out, out
+
+
 def test_vm_bad_input(stack: Stack) -> None:
     with stack.http() as c:
         big = c.post("/api/v1/vms", json={"name": "big", "spec": {"cpu": 1, "memory": "4TiB", "image": "tiny-guest"}})
@@ -543,8 +622,9 @@ def test_down_stops_every_process_and_up_restarts(stack: Stack) -> None:
         c.post("/api/v1/images/import-test-guest")
     stack.cairn("image", "import-test-guest")
     stack.cairn("container", "create", "survivor", "--image", "busybox", "--memory", "64MiB")
+    running = len(stack.cairn("get", "containers"))  # the survivor and any earlier test's that still run
     down = stack.cairn("down")
-    assert down["stopped"] is True and down["containers_stopped"] == 1
+    assert down["stopped"] is True and down["containers_stopped"] == running
     assert not [m for m in Path("/proc/mounts").read_text().splitlines() if str(stack.root) in m]
     assert sup is not None and not pid_alive(sup)
     assert not any(pid_alive(p) for p in pids)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import socket
+import struct
 
 import pytest
 
 from network.desired import NodeUnderlay, VirtualNetwork, node_state
 from network.errors import CommandFailed, InvalidSpec
 from network.model import HostNames, NetworkAttachment, Port, SecurityGroup, SecurityGroupRule
-from network.netlink import run_in_netns
+from network.netlink import run_in_netns, socket_in_netns
 from network.reconcile import reconcile
 from network.secgroups import apply_ruleset, build_ruleset, rule_counters
 from tests.network.golden import assert_golden
@@ -39,7 +41,8 @@ def test_ruleset_matches_golden_file() -> None:
         )),
         "any-out": ANY_OUT,
     }
-    text = build_ruleset([NetworkAttachment(700, (web, db))], groups, {"web": ["10.70.0.10", "fd00:70::10"]})
+    net = NetworkAttachment(700, (web, db), remote_vteps=("192.0.2.2",), gateway=("10.70.0.1/24",))
+    text = build_ruleset([net], groups, {"web": ["10.70.0.10", "fd00:70::10"]})
     assert_golden("nft_two_ports.nft", text)
 
 
@@ -129,3 +132,64 @@ def test_a_rejected_ruleset_leaves_the_previous_one_in_place(lab: Lab) -> None:
 def _rules(ns: str) -> str:
     """The live table without counter values (stray overlay packets move those)."""
     return re.sub(r"packets \d+ bytes \d+", "", rule_counters(ns))
+
+
+def vxlan_packet(vni: int, dst_mac: str, src_mac: str, src: str, dst: str, dport: int, payload: bytes) -> bytes:
+    """A VXLAN datagram carrying one Ethernet frame with a UDP datagram inside."""
+    udp = struct.pack("!HHHH", 40000, dport, 8 + len(payload), 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    words = sum(struct.unpack("!10H", header))
+    words = (words & 0xFFFF) + (words >> 16)
+    header = header[:10] + struct.pack("!H", ~((words & 0xFFFF) + (words >> 16)) & 0xFFFF) + header[12:]
+    frame = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00"
+    return struct.pack("!II", 0x08000000, vni << 8) + frame + header + udp
+
+
+def udp_received(receiver: socket.socket, seconds: float = 1.0) -> bytes | None:
+    receiver.settimeout(seconds)
+    try:
+        return receiver.recv(2048)
+    except TimeoutError:
+        return None
+
+
+@pytest.mark.functional
+def test_guests_reach_no_node_service_and_vxlan_is_taken_only_from_member_nodes(lab: Lab) -> None:
+    """Attacks: a guest connects to services on its node (through its gateway address and
+    the node's underlay address); a node that is no member of a network injects a frame
+    into it by sending VXLAN to a member. Both fail; DHCP/DNS and a member's VXLAN pass."""
+    guest = Port("g", "02:00:00:00:09:61", ("10.96.0.10",), ("open",), "tp961-1")
+    peer = Port("h", "02:00:00:00:09:62", ("10.96.0.20",), ("open",), "tp961-2")
+    net = VirtualNetwork(961, {"n1": [guest], "n2": [peer]}, {"n1": ["10.96.0.1/24"]})
+    nodes = {f"n{n}": NodeUnderlay("ul0", lab.vtep(n)) for n in (1, 2, 3)}
+    ep = lab.endpoint(1, "hg", guest, "10.96.0.10/24", gw="10.96.0.1")
+    lab.endpoint(2, "hh", peer, "10.96.0.20/24")
+    groups = {"open": SecurityGroup("open", (SecurityGroupRule("ingress"), SecurityGroupRule("egress")))}
+    for n in (1, 2):
+        state = node_state(f"n{n}", nodes, [net])
+        assert reconcile(lab.node(n), state).ok
+        apply_ruleset(lab.node(n), build_ruleset(state.networks, groups, {}))
+    assert wait_ping(ep, "10.96.0.20") and wait_ping(ep, "10.96.0.1")  # the overlay, and ping to the gateway
+    service = listen(lab.node(1), "0.0.0.0", 7443)  # stands in for the API, Redis, PostgreSQL, NBD
+    dns = socket_in_netns(lab.node(1), socket.AF_INET, socket.SOCK_DGRAM)
+    inner = socket_in_netns(ep, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for address in ("10.96.0.1", lab.vtep(1)):
+            assert tcp_exchange(ep, None, address, 7443) == "refused", address
+        dns.bind(("10.96.0.1", 53))
+        sender = socket_in_netns(ep, socket.AF_INET, socket.SOCK_DGRAM)
+        sender.sendto(b"query", ("10.96.0.1", 53))
+        sender.close()
+        assert udp_received(dns) == b"query"  # DNS to the gateway still works
+        inner.bind(("10.96.0.10", 9961))
+        for node, payload in ((2, b"from a member"), (3, b"from a stranger")):
+            vx = socket_in_netns(lab.node(node), socket.AF_INET, socket.SOCK_DGRAM)
+            vx.sendto(vxlan_packet(961, guest.mac, peer.mac, "10.96.0.20", "10.96.0.10", 9961, payload),
+                      (lab.vtep(1), 4789))
+            vx.close()
+        assert udp_received(inner) == b"from a member"
+        assert udp_received(inner) is None, "a node outside the network injected a frame into it"
+    finally:
+        for sock in (service, dns, inner):
+            sock.close()
