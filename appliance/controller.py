@@ -1,11 +1,13 @@
 """Cluster housekeeping: nodes past their grace period turn NotReady, tasks whose
-worker died are retried or failed, old events are pruned. Every API process runs
-it; each step is a compare-and-swap style update, so several running at once is
-harmless."""
+worker died are retried or failed (pending ones whose message a broker failover lost
+are sent again), old events are pruned. Every API process runs the loop; in a cluster
+only the holder of the ``controller`` leader key on etcd acts (each step is also a
+compare-and-swap style update, so an overlap at a leader change is harmless)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from appliance.db.engine import session_scope
@@ -37,11 +39,23 @@ class ControllerThread(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        election = None
+        cfg = self.settings.cluster
+        if cfg is not None:
+            from appliance.cluster.election import Election
+            from appliance.cluster.etcd import Etcd
+
+            election = Election(Etcd.for_node(cfg, self.settings.pki_dir, timeout=2), "controller",
+                                identity=f"{cfg.node}:{os.getpid()}")
         while not self.stopped.wait(self.settings.controller_interval):
+            if election is not None and not election.campaign():
+                continue
             try:
                 run_once(self.settings)
             except Exception:
                 log.exception("controller pass failed")
+        if election is not None:
+            election.resign()
 
     def stop(self) -> None:
         self.stopped.set()

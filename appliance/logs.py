@@ -18,5 +18,5 @@ def setup(process: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access",):
+    for noisy in ("uvicorn.access", "httpx", "httpcore", "urllib3", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -71,9 +71,67 @@ def ensure(pki_dir: Path) -> tuple[Path, Path, Path]:
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=825))
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(_NODE_USAGE), critical=False)
             .sign(ca_private, hashes.SHA256())
         )
         _write_key(srv_key, key)
         srv_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return ca_crt, srv_crt, srv_key
+
+
+# A node's certificate serves its API, etcd and Patroni and authenticates it to its peers.
+_NODE_USAGE = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def fingerprint(ca_pem: bytes) -> str:
+    """SHA-256 of a CA certificate (DER), hex: what a join token carries."""
+    cert = x509.load_pem_x509_certificate(ca_pem)
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def node_csr(pki_dir: Path) -> bytes:
+    """A fresh key for this node (kept in ``server.key``) and a CSR for it, PEM."""
+    pki_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_key(pki_dir / "server.key", key)
+    names, _ = _local_names()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_node_csr(pki_dir: Path, csr_pem: bytes, name: str, addresses: list[str], days: int = 825) -> bytes:
+    """Sign a joining node's CSR with the cluster CA: its certificate names the node and
+    its addresses (and localhost), for both server and client authentication."""
+    csr = x509.load_pem_x509_csr(csr_pem)
+    if not csr.is_signature_valid:
+        raise ValueError("the certificate request's signature is not valid")
+    ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    ca_private = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), None)
+    assert isinstance(ca_private, ec.EllipticCurvePrivateKey)
+    now = dt.datetime.now(dt.UTC)
+    san: list[x509.GeneralName] = [x509.DNSName(n) for n in sorted({name, "localhost"})]
+    san += [x509.IPAddress(ipaddress.ip_address(a)) for a in sorted({*addresses, "127.0.0.1", "::1"})]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(csr.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(_NODE_USAGE), critical=False)
+        .sign(ca_private, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def install_cluster_pki(pki_dir: Path, ca_crt: bytes, ca_key: bytes, node_crt: bytes) -> None:
+    """A joining node takes the cluster CA and its signed certificate (its key is already
+    in ``server.key`` from :func:`node_csr`)."""
+    pki_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (pki_dir / "ca.crt").write_bytes(ca_crt)
+    fd = os.open(pki_dir / "ca.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(ca_key)
+    (pki_dir / "server.crt").write_bytes(node_crt)

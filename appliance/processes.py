@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,10 @@ def prepare(settings: Settings) -> str | None:
     for d in (settings.data_dir, settings.log_dir, settings.run_dir):
         d.mkdir(parents=True, exist_ok=True)
     settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.cluster is not None:
+        from appliance.cluster.database import ensure_database
+
+        ensure_database(settings)  # waits for the Patroni primary, makes the role and database once
     ensure_schema(settings.resolved_database_url, settings.node_name, wait_seconds=settings.schema_wait_seconds)
     with session_scope(settings.resolved_database_url) as session:
         password = auth.bootstrap(session)
@@ -177,6 +182,10 @@ def run_agent(argv: list[str] | None = None) -> None:
     from appliance.agent.storage import StorageReconciler
 
     agent = Agent(settings)
+    if settings.cluster is not None:
+        from appliance.agent.cluster import ClusterReconciler
+
+        agent.register_reconciler("cluster", ClusterReconciler(settings))
     # Storage before instances: a VM's disks are NBD exports of this node's pools.
     agent.register_reconciler("storage", StorageReconciler(settings), kinds=("storage-pool",))
     net = NetworkReconciler(settings)
@@ -203,13 +212,19 @@ def run_storage(argv: list[str] | None = None) -> None:
 
 
 def run_ceph(argv: list[str] | None = None) -> None:
-    """Embedded Ceph (``cairn up --ceph``): 1 mon, 1 mgr, 3 bluestore OSDs on sparse files
+    """Ceph: this node's daemons in a cluster (see appliance.cluster.runtime), else the
+    embedded Ceph (``cairn up --ceph``): 1 mon, 1 mgr, 3 bluestore OSDs on sparse files
     under data_dir/ceph, made once and restarted with their data afterwards. Writes
     ``ready`` once HEALTH_OK; the storage reconciler attaches the ``ceph`` pool then."""
     from storage.backends.rados_cluster import resume_cluster, start_cluster
 
     settings = get_settings()
     logs.setup("cairn-ceph", settings.log_level)
+    if settings.cluster is not None:
+        from appliance.cluster.runtime import run_ceph as run_cluster_ceph
+
+        run_cluster_ceph(settings)
+        return
     d = settings.ceph_dir
     ready = d / "ready"
     ready.unlink(missing_ok=True)
@@ -258,9 +273,24 @@ def run_libvirt(argv: list[str] | None = None) -> None:
     node.stop()
 
 
+def _engine(name: str) -> Callable[[list[str] | None], None]:
+    """A cluster engine (etcd, patroni, redis, sentinel): prepared, then exec'd."""
+
+    def run(argv: list[str] | None = None) -> None:
+        from appliance.cluster import runtime
+
+        settings = get_settings()
+        logs.setup(f"cairn-{name}", settings.log_level)
+        getattr(runtime, f"run_{name}")(settings)
+
+    return run
+
+
 def main() -> None:
-    commands = {"api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt,
-                "storage": run_storage, "ceph": run_ceph}
+    commands: dict[str, Callable[[list[str] | None], None]] = {
+        "api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt,
+        "storage": run_storage, "ceph": run_ceph}
+    commands.update({name: _engine(name) for name in ("etcd", "patroni", "redis", "sentinel")})
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m appliance.processes {{{'|'.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

@@ -16,11 +16,23 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from appliance.cluster import config as cluster_config
+
 DEFAULT_DATA_DIR = Path("/var/lib/cairn")
+# A node's own settings file (written by the installer; a lab node has its own): the
+# environment still wins over it.
+ENV_FILE = Path("/etc/cairn/cairn.env")
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CAIRN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CAIRN_", extra="ignore", env_file=ENV_FILE)
 
     data_dir: Path = DEFAULT_DATA_DIR
     # The tag in the names of everything this stack makes in namespaces it shares with
@@ -79,6 +91,17 @@ class Settings(BaseSettings):
     storage_default_pool: str = "default"  # made on the first node that reconciles; "" = none
     ceph: bool = False  # run the embedded Ceph cluster (also turned on for good by `cairn up --ceph`)
     max_upload_bytes: int = 1 << 40  # image uploads stream to disk; everything else is small JSON
+    # Changes when the node (re)boots; a lab node gets a new one from the lab at each start.
+    boot_id: str = Field(default_factory=_boot_id)
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.data_dir / "cluster" / "cluster.json"
+
+    @property
+    def cluster(self) -> cluster_config.ClusterConfig | None:
+        """This node's cluster configuration; None in the embedded single-node mode."""
+        return cluster_config.load(self.cluster_file)
 
     @field_validator("stack_id")
     @classmethod
@@ -128,7 +151,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'cairn.db'}"
+        if self.database_url:
+            return self.database_url
+        cluster = self.cluster
+        if cluster is not None:
+            return cluster_config.database_url(cluster)
+        return f"sqlite:///{self.data_dir / 'cairn.db'}"
 
     @property
     def redis_socket(self) -> Path:
@@ -140,10 +168,20 @@ class Settings(BaseSettings):
 
     @property
     def broker_url(self) -> str:
+        cluster = self.cluster
+        if cluster is not None and not self.redis_url:
+            return cluster_config.broker_url(cluster)
         url = self.resolved_redis_url
         if url.startswith("unix://"):
             return "redis+socket://" + url[len("unix://"):]
         return url
+
+    @property
+    def broker_transport_options(self) -> dict[str, object]:
+        cluster = self.cluster
+        if cluster is not None and not self.redis_url:
+            return cluster_config.broker_options(cluster)
+        return {}
 
     @property
     def resolved_api_url(self) -> str:

@@ -60,15 +60,23 @@ def embedded_libvirt_uri(settings: Settings) -> str:
     return f"qemu+unix:///system?socket={settings.data_dir / 'libvirt' / settings.node_name}/run/libvirt-sock"
 
 
+CLUSTER_ENGINES = ("etcd", "redis", "sentinel", "patroni", "ceph")
+
+
 def programs(settings: Settings) -> list[Program]:
     py = sys.executable
     env = {"CAIRN_DATA_DIR": str(settings.data_dir)}
-    progs = [Program("redis", ["redis-server", str(redis_config(settings))])]
+    cluster = settings.cluster is not None
+    if cluster:
+        # A cluster node: the replicated engines first (each waits for what it needs).
+        progs = [Program(name, [py, "-m", "appliance.processes", name], env) for name in CLUSTER_ENGINES]
+    else:
+        progs = [Program("redis", ["redis-server", str(redis_config(settings))])]
     if settings.vm_driver == "libvirt" and settings.libvirt_uri == "qemu:///system":
         # No system libvirtd here: run the node's own, and point the agent at it.
         progs.append(Program("libvirt", [py, "-m", "appliance.processes", "libvirt"], env))
         env = {**env, "CAIRN_LIBVIRT_URI": embedded_libvirt_uri(settings)}
-    if settings.ceph_enabled:
+    if settings.ceph_enabled and not cluster:
         progs.append(Program("ceph", [py, "-m", "appliance.processes", "ceph"], env))
     progs.append(Program("storage", [py, "-m", "appliance.processes", "storage"], env))
     for name in ("api", "worker", "agent"):
@@ -109,7 +117,7 @@ class Supervisor:
     def loop(self) -> None:
         for prog in self.progs:
             self.start(prog)
-            if prog.name == "redis":
+            if prog.name == "redis" and self.settings.cluster is None:
                 self._wait_socket(self.settings.redis_socket, 10)
         self.write_state()
         while not self.stopping:

@@ -21,3 +21,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
     if os.environ.get("CI", "").lower() in ("1", "true", "yes") and skipped:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+from tests.lab_cluster import lab_cluster  # noqa: E402,F401  (the session's lab cluster, on demand)

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import select
 
+from appliance import imagefiles
 from appliance.agent.drivers import DriverSet
 from appliance.db.engine import session_scope
 from appliance.db.models import Instance
@@ -189,6 +190,10 @@ class InstanceReconciler:
         image = inst.image
         if image is None:
             raise InstanceNotFound("its image is gone")
+        try:
+            imagefiles.ensure_local(self.settings, image.blobs)
+        except imagefiles.ImageFileMissing as exc:
+            raise InstanceNotFound(f"image '{image.name}': {exc}")
         name = inst.domain
         workdir = self.settings.instances_dir / name
         workdir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.errors import CairnError
@@ -75,6 +75,17 @@ def _integrity(_: Request, exc: Exception) -> JSONResponse:
                    "(a name, address or identifier is already taken): re-read and retry", "conflict")
 
 
+def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    """The database cannot be reached (a cluster's primary failing over, or down): nothing
+    was written; the client may retry."""
+    log.warning("database unavailable", extra={"path": request.url.path, "error": str(exc).splitlines()[0][:300]})
+    response = problem(503, "Service unavailable",
+                       "the database is not reachable right now (in a cluster: its primary is failing over, "
+                       "which takes a few seconds); nothing was changed, retry", "database-unavailable")
+    response.headers["Retry-After"] = "2"
+    return response
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", extra={"path": request.url.path})
     return problem(500, "Internal error",
@@ -86,4 +97,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(CairnError, _cairn)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(IntegrityError, _integrity)
+    app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(Exception, _unexpected)

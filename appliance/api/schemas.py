@@ -208,6 +208,41 @@ class Health(Open):
     version: str
 
 
+class ClusterMember(Open):
+    name: str
+    address: str
+    roles: list[str]
+    ready: bool
+
+
+class ClusterView(Open):
+    mode: Literal["embedded", "cluster"]
+    members: list[ClusterMember]
+    quorum: bool
+    database: dict[str, Any]
+    ceph: dict[str, Any]
+
+
+class JoinTokenCreate(Strict):
+    ttl_seconds: int = Field(900, ge=1, le=86400, description="how long the token is valid (it is single-use)")
+
+
+class JoinToken(Open):
+    token: str
+    id: str
+    expires_at: str
+    ca_fingerprint: str
+
+
+class JoinRequest(Strict):
+    token: str = Field(min_length=8, max_length=256, description="from `cairn cluster token create`")
+    name: Name
+    address: str = Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$", description="the node's cluster-network IPv4 address")
+    csr: str = Field(min_length=100, max_length=8192, description="PEM certificate request for the node's key")
+    osds: list[str] = Field(default_factory=list, max_length=64,
+                            description="data disks that become OSDs (block devices, or file:<bytes>)")
+
+
 # --- project-scoped resources ---------------------------------------------------------------
 
 ProjectName = Annotated[str, Field(min_length=1, max_length=63, description="the project it lives in")]

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from appliance import pki, supervisor
@@ -46,8 +47,21 @@ def _ensure_cli_token(settings: Settings) -> None:
     save_config({"url": url, "token": created["token"], "ca_file": ca_file, "user": admin.name})
 
 
-def up(timeout: float, quiet: bool = False, ceph: bool = False) -> dict[str, Any]:
+def spawn_supervisor(settings: Settings) -> None:
+    """Start this node's supervisor in the background (it outlives the command)."""
+    log = open(settings.log_dir / "supervisor.log", "ab")  # noqa: SIM115
+    subprocess.Popen([sys.executable, "-m", "appliance.supervisor"], stdin=subprocess.DEVNULL,
+                     stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    log.close()
+
+
+def up(timeout: float, quiet: bool = False, ceph: bool = False,
+       spawn: Callable[[Settings], None] = spawn_supervisor) -> dict[str, Any]:
+    """Start this node (idempotent). A cluster node's database lives in its engines, so
+    its schema is made by the API once the engines run; the CLI logs in after that."""
     settings = get_settings()
+    if settings.cluster is not None:
+        return _up_cluster_node(settings, timeout, quiet, spawn)
     prepare(settings)
     if ceph and not settings.ceph_enabled:
         (settings.data_dir / "ceph.enabled").write_text("cairn up --ceph\n")  # kept: later `up`s keep Ceph
@@ -61,12 +75,42 @@ def up(timeout: float, quiet: bool = False, ceph: bool = False) -> dict[str, Any
         conflict = supervisor.stack_conflict(settings)
         if conflict:
             raise SystemExit(conflict)
-        log = open(settings.log_dir / "supervisor.log", "ab")  # noqa: SIM115
-        subprocess.Popen([sys.executable, "-m", "appliance.supervisor"], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, start_new_session=True, close_fds=True)
-        log.close()
+        spawn(settings)
         started = True
     phase = _wait_ready(settings, timeout, quiet)
+    return _summary(settings, started, phase)
+
+
+def _up_cluster_node(settings: Settings, timeout: float, quiet: bool,
+                     spawn: Callable[[Settings], None]) -> dict[str, Any]:
+    for d in (settings.data_dir, settings.log_dir, settings.run_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    started = False
+    if supervisor.running_pid(settings) is None:
+        spawn(settings)
+        started = True
+    deadline = time.monotonic() + timeout
+    status = err_console.status("waiting for the cluster database") if not quiet else None
+    if status:
+        status.start()
+    try:
+        while True:
+            try:
+                _ensure_cli_token(settings)
+                break
+            except Exception as exc:  # database not up or schema not made yet
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the cluster database did not answer within {timeout:g} s ({exc}); "
+                                     f"see the logs in {settings.log_dir}")
+                time.sleep(1)
+    finally:
+        if status:
+            status.stop()
+    phase = _wait_ready(settings, max(10.0, deadline - time.monotonic()), quiet)
+    return _summary(settings, started, phase)
+
+
+def _summary(settings: Settings, started: bool, phase: str) -> dict[str, Any]:
     host = socket.gethostname()
     return {
         "started": started,

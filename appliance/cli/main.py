@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from appliance.cli import cluster as cluster_cli
 from appliance.cli import local
 from appliance.cli import routers as routers_cli
 from appliance.cli import storage as storage_cli
@@ -44,6 +45,30 @@ app.add_typer(vm_app, name="vm")
 app.add_typer(container_app, name="container")
 storage_cli.register(app, image_app, vm_app)
 routers_cli.register(app)
+cluster_cli.register(app)
+
+
+@app.callback()
+def _target(node: Annotated[str | None, typer.Option(
+        "--node", envvar="CAIRN_LAB_NODE",
+        help="run the command against (and on) this lab node: its API, its files")] = None) -> None:
+    """Cairn hyperconverged appliance: VMs, containers, volumes, networks."""
+    if not node:
+        return
+    import os
+
+    from appliance.lab import ops
+    from appliance.lab.host import LabError
+    from appliance.settings import get_settings
+
+    try:
+        extra = ops.enter(node)
+    except (LabError, FileNotFoundError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    for key in [k for k in os.environ if k.startswith("CAIRN_") and k not in ("CAIRN_LAB_DIR", "CAIRN_LAB_NODE")]:
+        del os.environ[key]  # the host's settings are not the node's
+    os.environ.update(extra)
+    get_settings.cache_clear()
 
 # kind (singular and plural) -> (collection path, table columns key)
 KINDS: dict[str, tuple[str, str]] = {}
@@ -455,6 +480,14 @@ def _finish(c: Client, task: dict[str, Any], plural: str, name: str, project: st
     emit(run(lambda: c.get(f"/{plural}/{name}", project=project)), output)
 
 
+OnNode = Annotated[str | None, typer.Option("--on", help="run it on this node (a node selector on the "
+                                                         "node's cairn.dev/hostname label)")]
+
+
+def _on(node: str | None) -> dict[str, Any]:
+    return {"node_selector": {"cairn.dev/hostname": node}} if node else {}
+
+
 def _create_instance(plural: str, name: str, project: str, spec: dict[str, Any], no_wait: bool,
                      output: Format) -> None:
     c = client()
@@ -474,10 +507,12 @@ def vm_create(name: str, image: Annotated[str, typer.Option()], cpu: Annotated[i
               secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
               volume: Annotated[list[str] | None, typer.Option("--volume", help="attach, repeatable")] = None,
               root_size: Annotated[str | None, typer.Option(help="disk images: grow the root volume")] = None,
-              project: ProjectArg = "default", no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
+              on: OnNode = None, project: ProjectArg = "default", no_wait: NoWait = False,
+              output: OutputOpt = Format.table) -> None:
     """Create and start a VM; waits for it to run (progress: schedule → … → start)."""
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
-                            "qos_class": qos, "security_groups": secgroup or [], "volumes": volume or []}
+                            "qos_class": qos, "security_groups": secgroup or [], "volumes": volume or [],
+                            **_on(on)}
     if root_size:
         spec["root_size"] = root_size
     if group:
@@ -494,13 +529,13 @@ def container_create(ctx: typer.Context, name: str, image: Annotated[str, typer.
                      tty: Annotated[bool, typer.Option("--tty", help="give it an interactive terminal")] = False,
                      isolation: Annotated[str, typer.Option(help="container, or vm for its own microVM")] = "container",
                      secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
-                     project: ProjectArg = "default", no_wait: NoWait = False,
+                     on: OnNode = None, project: ProjectArg = "default", no_wait: NoWait = False,
                      output: OutputOpt = Format.table) -> None:
     """Create and start a container: cairn container create NAME --image IMG -- CMD ARGS..."""
     envs = dict(e.split("=", 1) for e in env or [] if "=" in e)
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
                             "command": list(ctx.args), "env": envs, "tty": tty, "isolation": isolation,
-                            "security_groups": secgroup or []}
+                            "security_groups": secgroup or [], **_on(on)}
     _create_instance("containers", name, project, spec, no_wait, output)
 
 

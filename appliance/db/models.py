@@ -383,3 +383,18 @@ class ExternalAddress(Base):
     floating_ip_id: Mapped[str | None] = mapped_column(ForeignKey("floating_ips.id", ondelete="CASCADE"),
                                                        nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JoinToken(Base):
+    """A short-lived, single-use secret that lets one new node join the cluster
+    (only its SHA-256 is kept)."""
+
+    __tablename__ = "join_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    used_by: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

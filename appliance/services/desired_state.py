@@ -73,6 +73,8 @@ class ImageRef(Doc):
     cmdline: str | None = None
     archive: str | None = None
     command: list[str] | None = None
+    # path -> SHA-256 of files shared through the cluster's image store (appliance.imagefiles)
+    blobs: dict[str, str] = Field(default_factory=dict)
 
 
 class Disk(Doc):
@@ -370,7 +372,7 @@ def _image(row: Image) -> ImageRef:
     spec = row.spec or {}
     return ImageRef(name=row.name, format=spec.get("format", "kernel"), kernel=spec.get("kernel"),
                     initrd=spec.get("initrd"), cmdline=spec.get("cmdline"), archive=spec.get("archive"),
-                    command=spec.get("command"))
+                    command=spec.get("command"), blobs=spec.get("blobs", {}))
 
 
 def _pool(row: StoragePool) -> PoolDoc:

@@ -48,8 +48,9 @@ def resolve(session: Session, project_id: str, name: str, kind: str) -> Image:
         raise InvalidInput(f"image '{name}' is a {row.spec.get('kind')} image, not a {kind} image")
     if row.spec.get("format") == "disk" and (row.status or {}).get("phase") != "Available":
         raise Conflict(f"image '{name}' is {(row.status or {}).get('phase')}: wait until it is Available")
+    shared = row.spec.get("blobs", {})  # in a cluster: kept in Ceph, each node copies them when it needs them
     for key in ("kernel", "initrd", "archive"):
-        if key in row.spec and not Path(row.spec[key]).exists():
+        if key in row.spec and row.spec[key] not in shared and not Path(row.spec[key]).exists():
             raise NotFound(f"image '{name}' is missing its {key} file {row.spec[key]}: import it again")
     return row
 

@@ -16,6 +16,9 @@ from appliance.services.resources import rowcount
 
 MAX_RACES = 20
 
+# Every node carries this label with its own name (Kubernetes has kubernetes.io/hostname).
+HOSTNAME_LABEL = "cairn.dev/hostname"
+
 
 def host_states(session: Session) -> list[HostState]:
     """The scheduler's view of every node: capacity, claims, NUMA cells, groups."""
@@ -40,7 +43,8 @@ def host_states(session: Session) -> list[HostState]:
             name=node.name, cpus=threads, memory_bytes=node.memory_capacity,
             cpu_used=node.cpu_claimed, memory_used=node.memory_claimed,
             ready=node.phase == "Ready", schedulable=bool((node.spec or {}).get("schedulable", True)),
-            labels=dict((node.spec or {}).get("labels", {})), numa=numa,
+            # every node also carries its own name, so a selector can pin a workload to it
+            labels={**(node.spec or {}).get("labels", {}), HOSTNAME_LABEL: node.name}, numa=numa,
             groups=groups.get(node.id, Counter()),
         )
         hosts.append(host)

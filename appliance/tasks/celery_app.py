@@ -20,7 +20,7 @@ def make_celery() -> Celery:
         task_default_queue="cluster",
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options={"visibility_timeout": 3600, **settings.broker_transport_options},
     )
     app.conf.include = ["appliance.tasks.runner"]
     return app

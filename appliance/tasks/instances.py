@@ -274,13 +274,19 @@ def import_test_guest(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any
         if not dst.exists() or dst.stat().st_size != Path(src).stat().st_size:
             shutil.copyfile(src, dst)
         files[key] = str(dst)
+    from appliance import imagefiles
+
+    ctx.progress(85, "sharing the files with the cluster")
+    blobs = imagefiles.publish(settings, list(files.values()))
     with session_scope(ctx.db_url) as session:
         images.record(session, params["project_id"], "tiny-guest",
                       {"kind": "vm", "format": "kernel", "kernel": files["kernel"], "initrd": files["initrd"],
-                       "cmdline": "console=ttyS0", "marker": guest.marker})
+                       "cmdline": "console=ttyS0", "marker": guest.marker,
+                       "blobs": {p: blobs[p] for p in (files["kernel"], files["initrd"])}})
         images.record(session, params["project_id"], "busybox",
                       {"kind": "container", "format": "oci", "archive": files["archive"],
-                       "command": ["/bin/sh", "-c", "while true; do sleep 3600; done"]})
+                       "command": ["/bin/sh", "-c", "while true; do sleep 3600; done"],
+                       "blobs": {files["archive"]: blobs[files["archive"]]}})
     return {"vm": "tiny-guest", "container": "busybox"}
 
 

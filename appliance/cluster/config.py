@@ -1,0 +1,128 @@
+"""A cluster node's own configuration: ``<data_dir>/cluster/cluster.json`` (0600).
+
+Written by ``cairn cluster init`` / ``cairn cluster join``; the member list is kept
+current by the agent (from etcd's membership), so every process of the node finds
+the database, the broker and the monitors even after the node that bootstrapped the
+cluster is gone. Its presence is what puts a node in cluster mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# Well-known ports on a node's cluster address (each lab node has its own network namespace).
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+PG_PORT = 5432
+PATRONI_PORT = 8008
+REDIS_PORT = 6379
+SENTINEL_PORT = 26379
+REDIS_MASTER_NAME = "cairn"
+CEPH_POOL = "cairn"
+
+
+def _secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class Member(BaseModel):
+    name: str
+    address: str
+
+
+class ClusterSecrets(BaseModel):
+    """Passwords of the cluster's engines, shared by every member (handed over at join
+    time over mutual TLS, kept 0600 on each node)."""
+
+    pg_superuser: str = Field(default_factory=_secret)
+    pg_replication: str = Field(default_factory=_secret)
+    pg_rewind: str = Field(default_factory=_secret)
+    pg_cairn: str = Field(default_factory=_secret)
+    patroni_rest: str = Field(default_factory=_secret)
+    redis: str = Field(default_factory=_secret)
+
+
+class ClusterConfig(BaseModel):
+    version: int = 1
+    name: str = "cairn"
+    cluster_id: str = Field(default_factory=lambda: secrets.token_hex(8))
+    node: str
+    address: str
+    network: str  # the cluster network's CIDR (peers' addresses are in it)
+    bootstrap: Literal["init", "join"]
+    members: list[Member]
+    etcd_initial_cluster: str
+    etcd_state: Literal["new", "existing"]
+    secrets: ClusterSecrets = Field(default_factory=ClusterSecrets)
+    redis_master: str  # the master when this node first started (later: whatever the sentinels say)
+    ceph_fsid: str = ""
+    ceph_mon: bool = False  # this node runs a Ceph monitor (the first three members do)
+    ceph_mons: list[Member] = Field(default_factory=list)
+    # OSD backing stores: block devices, or "file:<bytes>" for a sparse file (lab nodes).
+    ceph_osds: list[str] = Field(default_factory=list)
+    # Patroni's DCS timing: a dead primary's leader key expires after at most ttl, then a
+    # replica promotes (loop_wait + 2 × retry_timeout must stay under ttl). etcd's leader is
+    # kept off the primary's node, so a node loss costs about ttl (probes/cluster).
+    patroni_ttl: int = 8
+    patroni_loop_wait: int = 1
+    patroni_retry_timeout: int = 3
+    pg_shared_buffers: str = "32MB"
+
+    def member_addresses(self) -> list[str]:
+        """Every member's address, this node's first (local first: it answers when we do)."""
+        others = [m.address for m in self.members if m.address != self.address]
+        return [self.address, *others]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.model_dump_json(indent=1))
+        tmp.replace(path)
+        _cached.cache_clear()
+
+
+@lru_cache(maxsize=8)
+def _cached(path: str, mtime_ns: int) -> ClusterConfig:
+    return ClusterConfig.model_validate(json.loads(Path(path).read_text()))
+
+
+def load(path: Path) -> ClusterConfig | None:
+    """The node's cluster configuration, or None in single-node (embedded) mode. Cheap to
+    call often: re-read only when the file changed."""
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+    return _cached(str(path), mtime)
+
+
+def database_url(cfg: ClusterConfig) -> str:
+    """A multi-host libpq URL that always lands on the read-write primary (Patroni)."""
+    hosts = "&".join(f"host={a}:{PG_PORT}" for a in cfg.member_addresses())
+    return (f"postgresql+psycopg://cairn:{cfg.secrets.pg_cairn}@/cairn?{hosts}"
+            "&target_session_attrs=read-write&connect_timeout=3")
+
+
+def superuser_dsn(cfg: ClusterConfig, dbname: str = "postgres") -> str:
+    hosts = ",".join(cfg.member_addresses())
+    ports = ",".join(str(PG_PORT) for _ in cfg.member_addresses())
+    return (f"host={hosts} port={ports} dbname={dbname} user=postgres password={cfg.secrets.pg_superuser} "
+            "target_session_attrs=read-write connect_timeout=3")
+
+
+def broker_url(cfg: ClusterConfig) -> str:
+    """Celery's broker through Redis Sentinel; the node's own sentinel first."""
+    return ";".join(f"sentinel://:{cfg.secrets.redis}@{a}:{SENTINEL_PORT}" for a in cfg.member_addresses())
+
+
+def broker_options(cfg: ClusterConfig) -> dict[str, object]:
+    return {"master_name": REDIS_MASTER_NAME, "sentinel_kwargs": {"password": cfg.secrets.redis},
+            "socket_timeout": 5, "socket_connect_timeout": 2}

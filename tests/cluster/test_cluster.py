@@ -1,0 +1,229 @@
+"""Three nodes acting as one (issue: cluster): the lab cluster of the session (`cairn lab
+up --nodes 3`: etcd, Patroni/PostgreSQL, Redis Sentinel and Ceph on namespaced nodes),
+driven through the project's own commands run inside the nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from appliance.lab import daemon, ops
+from tests.lab_cluster import LabCluster
+
+pytestmark = [pytest.mark.functional, pytest.mark.slow]
+NODES = ("n1", "n2", "n3")
+
+
+def roles(view: dict[str, Any], role: str) -> list[str]:
+    return [m["name"] for m in view["members"] if role in m["roles"]]
+
+
+def etcd_members(lab: LabCluster, via: str = "n1") -> list[str]:
+    return sorted(m["name"] for m in lab.view(via)["members"])
+
+
+def test_three_members_in_quorum_one_database_primary_and_ceph_health_ok(lab_cluster: LabCluster) -> None:
+    view = lab_cluster.cairn("n2", "cluster", "status")
+    assert view["quorum"] is True
+    assert [(m["name"], m["ready"]) for m in view["members"]] == [(n, True) for n in NODES]
+    assert all("etcd" in m["roles"] and "etcd-learner" not in m["roles"] for m in view["members"])
+    assert len(roles(view, "database-primary")) == 1 and view["database"]["primary"] in NODES
+    assert len(roles(view, "database-sync-standby")) == 1
+    assert len(roles(view, "redis-master")) == 1 and view["redis"]["sentinels"] == 3
+    assert roles(view, "ceph-mon") == list(NODES)
+    assert view["ceph"]["health"] == "HEALTH_OK"
+    assert view["ceph"]["osd_hosts"] == {n: 1 for n in NODES}
+    # once three members exist, a committed write waits for the synchronous standby
+    assert roles(view, "etcd-leader") != roles(view, "database-primary")
+
+
+def test_the_cli_node_option_points_at_each_lab_node(lab_cluster: LabCluster) -> None:
+    env = {**os.environ, "CAIRN_LAB_DIR": str(lab_cluster.dir)}
+    for node in NODES:
+        r = subprocess.run([sys.executable, "-m", "appliance.cli.main", "--node", node, "status", "-o", "json"],
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        assert status["node"] == node and status["nodes"]["ready"] == 3
+    r = subprocess.run([sys.executable, "-m", "appliance.cli.main", "--node", "n9", "status"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "no node 'n9'" in r.stderr
+
+
+def test_resources_made_through_one_node_are_visible_and_usable_through_the_others(lab_cluster: LabCluster) -> None:
+    lab_cluster.cairn("n1", "network", "create", "shared", "--cidr", "10.61.0.0/24")
+    try:
+        for node in ("n2", "n3"):
+            net = lab_cluster.cairn(node, "get", "network", "shared")
+            assert net["spec"]["cidr"] == "10.61.0.0/24"
+        lab_cluster.cairn("n2", "secgroup", "create", "web")
+        lab_cluster.cairn("n3", "secgroup", "rule", "add", "web", "--proto", "tcp", "--port", "80")
+        group = lab_cluster.cairn("n1", "get", "secgroup", "web")
+        assert [r["port_min"] for r in group["spec"]["rules"]] == [80]
+    finally:
+        lab_cluster.cairn_rc("n3", "delete", "secgroup", "web")
+        lab_cluster.cairn_rc("n2", "delete", "network", "shared")
+    assert lab_cluster.cairn_rc("n1", "get", "network", "shared").returncode != 0
+
+
+def test_a_vm_and_a_container_on_different_nodes_ping_each_other_over_the_overlay(lab_cluster: LabCluster) -> None:
+    lab = lab_cluster
+    lab.cairn("n1", "image", "import-test-guest", timeout=600)
+    lab.cairn("n2", "network", "create", "ovl", "--cidr", "10.62.0.0/24")
+    try:
+        vm = lab.cairn("n3", "vm", "create", "pinger-vm", "--image", "tiny-guest", "--memory", "256MiB",
+                       "--network", "ovl", "--on", "n1", timeout=600)
+        assert vm["status"]["node"] == "n1" and vm["status"]["power_state"] == "running"
+        ct = lab.cairn("n1", "container", "create", "pinger-ct", "--image", "busybox", "--network", "ovl",
+                       "--on", "n2", "--", "sleep", "3600", timeout=300)
+        assert ct["status"]["node"] == "n2"
+        vm_ip = vm["status"]["ports"][0]["ips"][0]["address"]
+        deadline = time.monotonic() + 120  # the guest takes its DHCP lease after booting under TCG
+        while True:
+            r = lab.cairn_rc("n3", "container", "exec", "pinger-ct", "--", "ping", "-c", "1", "-W", "2", vm_ip)
+            if r.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"the container on n2 never reached the VM on n1: {r.stdout}{r.stderr}"
+            time.sleep(2)
+    finally:
+        lab.cairn_rc("n2", "delete", "container", "pinger-ct")
+        lab.cairn_rc("n2", "delete", "vm", "pinger-vm")
+        for _ in range(30):
+            if lab.cairn_rc("n1", "delete", "network", "ovl").returncode == 0:
+                break
+            time.sleep(2)
+
+
+def _join_attempt(lab: LabCluster, node: str, token: str, timeout: float = 120) -> str:
+    """Boot ``node`` with ``cluster join``; returns its boot log once it has joined or failed."""
+    lab_ = lab.lab
+    member = lab_.node("n1").address
+    log = lab_.node(node).path / "boot.log"
+    offset = log.stat().st_size if log.exists() else 0
+    daemon.call(lab_, {"op": "start", "node": node, "mode": "join", "member": member, "token": token,
+                       "osds": [f"file:{4 << 30}"]})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = daemon.call(lab_, {"op": "nodes"})[node]
+        booted = lab_.node(node).path / "booted"
+        if not info["running"] or (booted.exists() and booted.read_text().split()[0] == str(info["pid"])):
+            return log.read_text()[offset:]
+        time.sleep(0.5)
+    raise AssertionError(f"{node} neither joined nor failed within {timeout} s: {log.read_text()[-2000:]}")
+
+
+def _post_join(lab: LabCluster, token: str, name: str) -> tuple[int, str]:
+    """POST /cluster/join from inside n1 (a candidate's request, with a fresh CSR)."""
+    code = (
+        "import json, ssl, sys, tempfile, httpx; from pathlib import Path; from appliance import pki;"
+        "csr = pki.node_csr(Path(tempfile.mkdtemp())).decode();"
+        "ctx = ssl.create_default_context(cafile='/var/lib/cairn/pki/ca.crt');"
+        f"r = httpx.post('https://127.0.0.1:8443/api/v1/cluster/join', verify=ctx, timeout=60, json={{"
+        f"'token': {token!r}, 'name': {name!r}, 'address': '172.29.0.99', 'csr': csr}});"
+        "print(r.status_code); print(r.json().get('detail', ''))"
+    )
+    r = lab.run("n1", [sys.executable, "-c", code])
+    status, _, detail = r.stdout.partition("\n")
+    assert status.strip().isdigit(), r.stderr
+    return int(status), detail.strip()
+
+
+def test_joins_with_bad_tokens_are_refused_and_change_nothing_then_a_node_joins_and_is_removed(
+        lab_cluster: LabCluster) -> None:
+    lab = lab_cluster
+    before = etcd_members(lab)
+    ops.add_node(lab.dir, join=False)  # n4: cabled, never booted
+    node = "n4"
+    good = lab.cairn("n1", "cluster", "token", "create")["token"]
+    wrong = good.rsplit(".", 1)[0] + ".not-the-secret"
+    log = _join_attempt(lab, node, wrong)
+    assert "refused the join (403)" in log and "not valid" in log
+    assert etcd_members(lab) == before
+    expiring = lab.cairn("n1", "cluster", "token", "create", "--ttl", "1")["token"]
+    time.sleep(2)
+    log = _join_attempt(lab, node, expiring)
+    assert "expired" in log and etcd_members(lab) == before
+    log = _join_attempt(lab, node, "CJ1.short")
+    assert "malformed" in log and etcd_members(lab) == before
+    # a member cannot join twice, and the refusal leaves the token unused
+    status, detail = _post_join(lab, good, "n2")
+    assert status == 409 and "already a member" in detail
+    unused = {t["id"]: t for t in lab.cairn("n1", "cluster", "token", "list")}[good.split(".")[2]]
+    assert unused["used_at"] is None
+    r = lab.cairn_rc("n2", "cluster", "join", lab.lab.node("n1").address, good)
+    assert r.returncode != 0 and "already a member" in r.stderr
+    # the good token works once
+    log = _join_attempt(lab, node, good, timeout=300)
+    assert "failed" not in log and "Traceback" not in log, log[-2000:]
+    ops.cairn_in_node(lab.lab, node, "up", "--timeout", "300", timeout=330)
+    deadline = time.monotonic() + 120
+    while etcd_members(lab) != [*before, node] or "etcd-learner" in str(lab.view()["members"]):
+        assert time.monotonic() < deadline, lab.view()
+        time.sleep(2)
+    status, detail = _post_join(lab, good, "n7")
+    assert status == 403 and "already used" in detail
+    # removal: the node is powered off first, then taken out of every engine
+    ops.kill(node, lab.dir)
+    r = lab.cairn_rc("n1", "cluster", "remove", "n2")
+    assert r.returncode != 0 and "is Ready" in r.stderr
+    deadline = time.monotonic() + 60
+    while lab.cairn("n1", "get", "node", node)["status"]["phase"] == "Ready":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    done = lab.cairn("n1", "cluster", "remove", node)
+    assert done["etcd"] == "removed" and done["ceph_osds"] == "purged"
+    view = lab.wait_healthy(timeout=300)
+    assert [m["name"] for m in view["members"]] == list(NODES)
+    assert view["ceph"]["osd_hosts"] == {n: 1 for n in NODES}
+    assert node not in [n["name"] for n in lab.cairn("n1", "get", "nodes")]
+
+
+def test_a_partitioned_node_drops_out_and_comes_back_when_healed(lab_cluster: LabCluster) -> None:
+    lab = lab_cluster
+    view = lab.view()
+    victim = next(n for n in NODES if n not in roles(view, "database-primary") + roles(view, "etcd-leader"))
+    ops.partition(victim, lab.dir)
+    try:
+        other = next(n for n in NODES if n != victim)
+        deadline = time.monotonic() + 60
+        while True:
+            members = {m["name"]: m for m in lab.view(other)["members"]}
+            if not members[victim]["ready"]:
+                break
+            assert time.monotonic() < deadline, f"{victim} still Ready while cut off"
+            time.sleep(2)
+        # the others keep a quorum, a primary, and accept writes
+        assert lab.view(other)["quorum"]
+        lab.cairn(other, "project", "create", "during-partition")
+    finally:
+        ops.heal(lab.dir)
+    lab.wait_healthy(timeout=300)
+    assert lab.cairn(victim, "get", "project", "during-partition")["name"] == "during-partition"
+
+
+def test_losing_the_database_primary_node_keeps_the_api_writable_and_loses_no_acknowledged_write(
+        lab_cluster: LabCluster) -> None:
+    lab = lab_cluster
+    view = lab.view()
+    primary = view["database"]["primary"]
+    survivor = next(n for n in NODES if n != primary)
+    writer = lab.writer(survivor, "fo", interval=0.25, seconds=40)
+    time.sleep(6)
+    ops.kill(primary, lab.dir)
+    writes = lab.writes(writer)
+    acked = [w["name"] for w in writes if w["ok"]]
+    late = [w for w in writes if w["ok"] and w["t"] > 25]
+    assert late, f"the API on {survivor} did not accept writes again after {primary} died: {writes[-5:]}"
+    names = {p["name"] for p in lab.cairn(survivor, "get", "projects")}
+    missing = [a for a in acked if a not in names]
+    assert not missing, f"acknowledged writes lost in the failover: {missing}"
+    ops.heal(lab.dir)
+    view = lab.wait_healthy(timeout=300)
+    assert view["database"]["primary"] != primary
+    assert primary in roles(view, "database-replica") + roles(view, "database-sync-standby")
