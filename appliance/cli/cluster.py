@@ -158,6 +158,14 @@ def lab_add(directory: LabDir = None, join: Annotated[bool, typer.Option("--join
     emit(_lab(lambda: ops.add_node(directory, join, osd_size=osd_size)), output)
 
 
+@lab_app.command("remove")
+def lab_remove(node: str, directory: LabDir = None, output: OutputOpt = Format.table) -> None:
+    """Take a node out of the lab for good (after `cairn cluster remove` took it out of the cluster)."""
+    from appliance.lab import ops
+
+    emit(_lab(lambda: ops.remove_node(node, directory)), output)
+
+
 @lab_app.command("status")
 def lab_status(directory: LabDir = None, output: OutputOpt = Format.table) -> None:
     """Each node: running, cable, API URL, memory (PSS) and CPU used."""

@@ -17,6 +17,7 @@ from typing import Any
 from appliance.lab import daemon, host
 from appliance.lab.host import LabError
 from appliance.lab.layout import NODE_MOUNTS, Lab, LabNode, lab_dir
+from network.netlink import netns_list, netns_remove
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x04000000, 0x40000000
 NODE_CLI_CONFIG = f"{NODE_MOUNTS['data']}/cli.json"
@@ -172,6 +173,21 @@ def add_node(directory: Path | None = None, join: bool = True, token: str | None
     _start(lab, node.name, mode="join", member=member.address, token=token, osds=[f"file:{osd_size}"])
     _wait_node(lab, node.name, timeout)
     return node_summary(lab, node)
+
+
+def remove_node(name: str, directory: Path | None = None) -> dict[str, Any]:
+    """Take a node out of the lab (after ``cairn cluster remove`` took it out of the
+    cluster): its processes, namespace, cgroup and folder."""
+    lab = Lab.load(directory)
+    node = lab.node(name)
+    host.cg_remove_tree(lab.node_cgroup(name))
+    gone = [ns for ns in (node.netns,) if ns in netns_list()]
+    for ns in gone:
+        netns_remove(ns)  # its cable goes with it
+    shutil.rmtree(node.path, ignore_errors=True)
+    lab.nodes = [n for n in lab.nodes if n.name != name]
+    lab.save()
+    return {"node": name, "removed": True}
 
 
 def _write_node_env(node: LabNode) -> None:
