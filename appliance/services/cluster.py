@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from appliance import pki
 from appliance.db import migrate
 from appliance.db.models import JoinToken, Node
-from appliance.errors import Conflict, InvalidInput, PermissionDenied
+from appliance.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from appliance.services import events, nodes, tasks
 from appliance.services.principal import Principal
 from appliance.services.resources import iso, rowcount
@@ -66,7 +66,10 @@ def view(session: Session, principal: Principal, settings: Settings) -> dict[str
 
 
 def ca_pem(settings: Settings) -> str:
-    return (settings.pki_dir / "ca.crt").read_text()
+    try:
+        return (settings.pki_dir / "ca.crt").read_text()
+    except FileNotFoundError:
+        raise NotFound("this node has no CA yet (it is made when the API first serves TLS)") from None
 
 
 def _sha(secret: str) -> str:
