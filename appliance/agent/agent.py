@@ -9,6 +9,7 @@ comes from the local cache (``agent.document_fresh`` False, see
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -116,6 +117,19 @@ class Agent:
         inventory["libvirt_uri"] = self.settings.libvirt_uri
         inventory["migration_host"] = self.settings.migration_host
         inventory["underlay"] = inv.underlay(self.settings.underlay_interface)
+        # what tenant subnets must not overlap: every network of the host's own interfaces,
+        # the external segment and the storage address
+        nets = inv.host_networks(self.settings.underlay_interface, self.settings.external_interface)
+        if self.settings.external_cidr:
+            nets.append({"cidr": str(ipaddress.ip_network(self.settings.external_cidr, strict=False)),
+                         "interface": self.settings.external_interface, "role": "external"})
+        try:
+            storage = ipaddress.ip_address(self.settings.storage_host)
+        except ValueError:
+            storage = None  # a host name: its address is on one of the interfaces above
+        if storage is not None and not storage.is_loopback:
+            nets.append({"cidr": str(ipaddress.ip_network(storage)), "interface": "", "role": "storage"})
+        inventory["host_networks"] = nets
         with session_scope(self.settings.resolved_database_url) as session:
             nodes.register(session, self.node, inventory, inv.allocatable(inventory))
         self._registered = True

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,30 @@ def nics() -> list[dict[str, Any]]:
         st = stats.get(name)
         out.append({"name": name, "mac": mac, "mtu": st.mtu if st else 0,
                     "speed_mbps": st.speed if st else 0, "up": bool(st and st.isup), "addresses": ips})
+    return out
+
+
+CAIRN_LINK = re.compile(r"^(?:(?:cbr|cvx)[a-z]{0,4}[0-9]+|(?:tp|ve)[0-9a-f]{10}(?:-c)?)$")  # overlay and ports
+
+
+def host_networks(underlay_ifname: str = "", external_ifname: str = "") -> list[dict[str, str]]:
+    """Every IP network on this host's own interfaces (not loopback, not the bridges and
+    ports of Cairn stacks): tenant subnets must never overlap one of them."""
+    underlay_ifname = underlay_ifname or default_route_interface()
+    out = []
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if name == "lo" or CAIRN_LINK.match(name):
+            continue
+        role = "underlay" if name == underlay_ifname else "external" if name == external_ifname else "host"
+        for a in addrs:
+            if a.family.name not in ("AF_INET", "AF_INET6") or not a.netmask:
+                continue
+            try:
+                net = ipaddress.ip_interface(f"{a.address.split('%')[0]}/{a.netmask}").network
+            except ValueError:
+                continue
+            if not net.is_link_local and not net.is_loopback:
+                out.append({"cidr": str(net), "interface": name, "role": role})
     return out
 
 

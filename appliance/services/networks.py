@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from appliance.db.models import IpAllocation, Network, Port, Router, RouterInterface, SecurityGroup, Subnet
+from appliance.db.models import IpAllocation, Network, Node, Port, Router, RouterInterface, SecurityGroup, Subnet
 from appliance.errors import Conflict, InvalidInput, NotFound
 from appliance.services import ipam
 from appliance.services.auth import project_by_name
@@ -63,7 +63,7 @@ def create_network(session: Session, principal: Principal, settings: Settings, p
         raise Conflict("could not reserve a VNI under heavy concurrency: retry")
     if cidr:
         create_subnet(session, principal, project, f"{name}-{ipam.parse_cidr(cidr).version}",
-                      {"network": name, "cidr": cidr})
+                      {"network": name, "cidr": cidr}, settings)
     return network_public(session, row, project)
 
 
@@ -94,11 +94,42 @@ def delete_network(session: Session, principal: Principal, project: str, name: s
 
 # --- subnets -------------------------------------------------------------------------------
 
+# never for tenants: loopback, link-local, "this network", multicast and reserved ranges
+RESERVED = {"127.0.0.0/8": "loopback", "169.254.0.0/16": "link-local", "0.0.0.0/8": "'this network'",
+            "224.0.0.0/4": "multicast", "240.0.0.0/4": "reserved", "::1/128": "loopback",
+            "fe80::/10": "link-local", "ff00::/8": "multicast", "::/128": "unspecified"}
+
+
+def check_host_ranges(session: Session, cidr: str, settings: Settings | None = None) -> None:
+    """Refuse a tenant subnet that overlaps what the nodes themselves use (their
+    underlay, management, storage and external networks, as each node's agent reports
+    them) or a range no tenant may have: its gateway and DHCP would sit on the node's
+    own network, and the node would route its own traffic into the tenant's segment."""
+    net = ipaddress.ip_network(cidr)
+    for reserved, what in RESERVED.items():
+        other = ipaddress.ip_network(reserved)
+        if other.version == net.version and net.overlaps(other):
+            raise Conflict(f"{net} overlaps the {what} range {other}: tenant subnets use private unicast "
+                           "ranges (e.g. 10.x, 172.16-31.x, 192.168.x, fd00::/8)")
+    clashes: list[tuple[str, str]] = []
+    if settings is not None and settings.external_cidr:
+        clashes.append((settings.external_cidr, "the external network (CAIRN_EXTERNAL_CIDR)"))
+    for node_name, status in session.execute(select(Node.name, Node.status)):
+        for entry in ((status or {}).get("inventory") or {}).get("host_networks") or []:
+            where = f" on {entry['interface']}" if entry.get("interface") else ""
+            clashes.append((entry["cidr"], f"node {node_name}'s {entry.get('role', 'host')} network{where}"))
+    for other_cidr, what in clashes:
+        other = ipaddress.ip_network(other_cidr, strict=False)
+        if other.version == net.version and net.overlaps(other):
+            raise Conflict(f"{net} overlaps {what}, {other}: pick a range no node uses")
+
+
 def create_subnet(session: Session, principal: Principal, project: str, name: str,
-                  spec: dict[str, Any]) -> dict[str, Any]:
+                  spec: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
     net, _ = networks.row(session, principal, project, spec["network"], "write")
     others = list(session.scalars(select(Subnet.cidr).where(Subnet.network_id == net.id)))
     normal = ipam.validate_subnet(spec["cidr"], spec.get("gateway"), spec.get("allocation_pools") or [], others)
+    check_host_ranges(session, normal["cidr"], settings)
     full = {"network": net.name, "dns_nameservers": spec.get("dns_nameservers") or [], **normal}
     row = subnets.create(session, principal, project, name, full, network_id=net.id, cidr=normal["cidr"])
     ipam.allocate(session, row, None, normal["gateway"], purpose="gateway")

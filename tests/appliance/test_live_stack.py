@@ -347,6 +347,19 @@ def test_network_cli_spellings(stack: Stack) -> None:
     assert stack.cairn("network", "delete", "lab") == {"deleted": {"kind": "network", "name": "lab"}}
 
 
+def test_a_tenant_subnet_on_the_nodes_own_network_is_refused(stack: Stack) -> None:
+    """The attack: a tenant takes the node's underlay range (or link-local) for a network,
+    so its gateway and DHCP would sit on the node's own network. 409 naming the clash."""
+    inventory = stack.cairn("get", "node", stack.node)["status"]["inventory"]
+    underlay = next(n for n in inventory["host_networks"] if n["role"] == "underlay" and ":" not in n["cidr"])
+    for cidr, clash in ((underlay["cidr"], f"underlay network on {underlay['interface']}, {underlay['cidr']}"),
+                        ("169.254.10.0/24", "link-local")):
+        r = subprocess.run([*CAIRN, "network", "create", "mine", "--cidr", cidr, "-o", "json"], env=stack.env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and clash in " ".join(r.stderr.split()), (cidr, r.stderr, r.stdout)
+    assert "mine" not in [n["name"] for n in stack.cairn("get", "networks")]
+
+
 def test_vm_lifecycle_with_a_real_guest(stack: Stack) -> None:
     """create → marker on the serial console → stop → start → delete, with libvirt
     (TCG here) under the supervisor, through the CLI a user types."""

@@ -174,3 +174,39 @@ def test_50_concurrent_allocations_never_share_an_address(api: Api) -> None:
         t.join(120)
     assert len(results) == 50, errors
     assert len(set(results)) == 50
+
+
+def test_subnets_overlapping_what_the_nodes_use_are_refused_naming_the_clash(api: Api) -> None:
+    """A tenant subnet on a node's own network would put the tenant's gateway and DHCP
+    on it and route the node's traffic into the tenant's segment: 409, naming the clash."""
+    from appliance.services import nodes
+
+    from .test_resources import INVENTORY
+
+    inventory = {**INVENTORY, "host_networks": [
+        {"cidr": "10.250.0.0/24", "interface": "eth0", "role": "underlay"},
+        {"cidr": "172.30.0.0/16", "interface": "mgmt0", "role": "host"},
+        {"cidr": "fd00:abcd::/64", "interface": "eth0", "role": "underlay"},
+        {"cidr": "10.251.0.9/32", "interface": "", "role": "storage"}]}
+    with session_scope(api.settings.resolved_database_url) as session:
+        nodes.register(session, "node-b", inventory, {"cpu": 8, "memory_bytes": 8 << 30})
+    api.settings.external_cidr = "198.51.100.0/24"
+    try:
+        for cidr, clash in (("10.250.0.0/16", "node node-b's underlay network on eth0, 10.250.0.0/24"),
+                            ("172.30.5.0/24", "node node-b's host network on mgmt0, 172.30.0.0/16"),
+                            ("10.251.0.0/24", "node node-b's storage network, 10.251.0.9/32"),
+                            ("198.51.100.128/25", "the external network (CAIRN_EXTERNAL_CIDR)"),
+                            ("169.254.0.0/24", "link-local range 169.254.0.0/16"),
+                            ("127.1.0.0/24", "loopback range")):
+            r = api.client.post(V1 + "/networks", json={"name": "clash", "spec": {"cidr": cidr}}, headers=api.admin)
+            assert r.status_code == 409 and clash in r.json()["detail"], (cidr, r.text)
+        assert api.client.get(V1 + "/networks/clash", headers=api.admin).status_code == 404  # nothing kept
+        post(api, "/networks", {"name": "fine", "spec": {"cidr": "10.252.0.0/24"}})
+        r = api.client.post(V1 + "/subnets", json={"name": "v6", "spec": {"network": "fine", "cidr": "fd00:abcd::/64"}},
+                            headers=api.admin)
+        assert r.status_code == 409 and "fd00:abcd::/64" in r.json()["detail"]
+        r = api.client.post(V1 + "/subnets", json={"name": "ll", "spec": {"network": "fine", "cidr": "fe80::/64"}},
+                            headers=api.admin)
+        assert r.status_code == 409 and "link-local" in r.json()["detail"]
+    finally:
+        api.settings.external_cidr = ""

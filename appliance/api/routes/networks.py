@@ -40,8 +40,8 @@ def create_network(body: NetworkCreate, session: DbSession, caller: Caller, sett
 
 
 @router.post("/subnets", status_code=201, response_model=ResourcePublic, openapi_extra=access("project:write"))
-def create_subnet(body: SubnetCreate, session: DbSession, caller: Caller) -> dict[str, Any]:
-    return svc.create_subnet(session, caller, body.project, body.name, body.spec.model_dump())
+def create_subnet(body: SubnetCreate, session: DbSession, caller: Caller, settings: AppSettings) -> dict[str, Any]:
+    return svc.create_subnet(session, caller, body.project, body.name, body.spec.model_dump(), settings)
 
 
 @router.post("/subnets/{name}/reservations", status_code=201, openapi_extra=access("project:write"))
