@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from network.errors import CommandFailed, InvalidSpec
 from network.model import (
@@ -31,10 +31,44 @@ from network.netlink import run_in_netns, write_sysctl
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
+ZONES = 65535  # conntrack zones are 16 bits; 0 is the default zone
+
+
 def zone_for(vni: int) -> int:
-    """The conntrack zone of network ``vni`` (networks of one router share the zone of
-    its first network: pass ``zones`` to :func:`build_ruleset`)."""
-    return vni % 65535 + 1
+    """The preferred conntrack zone of network ``vni`` (VNIs 65535 apart share it: the
+    zone a network really gets comes from :func:`assign_zones`)."""
+    return vni % ZONES + 1
+
+
+def assign_zones(vnis: Iterable[int], shared: Mapping[int, int] | None = None,
+                 previous: Mapping[int, int] | None = None) -> dict[int, int]:
+    """A conntrack zone for each VNI of a node, never the same for two networks unless
+    ``shared`` gives them the same one (a router's networks share a zone).
+
+    Each group (the VNIs ``shared`` maps to one value, or a VNI alone) keeps its zone of
+    ``previous`` while no other group holds it, else takes its preferred zone (``shared``
+    or :func:`zone_for`), else the next free one: equal 5-tuples of two networks never
+    meet in one conntrack entry, even when VNIs lie 65535 apart."""
+    shared, previous = shared or {}, previous or {}
+    groups: dict[tuple[str, int], list[int]] = {}
+    for vni in sorted(set(vnis)):
+        key = ("shared", shared[vni]) if vni in shared else ("alone", vni)
+        groups.setdefault(key, []).append(vni)
+    taken: set[int] = set()
+    out: dict[int, int] = {}
+    ordered = sorted(groups.values(), key=lambda g: (not any(v in previous for v in g), g[0]))
+    for members in ordered:
+        wanted = [previous[v] for v in members if v in previous]
+        wanted.append(shared.get(members[0], zone_for(members[0])))
+        zone = next((z for z in wanted if z not in taken), None)
+        if zone is None:
+            free = (z for z in ((w - 1) % ZONES + 1 for w in range(wanted[-1], wanted[-1] + ZONES)) if z not in taken)
+            zone = next(free, None)
+            if zone is None:
+                raise InvalidSpec(f"more than {ZONES} networks on one node: conntrack has no zone left")
+        taken.add(zone)
+        out.update(dict.fromkeys(members, zone))
+    return out
 
 
 def _set_name(group_id: str, family: str) -> str:
@@ -91,20 +125,37 @@ def _port_chains(port: Port, groups: Mapping[str, SecurityGroup]) -> list[str]:
     return out
 
 
+def link_local(mac: str) -> str:
+    """The EUI-64 IPv6 link-local address a port's MAC gives it (Linux' default)."""
+    octets = [int(b, 16) for b in mac.split(":")]
+    octets[0] ^= 0x02
+    return str(ipaddress.IPv6Address(bytes([0xFE, 0x80, 0, 0, 0, 0, 0, 0, *octets[:3], 0xFF, 0xFE, *octets[3:]])))
+
+
 def _spoof_chain(port: Port) -> list[str]:
+    """What a port may send at all: its own MAC and addresses (its MAC's link-local for
+    IPv6), untagged IPv4, IPv6 and ARP only, no router advertisements or redirects, and
+    neighbour advertisements only for its own addresses."""
     v4 = sorted(ip for ip in port.ips if ipaddress.ip_address(ip).version == 4)
     v6 = sorted(ip for ip in port.ips if ipaddress.ip_address(ip).version == 6)
+    own6 = [link_local(port.mac), *v6]
     out = [f"\tchain spoof_{port.host_ifname} {{"]
     out.append(f"\t\tether saddr != {port.mac} counter drop comment \"spoofed MAC\"")
+    # VLAN-tagged (or any other) frames would carry IP past every check below
+    out.append("\t\tether type != { ip, ip6, arp } counter drop comment \"not untagged IPv4, IPv6 or ARP\"")
     out.append("\t\tip saddr 0.0.0.0 udp sport 68 udp dport 67 return comment \"DHCP discover\"")
     if v4:
         out.append(f"\t\tip saddr != {{ {', '.join(v4)} }} counter drop comment \"spoofed IPv4\"")
         out.append(f"\t\tarp saddr ip != {{ {', '.join(v4)} }} counter drop comment \"spoofed ARP\"")
     else:
-        out.append("\t\tether type ip counter drop comment \"no IPv4 address\"")
+        out.append("\t\tether type { ip, arp } counter drop comment \"no IPv4 address: no IPv4, no ARP\"")
     out.append(f"\t\tarp saddr ether != {port.mac} counter drop comment \"spoofed ARP MAC\"")
-    v6_ok = ", ".join(["fe80::/10", "::", *v6])
-    out.append(f"\t\tip6 saddr != {{ {v6_ok} }} counter drop comment \"spoofed IPv6\"")
+    out.append("\t\ticmpv6 type { nd-router-advert, nd-redirect } counter drop comment \"a port is no router\"")
+    out.append(f"\t\tip6 saddr != {{ {', '.join(['::', *own6])} }} counter drop comment \"spoofed IPv6\"")
+    # the target address follows type, code, checksum and 4 reserved bytes
+    targets = ", ".join(f"0x{int(ipaddress.IPv6Address(a)):032x}" for a in own6)
+    out.append(f"\t\ticmpv6 type nd-neighbor-advert @th,64,128 != {{ {targets} }} counter drop "
+               "comment \"neighbour advertisement for an address not its own\"")
     out.append("\t}")
     return out
 
@@ -169,7 +220,7 @@ def build_ruleset(
     ``networks`` are the node's attachments (only ports with a ``host_ifname`` get
     rules), ``groups`` every group those ports use, ``group_members`` the addresses of
     every port cluster-wide in each group referenced as a remote group, ``zones`` the
-    conntrack zone of a VNI when it is not :func:`zone_for` (a router's networks share one),
+    conntrack zones of VNIs (:func:`assign_zones`' result; a router's networks share one),
     ``names`` this stack's bridge and table names (its tables only ever match its own
     bridges and ports, so other stacks' tables in the namespace keep working)."""
     names = names or HostNames()
@@ -214,7 +265,8 @@ def build_ruleset(
             lines.append("\t}")
     lines += _host_chain(networks, names)
     # in the inet prerouting hook br_netfilter reports the bridge as input interface
-    zone_of = [f'"{names.bridge(n.vni)}" : {(zones or {}).get(n.vni, zone_for(n.vni))}'
+    zone = assign_zones((n.vni for n in networks), zones)
+    zone_of = [f'"{names.bridge(n.vni)}" : {zone[n.vni]}'
                for n in sorted(networks, key=lambda n: n.vni)]
     lines.append("\tchain zones {")
     lines.append("\t\ttype filter hook prerouting priority raw; policy accept;")

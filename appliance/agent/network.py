@@ -11,6 +11,7 @@ restarted meanwhile find their bridges; router reports wait for the database."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from network.model import HostNames, NodeNetworkState, Port, SecurityGroup, Secu
 from network.reconcile import reconcile
 from network.router import FloatingIp as FloatingIpSpec
 from network.router import PortForward, RouterSpec, SourceNat, reconcile_router
-from network.secgroups import apply_ruleset, build_ruleset
+from network.secgroups import apply_ruleset, assign_zones, build_ruleset
 
 log = logging.getLogger("cairn.agent.network")
 
@@ -56,6 +57,11 @@ class NetworkReconciler:
         self.netns = netns
         self.state_dir = settings.data_dir / "network"
         self.names = HostNames(settings.stack_tag)
+        try:
+            saved = json.loads((self.state_dir / "zones.json").read_text())
+            self.zones: dict[int, int] = {int(v): int(z) for v, z in saved.items()}
+        except (OSError, ValueError):
+            self.zones = {}
         self.dhcp: dict[int, DnsmasqSupervisor] = {}
         self.ruleset: str | None = None
 
@@ -72,6 +78,7 @@ class NetworkReconciler:
         virtual = [VirtualNetwork(vni=n.vni, ports=self._ports(n), gateways={n.home: tuple(n.gateways)})
                    for n in net.networks]
         desired = node_state(me, underlays, virtual)
+        self._assign_zones(desired, net)
         result = reconcile(self.netns, desired, self.state_dir, self.names)
         if result.error:
             report.errors.append(f"network: {result.error}")
@@ -108,7 +115,7 @@ class NetworkReconciler:
                 problems[router.id] = (f"node {self.settings.node_name} has no external interface: set "
                                        "CAIRN_EXTERNAL_INTERFACE there for egress NAT, port forwards and floating IPs")
                 continue
-            zone = net.zones.get(vnis[0]) if vnis else None
+            zone = self.zones.get(vnis[0]) if vnis else None
             if zone is None:
                 continue
             ext_zones.append((address, zone))
@@ -156,12 +163,24 @@ class NetworkReconciler:
             if live is not None:
                 router_service.record_status(session, live, self.settings.node_name, ready, message)
 
+    def _assign_zones(self, desired: NodeNetworkState, net: NetworkState) -> None:
+        """Conntrack zones of this node's networks: unique (VNIs 65535 apart would share
+        one), a router's networks share theirs, and a network keeps its zone across passes
+        and restarts (its flows live there)."""
+        zones = assign_zones((n.vni for n in desired.networks), net.zones, self.zones)
+        if zones != self.zones:
+            self.zones = zones
+            path = self.state_dir / "zones.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(json.dumps({str(v): z for v, z in zones.items()}))
+            os.replace(path.with_suffix(".tmp"), path)
+
     def _firewall(self, desired: NodeNetworkState, net: NetworkState, report: Any) -> None:
         """Security groups of this node's ports as one nftables transaction (only when it changed)."""
         groups = {g.id: SecurityGroup(g.id, tuple(SecurityGroupRule(**r.model_dump()) for r in g.rules))
                   for g in net.security_groups}
         members = {gid: tuple(ips) for gid, ips in net.group_members.items()}
-        text = build_ruleset(desired.networks, groups, members, net.zones, self.names)
+        text = build_ruleset(desired.networks, groups, members, self.zones, self.names)
         if text == self.ruleset:
             return
         try:

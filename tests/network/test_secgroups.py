@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import struct
+import time
 
 import pytest
 
@@ -13,7 +14,7 @@ from network.errors import CommandFailed, InvalidSpec
 from network.model import HostNames, NetworkAttachment, Port, SecurityGroup, SecurityGroupRule
 from network.netlink import run_in_netns, socket_in_netns
 from network.reconcile import reconcile
-from network.secgroups import apply_ruleset, build_ruleset, rule_counters
+from network.secgroups import apply_ruleset, assign_zones, build_ruleset, link_local, rule_counters
 from tests.network.golden import assert_golden
 from tests.network.lab import Lab, listen, tcp_exchange, wait_ping
 
@@ -193,3 +194,153 @@ def test_guests_reach_no_node_service_and_vxlan_is_taken_only_from_member_nodes(
     finally:
         for sock in (service, dns, inner):
             sock.close()
+
+
+OPEN = SecurityGroup("open", tuple(SecurityGroupRule(d, ethertype=e) for d in ("ingress", "egress")
+                                   for e in ("ipv4", "ipv6")))
+ETH_P_ALL = 3
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv6_frame(src_mac: str, dst_mac: str, src: str, dst: str, next_header: int, body: bytes) -> bytes:
+    """An IPv6 frame; ``body`` is a UDP or ICMPv6 message whose checksum is filled in
+    (conntrack marks a bad one invalid, and invalid packets are dropped anyway)."""
+    addrs = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+    at = 6 if next_header == 17 else 2
+    pseudo = addrs + struct.pack("!IxxxB", len(body), next_header)
+    body = body[:at] + struct.pack("!H", checksum(pseudo + body[:at] + b"\0\0" + body[at + 2:])) + body[at + 2:]
+    header = struct.pack("!IHBB", 6 << 28, len(body), next_header, 255) + addrs
+    return mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x86\xdd" + header + body
+
+
+def arrives(sender: str, victim: str, frame: bytes, needle: bytes) -> bool:
+    """Send ``frame`` from the sender namespace's eth0; True when the victim's eth0 sees
+    a frame holding ``needle``."""
+    sniff = socket_in_netns(victim, socket.AF_PACKET, socket.SOCK_RAW)
+    send = socket_in_netns(sender, socket.AF_PACKET, socket.SOCK_RAW)
+    try:
+        sniff.bind(("eth0", ETH_P_ALL))
+        sniff.settimeout(0.05)
+        send.bind(("eth0", 0))
+        send.send(frame)
+        deadline = time.monotonic() + 0.7
+        while time.monotonic() < deadline:
+            try:
+                if needle in sniff.recv(65535):
+                    return True
+            except TimeoutError:
+                continue
+        return False
+    finally:
+        sniff.close()
+        send.close()
+
+
+@pytest.mark.functional
+def test_port_security_stops_each_spoof_from_a_guest(lab: Lab) -> None:
+    """Attacks from a guest namespace on its own network: a link-local source not its
+    own, a router advertisement, a neighbour advertisement for another port's address,
+    ARP from a port without IPv4, and IP inside a VLAN tag. All dropped; the same frames
+    with the guest's own addresses pass (so the frames themselves are sound)."""
+    attacker = Port("a", "02:00:00:00:09:71", ("10.97.0.10", "fd00:97::10"), ("open",), "tp971-1")
+    victim = Port("v", "02:00:00:00:09:72", ("10.97.0.20", "fd00:97::20"), ("open",), "tp971-2")
+    v6only = Port("b", "02:00:00:00:09:73", ("fd00:97::30",), ("open",), "tp971-3")
+    net = VirtualNetwork(971, {"n1": [attacker, victim, v6only]})
+    state = node_state("n1", {"n1": NodeUnderlay("ul0", lab.vtep(1))}, [net])
+    eps = {p.id: lab.endpoint(1, f"sp{p.id}", p) for p in (attacker, victim, v6only)}
+    assert reconcile(lab.node(1), state).ok
+    apply_ruleset(lab.node(1), build_ruleset(state.networks, {"open": OPEN}, {}))
+    a, v = eps[attacker.id], eps[victim.id]
+    own_ll = link_local(attacker.mac)
+    allnodes = "33:33:00:00:00:01"
+
+    def udp6(src: str, marker: bytes) -> bytes:
+        return ipv6_frame(attacker.mac, allnodes, src, "ff02::1", 17, struct.pack("!HHHH", 9, 9, 8 + 8, 0) + marker)
+
+    assert arrives(a, v, udp6(own_ll, b"ll-own!!"), b"ll-own!!")
+    leaks = []
+    if arrives(a, v, udp6("fe80::dead", b"ll-fake!"), b"ll-fake!"):
+        leaks.append("a forged link-local source")
+    ra = ipv6_frame(attacker.mac, allnodes, own_ll, "ff02::1", 58, bytes([134, 0, 0, 0, 64, 0, 7, 8]) + b"\0" * 8
+                    + b"ra-forged")
+    if arrives(a, v, ra, b"ra-forged"):
+        leaks.append("a router advertisement")
+
+    def na(target: str) -> bytes:
+        body = bytes([136, 0, 0, 0, 0x20, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, target)
+        return ipv6_frame(attacker.mac, allnodes, own_ll, "ff02::1", 58, body + bytes([2, 1]) + mac_bytes(attacker.mac))
+
+    assert arrives(a, v, na("fd00:97::10"), socket.inet_pton(socket.AF_INET6, "fd00:97::10"))
+    stolen = socket.inet_pton(socket.AF_INET6, "fd00:97::20")
+    if arrives(a, v, na("fd00:97::20"), stolen):
+        leaks.append("a neighbour advertisement for the victim's address")
+    arp = (b"\xff" * 6 + mac_bytes(v6only.mac) + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2)
+           + mac_bytes(v6only.mac) + socket.inet_aton("10.97.0.20") + b"\xff" * 6 + socket.inet_aton("10.97.0.20"))
+    if arrives(eps[v6only.id], v, arp, socket.inet_aton("10.97.0.20") + b"\xff" * 6):
+        leaks.append("ARP from a port without IPv4")
+    inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + 6, 0, 0, 64, 17, 0, socket.inet_aton("10.97.0.99"),
+                        socket.inet_aton("10.97.0.20")) + struct.pack("!HHHH", 9, 9, 14, 0) + b"vlan!!"
+    ends = mac_bytes(victim.mac) + mac_bytes(attacker.mac)
+    for tags, what in ((b"\x81\x00\x00\x05", "a VLAN tag"), (b"\x88\xa8\x00\x05\x81\x00\x00\x06", "two VLAN tags")):
+        if arrives(a, v, ends + tags + b"\x08\x00" + inner, b"vlan!!"):
+            leaks.append(f"IPv4 inside {what}")
+    assert leaks == [], f"these spoofs reached the victim: {leaks}"
+
+
+@pytest.mark.functional
+def test_networks_whose_vnis_lie_65535_apart_never_share_conntrack_state(lab: Lab) -> None:
+    """Two tenants, same CIDR, VNIs 65535 apart on one node. Tenant A's flow between
+    .2:5000 and .3:5000 must not let tenant B's packet with the same addresses and ports
+    past B's default-deny (it would if both networks shared a conntrack zone)."""
+    closed = SecurityGroup("closed", (SecurityGroupRule("egress"),))
+    ports = {}
+    for tenant in ("a", "b"):
+        group = "open" if tenant == "a" else "closed"
+        ports[tenant] = (Port(f"{tenant}c", f"02:00:00:00:1{tenant == 'b':d}:02", ("10.98.0.2",), ("open",),
+                              f"tz{tenant}-c"),
+                         Port(f"{tenant}s", f"02:00:00:00:1{tenant == 'b':d}:03", ("10.98.0.3",), (group,),
+                              f"tz{tenant}-s"))
+    nets = [VirtualNetwork(vni, {"n2": list(ports[t])}) for vni, t in ((1971, "a"), (1971 + 65535, "b"))]
+    state = node_state("n2", {"n2": NodeUnderlay("ul0", lab.vtep(2))}, nets)
+    eps = {p.id: lab.endpoint(2, f"z{p.id}", p, "10.98.0.2/24" if p.id.endswith("c") else "10.98.0.3/24")
+           for t in ports for p in ports[t]}
+    assert reconcile(lab.node(2), state).ok
+    apply_ruleset(lab.node(2), build_ruleset(state.networks, {"open": OPEN, "closed": closed}, {}))
+    socks = {}
+    try:
+        for name, ip in (("ac", "10.98.0.2"), ("as", "10.98.0.3"), ("bc", "10.98.0.2"), ("bs", "10.98.0.3")):
+            socks[name] = socket_in_netns(eps[name], socket.AF_INET, socket.SOCK_DGRAM)
+            socks[name].bind((ip, 5000))
+        socks["ac"].sendto(b"hello a", ("10.98.0.3", 5000))
+        assert udp_received(socks["as"], 3) == b"hello a"
+        socks["as"].sendto(b"reply a", ("10.98.0.2", 5000))  # the flow is established in A's zone
+        assert udp_received(socks["ac"], 3) == b"reply a"
+        socks["bc"].sendto(b"sneak b", ("10.98.0.3", 5000))
+        assert udp_received(socks["bs"], 1) is None, "tenant B's packet rode tenant A's conntrack entry"
+    finally:
+        for s in socks.values():
+            s.close()
+
+
+@pytest.mark.unit
+def test_conntrack_zones_are_unique_shared_by_routers_and_stable() -> None:
+    assert assign_zones([1, 65536, 131071]) == {1: 2, 65536: 3, 131071: 4}  # all prefer zone 2
+    routed = {5: 6, 7: 6}  # a router's two networks share a zone
+    assert assign_zones([5, 7, 65540], routed) == {5: 6, 7: 6, 65540: 7}
+    before = assign_zones([2, 65537])  # zone 3 and the next free one
+    assert assign_zones([1, 2, 65537], previous=before) == {**before, 1: 2}  # a newcomer moves nobody
+    assert assign_zones([65535, 130], previous={65535: 65535, 130: 131}) == {65535: 65535, 130: 131}
+    taken = {v: v % 65535 + 1 for v in range(65535)}
+    with pytest.raises(InvalidSpec, match="no zone left"):
+        assign_zones([*taken, 70000], previous=taken)  # more networks than zones on one node
