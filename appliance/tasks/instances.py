@@ -296,7 +296,8 @@ def container_exec(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     from compute.oci_driver import OciDriver
 
     ctx.progress(10, f"running {params['command'][0]}")
-    driver = OciDriver(get_settings().data_dir / "containers")
+    settings = get_settings()
+    driver = OciDriver(settings.data_dir / "containers", host_prefix=settings.host_prefix)
     result = driver.exec(params["domain"], list(params["command"]), timeout=float(params.get("timeout", 60)))
     limit = 1 << 20
     return {"returncode": result.returncode, "stdout": result.stdout[-limit:].decode(errors="replace"),
