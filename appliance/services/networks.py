@@ -247,7 +247,10 @@ def add_rule(session: Session, principal: Principal, project: str, group: str, r
     if rule.get("remote_group"):
         secgroups.row(session, principal, project, rule["remote_group"])
     if rule.get("remote_cidr"):
-        rule["remote_cidr"] = str(ipaddress.ip_network(rule["remote_cidr"], strict=False))
+        try:
+            rule["remote_cidr"] = str(ipaddress.ip_network(rule["remote_cidr"], strict=False))
+        except ValueError:
+            raise InvalidInput(f"remote_cidr {rule['remote_cidr']!r} is not a CIDR like 10.0.0.0/24 or 2001:db8::/64")
     lo, hi = rule.get("port_min"), rule.get("port_max")
     if (lo is not None or hi is not None) and rule["protocol"] not in ("tcp", "udp"):
         raise InvalidInput(f"ports only apply to tcp and udp, not {rule['protocol']}")

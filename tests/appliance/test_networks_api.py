@@ -129,6 +129,9 @@ def test_security_group_rules(api: Api) -> None:
     r = api.client.post(V1 + "/security-groups/web/rules", json={"protocol": "icmp", "port_min": 1},
                         headers=api.admin)
     assert r.status_code == 422 and "only apply to tcp and udp" in r.json()["detail"]
+    r = api.client.post(V1 + "/security-groups/web/rules", json={"protocol": "icmp", "remote_cidr": "\u0019X\u00ffg"},
+                        headers=api.admin)
+    assert r.status_code == 422 and "not a CIDR" in r.json()["detail"]
     r = api.client.post(V1 + "/security-groups/web/rules", json={"protocol": "tcp", "remote_group": "ghost"},
                         headers=api.admin)
     assert r.status_code == 404
