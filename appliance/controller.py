@@ -11,7 +11,7 @@ import os
 import threading
 
 from appliance.db.engine import session_scope
-from appliance.services import events, nodes, tasks
+from appliance.services import audit, events, nodes, tasks
 from appliance.settings import Settings
 
 log = logging.getLogger("cairn.controller")
@@ -25,6 +25,8 @@ def run_once(settings: Settings) -> dict[str, list[str]]:
         reaped = tasks.reap(session, settings.task_grace_seconds)
     with session_scope(url) as session:
         events.prune(session)
+    with session_scope(url) as session:
+        audit.prune(session, settings.audit_retention_days)
     for name in lost_nodes:
         log.warning("node NotReady: heartbeats stopped", extra={"node": name})
     for task_id in reaped:

@@ -59,3 +59,13 @@ class PayloadTooLarge(CairnError):
     status = 413
     title = "Payload too large"
     type_slug = "payload-too-large"
+
+
+class TooManyRequests(CairnError):
+    status = 429
+    title = "Too many requests"
+    type_slug = "too-many-requests"
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -33,6 +33,33 @@ def write_secret(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
+PRIVATE_UMASK = 0o077  # what Cairn writes is root's alone: the database, keys, uploads, logs
+
+
+def private_files() -> None:
+    """Every Cairn process writes files 0600 and directories 0700 (also what SQLite,
+    uploads and the key generator create later)."""
+    os.umask(PRIVATE_UMASK)
+
+
+def lock_down(settings: Settings) -> None:
+    """The data directory and what holds secrets in it are the owner's only, also on a
+    machine set up by an older version (0700 directories, 0600 database files)."""
+    for d in (settings.data_dir, settings.log_dir, settings.run_dir, settings.secrets_dir, settings.uploads_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for d in (settings.data_dir, settings.secrets_dir, settings.uploads_dir, settings.pki_dir):
+        if d.is_dir():
+            d.chmod(0o700)
+    url = settings.resolved_database_url
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            if path.exists():
+                path.chmod(0o600)
+    for path in [*settings.secrets_dir.glob("*"), *settings.pki_dir.glob("*.key")]:
+        path.chmod(0o600)
+
+
 def prepare(settings: Settings) -> str | None:
     """Directories, database schema, the default project and first admin (idempotent).
     Returns the admin password when it was just created."""
@@ -40,14 +67,13 @@ def prepare(settings: Settings) -> str | None:
     from appliance.db.migrate import ensure_schema
     from appliance.services import auth
 
-    for d in (settings.data_dir, settings.log_dir, settings.run_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_down(settings)
     if settings.cluster is not None:
         from appliance.cluster.database import ensure_database
 
         ensure_database(settings)  # waits for the Patroni primary, makes the role and database once
     ensure_schema(settings.resolved_database_url, settings.node_name, wait_seconds=settings.schema_wait_seconds)
+    lock_down(settings)  # the database file may be new
     with session_scope(settings.resolved_database_url) as session:
         password = auth.bootstrap(session)
     if password:
@@ -68,6 +94,7 @@ def run_api(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int)
     parser.add_argument("--insecure-http", action="store_true", help="serve plain HTTP (tests, behind a proxy)")
     args = parser.parse_args(argv)
+    private_files()
     settings = get_settings()
     if args.host:
         settings.api_host = args.host
@@ -101,6 +128,7 @@ def run_worker(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cairn-worker")
     parser.add_argument("--queues", choices=("all", "cluster", "node"), default="all")
     args, rest = parser.parse_known_args(argv or [])
+    private_files()
     settings = get_settings()
     logs.setup("cairn-worker", settings.log_level)
     from appliance.db.migrate import ensure_schema
@@ -173,6 +201,7 @@ class _NodePool:
 
 
 def run_agent(argv: list[str] | None = None) -> None:
+    private_files()
     settings = get_settings()
     logs.setup("cairn-agent", settings.log_level)
     from appliance.agent.agent import Agent
@@ -204,6 +233,7 @@ def run_agent(argv: list[str] | None = None) -> None:
 
 def run_storage(argv: list[str] | None = None) -> None:
     """This node's storage daemon: the one writer of its pools (NBD + control socket)."""
+    private_files()
     settings = get_settings()
     logs.setup("cairn-storage", settings.log_level)
     from storage.daemon import main as storaged

@@ -91,6 +91,20 @@ class Settings(BaseSettings):
     storage_default_pool: str = "default"  # made on the first node that reconciles; "" = none
     ceph: bool = False  # run the embedded Ceph cluster (also turned on for good by `cairn up --ceph`)
     max_upload_bytes: int = 1 << 40  # image uploads stream to disk; everything else is small JSON
+    # The most of the external pool one project may hold (routers + floating IPs), as a
+    # fraction of the pool (at least one address): no project can drain it for the others.
+    external_project_share: float = 0.5
+    # Password logins: after this many failures within the window a user name is locked
+    # for lockout_seconds; a source address gets as many times more before it is too.
+    login_max_failures: int = 5
+    login_max_failures_per_address: int = 20
+    login_window_seconds: float = 900.0
+    login_lockout_seconds: float = 300.0
+    # Long-lived streams (events, consoles): how often their caller is checked again
+    # (revoked token, disabled or deleted user, lost role), and how many one user may hold.
+    stream_recheck_seconds: float = 2.0
+    max_streams_per_user: int = 8
+    audit_retention_days: float = 90.0
     # Changes when the node (re)boots; a lab node gets a new one from the lab at each start.
     boot_id: str = Field(default_factory=_boot_id)
 

@@ -241,6 +241,7 @@ def _release_stack(settings: Settings) -> None:
 
 
 def main() -> None:
+    os.umask(0o077)  # its programs inherit it: what Cairn writes is root's alone
     settings = get_settings()
     logs.setup("cairn-supervisor", settings.log_level)
     settings.run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from appliance.api import metrics, problems
+from appliance.api.audit import AuditMiddleware
 from appliance.api.routes import (
+    audit,
     auth,
     cluster,
     consoles,
@@ -28,12 +30,13 @@ from appliance.api.routes import (
 )
 from appliance.api.schemas import Problem
 from appliance.controller import ControllerThread
+from appliance.services.streams import StreamLimiter
 from appliance.settings import Settings, get_settings
 from appliance.version import __version__
 
 API_PREFIX = "/api/v1"
 ERRORS = {code: {"model": Problem, "content": {"application/problem+json": {}}}
-          for code in (400, 401, 403, 404, 409, 413, 422)}
+          for code in (400, 401, 403, 404, 409, 413, 422, 429)}
 
 
 def create_app(settings: Settings | None = None, *, controller: bool = True) -> FastAPI:
@@ -55,12 +58,13 @@ def create_app(settings: Settings | None = None, *, controller: bool = True) -> 
                     "to /api/v1/tasks/{id}; errors are application/problem+json.",
     )
     app.state.settings = settings
+    app.state.streams = StreamLimiter(settings)
     registry, latency = metrics.make_registry(settings.resolved_database_url)
     app.state.registry = registry
     problems.install(app)
     api = APIRouter(prefix=API_PREFIX, responses=ERRORS)  # type: ignore[arg-type]
-    routers = (auth, cluster, consoles, events, groups, images, instances, networks, nodes, projects, storage, tasks,
-               tokens, users)
+    routers = (audit, auth, cluster, consoles, events, groups, images, instances, networks, nodes, projects, storage,
+               tasks, tokens, users)
     for module in routers:
         api.include_router(module.router)
     app.include_router(api)
@@ -68,6 +72,7 @@ def create_app(settings: Settings | None = None, *, controller: bool = True) -> 
     _mount_console(app, settings.webui_dir)
     app.add_middleware(metrics.BodyLimitMiddleware, limit=settings.max_body_bytes,
                        streaming=rf"{API_PREFIX}/images/[a-z0-9-]+/upload")
+    app.add_middleware(AuditMiddleware, url=settings.resolved_database_url, prefix=API_PREFIX, uploads="/upload")
     app.add_middleware(metrics.LatencyMiddleware, histogram=latency)
     return app
 

@@ -37,18 +37,27 @@ DbSession = Annotated[Session, Depends(get_db, scope="function")]
 AppSettings = Annotated[Settings, Depends(get_settings_dep)]
 
 
+def source_of(request: Request) -> str:
+    """The caller's address as the API sees it (proxies' headers are not trusted)."""
+    return request.client.host if request.client else "unknown"
+
+
 def authenticate(request: Request, session: DbSession) -> Principal:
-    """Bearer token (scripts, CLI) or session cookie + CSRF header (console)."""
+    """Bearer token (scripts, CLI) or session cookie + CSRF header (console). The
+    caller is kept on the request for the audit log."""
     header = request.headers.get("authorization")
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("use 'Authorization: Bearer cairn_<id>_<secret>'")
-        return auth.authenticate_token(session, token.strip())
+        principal = auth.authenticate_token(session, token.strip())
+        request.state.principal = principal
+        return principal
     sid = request.cookies.get(SESSION_COOKIE)
     if not sid:
         raise Unauthenticated("log in first: send a bearer token or the console's session cookie")
     principal, csrf = auth.authenticate_session(session, sid)
+    request.state.principal = principal
     if request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
         raise PermissionDenied(f"missing or wrong {CSRF_HEADER} header (copy the {CSRF_COOKIE} cookie)")
     return principal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -54,6 +55,9 @@ def _cairn(_: Request, exc: Exception) -> JSONResponse:
     response = problem(exc.status, exc.title, exc.detail, exc.type_slug)
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="cairn"'
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return response
 
 

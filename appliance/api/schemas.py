@@ -96,10 +96,37 @@ class UserCreate(Strict):
     spec: UserSpec = UserSpec()
 
 
+Limit0 = Annotated[int, Field(ge=0, le=1 << 62)]
+
+
+class PasswordChange(Strict):
+    current_password: Annotated[str, Field(min_length=1, max_length=1024)]
+    new_password: Annotated[str, Field(min_length=12, max_length=1024, description="at least 12 characters")]
+
+
+class UserUpdate(Strict):
+    active: bool | None = Field(None, description="false: disable (tokens and sessions stop working at once)")
+    password: Annotated[str, Field(min_length=12, max_length=1024,
+                                   description="reset it (ends the user's console sessions)")] | None = None
+    cluster_role: Role | None = Field(None, description="send null to remove the cluster role")
+
+
 class Quota(Strict):
-    cpu: Annotated[int, Field(ge=0)] | None = None
-    memory_bytes: Annotated[int, Field(ge=0)] | None = None
-    storage_bytes: Annotated[int, Field(ge=0)] | None = None
+    """A project's limits; null (or absent) = unlimited. Only cluster admins set them."""
+    instances: Limit0 | None = None
+    cpu: Limit0 | None = Field(None, description="vCPUs of all its VMs and containers")
+    memory_bytes: Limit0 | None = None
+    volume_bytes: Limit0 | None = Field(None, description="sizes of all its volumes (root and image volumes too)")
+    snapshots: Limit0 | None = None
+    networks: Limit0 | None = None
+    floating_ips: Limit0 | None = None
+    routers: Limit0 | None = None
+
+
+class QuotaUsage(Open):
+    project: str
+    limits: dict[str, int | None]
+    usage: dict[str, float]
 
 
 class ProjectSpec(Strict):
@@ -112,8 +139,14 @@ class ProjectCreate(Strict):
     spec: ProjectSpec = ProjectSpec()
 
 
+class ProjectSpecPatch(Strict):
+    description: Annotated[str, Field(max_length=1000)] = ""
+    quota: Quota | None = Field(None, description="null: unchanged; changing it needs a cluster admin "
+                                                  "(or PUT /projects/{name}/quota)")
+
+
 class ProjectUpdate(Strict):
-    spec: ProjectSpec
+    spec: ProjectSpecPatch
 
 
 class MemberSet(Strict):
@@ -193,6 +226,33 @@ class Versions(Open):
     database_schema: str | None
     compatible_with: str | None = Field(description="the oldest code schema that can run on the database")
     members: list[MemberVersion]
+
+
+class AuditObject(Open):
+    kind: str | None
+    name: str | None
+    project: str | None
+
+
+class AuditRecord(Open):
+    seq: int
+    time: str | None
+    user: str | None
+    via: str | None
+    source: str | None
+    method: str
+    path: str
+    action: str
+    object: AuditObject
+    status: int
+    outcome: Literal["ok", "denied", "refused", "failed"]
+    detail: str | None
+
+
+class AuditList(Open):
+    items: list[AuditRecord]
+    next_cursor: str | None
+    retention_days: float
 
 
 class ClusterStatus(Open):

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from appliance.cli import admin as admin_cli
 from appliance.cli import cluster as cluster_cli
 from appliance.cli import local
 from appliance.cli import routers as routers_cli
@@ -69,6 +70,7 @@ def _target(node: Annotated[str | None, typer.Option(
         del os.environ[key]  # the host's settings are not the node's
     os.environ.update(extra)
     get_settings.cache_clear()
+admin_cli.register(app, project_app, user_app)
 
 # kind (singular and plural) -> (collection path, table columns key)
 KINDS: dict[str, tuple[str, str]] = {}

@@ -55,6 +55,8 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
                 ("NODE", "status.node"), ("PHASE", "status.phase"), ("SUBNETS", "spec.interfaces")],
     "port-forwards": [("ID", "id"), ("PROTO", "protocol"), ("EXTERNAL", "external_port"),
                       ("TO", "internal_address"), ("PORT", "internal_port")],
+    "audit": [("SEQ", "seq"), ("TIME", "time"), ("USER", "user"), ("FROM", "source"), ("ACTION", "action"),
+              ("OBJECT", "object"), ("STATUS", "status"), ("OUTCOME", "outcome"), ("DETAIL", "detail")],
     "floating-ips": [("PROJECT", "project"), ("NAME", "name"), ("ADDRESS", "status.address"),
                      ("PORT", "spec.port"), ("FIXED", "status.fixed_address"), ("ROUTER", "status.router")],
 }

@@ -321,6 +321,11 @@ class Volume(ScopedMixin, Base):
     storage_class: Mapped[str] = mapped_column(String(16), default="dedup")
     size: Mapped[int] = mapped_column(BigInteger)
     task_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The instance this volume is attached to: set with a compare-and-swap
+    # (``instance_id IS NULL``) in the transaction that creates the instance, so two
+    # VMs created at once can never both get it.
+    instance_id: Mapped[str | None] = mapped_column(ForeignKey("instances.id", ondelete="SET NULL"),
+                                                    nullable=True, index=True)
 
 
 class VolumeSnapshot(Base):
@@ -398,3 +403,40 @@ class JoinToken(Base):
     used_by: Mapped[str | None] = mapped_column(String(63), nullable=True)
     created_by: Mapped[str | None] = mapped_column(String(63), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class LoginThrottle(Base):
+    """Failed password logins per user name (``user:<name>``, known or not) and per
+    source address (``addr:<ip>``) in the current window, and the lockout they earned.
+    Kept in the database so every API process of a cluster sees the same counts."""
+
+    __tablename__ = "login_throttles"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AuditRecord(Base):
+    """One write to the API: who, from where, what, on which object, and the result.
+    Append-only: rows are only inserted, and pruned by age (``audit_retention_days``);
+    a trigger refuses UPDATE on both databases."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_time", "time", "seq"),)
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    time: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    user_name: Mapped[str | None] = mapped_column(String(63), nullable=True, index=True)
+    via: Mapped[str | None] = mapped_column(String(16), nullable=True)  # token | session | password
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    action: Mapped[str] = mapped_column(String(128))
+    object_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    object_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    project: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | denied | refused | failed
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)

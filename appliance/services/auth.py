@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from appliance.db.models import ApiToken, LoginSession, Project, RoleBinding, User
-from appliance.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from appliance.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from appliance.services import events
 from appliance.services.principal import ROLES, Principal
 from appliance.services.resources import iso, keyset, page, public, rowcount
@@ -96,11 +96,14 @@ def _uuid_from_hex(value: str) -> str:
     return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
 
 
-def login(session: Session, username: str, password: str, hours: float) -> tuple[str, str, Principal]:
-    """Check a password; returns (session id for the cookie, CSRF token, principal)."""
-    user = session.scalar(select(User).where(User.name == username))
-    if user is None or not user.active or not verify_secret(user.password_hash, password):
-        raise Unauthenticated("wrong user name or password")
+def session_hash(sid: str) -> str:
+    return _sha(sid)
+
+
+def open_session(session: Session, username: str, hours: float) -> tuple[str, str, Principal]:
+    """A console session for a user whose password was checked (services.logins);
+    returns (session id for the cookie, CSRF token, principal)."""
+    user = _user(session, username)
     sid = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(24)
     session.add(
@@ -181,6 +184,10 @@ def create_user(session: Session, principal: Principal, name: str, password: str
     data = user_public(session, user)
     events.record(session, "user", "created", data, None)
     return data
+
+
+def get_user_row(session: Session, name: str) -> User:
+    return _user(session, name)
 
 
 def _user(session: Session, name: str) -> User:
@@ -270,6 +277,12 @@ def update_project(session: Session, principal: Principal, name: str, spec: dict
 
     project = project_by_name(session, principal, name, "admin")
     check_generation(project, if_match)
+    spec = dict(spec)
+    if spec.get("quota") is None:
+        spec["quota"] = (project.spec or {}).get("quota") or {}
+    elif spec["quota"] != (project.spec or {}).get("quota") and not principal.can_cluster("admin"):
+        raise PermissionDenied(f"only a cluster admin changes the quota of project '{name}': leave quota out "
+                               "to change the rest")
     if spec != project.spec:
         project.spec = spec
         project.generation += 1

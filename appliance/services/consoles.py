@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 from appliance.db.engine import session_scope
-from appliance.errors import Unauthenticated
-from appliance.services import auth, instances
+from appliance.errors import Conflict
+from appliance.services import instances, streams
 from appliance.services.principal import Principal
-
-
-def authenticate(url: str, authorization: str, session_id: str | None) -> Principal:
-    """A bearer token, or the console's session cookie."""
-    with session_scope(url, readonly=True) as session:
-        if authorization.lower().startswith("bearer "):
-            return auth.authenticate_token(session, authorization[7:].strip())
-        if not session_id:
-            raise Unauthenticated("log in first: send a bearer token or the console's session cookie")
-        principal, _ = auth.authenticate_session(session, session_id)
-        return principal
 
 
 def socket_path(url: str, principal: Principal, kind: str, project: str, name: str, want: str) -> str:
     """The node-local socket of console ``want`` (operator rights in the project needed)."""
-    from appliance.errors import Conflict
-
     with session_scope(url, readonly=True) as session:
         row, _ = instances.KINDS[kind].row(session, principal, project, name, "write")
         consoles = (row.status or {}).get("consoles", [])
@@ -30,3 +17,11 @@ def socket_path(url: str, principal: Principal, kind: str, project: str, name: s
         if c["kind"] == want and c.get("path"):
             return str(c["path"])
     raise Conflict(f"{kind} '{name}' has no {want} console (is it running?)")
+
+
+def recheck(url: str, creds: streams.Credentials, before: Principal, kind: str, project: str, name: str,
+            want: str) -> Principal:
+    """Still allowed? (the caller's credentials and rights, and the console itself)"""
+    now = streams.recheck(url, creds, before)
+    socket_path(url, now, kind, project, name, want)
+    return now

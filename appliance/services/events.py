@@ -9,6 +9,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from appliance.db.models import Event
+from appliance.services import redact
 from appliance.services.principal import Principal
 from appliance.services.resources import iso, rowcount
 
@@ -52,7 +53,10 @@ def since(
                 continue
         elif visible is not None and event.project_id not in visible:
             continue
-        out.append(public(event))
+        data = public(event)
+        if not redact.may_see(principal, event.project_id):
+            data["object"] = redact.event_object(event.kind, data["object"])
+        out.append(data)
     return out, last
 
 

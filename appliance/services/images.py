@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from appliance.db.engine import session_scope
 from appliance.db.models import Image, Instance, Project, Volume
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import events, pools, tasks, volumes
+from appliance.services import events, pools, quotas, tasks, volumes
 from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.scoped import ScopedKind
@@ -99,6 +99,7 @@ def upload_finish(db_url: str, principal: Principal, project: str, name: str, pa
             proj = project_by_name(session, principal, project, "write")
             prow = pools.row(session, pool or "default")
             queue = volumes.queue_of(session, prow)
+            quotas.charge(session, proj.id, volume_bytes=info["virtual_size"])
             vol = volumes.volumes.create(session, principal, project, f"image-{name}",
                                          {"image": name, "pool": prow.name, "class": "dedup",
                                           "size_bytes": info["virtual_size"], "labels": {}},

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import Instance, Node, PlacementGroup, Port
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import groups, images, networks, tasks
+from appliance.services import groups, images, networks, placement, quotas, redact, tasks
 from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.resources import rowcount
@@ -29,9 +29,9 @@ def _extra(row: Instance) -> dict[str, Any]:
 
 
 KINDS: dict[str, ScopedKind[Instance]] = {
-    "vm": ScopedKind(Instance, "vm", "`cairn get vms` lists them", _extra, {"kind": "vm"}),
+    "vm": ScopedKind(Instance, "vm", "`cairn get vms` lists them", _extra, {"kind": "vm"}, redact.instance),
     "container": ScopedKind(Instance, "container", "`cairn get containers` lists them", _extra,
-                            {"kind": "container"}),
+                            {"kind": "container"}, redact.instance),
 }
 
 # action -> (task_state while it runs, vm_states it may start from, desired power)
@@ -117,15 +117,30 @@ def create(session: Session, principal: Principal, kind: str, project: str, name
         except InvalidCloudInit as exc:
             raise InvalidInput(f"user_data: {exc}")
     check_fits_somewhere(session, float(spec["cpu"]), spec["memory_bytes"])
+    root = 0
+    if image.spec.get("format") == "disk" and not spec.get("root_volume"):  # its root volume, made by the task
+        root = parse_size(spec["root_size"]) if spec.get("root_size") else int(image.spec.get("virtual_size", 0))
+    quotas.charge(session, proj.id, instances=1, cpu=float(spec["cpu"]), memory_bytes=spec["memory_bytes"],
+                  volume_bytes=root)
     # The node acts only once the create task has its volumes and ports ready.
     spec["initial_power"] = spec.pop("power", "running")
     spec["power"] = "pending"
     row = KINDS[kind].create(session, principal, project, name, spec, {}, vm_state="building",
                              task_state="scheduling")
+    attach_volumes(session, principal, project, row)
     task = tasks.create(session, "instance.create", {"instance_id": row.id}, queue="cluster",
                         principal=principal, project_id=row.project_id, resource=(kind, row.id, name),
                         max_attempts=1)
     return task
+
+
+def attach_volumes(session: Session, principal: Principal, project: str, row: Instance) -> None:
+    """Claim the volumes the spec lists for this instance (see volumes.attach)."""
+    from appliance.services import volumes
+
+    for vol_name in (row.spec or {}).get("volumes") or []:
+        vol, _ = volumes.volumes.row(session, principal, project, vol_name, "write")
+        volumes.attach(session, vol, row)
 
 
 def _claim(session: Session, row: Instance, task_state: str, from_states: tuple[str, ...] | None) -> None:
@@ -147,6 +162,9 @@ def action(session: Session, principal: Principal, kind: str, project: str, name
            params: dict[str, Any] | None = None) -> dict[str, Any]:
     row, proj = KINDS[kind].row(session, principal, project, name, "write")
     task_state, from_states, power = ACTIONS[verb]
+    if row.node_id is None and row.vm_state == "error" and row.task_state is None:
+        reason = (row.status or {}).get("error") or "its create did not finish"
+        raise Conflict(f"{kind} '{name}' is not placed on any node ({reason}): delete it and create it again")
     _claim(session, row, task_state, from_states)
     KINDS[kind].emit(session, row, proj.name, "updated")
     return tasks.create(session, "instance.action", {"instance_id": row.id, "action": verb, "power": power,
@@ -167,6 +185,19 @@ def delete(session: Session, principal: Principal, kind: str, project: str, name
 def attached_ports(session: Session, instance: Instance) -> list[Port]:
     ids = [p["id"] for p in (instance.status or {}).get("ports", [])]
     return list(session.scalars(select(Port).where(Port.id.in_(ids)))) if ids else []
+
+
+def release_placement(session: Session, row: Instance, project: str) -> None:
+    """Give back what placing an instance took: its node reservation, the ports its
+    create made (deleted) and the ports the user gave it (detached, they outlive it)."""
+    system = Principal("system", "system", "admin")
+    placement.release(session, row.id)
+    owned = {p["id"] for p in (row.status or {}).get("ports", []) if p.get("owned")}
+    for port in attached_ports(session, row):
+        if port.id in owned:
+            networks.delete_port(session, system, project, port.name)
+        else:  # a port the user made: it outlives the instance, detached
+            networks.ports.set_status(session, port, instance=None, phase="Detached")
 
 
 def group_of(session: Session, instance: Instance) -> PlacementGroup | None:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import IpAllocation, Network, Node, Port, Router, RouterInterface, SecurityGroup, Subnet
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import ipam
+from appliance.services import ipam, quotas
 from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.scoped import ScopedKind
@@ -50,6 +50,7 @@ def create_network(session: Session, principal: Principal, settings: Settings, p
         raise InvalidInput(f"mtu {mtu} does not fit VXLAN over the {settings.underlay_mtu}-byte underlay: "
                            f"use at most {settings.underlay_mtu - 50}")
     cidr = spec.get("cidr")
+    quotas.charge(session, project_by_name(session, principal, project, "write").id, networks=1)
     for _ in range(5):
         vni = _free_vni(session, settings)
         try:

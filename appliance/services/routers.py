@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import ExternalAddress, FloatingIp, Port, Router, RouterInterface, Subnet
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import networks
+from appliance.services import networks, quotas
+from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.resources import set_condition
 from appliance.services.scoped import ScopedKind
@@ -149,6 +150,8 @@ def create_router(session: Session, principal: Principal, settings: Settings, pr
     for sub in spec.get("subnets") or []:
         wanted += _subnets_for(session, principal, project, None, sub)
     external = spec.get("external", True)
+    quotas.charge(session, project_by_name(session, principal, project, "write").id, settings, routers=1,
+                  external_addresses=1 if external else 0)
     row = routers.create(session, principal, project, name,
                          {"external": external, "description": spec.get("description", ""),
                           "interfaces": [], "port_forwards": []},
@@ -291,6 +294,8 @@ def record_status(session: Session, row: Router, node: str | None, ready: bool, 
 def create_floating_ip(session: Session, principal: Principal, settings: Settings, project: str, name: str,
                        spec: dict[str, Any]) -> dict[str, Any]:
     """An address from the external pool; with ``spec.port`` associated at once."""
+    quotas.charge(session, project_by_name(session, principal, project, "write").id, settings, floating_ips=1,
+                  external_addresses=1)
     allocation = _allocate_external(session, settings)
     row = floating_ips.create(session, principal, project, name, {"port": None,
                                                                   "description": spec.get("description", "")},

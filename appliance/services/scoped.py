@@ -25,12 +25,20 @@ class ScopedKind(Generic[M]):
 
     def __init__(self, model: type[M], kind: str, hint: str,
                  extra_status: Callable[[M], dict[str, Any]] | None = None,
-                 fixed: dict[str, Any] | None = None) -> None:
+                 fixed: dict[str, Any] | None = None,
+                 redact: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.model = model
         self.kind = kind
         self.hint = hint  # how to list them, for "not found" messages
         self.extra_status = extra_status
         self.fixed = fixed or {}  # column values that select this kind in a shared table
+        self.redact = redact  # what callers who may only read the project get instead
+
+    def shown(self, principal: Principal, row: M, project: str) -> dict[str, Any]:
+        data = self.public(row, project)
+        if self.redact is not None and not principal.can_project(row.project_id, "write"):
+            data = self.redact(data)
+        return data
 
     def _scope(self, query: Any) -> Any:
         for column, value in self.fixed.items():
@@ -63,7 +71,7 @@ class ScopedKind(Generic[M]):
 
     def get(self, session: Session, principal: Principal, project: str, name: str) -> dict[str, Any]:
         row, proj = self.row(session, principal, project, name)
-        return self.public(row, proj.name)
+        return self.shown(principal, row, proj.name)
 
     def list_(self, session: Session, principal: Principal, project: str | None, limit: int,
               cursor: str | None, **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
@@ -82,7 +90,7 @@ class ScopedKind(Generic[M]):
         rows = list(session.execute(keyset(query, (Project.name, self.model.name, self.model.id),
                                            cursor, limit)))
         rows, nxt = page(rows, limit, lambda r: (r[1], r[0].name, r[0].id))
-        return [self.public(r[0], r[1]) for r in rows], nxt
+        return [self.shown(principal, r[0], r[1]) for r in rows], nxt
 
     def create(self, session: Session, principal: Principal, project: str, name: str,
                spec: dict[str, Any], status: dict[str, Any] | None = None, **columns: Any) -> M:

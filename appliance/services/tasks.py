@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from appliance.db.engine import after_commit
 from appliance.db.models import Project, Task
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import events
+from appliance.services import events, redact
 from appliance.services.principal import Principal
 from appliance.services.resources import iso, keyset, page, rowcount
 
@@ -113,7 +113,11 @@ def _visible(principal: Principal, task: Task) -> bool:
 
 def get(session: Session, principal: Principal, task_id: str) -> dict[str, Any]:
     task = _task(session, principal, task_id)
-    return task_public(task, _project_name(session, task.project_id))
+    return _shown(principal, task, task_public(task, _project_name(session, task.project_id)))
+
+
+def _shown(principal: Principal, task: Task, data: dict[str, Any]) -> dict[str, Any]:
+    return data if redact.may_see(principal, task.project_id) else redact.task(data)
 
 
 def list_(session: Session, principal: Principal, limit: int, cursor: str | None,
@@ -131,7 +135,7 @@ def list_(session: Session, principal: Principal, limit: int, cursor: str | None
     rows = list(session.scalars(keyset(query, (Task.created_at, Task.id), cursor, limit, descending=True)))
     rows, nxt = page(rows, limit, lambda t: (t.created_at, t.id))
     names = dict(session.execute(select(Project.id, Project.name)).all()) if rows else {}
-    return [task_public(t, names.get(t.project_id or "")) for t in rows], nxt
+    return [_shown(principal, t, task_public(t, names.get(t.project_id or ""))) for t in rows], nxt
 
 
 def counts(session: Session, principal: Principal) -> dict[str, int]:
@@ -146,14 +150,29 @@ def counts(session: Session, principal: Principal) -> dict[str, int]:
 def cancel(session: Session, principal: Principal, task_id: str) -> dict[str, Any]:
     task = _task(session, principal, task_id)
     principal.require_project(task.project_id, "write")
+    # pending → cancelled is a compare-and-swap: a worker claiming it at the same moment
+    # either runs it (and sees cancel_requested) or never does.
+    now = datetime.now(UTC)
+    if rowcount(session.execute(
+            update(Task).where(Task.id == task_id, Task.state == "pending")
+            .values(state="cancelled", finished_at=now, message="cancelled", updated_at=now)
+            .execution_options(synchronize_session=False))):
+        session.refresh(task)
+        _ended(session, task)
+        return _emit(session, task, "updated")
+    session.refresh(task)
     if task.state in TERMINAL:
         raise Conflict(f"task {task_id} already {task.state}: nothing to cancel")
-    if task.state == "pending":
-        task.state, task.finished_at, task.message = "cancelled", datetime.now(UTC), "cancelled"
-    else:
-        task.cancel_requested = True
-        task.message = "cancelling"
+    task.cancel_requested = True
+    task.message = "cancelling"
     return _emit(session, task, "updated")
+
+
+def _ended(session: Session, task: Task) -> None:
+    """However a task ends without succeeding, what it held is given back."""
+    from appliance.services import task_guard
+
+    task_guard.released(session, task, task.state)
 
 
 # --- worker side ------------------------------------------------------------------------------
@@ -200,7 +219,7 @@ def progress(session: Session, task_id: str, percent: float, message: str) -> bo
 def finish(session: Session, task_id: str, state: str, *, result: dict[str, Any] | None = None,
            error: str | None = None, retry_in: float | None = None) -> None:
     """End an attempt: succeeded / failed / cancelled, or back to pending for a retry."""
-    task = session.get(Task, task_id)
+    task = session.get(Task, task_id, with_for_update=True)
     if task is None or task.state != "running":
         return
     now = datetime.now(UTC)
@@ -216,6 +235,7 @@ def finish(session: Session, task_id: str, state: str, *, result: dict[str, Any]
             task.message = "cancelled"
         else:
             task.message = "failed"
+        _ended(session, task)
     _emit(session, task, "updated")
 
 
@@ -227,16 +247,18 @@ def reap(session: Session, grace_seconds: float, resend_after: float = 30.0) -> 
     stale = select(Task).where(
         Task.state == "running", Task.heartbeat_at < now - timedelta(seconds=grace_seconds)
     )
-    for task in session.scalars(stale):
+    for task in session.scalars(stale.with_for_update(skip_locked=True)):
         lost = f"worker {task.worker} stopped answering (no heartbeat for {grace_seconds:g} s)"
         if task.cancel_requested:
             task.state, task.finished_at, task.message = "cancelled", now, "cancelled"
+            _ended(session, task)
         elif task.attempts < task.max_attempts:
             task.state, task.error, task.message = "pending", lost, f"retrying: {lost}"
             _send_after_commit(session, task.id, task.queue)
         else:
             task.state, task.error, task.finished_at = "failed", lost, now
             task.message = f"failed after {task.attempts} attempts"
+            _ended(session, task)
         _emit(session, task, "updated")
         touched.append(task.id)
     waiting = select(Task).where(

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from appliance.db.models import Image, Instance, Node, Project, StoragePool, Volume, VolumeSnapshot
 from appliance.errors import Conflict, InvalidInput, NotFound
-from appliance.services import events, pools, tasks
+from appliance.services import events, pools, quotas, tasks
 from appliance.services.auth import project_by_name
 from appliance.services.principal import Principal
 from appliance.services.resources import iso, rowcount
@@ -59,12 +59,18 @@ def _task(session: Session, principal: Principal, vol: Volume, name: str, params
                         project_id=vol.project_id, resource=("volume", vol.id, vol.name), max_attempts=1)
 
 
-def _claim(session: Session, vol: Volume, task_state: str) -> None:
-    """Compare-and-swap on task_state: one operation at a time on a volume."""
-    done = session.execute(update(Volume).where(Volume.id == vol.id, Volume.task_state.is_(None))
-                           .values(task_state=task_state).execution_options(synchronize_session=False))
+def _claim(session: Session, vol: Volume, task_state: str, detached: bool = False) -> None:
+    """Compare-and-swap on task_state: one operation at a time on a volume (and, with
+    ``detached``, only while no instance holds it)."""
+    query = update(Volume).where(Volume.id == vol.id, Volume.task_state.is_(None))
+    if detached:
+        query = query.where(Volume.instance_id.is_(None))
+    done = session.execute(query.values(task_state=task_state).execution_options(synchronize_session=False))
     session.refresh(vol)
     if not rowcount(done):
+        if vol.task_state is None and vol.instance_id is not None:
+            raise Conflict(f"volume '{vol.name}' is used by {', '.join(users_of(session, vol))}: "
+                           "delete or detach it first")
         raise Conflict(f"volume '{vol.name}' is busy ({vol.task_state}): wait for that task to end")
     if (vol.status or {}).get("phase") not in ("Available", "Error") and task_state != "deleting":
         raise Conflict(f"volume '{vol.name}' is {(vol.status or {}).get('phase')}: wait until it is Available")
@@ -127,6 +133,7 @@ def create(session: Session, principal: Principal, project: str, name: str, size
     if storage_class == "rbd" and prow.spec.get("backend") != "rados":
         raise InvalidInput(f"class 'rbd' needs a Ceph pool; '{prow.name}' is {prow.spec.get('backend')}")
     queue = queue_of(session, prow)
+    quotas.charge(session, project_by_name(session, principal, project, "write").id, volume_bytes=want)
     spec: dict[str, Any] = {"pool": prow.name, "class": storage_class, "size_bytes": want, "labels": labels or {}}
     if src is not None:
         spec["source"] = {"volume": src["volume"].name, "volume_id": src["volume"].id, "snapshot": src["snapshot"]}
@@ -141,10 +148,33 @@ def _volume(session: Session, principal: Principal, project: str, name: str) -> 
 
 
 def users_of(session: Session, vol: Volume, running_only: bool = False) -> list[str]:
-    """Instances whose spec lists this volume (only those powered on, if ``running_only``)."""
-    rows = session.scalars(select(Instance).where(Instance.project_id == vol.project_id))
-    return [f"{r.kind} '{r.name}'" for r in rows if vol.name in ((r.spec or {}).get("volumes") or [])
-            and (not running_only or r.power_state in ("running", "paused", "pending"))]
+    """The instance this volume is attached to (only if powered on, with ``running_only``)."""
+    if vol.instance_id is None:
+        return []
+    row = session.get(Instance, vol.instance_id)
+    if row is None or (running_only and row.power_state not in ("running", "paused", "pending")):
+        return []
+    return [f"{row.kind} '{row.name}'"]
+
+
+def attach(session: Session, vol: Volume, instance: Instance) -> None:
+    """Give ``vol`` to ``instance``: a compare-and-swap on the volume row, in the
+    transaction that creates the instance, so of two VMs created at once with the same
+    volume exactly one gets it (the other's transaction gets a 409 and rolls back)."""
+    won = rowcount(session.execute(
+        update(Volume).where(Volume.id == vol.id, Volume.instance_id.is_(None), Volume.task_state.is_(None))
+        .values(instance_id=instance.id).execution_options(synchronize_session=False)))
+    session.refresh(vol)
+    if not won:
+        if vol.task_state:
+            raise Conflict(f"volume '{vol.name}' is busy ({vol.task_state}): it must be Available")
+        raise Conflict(f"volume '{vol.name}' is already attached to {', '.join(users_of(session, vol))}")
+
+
+def detach_all(session: Session, instance_id: str) -> None:
+    """Release every volume an instance holds (when it is deleted)."""
+    session.execute(update(Volume).where(Volume.instance_id == instance_id).values(instance_id=None)
+                    .execution_options(synchronize_session=False))
 
 
 def resize(session: Session, principal: Principal, project: str, name: str, size: int | str,
@@ -156,6 +186,7 @@ def resize(session: Session, principal: Principal, project: str, name: str, size
                            "the new end: pass force to do it anyway")
     if want == vol.size:
         raise InvalidInput(f"volume '{name}' already has {want} bytes")
+    quotas.charge(session, vol.project_id, volume_bytes=max(0, want - vol.size))
     _claim(session, vol, "resizing")
     vol.spec = {**(vol.spec or {}), "size_bytes": want}
     vol.generation += 1
@@ -171,7 +202,7 @@ def delete(session: Session, principal: Principal, project: str, name: str) -> d
     image = session.scalar(select(Image.name).where(Image.spec["volume_id"].as_string() == vol.id))
     if image:
         raise Conflict(f"volume '{name}' holds image '{image}': delete the image instead")
-    _claim(session, vol, "deleting")
+    _claim(session, vol, "deleting", detached=True)
     return _task(session, principal, vol, "volume.delete", {}, queue_of(session, pool_of(session, vol)))
 
 
@@ -181,6 +212,7 @@ def snapshot_create(session: Session, principal: Principal, project: str, name: 
     if session.scalar(select(VolumeSnapshot.id).where(VolumeSnapshot.volume_id == vol.id,
                                                       VolumeSnapshot.name == snap)):
         raise Conflict(f"volume '{name}' already has a snapshot '{snap}': pick another name")
+    quotas.charge(session, vol.project_id, snapshots=1)
     _claim(session, vol, "snapshotting")
     return _task(session, principal, vol, "volume.snapshot", {"snapshot": snap},
                  queue_of(session, pool_of(session, vol)))

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from appliance.db.engine import session_scope
 from appliance.db.models import Claim, Instance, Network, Node, Project, Subnet, Task, Volume
 from appliance.errors import CairnError
-from appliance.scheduler.placement import NoValidHost, Request
+from appliance.scheduler.placement import Request
 from appliance.services import groups, images, instances, networks, placement, statuses, volumes
 from appliance.services.principal import Principal
 from appliance.settings import get_settings
@@ -79,33 +79,32 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     iid = params["instance_id"]
     row = _load(ctx, iid)
     spec = row.spec
-    try:
-        ctx.progress(5, "schedule: choosing a node")
-        with session_scope(ctx.db_url) as session:
-            images.resolve(session, row.project_id, spec["image"], row.kind)
-            req = _request_for(session, row)
-            req = Request(req.cpus, req.memory_bytes, req.qos, req.group, req.group_policy,
-                          tuple(sorted((spec.get("node_selector") or {}).items())))
-            choice = placement.claim(session, row.kind, iid, req)
-            node = session.scalar(select(Node.id).where(Node.name == choice.host))
-        _update(ctx, iid, node_id=node, task_state="spawning", status={"node": choice.host})
-        ctx.progress(25, "volumes: preparing disks")
-        disks = _volumes(ctx, row)
-        ctx.progress(35, f"volumes: {len(disks)} disk(s) ready" if disks else "volumes: none to prepare")
-        if disks:
-            _update(ctx, iid, status={"volumes": disks})
-        ctx.progress(40, "ports: attaching networks")
-        attached = _ports(ctx, row)
-        if attached:
-            _update(ctx, iid, status={"ports": attached})
-        ctx.progress(60, f"define: asking {choice.host} to define the {row.kind}")
-        initial = spec.get("initial_power", "running")
-        _update(ctx, iid, spec={"power": initial})
-        want = "running" if initial == "running" else "shutdown"
-        _wait_power(ctx, iid, want, 80, "start")
-    except (NoValidHost, CairnError) as exc:
-        _update(ctx, iid, vm_state="error", task_state=None, status={"error": str(exc)})
-        raise
+    # However this ends short of success, services.task_guard gives back the claim and
+    # the ports and marks the instance error (runner, cancel and reaper all call it).
+    ctx.progress(5, "schedule: choosing a node")
+    with session_scope(ctx.db_url) as session:
+        images.resolve(session, row.project_id, spec["image"], row.kind)
+        req = _request_for(session, row)
+        req = Request(req.cpus, req.memory_bytes, req.qos, req.group, req.group_policy,
+                      tuple(sorted((spec.get("node_selector") or {}).items())))
+        choice = placement.claim(session, row.kind, iid, req)
+        node = session.scalar(select(Node.id).where(Node.name == choice.host))
+        live = session.get(Instance, iid)
+        assert live is not None
+        instances.KINDS[live.kind].write_status(session, live, {"node": choice.host},
+                                                columns={"node_id": node, "task_state": "spawning"})
+    ctx.progress(25, "volumes: preparing disks")
+    disks = _volumes(ctx, row)
+    ctx.progress(35, f"volumes: {len(disks)} disk(s) ready" if disks else "volumes: none to prepare")
+    if disks:
+        _update(ctx, iid, status={"volumes": disks})
+    ctx.progress(40, "ports: attaching networks")
+    _ports(ctx, row)
+    ctx.progress(60, f"define: asking {choice.host} to define the {row.kind}")
+    initial = spec.get("initial_power", "running")
+    _update(ctx, iid, spec={"power": initial})
+    want = "running" if initial == "running" else "shutdown"
+    _wait_power(ctx, iid, want, 80, "start")
     _update(ctx, iid, vm_state="active" if want == "running" else "stopped", task_state=None)
     return {"node": choice.host}
 
@@ -139,8 +138,9 @@ def _volumes(ctx: TaskContext, row: Instance) -> list[dict[str, Any]]:
         root = spec.get("root_volume")
         if image.spec.get("format") == "disk" and root is None:
             root = f"{row.name}-root"[:63]
-            _, sub = volumes.create(session, SYSTEM, project.name, root, size=spec.get("root_size"),
-                                    source={"image": image.name}, labels={"instance": f"{row.kind}/{row.name}"})
+            made, sub = volumes.create(session, SYSTEM, project.name, root, size=spec.get("root_size"),
+                                       source={"image": image.name}, labels={"instance": f"{row.kind}/{row.name}"})
+            made.instance_id = row.id  # new in this transaction: nobody else can hold it
             names.insert(0, root)
             live = session.get(Instance, row.id)
             assert live is not None
@@ -187,6 +187,10 @@ def _ports(ctx: TaskContext, row: Instance) -> list[dict[str, Any]]:
             out.append({"id": port["id"], "name": port["name"], "mac": port["status"]["mac"], "ips": ips,
                         "network": network.name, "network_id": network.id, "vni": network.vni,
                         "mtu": network.spec.get("mtu"), "owned": existing is None})
+        if out:  # recorded with the ports, in one transaction: whatever ends the task, they are found
+            live = session.get(Instance, row.id)
+            assert live is not None
+            instances.KINDS[live.kind].write_status(session, live, {"ports": out})
     return out
 
 
@@ -194,19 +198,15 @@ def _ports(ctx: TaskContext, row: Instance) -> list[dict[str, Any]]:
 def act(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     iid, verb, power = params["instance_id"], params["action"], params["power"]
     row = _load(ctx, iid)
-    try:
-        ctx.progress(10, f"{verb}: asking the node")
-        changes: dict[str, Any] = {"power": power}
-        if "stop_timeout" in params:
-            changes["stop_timeout"] = params["stop_timeout"]
-        if verb == "reboot":
-            changes["reboots"] = int(row.spec.get("reboots", 0)) + 1
-        _update(ctx, iid, spec=changes)
-        want = {"running": "running", "stopped": "shutdown", "paused": "paused"}[power]
-        _wait_power(ctx, iid, want, 50, verb)
-    except CairnError as exc:
-        _update(ctx, iid, task_state=None, status={"error": str(exc)})
-        raise
+    ctx.progress(10, f"{verb}: asking the node")
+    changes: dict[str, Any] = {"power": power}
+    if "stop_timeout" in params:
+        changes["stop_timeout"] = params["stop_timeout"]
+    if verb == "reboot":
+        changes["reboots"] = int(row.spec.get("reboots", 0)) + 1
+    _update(ctx, iid, spec=changes)
+    want = {"running": "running", "stopped": "shutdown", "paused": "paused"}[power]
+    _wait_power(ctx, iid, want, 50, verb)
     state = {"running": "active", "stopped": "stopped", "paused": "paused"}[power]
     _update(ctx, iid, vm_state=state, task_state=None, status={"error": None})
     return {"power_state": want}
@@ -234,23 +234,20 @@ def delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         live = session.get(Instance, iid)
         if live is None:
             return {}
-        placement.release(session, iid)
         project = session.get(Project, live.project_id)
         assert project is not None
-        owned = {p["id"] for p in (live.status or {}).get("ports", []) if p.get("owned")}
-        for port in instances.attached_ports(session, live):
-            if port.id in owned:
-                networks.delete_port(session, SYSTEM, project.name, port.name)
-            else:  # a port the user made: it outlives the instance, detached
-                networks.ports.set_status(session, port, instance=None, phase="Detached")
+        instances.release_placement(session, live, project.name)
+        volumes.detach_all(session, iid)
         instances.KINDS[live.kind].delete(session, SYSTEM, project.name, live.name)
         session.flush()
-        for disk in (live.status or {}).get("volumes", []):
-            if disk.get("owned"):  # its root volume goes with it; attached volumes stay
-                try:
-                    volumes.delete(session, SYSTEM, project.name, disk["volume"])
-                except CairnError:
-                    pass  # already gone, or busy: the user can delete it later
+        owned = {d["volume"] for d in (live.status or {}).get("volumes", []) if d.get("owned")}
+        if (live.spec or {}).get("root_volume"):  # also when the create ended before recording it
+            owned.add(live.spec["root_volume"])
+        for name in sorted(owned):  # its root volume goes with it; attached volumes stay
+            try:
+                volumes.delete(session, SYSTEM, project.name, name)
+            except CairnError:
+                pass  # already gone, or busy: the user can delete it later
     return {}
 
 
@@ -318,38 +315,35 @@ def migrate(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     """Runs on the source node: reserve on the target, move, then release the source."""
     iid, to, mode = params["instance_id"], params["to"], params["mode"]
     row = _load(ctx, iid)
-    temp_id = f"migrating-{iid}"[:36]
-    try:
-        ctx.progress(10, f"reserving room on {to}")
-        with session_scope(ctx.db_url) as session:
-            placement.claim(session, row.kind, temp_id, _request_for(session, row), only=to)
-            target = session.scalar(select(Node).where(Node.name == to))
-            assert target is not None
-            target_id, target_uri = target.id, (target.status or {}).get("inventory", {}).get("libvirt_uri")
-        result: dict[str, Any] = {"mode": mode, "to": to}
-        if mode == "live":
-            ctx.progress(30, f"live-migrating to {to}")
-            from compute.libvirt_driver import LibvirtDriver
+    temp_id = f"migrating-{iid}"[:36]  # a failure releases it (services.task_guard)
+    ctx.progress(10, f"reserving room on {to}")
+    with session_scope(ctx.db_url) as session:
+        placement.claim(session, row.kind, temp_id, _request_for(session, row), only=to)
+        target = session.scalar(select(Node).where(Node.name == to))
+        assert target is not None
+        target_id, target_uri = target.id, (target.status or {}).get("inventory", {}).get("libvirt_uri")
+    result: dict[str, Any] = {"mode": mode, "to": to}
+    if mode == "live":
+        ctx.progress(30, f"live-migrating to {to}")
+        from compute.libvirt_driver import LibvirtDriver
 
-            settings = get_settings()
-            driver = LibvirtDriver(settings.libvirt_uri, settings.virt_type, settings.migration_host)
-            try:
-                moved = driver.migrate(row.status["domain"], target_uri)
-            finally:
-                driver.close()
-            result.update(duration_s=round(moved.duration_s, 3), downtime_ms=moved.downtime_ms)
-        ctx.progress(80, "moving the reservation and the record")
-        with session_scope(ctx.db_url) as session:
-            placement.release(session, iid)
-            session.execute(update(Claim).where(Claim.workload_id == temp_id).values(workload_id=iid))
+        settings = get_settings()
+        driver = LibvirtDriver(settings.libvirt_uri, settings.virt_type, settings.migration_host)
+        try:
+            moved = driver.migrate(row.status["domain"], target_uri)
+        finally:
+            driver.close()
+        result.update(duration_s=round(moved.duration_s, 3), downtime_ms=moved.downtime_ms)
+    ctx.progress(80, "moving the reservation and the record")
+    with session_scope(ctx.db_url) as session:  # one transaction: the claim moves with the record
+        placement.release(session, iid)
+        session.execute(update(Claim).where(Claim.workload_id == temp_id).values(workload_id=iid))
+        live = session.get(Instance, iid)
+        assert live is not None
         # For a restart-style move the old node's agent removes it; the new one starts it.
-        _update(ctx, iid, node_id=target_id, vm_state="active", task_state=None,
-                status={"node": to, "migration": result})
-        if mode == "restart":
-            _wait_power(ctx, iid, "running", 90, f"restart on {to}")
-    except Exception as exc:
-        with session_scope(ctx.db_url) as session:
-            placement.release(session, temp_id)
-        _update(ctx, iid, task_state=None, status={"migration": {"error": str(exc)}})
-        raise
+        instances.KINDS[live.kind].write_status(session, live, {"node": to, "migration": result},
+                                                columns={"node_id": target_id, "vm_state": "active",
+                                                         "task_state": None})
+    if mode == "restart":
+        _wait_power(ctx, iid, "running", 90, f"restart on {to}")
     return result

@@ -1,12 +1,12 @@
 """Task handlers for volumes, snapshots and image imports. They run on the pool's
 node and ask its storage daemon (the pool's one writer) to do the work; the database
 row changes only after the daemon said yes, and a failure leaves the volume as it was
-(phase Error only when a create or import did not finish)."""
+(phase Error only when a create or import did not finish: services.task_guard does that
+and frees the volume, however the task ended)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +51,6 @@ def _finish(ctx: TaskContext, volume_id: str, **changes: Any) -> None:
         volumes.finish(session, vol, columns=changes, **status)
 
 
-@contextlib.contextmanager
-def _guard(ctx: TaskContext, volume_id: str, failed_phase: str | None = None) -> Iterator[None]:
-    """On failure: clear task_state (and mark the volume ``failed_phase``), re-raise."""
-    try:
-        yield
-    except BaseException as exc:
-        status = {"phase": failed_phase, "message": str(exc)} if failed_phase else {}
-        _finish(ctx, volume_id, status=status)
-        raise
-
-
 def _exports(pool: StoragePool, vol: Volume) -> dict[str, Any]:
     out = _call(pool, vol, "export")
     export = out.get("rbd") or out.get("unix")
@@ -72,20 +61,19 @@ def _exports(pool: StoragePool, vol: Volume) -> dict[str, Any]:
 def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     vol, pool = _load(ctx, params["volume_id"])
     source = (vol.spec or {}).get("source")
-    with _guard(ctx, vol.id, "Error"):
-        if source:
-            ctx.progress(20, f"cloning {source['volume']}@{source['snapshot']} (O(1))")
-            parent, _ = _load(ctx, source["volume_id"])
-            _call(pool, parent, "clone", snapshot=source["snapshot"], new=vol.id)
-            info = _call(pool, vol, "info")
-            if int(info["size"]) < vol.size:
-                ctx.progress(60, f"growing to {vol.size} bytes")
-                _call(pool, vol, "resize", size=vol.size)
-        else:
-            ctx.progress(30, f"creating {vol.size} bytes in pool {pool.name}")
-            _call(pool, vol, "create", size=vol.size)
-        ctx.progress(90, "exporting")
-        status = {"phase": "Available", "message": "", **_exports(pool, vol)}
+    if source:
+        ctx.progress(20, f"cloning {source['volume']}@{source['snapshot']} (O(1))")
+        parent, _ = _load(ctx, source["volume_id"])
+        _call(pool, parent, "clone", snapshot=source["snapshot"], new=vol.id)
+        info = _call(pool, vol, "info")
+        if int(info["size"]) < vol.size:
+            ctx.progress(60, f"growing to {vol.size} bytes")
+            _call(pool, vol, "resize", size=vol.size)
+    else:
+        ctx.progress(30, f"creating {vol.size} bytes in pool {pool.name}")
+        _call(pool, vol, "create", size=vol.size)
+    ctx.progress(90, "exporting")
+    status = {"phase": "Available", "message": "", **_exports(pool, vol)}
     _finish(ctx, vol.id, status=status)
     return status
 
@@ -93,9 +81,8 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
 @handler("volume.resize")
 def resize(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     vol, pool = _load(ctx, params["volume_id"])
-    with _guard(ctx, vol.id):
-        ctx.progress(30, f"resizing to {params['size']} bytes")
-        _call(pool, vol, "resize", size=params["size"], force=bool(params.get("force")))
+    ctx.progress(30, f"resizing to {params['size']} bytes")
+    _call(pool, vol, "resize", size=params["size"], force=bool(params.get("force")))
     _finish(ctx, vol.id, size=int(params["size"]))
     return {"size": params["size"]}
 
@@ -103,14 +90,13 @@ def resize(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
 @handler("volume.delete")
 def remove(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     vol, pool = _load(ctx, params["volume_id"])
-    with _guard(ctx, vol.id):
-        ctx.progress(30, "deleting (space returns at the next garbage collection)")
-        if vol.storage_class == "rbd":
-            snaps = [s["name"] for s in _call(pool, vol, "snapshots")] if _exists(pool, vol) else []
-            for snap in snaps:
-                _call(pool, vol, "delete_snapshot", snapshot=snap)
-        with contextlib.suppress(StorageNotFound):
-            _call(pool, vol, "delete")
+    ctx.progress(30, "deleting (space returns at the next garbage collection)")
+    if vol.storage_class == "rbd":
+        snaps = [s["name"] for s in _call(pool, vol, "snapshots")] if _exists(pool, vol) else []
+        for snap in snaps:
+            _call(pool, vol, "delete_snapshot", snapshot=snap)
+    with contextlib.suppress(StorageNotFound):
+        _call(pool, vol, "delete")
     with session_scope(ctx.db_url) as session:
         row = session.get(Volume, vol.id)
         if row is not None:
@@ -133,9 +119,8 @@ def _exists(pool: StoragePool, vol: Volume) -> bool:
 @handler("volume.snapshot")
 def snapshot(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     vol, pool = _load(ctx, params["volume_id"])
-    with _guard(ctx, vol.id):
-        ctx.progress(30, f"snapshot {params['snapshot']} (O(1))")
-        _call(pool, vol, "snapshot", snapshot=params["snapshot"])
+    ctx.progress(30, f"snapshot {params['snapshot']} (O(1))")
+    _call(pool, vol, "snapshot", snapshot=params["snapshot"])
     with session_scope(ctx.db_url) as session:
         row = session.get(Volume, vol.id)
         if row is not None:
@@ -147,7 +132,7 @@ def snapshot(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
 @handler("volume.snapshot_delete")
 def snapshot_delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     vol, pool = _load(ctx, params["volume_id"])
-    with _guard(ctx, vol.id), contextlib.suppress(StorageNotFound):
+    with contextlib.suppress(StorageNotFound):
         _call(pool, vol, "delete_snapshot", snapshot=params["snapshot"])
     with session_scope(ctx.db_url) as session:
         session.execute(delete(VolumeSnapshot).where(VolumeSnapshot.volume_id == vol.id,
@@ -161,10 +146,9 @@ def snapshot_delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
 @handler("volume.rollback")
 def rollback(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     vol, pool = _load(ctx, params["volume_id"])
-    with _guard(ctx, vol.id):
-        ctx.progress(30, f"rolling back to {params['snapshot']} (O(1))")
-        _call(pool, vol, "rollback", snapshot=params["snapshot"])
-        size = int(_call(pool, vol, "info")["size"])
+    ctx.progress(30, f"rolling back to {params['snapshot']} (O(1))")
+    _call(pool, vol, "rollback", snapshot=params["snapshot"])
+    size = int(_call(pool, vol, "info")["size"])
     _finish(ctx, vol.id, size=size)
     return {"snapshot": params["snapshot"], "size": size}
 
@@ -176,22 +160,18 @@ def import_image(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     vol, pool = _load(ctx, params["volume_id"])
     upload = Path(params["path"])
     try:
-        with _guard(ctx, vol.id, "Error"):
-            ctx.progress(2, f"creating a {vol.size}-byte volume")
-            with contextlib.suppress(Exception):
-                _call(pool, vol, "delete")  # a retried import starts over
-            _call(pool, vol, "create", size=vol.size)
-            exports = _exports(pool, vol)
-            target = exports["exports"].get("rbd") or exports["exports"]["unix"]
-            imageio.copy_into(upload, params["format"], target,
-                              lambda pct: ctx.progress(5 + pct * 0.9, f"copying: {pct:.0f} %"),
-                              virtual_size=vol.size)
-            ctx.progress(97, "snapshot 'base'")
-            _call(pool, vol, "snapshot", snapshot="base")
-    except BaseException as exc:
-        _image_status(ctx, params["image_id"], {"phase": "Error", "message": str(exc)})
-        raise
-    finally:
+        ctx.progress(2, f"creating a {vol.size}-byte volume")
+        with contextlib.suppress(Exception):
+            _call(pool, vol, "delete")  # a retried import starts over
+        _call(pool, vol, "create", size=vol.size)
+        exports = _exports(pool, vol)
+        target = exports["exports"].get("rbd") or exports["exports"]["unix"]
+        imageio.copy_into(upload, params["format"], target,
+                          lambda pct: ctx.progress(5 + pct * 0.9, f"copying: {pct:.0f} %"),
+                          virtual_size=vol.size)
+        ctx.progress(97, "snapshot 'base'")
+        _call(pool, vol, "snapshot", snapshot="base")
+    finally:  # a failure marks the image and its volume Error (services.task_guard)
         upload.unlink(missing_ok=True)
     with session_scope(ctx.db_url) as session:
         row = session.get(Volume, vol.id)

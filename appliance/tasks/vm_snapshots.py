@@ -40,15 +40,6 @@ def _each_volume(ctx: TaskContext, project: str, disks: list[str], label: str, s
         _wait_task(ctx, task["id"])
 
 
-def _guarded(ctx: TaskContext, iid: str, fn: Any) -> dict[str, Any]:
-    try:
-        result: dict[str, Any] = fn()
-    except BaseException:
-        _update(ctx, iid, task_state=None)
-        raise
-    return result
-
-
 @handler("vm.snapshot")
 def snapshot(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     iid, snap = params["instance_id"], params["snapshot"]
@@ -75,7 +66,7 @@ def snapshot(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         _update(ctx, iid, task_state=None, status=lambda now: {"snapshots": [*now.get("snapshots", []), taken]})
         return taken
 
-    return _guarded(ctx, iid, run)
+    return run()  # ending any other way, services.task_guard frees the VM
 
 
 @handler("vm.restore")
@@ -91,7 +82,7 @@ def restore(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         _update(ctx, iid, task_state=None)
         return {"snapshot": snap, "volumes": taken["volumes"]}
 
-    return _guarded(ctx, iid, run)
+    return run()  # ending any other way, services.task_guard frees the VM
 
 
 @handler("vm.snapshot_delete")
@@ -108,7 +99,7 @@ def snapshot_delete(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
                 status=lambda now: {"snapshots": [s for s in now.get("snapshots", []) if s["name"] != snap]})
         return {}
 
-    return _guarded(ctx, iid, run)
+    return run()  # ending any other way, services.task_guard frees the VM
 
 
 @handler("vm.clone")

@@ -112,3 +112,26 @@ def api(tmp_path: Path, db_url: str, sent: list[Any]) -> Iterator[Api]:
 def api_sqlite(tmp_path: Path, sqlite_url: str, sent: list[Any]) -> Iterator[Api]:
     """The API on SQLite only (for tests whose subject is not the database)."""
     yield from build_api(tmp_path, sqlite_url)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """One API per module and database (setting one up costs seconds), for modules whose
+    tests each clean up what they make. Task messages are dropped: tests run tasks."""
+    yield from _module_api(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["sqlite"])
+def module_api_sqlite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """``module_api`` on SQLite only (for modules whose subject is not the database)."""
+    yield from _module_api(request, tmp_path_factory)
+
+
+def _module_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    tmp = tmp_path_factory.mktemp("api")
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp / 'cairn.db'}"
+    else:
+        url = create_pg_database(request.getfixturevalue("pg_server"), f"cairn_test_{next(_db_counter)}")
+    tasks.set_dispatcher(lambda *a: None)
+    yield from build_api(tmp, url)

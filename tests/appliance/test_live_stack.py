@@ -613,6 +613,93 @@ def test_logs_are_structured_json(stack: Stack) -> None:
         assert parsed and all({"time", "level", "message"} <= set(p) for p in parsed), name
 
 
+def test_data_dir_database_uploads_logs_and_keys_are_root_only(stack: Stack) -> None:
+    data = stack.root / "data"
+    private = [data, data / "secrets", data / "pki", data / "uploads", data / "log", data / "run"]
+    files = [data / "cairn.db", data / "cairn.db-wal", data / "secrets" / "admin-password",
+             data / "pki" / "ca.key", data / "pki" / "server.key", data / "log" / "api.log"]
+    loose = {str(p): oct(p.stat().st_mode & 0o777) for p in private + files if p.stat().st_mode & 0o077}
+    assert loose == {}, "readable by others"
+
+
+def _user_token(stack: Stack, user: str, role: str) -> str:
+    with stack.http() as c:
+        assert c.post("/api/v1/users", json={"name": user, "password": "correct horse battery"}).status_code == 201
+        assert c.put(f"/api/v1/projects/default/members/{user}", json={"role": role}).status_code == 200
+    with httpx.Client(base_url=f"https://127.0.0.1:{stack.port}", verify=stack.tls) as c:
+        csrf = c.post("/api/v1/auth/login", json={"username": user, "password": "correct horse battery"}
+                      ).json()["csrf_token"]
+        return str(c.post("/api/v1/tokens", json={"name": "t"}, headers={"X-CSRF-Token": csrf}).json()["token"])
+
+
+def test_failed_logins_over_https_lock_known_and_unknown_names_alike(stack: Stack) -> None:
+    _user_token(stack, "lock-me", "viewer")
+    with httpx.Client(base_url=f"https://127.0.0.1:{stack.port}", verify=stack.tls) as c:
+        for user in ("lock-me", "no-such-user"):
+            codes = [c.post("/api/v1/auth/login", json={"username": user, "password": "guess guess guess"}
+                            ).status_code for _ in range(5)]
+            right = c.post("/api/v1/auth/login", json={"username": user, "password": "correct horse battery"})
+            assert codes == [401] * 5 and right.status_code == 429, (user, codes)
+            assert int(right.headers["retry-after"]) > 200 and "try again in" in right.json()["detail"]
+    # the audit log has every attempt, with who and from where (cairn audit list)
+    audit = stack.cairn("audit", "list", "--user", "no-such-user")
+    assert [(a["action"], a["source"], a["outcome"]) for a in audit] == \
+        [("POST /api/v1/auth/login", "127.0.0.1", "denied")] * 6
+
+
+def test_the_event_stream_closes_when_its_token_is_revoked(stack: Stack) -> None:
+    token = _user_token(stack, "sse-user", "viewer")
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=f"https://127.0.0.1:{stack.port}", verify=stack.tls, headers=headers,
+                      timeout=30) as c, c.stream("GET", "/api/v1/events", params={"max_seconds": 60}) as r:
+        lines = r.iter_lines()
+        assert next(lines) == ": connected"
+        assert httpx.delete(f"https://127.0.0.1:{stack.port}/api/v1/tokens/t", headers=headers,
+                            verify=stack.tls).status_code == 204
+        revoked = time.monotonic()
+        rest = list(lines)  # the server ends the stream
+    assert time.monotonic() - revoked < 5
+    assert "event: closed" in rest and any("revoked" in line for line in rest)
+
+
+def test_a_console_closes_when_its_user_is_disabled(stack: Stack) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    stack.cairn("image", "import-test-guest")
+    r = subprocess.run([*CAIRN, "container", "create", "sh2", "--image", "busybox", "--memory", "64MiB", "--tty",
+                        "-o", "json", "--", "/bin/sh"], env=stack.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    token = _user_token(stack, "tty-user", "operator")
+    tty = f"wss://127.0.0.1:{stack.port}/api/v1/containers/sh2/console/tty"
+    with connect(tty, additional_headers={"Authorization": f"Bearer {token}"}, ssl=stack.tls,
+                 open_timeout=10) as ws:
+        ws.send(b"echo still-$((40+2))\n")
+        seen = b""
+        while b"still-42" not in seen:
+            seen += ws.recv(timeout=20)
+        stack.cairn("user", "disable", "tty-user")
+        disabled = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=10)
+    assert time.monotonic() - disabled < 5
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert "disabled" in closed.value.rcvd.reason
+    stack.cairn("container", "delete", "sh2")
+
+
+def test_quotas_through_the_cli(stack: Stack) -> None:
+    stack.cairn("project", "quota", "set", "default", "--networks", "0", "--memory", "1GiB")
+    shown = stack.cairn("project", "quota", "show", "default")
+    assert shown["limits"]["networks"] == 0 and shown["limits"]["memory_bytes"] == 1 << 30
+    r = subprocess.run([*CAIRN, "network", "create", "over", "-o", "json"], env=stack.env, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "over its quota of 0" in " ".join(r.stderr.split())
+    stack.cairn("project", "quota", "set", "default", "--networks", "unlimited", "--memory", "unlimited")
+    assert stack.cairn("project", "quota", "show", "default")["limits"]["networks"] is None
+
+
 def test_node_turns_not_ready_when_the_agent_stops_and_ready_when_it_returns(stack: Stack) -> None:
     agent = stack.services()["agent"]["pid"]
     os.kill(agent, signal.SIGSTOP)  # a hung agent: alive, silent

@@ -23,6 +23,9 @@ pytestmark = pytest.mark.functional
 OWN_CREDENTIALS = {("post", "/api/v1/cluster/join")}
 BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/auth/login"): {"username": "admin", "password": "filled in by call()"},
+    ("post", "/api/v1/auth/password"): {"current_password": "filled in by call()", "new_password": "x" * 12},
+    ("patch", "/api/v1/users/{name}"): {"active": True},
+    ("put", "/api/v1/projects/{name}/quota"): {"instances": 100},
     ("post", "/api/v1/projects"): {"name": "walk-p"},
     ("patch", "/api/v1/projects/{name}"): {"spec": {"description": "walked"}},
     ("put", "/api/v1/projects/{name}/members/{user}"): {"role": "viewer"},
@@ -89,6 +92,9 @@ def call(api: Api, method: str, path: str, task_id: str, headers: dict[str, str]
     body = BODIES.get((method, path))
     if path == "/api/v1/auth/login":
         body = {"username": "admin", "password": api.admin_password}
+    if path == "/api/v1/auth/password":  # the caller's own (the walk's users share one password)
+        own = api.admin_password if headers is api.admin else "correct horse battery"
+        body = {"current_password": own, "new_password": own + "-walked"}
     r = api.client.request(method.upper(), fill(path, task_id), json=body, headers=headers,
                            params=QUERY.get(path))
     api.client.cookies.clear()  # a login must not make later calls authenticated

@@ -37,6 +37,7 @@ def ext(api: Api) -> Api:
     """The API with an external network of three pool addresses."""
     api.settings.external_cidr = "203.0.113.0/24"
     api.settings.external_pool = "203.0.113.10-203.0.113.12"
+    api.settings.external_project_share = 1.0  # one project uses the whole pool here (see test_quotas)
     return api
 
 

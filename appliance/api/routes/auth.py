@@ -1,28 +1,52 @@
-"""Login / logout for the console, and who am I."""
+"""Login / logout for the console, password change, and who am I."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 
-from appliance.api.deps import CSRF_COOKIE, SESSION_COOKIE, AppSettings, Caller, DbSession, access
-from appliance.api.schemas import LoginRequest, LoginResponse, Me
-from appliance.services import auth
+from appliance.api.deps import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    AppSettings,
+    Caller,
+    DbSession,
+    StreamingCaller,
+    access,
+    source_of,
+)
+from appliance.api.schemas import LoginRequest, LoginResponse, Me, PasswordChange
+from appliance.services import auth, logins
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
 @router.post("/login", response_model=LoginResponse, openapi_extra=access("public"))
-def login(body: LoginRequest, response: Response, session: DbSession, settings: AppSettings) -> dict[str, Any]:
-    """Password login; sets an HttpOnly session cookie and a CSRF cookie."""
-    sid, csrf, principal = auth.login(session, body.username, body.password, settings.session_hours)
+async def login(body: LoginRequest, request: Request, response: Response, settings: AppSettings) -> dict[str, Any]:
+    """Password login; sets an HttpOnly session cookie and a CSRF cookie. Failed logins
+    lock the user name (and, more of them, the source address) for a while: 429 with
+    Retry-After."""
+    request.state.audit_user = body.username
+    sid, csrf, _, me = await anyio.to_thread.run_sync(logins.password_login, settings, body.username,
+                                                       body.password, source_of(request))
     max_age = int(settings.session_hours * 3600)
     response.set_cookie(SESSION_COOKIE, sid, max_age=max_age, httponly=True, secure=True,
                         samesite="strict", path="/")
     response.set_cookie(CSRF_COOKIE, csrf, max_age=max_age, httponly=False, secure=True,
                         samesite="strict", path="/")
-    return {"user": auth.me(session, principal), "csrf_token": csrf}
+    return {"user": me, "csrf_token": csrf}
+
+
+@router.post("/password", status_code=204, openapi_extra=access("authenticated"))
+async def change_password(body: PasswordChange, request: Request, caller: StreamingCaller,
+                          settings: AppSettings) -> Response:
+    """Change your own password (the current one is checked); your other console
+    sessions end. API tokens stay valid: revoke them with DELETE /tokens/{name}."""
+    await anyio.to_thread.run_sync(logins.change_password, settings, caller, body.current_password,
+                                   body.new_password, source_of(request), request.cookies.get(SESSION_COOKIE))
+    return Response(status_code=204)
 
 
 @router.post("/logout", status_code=204, openapi_extra=access("authenticated"))

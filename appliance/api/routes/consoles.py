@@ -1,7 +1,9 @@
 """Websocket consoles: a VM's serial port (for xterm.js) and VNC (for noVNC), a
 container's output stream. Authenticated like every route (bearer token, or the
 console's session cookie from the same origin); opening one needs operator rights
-in the instance's project."""
+in the instance's project, and those are checked again every few seconds while it
+is open (services.streams): a revoked token, a disabled or deleted user or lost
+rights close it (1008, with the reason)."""
 
 from __future__ import annotations
 
@@ -13,34 +15,81 @@ import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect, WebSocketException, status
 
 from appliance.api.deps import SESSION_COOKIE
-from appliance.errors import CairnError, PermissionDenied
-from appliance.services import consoles
+from appliance.errors import CairnError, PermissionDenied, TooManyRequests
+from appliance.services import audit, consoles, streams
+from appliance.services.principal import Principal
 
 router = APIRouter(tags=["consoles"])
 CHUNK = 65536
 
 
-async def _open(websocket: WebSocket, kind: str, project: str, name: str, want: str) -> str:
-    url = websocket.app.state.settings.resolved_database_url
-    origin = websocket.headers.get("origin")
-    host = websocket.headers.get("host", "")
+class Console:
+    """One open console: who opened it, with what, and what it reaches."""
+
+    def __init__(self, websocket: WebSocket, kind: str, project: str, name: str, want: str) -> None:
+        self.websocket = websocket
+        self.url = websocket.app.state.settings.resolved_database_url
+        self.kind, self.project, self.name, self.want = kind, project, name, want
+        self.creds = streams.Credentials(websocket.headers.get("authorization", ""),
+                                         websocket.cookies.get(SESSION_COOKIE))
+
+    async def open(self) -> tuple[Principal, str]:
+        """Who may open it, and its socket; both outcomes go to the audit log."""
+        origin = self.websocket.headers.get("origin")
+        host = self.websocket.headers.get("host", "")
+        principal = None
+        try:
+            principal = await anyio.to_thread.run_sync(streams.authenticate, self.url, self.creds)
+            if "authorization" not in self.websocket.headers and origin and origin.split("://", 1)[-1] != host:
+                raise PermissionDenied("cross-origin console connections are refused")
+            path = await anyio.to_thread.run_sync(consoles.socket_path, self.url, principal, self.kind,
+                                                  self.project, self.name, self.want)
+        except CairnError as exc:
+            await self.audit(principal, exc.status, exc.detail)
+            raise WebSocketException(status.WS_1008_POLICY_VIOLATION, reason=str(exc.detail)[:120])
+        await self.audit(principal, 101, f"{self.want} console opened")
+        return principal, path
+
+    async def audit(self, principal: Principal | None, code: int, detail: str) -> None:
+        client = self.websocket.client
+        entry = audit.Entry(method="GET", path=self.websocket.url.path, action=f"WEBSOCKET {self.want} console",
+                            status=code, user=principal.user_name if principal else None,
+                            via=principal.via if principal else None, source=client.host if client else None,
+                            object_kind=self.kind, object_name=self.name, project=self.project, detail=detail)
+        await anyio.to_thread.run_sync(audit.append, self.url, entry)
+
+    async def watch(self, principal: Principal) -> str:
+        """Returns (the reason) once the caller may no longer use this console."""
+        every = self.websocket.app.state.settings.stream_recheck_seconds
+        while True:
+            await asyncio.sleep(every)
+            try:
+                principal = await anyio.to_thread.run_sync(consoles.recheck, self.url, self.creds, principal,
+                                                           self.kind, self.project, self.name, self.want)
+            except CairnError as exc:
+                return str(exc.detail)
+
+
+async def _serve(console: Console, subprotocol: str | None = None) -> None:
+    principal, path = await console.open()
     try:
-        principal = await anyio.to_thread.run_sync(consoles.authenticate, url,
-                                                   websocket.headers.get("authorization", ""),
-                                                   websocket.cookies.get(SESSION_COOKIE))
-        if "authorization" not in websocket.headers and origin and origin.split("://", 1)[-1] != host:
-            raise PermissionDenied("cross-origin console connections are refused")
-        return await anyio.to_thread.run_sync(consoles.socket_path, url, principal, kind, project, name, want)
-    except CairnError as exc:
-        raise WebSocketException(status.WS_1008_POLICY_VIOLATION, reason=str(exc.detail)[:120])
+        slot = console.websocket.app.state.streams.acquire(principal)
+    except TooManyRequests as exc:
+        raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, reason=exc.detail[:120])
+    try:
+        await _pump(console, principal, path, subprotocol)
+    finally:
+        slot.release()
 
 
-async def _pump(websocket: WebSocket, path: str, subprotocol: str | None) -> None:
+async def _pump(console: Console, principal: Principal, path: str, subprotocol: str | None) -> None:
+    websocket = console.websocket
     try:
         reader, writer = await asyncio.open_unix_connection(path)
     except OSError as exc:
         raise WebSocketException(status.WS_1011_INTERNAL_ERROR, reason=f"console unavailable: {exc}"[:120])
     await websocket.accept(subprotocol=subprotocol)
+    closing: list[tuple[int, str]] = [(status.WS_1000_NORMAL_CLOSURE, "")]
 
     async def to_client() -> None:
         while data := await reader.read(CHUNK):
@@ -55,7 +104,11 @@ async def _pump(websocket: WebSocket, path: str, subprotocol: str | None) -> Non
             writer.write(data)
             await writer.drain()
 
-    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_console())]
+    async def watch() -> None:
+        reason = await console.watch(principal)
+        closing.append((status.WS_1008_POLICY_VIOLATION, reason[:120]))
+
+    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_console()), asyncio.create_task(watch())]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     except WebSocketDisconnect:
@@ -65,7 +118,7 @@ async def _pump(websocket: WebSocket, path: str, subprotocol: str | None) -> Non
             t.cancel()
         writer.close()
         with contextlib.suppress(Exception):
-            await websocket.close()
+            await websocket.close(code=closing[-1][0], reason=closing[-1][1])
 
 
 @router.websocket("/vms/{name}/console/{console}")
@@ -74,13 +127,11 @@ async def vm_console(websocket: WebSocket, name: str, console: Literal["serial",
     """``serial``: the guest's serial port as bytes (xterm.js); ``vnc``: RFB (noVNC,
     subprotocol ``binary``)."""
     want = "serial-unix" if console == "serial" else "vnc-unix"
-    path = await _open(websocket, "vm", project, name, want)
     offered = websocket.headers.get("sec-websocket-protocol", "")
-    await _pump(websocket, path, "binary" if "binary" in offered else None)
+    await _serve(Console(websocket, "vm", project, name, want), "binary" if "binary" in offered else None)
 
 
 @router.websocket("/containers/{name}/console/tty")
 async def container_tty(websocket: WebSocket, name: str, project: str = "default") -> None:
     """The interactive terminal of a container created with ``tty: true`` (xterm.js)."""
-    path = await _open(websocket, "container", project, name, "serial-unix")
-    await _pump(websocket, path, None)
+    await _serve(Console(websocket, "container", project, name, "serial-unix"))

@@ -42,7 +42,7 @@ async def upload_image(name: Name, request: Request, caller: StreamingCaller, se
     import task copies it into a volume and snapshots it, and new VMs clone it in O(1)."""
     db = settings.resolved_database_url
     await run_in_threadpool(images.upload_check, db, caller, project, name, pool)
-    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = settings.uploads_dir / f"{uuid.uuid4().hex}.upload"
     size = 0
     try:

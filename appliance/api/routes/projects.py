@@ -14,10 +14,12 @@ from appliance.api.schemas import (
     Name,
     ProjectCreate,
     ProjectUpdate,
+    Quota,
+    QuotaUsage,
     ResourceList,
     ResourcePublic,
 )
-from appliance.services import auth
+from appliance.services import auth, quotas
 
 router = APIRouter(prefix="/projects", tags=["projects"])
 
@@ -49,6 +51,19 @@ def update_project(name: Name, body: ProjectUpdate, session: DbSession, caller: 
 def delete_project(name: Name, session: DbSession, caller: Caller) -> Response:
     auth.delete_project(session, caller, name)
     return Response(status_code=204)
+
+
+@router.get("/{name}/quota", response_model=QuotaUsage, openapi_extra=access("project:read"))
+def get_quota(name: Name, session: DbSession, caller: Caller) -> dict[str, Any]:
+    """The project's limits (null: unlimited) and what it uses now."""
+    return quotas.show(session, caller, name)
+
+
+@router.put("/{name}/quota", response_model=QuotaUsage, openapi_extra=access("cluster:admin"))
+def set_quota(name: Name, body: Quota, session: DbSession, caller: Caller) -> dict[str, Any]:
+    """Replace the project's limits (absent keys: unlimited). Enforced when a resource is
+    created, in the same transaction; lowering a limit removes nothing."""
+    return quotas.set_limits(session, caller, name, body.model_dump())
 
 
 @router.get("/{name}/members", response_model=list[Member], openapi_extra=access("project:read"))

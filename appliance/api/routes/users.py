@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from appliance.api.deps import Caller, DbSession, access
-from appliance.api.schemas import Limit, Name, ResourceList, ResourcePublic, UserCreate
-from appliance.services import auth
+from appliance.api.schemas import Limit, Name, ResourceList, ResourcePublic, UserCreate, UserUpdate
+from appliance.services import auth, logins
 
 router = APIRouter(prefix="/users", tags=["users"])
 
@@ -28,6 +28,13 @@ def create_user(body: UserCreate, session: DbSession, caller: Caller) -> dict[st
 @router.get("/{name}", response_model=ResourcePublic, openapi_extra=access("self"))
 def get_user(name: Name, session: DbSession, caller: Caller) -> dict[str, Any]:
     return auth.get_user(session, caller, name)
+
+
+@router.patch("/{name}", response_model=ResourcePublic, openapi_extra=access("cluster:admin"))
+def update_user(name: Name, body: UserUpdate, session: DbSession, caller: Caller) -> dict[str, Any]:
+    """Disable / enable a user, reset their password, change their cluster role."""
+    return logins.update_user(session, caller, name, body.active, body.password, body.cluster_role,
+                              "cluster_role" in body.model_fields_set)
 
 
 @router.delete("/{name}", status_code=204, openapi_extra=access("cluster:admin"))
