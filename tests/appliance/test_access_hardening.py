@@ -6,7 +6,6 @@ test_live_stack repeats the lockout over HTTPS against the running appliance."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,11 +24,22 @@ pytestmark = pytest.mark.functional
 PASSWORD = "correct horse battery"
 
 
+def _throttled(api: Api) -> Api:
+    s = api.settings
+    s.login_max_failures, s.login_max_failures_per_address, s.login_lockout_seconds = 3, 1000, 60
+    return api
+
+
 @pytest.fixture(scope="module")
 def world(module_api: Api) -> Iterator[Api]:
-    s = module_api.settings
-    s.login_max_failures, s.login_max_failures_per_address, s.login_lockout_seconds = 3, 1000, 60
-    yield module_api
+    """Both databases: the throttle counts and the audit log's trigger are theirs."""
+    yield _throttled(module_api)
+
+
+@pytest.fixture(scope="module")
+def world_sqlite(module_api_sqlite: Api) -> Iterator[Api]:
+    """SQLite only, for what does not depend on the database (argon2 checks are slow)."""
+    yield _throttled(module_api_sqlite)
 
 
 def login(api: Api, user: str, password: str) -> Any:
@@ -64,8 +74,8 @@ def test_failed_logins_lock_the_user_name_known_or_not(world: Api) -> None:
     assert login(api, "locky", PASSWORD).status_code == 200
 
 
-def test_unknown_and_known_users_fail_in_the_same_time(world: Api) -> None:
-    api = world
+def test_unknown_and_known_users_fail_in_the_same_time(world_sqlite: Api) -> None:
+    api = world_sqlite
     api.settings.login_max_failures = 1000
     try:
         known, unknown = [], []
@@ -74,16 +84,17 @@ def test_unknown_and_known_users_fail_in_the_same_time(world: Api) -> None:
                 t0 = time.perf_counter()
                 assert login(api, user, "wrong password!").status_code == 401
                 into.append(time.perf_counter() - t0)
-        ratio = statistics.median(unknown) / statistics.median(known)
-        # both check an argon2 hash (without the dummy hash an unknown name answers ~100x faster)
+        # Both check an argon2 hash: without the dummy hash an unknown name answers ~70x
+        # faster. The quickest of each (the least disturbed by a busy machine) are compared.
+        ratio = min(unknown) / min(known)
         assert 0.4 < ratio < 2.5, (known, unknown)
     finally:
         api.settings.login_max_failures = 3
         forget_attempts(api)
 
 
-def test_one_address_guessing_many_names_is_locked_out(world: Api) -> None:
-    api = world
+def test_one_address_guessing_many_names_is_locked_out(world_sqlite: Api) -> None:
+    api = world_sqlite
     forget_attempts(api)
     api.settings.login_max_failures_per_address = 5
     try:
@@ -97,8 +108,8 @@ def test_one_address_guessing_many_names_is_locked_out(world: Api) -> None:
         forget_attempts(api)
 
 
-def test_a_user_changes_their_password_and_other_sessions_end(world: Api) -> None:
-    api = world
+def test_a_user_changes_their_password_and_other_sessions_end(world_sqlite: Api) -> None:
+    api = world_sqlite
     api.headers_for("pat")
     other = api.client.post("/api/v1/auth/login", json={"username": "pat", "password": PASSWORD})
     other_cookies = dict(api.client.cookies)
@@ -115,7 +126,9 @@ def test_a_user_changes_their_password_and_other_sessions_end(world: Api) -> Non
     assert api.client.get("/api/v1/auth/me").status_code == 200  # this session goes on
     api.client.cookies.clear()
     assert other.status_code == 200
-    assert api.client.get("/api/v1/auth/me", cookies=other_cookies).status_code == 401  # that one ended
+    api.client.cookies.update(other_cookies)
+    assert api.client.get("/api/v1/auth/me").status_code == 401  # that one ended
+    api.client.cookies.clear()
     assert login(api, "pat", PASSWORD).status_code == 401
     assert login(api, "pat", "a new long password").status_code == 200
     r = api.client.post("/api/v1/auth/password", headers=api.admin,
@@ -123,8 +136,8 @@ def test_a_user_changes_their_password_and_other_sessions_end(world: Api) -> Non
     assert r.status_code == 422 and "new_password" in r.json()["detail"]
 
 
-def test_a_disabled_user_is_locked_out_at_once(world: Api) -> None:
-    api = world
+def test_a_disabled_user_is_locked_out_at_once(world_sqlite: Api) -> None:
+    api = world_sqlite
     dora = api.headers_for("dora", project="default", role="operator")
     assert api.client.get("/api/v1/auth/me", headers=dora).status_code == 200
     assert api.client.patch("/api/v1/users/dora", json={"active": False}, headers=dora).status_code == 403
