@@ -77,12 +77,14 @@ def delete(session: Session, principal: Principal, project: str, name: str) -> N
 
 
 def upload_check(db_url: str, principal: Principal, project: str, name: str, pool: str | None) -> None:
-    """Before the bytes arrive: may the caller write there, is the name free, is the pool up?"""
+    """Before the bytes arrive: may the caller write there, is the name free, is the pool
+    up, has the project any volume quota left?"""
     with session_scope(db_url) as session:
         proj = project_by_name(session, principal, project, "write")
         if session.scalar(select(Image.id).where(Image.project_id == proj.id, Image.name == name)):
             raise Conflict(f"an image named '{name}' already exists in project '{project}': pick another name")
         volumes.queue_of(session, pools.row(session, pool or "default"))
+        quotas.charge(session, proj.id, volume_bytes=1)  # the real size is charged once it is known
 
 
 def upload_finish(db_url: str, principal: Principal, project: str, name: str, path: Path, fmt: str | None,
