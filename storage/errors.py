@@ -41,3 +41,20 @@ class CorruptionError(StorageError):
 
 class ClusterError(StorageError):
     """The embedded Ceph cluster launcher could not start or stop a cluster."""
+
+
+class OwnedElsewhere(ConflictError):
+    """A volume is locked by another writer (node + RADOS client) that is alive, or not
+    known to be dead: the message names it, ``owner`` has the lock record."""
+
+    def __init__(self, message: str, owner: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner or {}
+
+
+class LockLost(ConflictError):
+    """This writer no longer holds a lock it needs (broken by a takeover after a fence)."""
+
+
+class Busy(ConflictError):
+    """A cluster-wide job (garbage collection, scrub) is running elsewhere: try again later."""

@@ -28,10 +28,11 @@ import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 
+from storage.aio import AsyncIO, ReadCallback
 from storage.backends.base import ObjectBackend
 from storage.chunks import ChunkCodec, chunk_hash
 from storage.errors import BackendError, CorruptionError, ObjectNotFound
@@ -130,8 +131,9 @@ class Record:
     end: int
 
 
-def scan(data: bytes, start: int = 0) -> Iterator[Record]:
-    """Yield the intact records of segment bytes from ``start``; stop at a torn or bad one."""
+def scan(data: bytes, start: int = 0, base: int = 0) -> Iterator[Record]:
+    """Yield the intact records of segment bytes from ``start``; stop at a torn or bad one.
+    ``data`` begins at segment offset ``base`` (record offsets are segment offsets)."""
     view = memoryview(data)
     pos, end = start, len(data)
     while pos + HEADER.size <= end:
@@ -143,7 +145,7 @@ def scan(data: bytes, start: int = 0) -> Iterator[Record]:
         checked = body[: CHUNK_HEAD.size] if rtype == REC_CHUNK2 else body
         if zlib.crc32(checked, zlib.crc32(bytes([rtype]))) != crc:
             return
-        yield Record(rtype, body, body_at, body_at + length)
+        yield Record(rtype, body, base + body_at, base + body_at + length)
         pos = body_at + length
 
 
@@ -170,109 +172,6 @@ class _Stream:
     @property
     def segment(self) -> str:
         return segment_name(self.name, self.seq)
-
-
-Callback = Callable[[BaseException | None], None]
-ReadCallback = Callable[[bytes | None, BaseException | None], None]
-
-
-class AsyncIO:
-    """Backend operations that report completion through a callback (from any thread).
-
-    With a backend that has librados-style ``aio_*`` methods, operations go straight to
-    it (no thread per operation, any number in flight; appends to one object land in
-    submission order). Otherwise one ordered worker thread runs them (local directories),
-    and reads go to a small pool of reader threads.
-    """
-
-    def __init__(self, backend: ObjectBackend) -> None:
-        self.backend = backend
-        self.native = all(hasattr(backend, m) for m in ("aio_append", "aio_put", "aio_read"))
-        # RADOS acknowledges an append once every replica has it: nothing left to sync.
-        self.durable = bool(getattr(backend, "appends_durable", False))
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-io")
-        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="log-read")
-        self._unsynced: set[str] = set()
-
-    def _run(self, cb: Callback, fn: Callable[[], None]) -> None:
-        def task() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # reported through the callback
-                cb(exc)
-                return
-            cb(None)
-
-        self._worker.submit(task)
-
-    def append(self, name: str, data: bytes, cb: Callback) -> None:
-        """Append; ``cb`` once it is in the backend (durable for RADOS)."""
-        if self.native:
-            try:
-                self.backend.aio_append(name, data, cb)  # type: ignore[attr-defined]
-            except BaseException as exc:
-                cb(exc)
-            return
-
-        def run() -> None:
-            self.backend.append(name, data)
-            self._unsynced.add(name)
-
-        self._run(cb, run)
-
-    def sync(self, cb: Callback) -> None:
-        """Make every append submitted so far durable."""
-        if self.durable:
-            cb(None)
-            return
-
-        def run() -> None:
-            names, self._unsynced = self._unsynced, set()
-            for n in names:
-                self.backend.sync(n)
-
-        self._run(cb, run)
-
-    def put_index(self, segment: str, data: bytes, cb: Callback) -> None:
-        """Store a segment's index once the segment's appends are durable."""
-        if self.native:
-            try:
-                self.backend.aio_put(index_name(segment), data, cb)  # type: ignore[attr-defined]
-            except BaseException as exc:
-                cb(exc)
-            return
-
-        def run() -> None:
-            if not self.durable:
-                self.backend.sync(segment)
-                self._unsynced.discard(segment)
-            self.backend.put(index_name(segment), data)
-
-        self._run(cb, run)
-
-    def read(self, name: str, offset: int, length: int, cb: ReadCallback) -> None:
-        """Read a range (shorter at the end of the object); ``cb(data, None)`` or ``cb(None, exc)``."""
-        if self.native:
-            try:
-                self.backend.aio_read(name, offset, length, cb)  # type: ignore[attr-defined]
-            except BaseException as exc:
-                cb(None, exc)
-            return
-
-        def task() -> None:
-            try:
-                data = self.backend.get(name, offset, length)
-            except BaseException as exc:
-                cb(None, exc)
-                return
-            cb(data, None)
-
-        self._readers.submit(task)
-
-    def close(self) -> None:
-        """Finish queued operations and stop the threads."""
-        self._worker.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
 
 
 @dataclass(eq=False)
@@ -302,7 +201,7 @@ class SegmentLog:
     only a crash between the two kinds of appends of an unacknowledged group leaves.
     """
 
-    def __init__(self, backend: ObjectBackend, readonly: bool = False) -> None:
+    def __init__(self, backend: ObjectBackend, readonly: bool = False, load: bool = True) -> None:
         self.backend = backend
         self.readonly = readonly
         self.index: dict[bytes, Location] = {}
@@ -322,22 +221,77 @@ class SegmentLog:
         self._index_puts = 0
         self._broken: BaseException | None = None
         self._advancing = self._again = False
-        self.load_index()
+        # Other writers' segments: bytes indexed so far, and those that are final.
+        self.covered: dict[str, int] = {}
+        self.sealed: set[str] = set()
+        # Garbage collection: segments no new write may deduplicate against, and those
+        # collected (never indexed again).
+        self.condemned: frozenset[str] = frozenset()
+        self.gone: set[str] = set()
+        self.own_sealed: list[str] = []  # this writer's segments with an index object, in order
+        self.on_missing: Callable[[], None] | None = None  # a segment vanished: catch up with GC
+        if load:
+            self.load_index()
 
     # ---------------------------------------------------------------- index
+    def own(self, seg: str) -> bool:
+        """Whether a segment is one of this writer's (journal or data stream)."""
+        return parse_segment(seg)[0].split(".")[0] == self.writer
+
     def load_index(self) -> None:
-        """Read every index object; scan the segment bytes that no index covers yet."""
+        """Index every segment: read index objects, scan the bytes no index covers yet."""
+        self.refresh(tails=True)
+
+    def refresh(self, tails: bool = True) -> int:
+        """Learn other writers' chunks: load the index objects not seen yet (a segment
+        with an index object is final), and with ``tails`` also scan what unsealed
+        segments gained since the last look (needed before replaying another writer's
+        journal: its last chunks are in no index yet). Returns the segments read."""
         indexes = set(self.backend.list("idx/"))
-        for seg in sorted(self.backend.list("seg/")):
-            covered = 0
-            idx = index_name(seg)
-            if idx in indexes:
-                covered = self._load_index_object(seg, self.backend.get(idx))
-            size = self.backend.size(seg)
-            if size > covered:
-                self._scan_into_index(seg, covered)
-                if not self.readonly:
-                    self.write_index(seg, size)
+        names = set(self.backend.list("seg/")) if tails else {"seg/" + i[4:] for i in indexes}
+        read = 0
+        for seg in sorted(names):
+            if seg in self.sealed or seg in self.gone or self.own(seg):
+                continue
+            covered = self.covered.get(seg, 0)
+            try:
+                if index_name(seg) in indexes:
+                    covered = max(covered, self._load_index_object(seg, self.backend.get(index_name(seg))))
+                    self.sealed.add(seg)
+                    read += 1
+                if tails:
+                    size = self.backend.size(seg)
+                    if size > covered:
+                        covered = self._scan_into_index(seg, covered)
+                        read += 1
+            except ObjectNotFound:
+                continue  # collected meanwhile
+            self.covered[seg] = covered
+        return read
+
+    def reload(self, segments: list[str] | set[str]) -> None:
+        """Read these index objects again (entries of dropped segments find their new home)."""
+        for seg in segments:
+            if seg in self.gone:
+                continue
+            try:
+                self._load_index_object(seg, self.backend.get(index_name(seg)))
+            except ObjectNotFound:
+                continue
+            self.sealed.add(seg)
+
+    def drop(self, segments: set[str]) -> None:
+        """Forget segments that were collected: their index entries go, and they are never
+        loaded again."""
+        if not segments:
+            return
+        self.gone |= segments
+        for h, loc in list(self.index.items()):
+            if loc.segment in segments:
+                del self.index[h]
+        for seg in segments:
+            self.sealed.discard(seg)
+            self.covered.pop(seg, None)
 
     def _load_index_object(self, seg: str, data: bytes) -> int:
         (covered,) = IDX_HEAD.unpack_from(data, 0)
@@ -346,10 +300,12 @@ class SegmentLog:
             self.index.setdefault(h, Location(seg, poff, plen, flags, raw))
         return int(covered)
 
-    def _scan_into_index(self, seg: str, start: int) -> None:
-        data = self.backend.get(seg)
+    def _scan_into_index(self, seg: str, start: int) -> int:
+        """Index the intact records of a segment from ``start``; returns where they end."""
+        data = self.backend.get(seg, start, self.backend.size(seg) - start) if start else self.backend.get(seg)
         codec = ChunkCodec()
-        for rec in scan(data, start):
+        end = start
+        for rec in scan(data, 0, start):
             if rec.rtype in CHUNK_RECORDS:
                 h, flags, raw = CHUNK_HEAD.unpack_from(rec.body, 0)
                 at = rec.body_offset + CHUNK_HEAD.size
@@ -360,8 +316,24 @@ class SegmentLog:
                     except Exception:  # zstd raises its own errors on damaged frames
                         ok = False
                     if not ok:
-                        return
+                        return end
                 self.index.setdefault(h, Location(seg, at, rec.end - at, flags, raw))
+            end = rec.end
+        return end
+
+    def seal(self, seg: str) -> None:
+        """Write the index object of a dead writer's unsealed segment (after a scan), so it
+        becomes final: collectable, and never scanned again."""
+        covered = self.covered.get(seg, 0)
+        try:
+            size = self.backend.size(seg)
+            if size > covered:
+                covered = self._scan_into_index(seg, covered)
+        except ObjectNotFound:
+            return
+        self.covered[seg] = covered
+        self.write_index(seg, covered)
+        self.sealed.add(seg)
 
     def index_blob(self, seg: str, covered: int) -> bytes:
         """The index object of a segment (covering its first ``covered`` bytes)."""
@@ -445,6 +417,7 @@ class SegmentLog:
         st.pending_size = 0
         if st.seg_size >= SEGMENT_TARGET:
             sealed.append((seg, self.index_blob(seg, st.seg_size)))
+            self.own_sealed.append(seg)
             self.segment_entries.pop(seg, None)
             st.seq += 1
             st.seg_size = 0
@@ -567,6 +540,7 @@ class SegmentLog:
         for st in (self.journal, *self.data):
             if st.seg_size:
                 self.write_index(st.segment, st.seg_size)
+                self.own_sealed.append(st.segment)
                 self.segment_entries.pop(st.segment, None)
                 st.seq += 1
                 st.seg_size = 0
@@ -599,7 +573,14 @@ class SegmentLog:
         if payload is None:
             payload = self.inflight.get(h)
         if payload is None:
-            payload = self.backend.get(loc.segment, loc.offset, loc.length)
+            try:
+                payload = self.backend.get(loc.segment, loc.offset, loc.length)
+            except ObjectNotFound:
+                if self.on_missing is None:
+                    raise
+                self.on_missing()  # collected: learn where its chunks went
+                loc = self.index.get(h) or loc
+                payload = self.backend.get(loc.segment, loc.offset, loc.length)
             if len(payload) != loc.length:
                 raise CorruptionError(f"chunk {h.hex()} truncated in {loc.segment}")
         return loc, payload
@@ -608,26 +589,34 @@ class SegmentLog:
         """Block-map updates of one volume written at or after ``start`` (in log order),
         except those whose chunk or patch base never landed (unacknowledged writes)."""
         index = self.index
-        for blk, h, base in self._replay(vol_id, start):
+        for blk, h, base in self.journal_entries({vol_id: start}).get(vol_id, []):
             if (h == _NO_BASE or h in index) and (base == _NO_BASE or base in index):
                 yield blk, h
 
-    def _replay(self, vol_id: bytes, start: LogPosition) -> Iterator[tuple[int, bytes, bytes]]:
-        seq = start.seq
-        offset = start.offset
-        while True:
-            seg = segment_name(start.writer, seq)
-            try:
-                data = self.backend.get(seg)
-            except ObjectNotFound:
-                return
-            for rec in scan(data, offset):
-                if rec.rtype in MAP_RECORDS:
+    def journal_entries(self, starts: dict[bytes, LogPosition]) -> dict[bytes, list[tuple[int, bytes, bytes]]]:
+        """Every map entry of the given volumes at or after their start positions, in log
+        order: (block, chunk, patch base). Each journal segment is read once, however
+        many volumes it serves."""
+        out: dict[bytes, list[tuple[int, bytes, bytes]]] = {}
+        by_writer: dict[str, dict[bytes, LogPosition]] = {}
+        for vol_id, pos in starts.items():
+            by_writer.setdefault(pos.writer, {})[vol_id] = pos
+        for writer, vols in by_writer.items():
+            seq = min(p.seq for p in vols.values())
+            while True:
+                try:
+                    data = self.backend.get(segment_name(writer, seq))
+                except ObjectNotFound:
+                    break
+                for rec in scan(data):
+                    if rec.rtype not in MAP_RECORDS:
+                        continue
                     vid, entries = map_entries(rec.body, rec.rtype)
-                    if vid == vol_id:
-                        yield from entries
-            seq += 1
-            offset = 0
+                    first = vols.get(vid)
+                    if first is not None and (seq, rec.body_offset) >= (first.seq, first.offset):
+                        out.setdefault(vid, []).extend(entries)
+                seq += 1
+        return out
 
     def segments(self) -> dict[str, float]:
         """Every segment with its modification time."""

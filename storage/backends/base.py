@@ -61,12 +61,57 @@ class ObjectBackend(abc.ABC):
         """Return the pointer's current value, or None if it was never set (or was removed)."""
 
     @abc.abstractmethod
-    def cas_pointer(self, name: str, expected: bytes | None, new: bytes | None) -> bool:
+    def cas_pointer(self, name: str, expected: bytes | None, new: bytes | None, cookie: str | None = None) -> bool:
         """Atomically set the pointer to ``new`` if it is ``expected`` now.
 
         ``expected=None`` means "must not exist"; ``new=None`` removes it. Returns whether
-        the swap happened.
+        the swap happened. With ``cookie``, the swap also requires this client to hold the
+        pointer's lock under that cookie (:meth:`lock_pointer`), else ``LockLost``.
         """
+
+    # ------------------------------------------------------------------ locks
+    # A pointer can carry one exclusive lock (RBD's exclusive-lock model): taken with a
+    # cookie and an owner record (opaque bytes, readable by anyone), asserted by every
+    # swap of the locked writer, broken by another client only after fencing the holder.
+
+    @abc.abstractmethod
+    def client_identity(self) -> tuple[str, str]:
+        """(client name, address) of this connection: what a lock records and what
+        :meth:`blocklist` takes to fence it."""
+
+    @abc.abstractmethod
+    def lock_pointer(self, name: str, cookie: str, owner: bytes, expected: bytes) -> bytes | None:
+        """Lock the pointer (whose value must still be ``expected``) for this client and
+        ``cookie``, storing ``owner`` with it. None on success (also when this client
+        already holds it under ``cookie``), else the current holder's owner record.
+        ``NotFound``-like ``ObjectNotFound`` if the pointer is gone or changed."""
+
+    @abc.abstractmethod
+    def unlock_pointer(self, name: str, cookie: str) -> None:
+        """Release this client's lock (absent lock or pointer: nothing to do)."""
+
+    @abc.abstractmethod
+    def pointer_owner(self, name: str) -> bytes | None:
+        """The owner record of the pointer's lock, or None if it is not locked."""
+
+    @abc.abstractmethod
+    def break_pointer_lock(self, name: str, owner: bytes, client: str, cookie: str) -> bool:
+        """Remove another client's lock if its owner record is still ``owner``; whether it
+        did. Fence (:meth:`blocklist`) the holder first, as RBD does."""
+
+    @abc.abstractmethod
+    def blocklist(self, addr: str, seconds: float) -> bool:
+        """Make the cluster reject every operation of the client at ``addr`` for
+        ``seconds``; False where the backend cannot fence (a local directory)."""
+
+    @abc.abstractmethod
+    def lease(self, name: str, cookie: str, seconds: float, description: str = "") -> bool:
+        """Take or renew a lease (a lock that expires after ``seconds``) on the pointer
+        object ``name``; False while another client holds it."""
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, cookie: str) -> None:
+        """Give a lease back (absent: nothing to do)."""
 
     @abc.abstractmethod
     def list_pointers(self, prefix: str = "") -> Iterator[str]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from storage.backends.base import ObjectBackend
-from storage.errors import BackendError, InvalidArgument, ObjectNotFound
+from storage.errors import BackendError, InvalidArgument, LockLost, ObjectNotFound
 
 _OBJ = "obj"
 _PTR = "ptr"
+_LOCKS = "locks"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -23,15 +28,28 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalBackend(ObjectBackend):
-    """Objects as files under ``<root>/obj``, pointers under ``<root>/ptr``."""
+    """Objects as files under ``<root>/obj``, pointers under ``<root>/ptr``, pointer locks
+    and leases under ``<root>/locks`` (one node only: there is nothing to fence, so
+    :meth:`blocklist` says False; a dead holder is recognised by its process id)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.url = f"local://{self.root}"
-        for sub in (_OBJ, _PTR):
+        for sub in (_OBJ, _PTR, _LOCKS):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._append_fds: dict[str, int] = {}
         self._lock_path = self.root / "ptr.lock"
+        self._client = f"local.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.closed = False
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with open(self._lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _path(self, kind: str, name: str) -> Path:
         if not name or name.startswith("/") or ".." in name.split("/") or name.endswith(".tmp"):
@@ -136,22 +154,90 @@ class LocalBackend(ObjectBackend):
         except FileNotFoundError:
             return None
 
-    def cas_pointer(self, name: str, expected: bytes | None, new: bytes | None) -> bool:
+    def cas_pointer(self, name: str, expected: bytes | None, new: bytes | None, cookie: str | None = None) -> bool:
         """Compare and swap under an exclusive flock shared by every process using the directory."""
         path = self._path(_PTR, name)
-        with open(self._lock_path, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if self.get_pointer(name) != expected:
-                    return False
-                if new is None:
-                    path.unlink(missing_ok=True)
-                    _fsync_dir(path.parent)
-                else:
-                    self._atomic_write(path, new)
-                return True
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with self._exclusive():
+            if self.get_pointer(name) != expected:
+                return False
+            if cookie is not None:
+                held = self._lock_record(name)
+                if held is None or (held["client"], held["cookie"]) != (self._client, cookie):
+                    raise LockLost(f"lock on {name} is no longer held by this writer")
+            if new is None:
+                path.unlink(missing_ok=True)
+                self._path(_LOCKS, name).unlink(missing_ok=True)
+                _fsync_dir(path.parent)
+            else:
+                self._atomic_write(path, new)
+            return True
+
+    # ------------------------------------------------------------------ locks
+    def _lock_record(self, name: str) -> dict[str, object] | None:
+        try:
+            rec: dict[str, object] = json.loads(self._path(_LOCKS, name).read_bytes())
+        except FileNotFoundError:
+            return None
+        expires = rec.get("expires")
+        if isinstance(expires, (int, float)) and expires < time.time():
+            return None
+        return rec
+
+    def client_identity(self) -> tuple[str, str]:
+        """A name per backend object (one "client" per open pool, like a RADOS handle)."""
+        return self._client, f"local:{self._client}"
+
+    def lock_pointer(self, name: str, cookie: str, owner: bytes, expected: bytes) -> bytes | None:
+        """Take the lock file if free (or ours) and the pointer is still ``expected``."""
+        with self._exclusive():
+            if self.get_pointer(name) != expected:
+                raise ObjectNotFound(f"pointer {name} is gone or changed")
+            held = self._lock_record(name)
+            if held is not None and (held["client"], held["cookie"]) != (self._client, cookie):
+                return bytes.fromhex(str(held["owner"]))
+            rec = {"client": self._client, "cookie": cookie, "owner": owner.hex(), "expires": None}
+            self._atomic_write(self._path(_LOCKS, name), json.dumps(rec).encode())
+            return None
+
+    def unlock_pointer(self, name: str, cookie: str) -> None:
+        """Remove our lock file."""
+        with self._exclusive():
+            held = self._lock_record(name)
+            if held is not None and (held["client"], held["cookie"]) == (self._client, cookie):
+                self._path(_LOCKS, name).unlink(missing_ok=True)
+
+    def pointer_owner(self, name: str) -> bytes | None:
+        """The owner record in the lock file."""
+        held = self._lock_record(name)
+        return None if held is None else bytes.fromhex(str(held["owner"]))
+
+    def break_pointer_lock(self, name: str, owner: bytes, client: str, cookie: str) -> bool:
+        """Remove the lock file if it still names that holder."""
+        with self._exclusive():
+            held = self._lock_record(name)
+            if held is None or (held["client"], held["cookie"], held["owner"]) != (client, cookie, owner.hex()):
+                return False
+            self._path(_LOCKS, name).unlink(missing_ok=True)
+            return True
+
+    def blocklist(self, addr: str, seconds: float) -> bool:
+        """A directory cannot refuse a process's writes: nothing to do (False)."""
+        return False
+
+    def lease(self, name: str, cookie: str, seconds: float, description: str = "") -> bool:
+        """A lock file with an expiry time."""
+        with self._exclusive():
+            held = self._lock_record(name)
+            if held is not None and (held["client"], held["cookie"]) != (self._client, cookie):
+                return False
+            rec = {"client": self._client, "cookie": cookie, "owner": description.encode().hex(),
+                   "expires": time.time() + seconds}
+            self._atomic_write(self._path(_LOCKS, name), json.dumps(rec).encode())
+            return True
+
+    def release_lease(self, name: str, cookie: str) -> None:
+        """Remove our lease file."""
+        self.unlock_pointer(name, cookie)
 
     def list_pointers(self, prefix: str = "") -> Iterator[str]:
         """Walk the pointer directory."""
@@ -168,3 +254,4 @@ class LocalBackend(ObjectBackend):
         for fd in self._append_fds.values():
             os.close(fd)
         self._append_fds.clear()
+        self.closed = True

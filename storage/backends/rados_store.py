@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,10 +13,62 @@ from typing import Any
 import rados
 
 from storage.backends.base import ObjectBackend
-from storage.errors import BackendError, ObjectNotFound
+from storage.errors import BackendError, LockLost, ObjectNotFound
 
 _KEY = "v"
+_OWNER = "owner"
+_LOCK = "cairn"  # the lock name on a volume head (RBD: "rbd_lock")
+_LEASE = "lease"
+_EXCLUSIVE = 1
+_MAY_RENEW = 1
+_ENTITY_CLIENT = 8
 log = logging.getLogger("cairn.rados")
+
+
+# ---------------------------------------------------------------- cls_lock requests
+# The Python binding has no list/break/assert for advisory locks, but it runs object
+# class methods inside a write op: these build the requests of Ceph's ``lock`` class
+# (src/cls/lock/cls_lock_ops.h: ENCODE_START(1, 1) = version, compat, length).
+
+
+def _s(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<I", len(raw)) + raw
+
+
+def _versioned(payload: bytes) -> bytes:
+    return struct.pack("<BBI", 1, 1, len(payload)) + payload
+
+
+def _lock_op(name: str, cookie: str, description: str, seconds: float = 0.0, flags: int = 0) -> bytes:
+    secs = int(seconds)
+    return _versioned(_s(name) + struct.pack("<B", _EXCLUSIVE) + _s(cookie) + _s("") + _s(description)
+                      + struct.pack("<IIB", secs, int((seconds - secs) * 1e9), flags))
+
+
+def _unlock_op(name: str, cookie: str) -> bytes:
+    return _versioned(_s(name) + _s(cookie))
+
+
+def _assert_op(name: str, cookie: str) -> bytes:
+    return _versioned(_s(name) + struct.pack("<B", _EXCLUSIVE) + _s(cookie) + _s(""))
+
+
+def _break_op(name: str, client: str, cookie: str) -> bytes:
+    kind, _, num = client.partition(".")
+    if kind != "client" or not num.isdigit():
+        raise BackendError(f"not a RADOS client name: {client!r}")
+    return _versioned(_s(name) + struct.pack("<Bq", _ENTITY_CLIENT, int(num)) + _s(cookie))
+
+
+def _errno(exc: BaseException) -> int | None:
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return abs(code)
+    for known in (errno.ECANCELED, errno.EBUSY, errno.ENOENT, errno.EEXIST):
+        if f"-{known}" in str(exc) or f"errno {known}]" in str(exc):
+            return known
+    return None
 
 
 def _error(what: str, name: str, rv: int) -> Exception:
@@ -53,6 +107,7 @@ class RadosBackend(ObjectBackend):
             raise BackendError(f"cannot open rados pool {pool!r} with {conf}: {exc}") from exc
         self._io.set_namespace(namespace)
         self._ptr.set_namespace(namespace + ".ptr")
+        self.closed = False
 
     def put(self, name: str, data: bytes) -> None:
         """write_full is atomic in RADOS."""
@@ -167,13 +222,14 @@ class RadosBackend(ObjectBackend):
         raw = values.get(_KEY)
         return None if raw is None else bytes.fromhex(bytes(raw).decode())
 
-    def cas_pointer(self, name: str, expected: bytes | None, new: bytes | None) -> bool:
-        """One RADOS write op: exclusive create or omap_cmp, then set (or remove).
-
-        Values are hex-encoded because the binding's omap_cmp takes text.
+    def cas_pointer(self, name: str, expected: bytes | None, new: bytes | None, cookie: str | None = None) -> bool:
+        """One RADOS write op: [assert our lock], exclusive create or omap_cmp, then set
+        (or remove). Values are hex-encoded because the binding's omap_cmp takes text.
         """
         try:
             with rados.WriteOpCtx() as op:
+                if cookie is not None:
+                    op.execute("lock", "assert_locked", _assert_op(_LOCK, cookie))
                 if expected is None:
                     op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
                 else:
@@ -184,12 +240,121 @@ class RadosBackend(ObjectBackend):
                     self._ptr.set_omap(op, (_KEY,), (new.hex().encode(),))
                 self._ptr.operate_write_op(op, name)
             return True
+        except rados.ObjectBusy:
+            raise LockLost(f"lock on {name} is no longer held by this writer") from None
         except (rados.ObjectExists, rados.ObjectNotFound):
             return False
         except rados.Error as exc:
-            if getattr(exc, "errno", None) in (errno.ECANCELED, errno.EEXIST, errno.ENOENT) or "-125" in str(exc):
+            if _errno(exc) in (errno.ECANCELED, errno.EEXIST, errno.ENOENT):
                 return False
             raise BackendError(f"cas pointer {name}: {exc}") from exc
+
+    # ------------------------------------------------------------------ locks
+    def client_identity(self) -> tuple[str, str]:
+        """``client.<global id>`` and the address the OSDs see (what a blocklist takes)."""
+        addrs = str(self._cluster.get_addrs()).strip("[]").split(",")[0]
+        for prefix in ("v1:", "v2:", "any:"):
+            addrs = addrs.removeprefix(prefix)
+        return f"client.{self._cluster.get_instance_id()}", addrs
+
+    def lock_pointer(self, name: str, cookie: str, owner: bytes, expected: bytes) -> bytes | None:
+        """One write op: the pointer is still ``expected``, cls_lock exclusive lock (renewed
+        if ours), owner record as an omap value next to the pointer's."""
+        description = json.loads(owner).get("node", "") if owner.startswith(b"{") else ""
+        try:
+            with rados.WriteOpCtx() as op:
+                op.omap_cmp(_KEY, expected.hex(), rados.LIBRADOS_CMPXATTR_OP_EQ)
+                op.execute("lock", "lock", _lock_op(_LOCK, cookie, f"cairn node {description}", flags=_MAY_RENEW))
+                self._ptr.set_omap(op, (_OWNER,), (owner.hex().encode(),))
+                self._ptr.operate_write_op(op, name)
+            return None
+        except rados.ObjectBusy:
+            return self.pointer_owner(name) or b""
+        except rados.ObjectNotFound:
+            raise ObjectNotFound(name) from None
+        except rados.Error as exc:
+            if _errno(exc) in (errno.ECANCELED, errno.ENOENT):
+                raise ObjectNotFound(name) from None
+            raise BackendError(f"lock {name}: {exc}") from exc
+
+    def unlock_pointer(self, name: str, cookie: str) -> None:
+        """cls_lock unlock and the owner record go together; a lock we no longer hold
+        (broken, or the pointer deleted) is left as it is."""
+        try:
+            with rados.WriteOpCtx() as op:
+                op.execute("lock", "unlock", _unlock_op(_LOCK, cookie))
+                self._ptr.remove_omap_keys(op, (_OWNER,))
+                self._ptr.operate_write_op(op, name)
+        except rados.ObjectNotFound:
+            pass
+        except rados.Error as exc:
+            if _errno(exc) not in (errno.ENOENT, errno.EBUSY):
+                raise BackendError(f"unlock {name}: {exc}") from exc
+
+    def pointer_owner(self, name: str) -> bytes | None:
+        """The owner omap value of the pointer object."""
+        try:
+            with rados.ReadOpCtx() as op:
+                it, _ret = self._ptr.get_omap_vals_by_keys(op, (_OWNER,))
+                self._ptr.operate_read_op(op, name)
+                values: dict[str, Any] = dict(it)
+        except rados.ObjectNotFound:
+            return None
+        except rados.Error as exc:
+            raise BackendError(f"owner of {name}: {exc}") from exc
+        raw = values.get(_OWNER)
+        return None if raw is None else bytes.fromhex(bytes(raw).decode())
+
+    def break_pointer_lock(self, name: str, owner: bytes, client: str, cookie: str) -> bool:
+        """One write op: the owner record is still ``owner``, break that client's lock,
+        drop the record."""
+        try:
+            with rados.WriteOpCtx() as op:
+                op.omap_cmp(_OWNER, owner.hex(), rados.LIBRADOS_CMPXATTR_OP_EQ)
+                op.execute("lock", "break_lock", _break_op(_LOCK, client, cookie))
+                self._ptr.remove_omap_keys(op, (_OWNER,))
+                self._ptr.operate_write_op(op, name)
+            return True
+        except rados.ObjectNotFound:
+            return False
+        except rados.Error as exc:
+            if _errno(exc) in (errno.ECANCELED, errno.ENOENT, errno.EBUSY):
+                return False
+            raise BackendError(f"break lock {name}: {exc}") from exc
+
+    def blocklist(self, addr: str, seconds: float) -> bool:
+        """``osd blocklist add`` through the monitor command API, then wait for the new
+        OSD map so our next operations carry it (OSDs that see it refuse the client)."""
+        cmd = {"prefix": "osd blocklist", "blocklistop": "add", "addr": addr, "expire": float(seconds)}
+        r, _out, err = self._cluster.mon_command(json.dumps(cmd), b"", timeout=30)
+        if r != 0:
+            raise BackendError(f"osd blocklist add {addr}: {err or errno.errorcode.get(-r, r)}")
+        self._cluster.wait_for_latest_osdmap()
+        return True
+
+    def lease(self, name: str, cookie: str, seconds: float, description: str = "") -> bool:
+        """A cls_lock lock with a duration on the pointer object (renewed if ours)."""
+        try:
+            with rados.WriteOpCtx() as op:
+                op.execute("lock", "lock", _lock_op(_LEASE, cookie, description, seconds, _MAY_RENEW))
+                self._ptr.operate_write_op(op, name)
+            return True
+        except rados.ObjectBusy:
+            return False
+        except rados.Error as exc:
+            if _errno(exc) in (errno.EBUSY, errno.EEXIST):
+                return False
+            raise BackendError(f"lease {name}: {exc}") from exc
+
+    def release_lease(self, name: str, cookie: str) -> None:
+        """cls_lock unlock of the lease (already expired or taken: nothing to do)."""
+        try:
+            with rados.WriteOpCtx() as op:
+                op.execute("lock", "unlock", _unlock_op(_LEASE, cookie))
+                self._ptr.operate_write_op(op, name)
+        except rados.Error as exc:
+            if _errno(exc) not in (errno.ENOENT, errno.EBUSY):
+                raise BackendError(f"release lease {name}: {exc}") from exc
 
     def list_pointers(self, prefix: str = "") -> Iterator[str]:
         """List the pointer namespace."""
@@ -200,6 +365,7 @@ class RadosBackend(ObjectBackend):
 
     def close(self) -> None:
         """Close the I/O contexts and the cluster handle."""
+        self.closed = True
         self._io.close()
         self._ptr.close()
         self._cluster.shutdown()

@@ -165,7 +165,7 @@ class NbdServer:
             writer.write(reply)
         if not error:
             try:
-                for vol in list(self.pool._open.values()):
+                for vol in self.pool.open_volumes():
                     if vol._since_checkpoint > CHECKPOINT_BYTES:
                         vol.checkpoint()
             except StorageError:
