@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 
 from storage.chunks import RAW, ZERO_HASH, ChunkCodec, Extents, chunk_hash, decode_patch, encode_patch
-from storage.errors import ObjectNotFound
+from storage.errors import CorruptionError, ObjectNotFound
 from storage.log import Location, SegmentLog
 
 CACHE_BYTES = 160 << 20
@@ -118,6 +118,19 @@ class ChunkStore:
         data = self.codec.decode(loc.flags, payload, loc.raw_length)
         self._remember(h, data)
         return data
+
+    def peek(self, h: bytes) -> bytes:
+        """The chunk's bytes without touching the cache (safe from a worker thread)."""
+        data = self._cache.get(h)
+        if data is not None:
+            return bytes(data)
+        loc = self.log.index.get(h)
+        if loc is None:
+            raise CorruptionError(f"chunk {h.hex()} is not in the index")
+        got = self.fetch([(loc, h)])
+        if not got:
+            raise CorruptionError(f"chunk {h.hex()} vanished from {loc.segment}")
+        return got[0][1]
 
     def missing(self, hashes: list[bytes]) -> list[tuple[Location, bytes]]:
         """Locations of the chunks that are neither cached nor staged (need a backend read)."""

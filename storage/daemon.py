@@ -1,9 +1,11 @@
-"""``cairn-storaged``: the one process that writes a node's dedup pools.
+"""``cairn-storaged``: a node's writer of its dedup pools.
 
 It serves every attached pool's volumes over NBD (a unix socket per pool, optionally a
 TCP port) and answers a small control protocol on ``<run-dir>/storage.sock`` so that
-snapshot, rollback, clone, resize, delete, stats, GC and scrub run *in the writer*
-(the engine has one writer per pool: see storage/README.md).
+snapshot, rollback, clone, resize, delete and stats run *in this node's writer*, which
+holds the lock of every volume it serves (other nodes' daemons write the same Ceph pool:
+see storage/README.md, "Several nodes"). Garbage collection and scrub run in a pool
+handle of their own (a second writer of this node), cluster-wide under a lease.
 
 Control protocol: one JSON object per line each way. Request
 ``{"op": "snapshot", "pool": "default", "volume": "...", "snapshot": "..."}``; reply
@@ -71,9 +73,10 @@ class Attached:
 
 
 class StorageDaemon:
-    def __init__(self, run_dir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1", node: str | None = None) -> None:
         self.run_dir = run_dir
         self.host = host
+        self.node = node
         self.pools: dict[str, Attached] = {}
         self._state = run_dir / "pools.json"
 
@@ -85,7 +88,7 @@ class StorageDaemon:
             if (current.config.backend, current.config.port) != (cfg.backend, cfg.port):
                 raise InvalidArgument(f"pool {name!r} is attached with another backend or port: detach it first")
             return self._describe(current)
-        pool = await asyncio.to_thread(open_pool, backend, cfg.chunk_size)
+        pool = await asyncio.to_thread(open_pool, backend, cfg.chunk_size, False, self.node)
         server = NbdServer(pool)
         sock = str(self.run_dir / f"nbd-{name}.sock")
         try:
@@ -109,7 +112,22 @@ class StorageDaemon:
             att.close()
 
     def _describe(self, att: Attached) -> dict[str, Any]:
-        return {**asdict(att.config), "socket": att.socket, "host": self.host if att.config.port else None}
+        me = att.pool.me
+        return {**asdict(att.config), "socket": att.socket, "host": self.host if att.config.port else None,
+                "node": me.node if me else None, "client": me.addr if me else None,
+                "fenced": att.server.fenced or None}
+
+    async def reattach_fenced(self) -> None:
+        """A pool whose writer the cluster fenced comes back with a new client (its
+        volumes belong to whoever took them over; this node may take them again)."""
+        for name, att in list(self.pools.items()):
+            if att.server.fenced:
+                log.warning("pool %s: writer fenced (%s); attaching again", name, att.server.fenced)
+                await self.detach(name)
+                try:
+                    await self.attach(**asdict(att.config))
+                except (StorageError, OSError) as exc:
+                    log.error("cannot re-attach pool %s: %s", name, exc)
 
     def _pool(self, name: str) -> Attached:
         try:
@@ -140,20 +158,18 @@ class StorageDaemon:
             return await self.attach(**req)
         if op == "pools":
             return [self._describe(a) for a in self.pools.values()]
+        if op == "fence":
+            return await self._fence(str(req["node"]), req.get("pool"))
         att = self._pool(req.pop("pool", "") or "")
         if op == "detach":
             return await self.detach(att.config.name)
         pool = att.pool
         if op in ("gc", "scrub", "check"):
             async with att.busy:
-                if op == "gc":
-                    grace = float(req.get("grace_seconds", 3600))
-                    return asdict(await asyncio.to_thread(collect_garbage, pool, grace))
-                if op == "scrub":
-                    return asdict(await asyncio.to_thread(scrub, pool))
-                return await asyncio.to_thread(check_consistency, pool)
+                return await asyncio.to_thread(self._maintenance, att, op, req)
         if op == "stats":
-            return await asyncio.to_thread(pool.stats)
+            pool.checkpoint_all()
+            return await asyncio.to_thread(pool.stats, True)
         vol = req.get("volume", "")
         if req.get("class") == "rbd":
             return await asyncio.to_thread(self._rbd_op, att, op, vol, req)
@@ -170,6 +186,10 @@ class StorageDaemon:
             "clone": lambda: pool.clone(vol, req["snapshot"], req["new"]),
             "volume_stats": lambda: pool.volume_stats(vol).as_dict(),
             "export": lambda: self._export(att, vol),
+            "take": lambda: self._take(att, vol, bool(req.get("takeover"))),
+            "release": lambda: {"closed_connections": att.server.release(vol, bool(req.get("force")))},
+            "owner": lambda: pool.owner(vol),
+            "owned": lambda: sorted(v.name for v in pool.open_volumes()),
         }
         if op not in simple:
             raise InvalidArgument(f"unknown operation {op!r}")
@@ -194,6 +214,40 @@ class StorageDaemon:
         if op not in ops:
             raise InvalidArgument(f"operation {op!r} does not apply to class 'rbd' volumes")
         return ops[op]()
+
+    def _maintenance(self, att: Attached, op: str, req: dict[str, Any]) -> Any:
+        """GC, scrub and check run in a pool handle of their own (another writer of this
+        node, with its own backend client), so they never share the serving pool's
+        state with the event loop; the serving pool acknowledges GC epochs like any
+        other writer."""
+        cfg = att.config
+        pool = open_pool(cfg.backend, cfg.chunk_size, readonly=op == "check", node=self.node)
+        try:
+            if op == "gc":
+                report = collect_garbage(pool, float(req.get("grace_seconds", 3600)),
+                                         ack_timeout=float(req.get("ack_timeout", 60)))
+                return asdict(report)
+            if op == "scrub":
+                return asdict(scrub(pool))
+            return check_consistency(pool)
+        finally:
+            pool.close()
+
+    async def _fence(self, node: str, pool: str | None) -> dict[str, Any]:
+        """Fence ``node`` in every attached Ceph pool (or one): see storage/cluster.py."""
+        if node == self.node:
+            raise InvalidArgument(f"node {node!r} is this node: a node does not fence itself")
+        out: dict[str, Any] = {}
+        for att in [self._pool(pool)] if pool else list(self.pools.values()):
+            report = await asyncio.to_thread(att.pool.fence_node, node)
+            out[att.config.name] = asdict(report)
+        return out
+
+    def _take(self, att: Attached, vol: str, takeover: bool) -> dict[str, Any]:
+        """Hold a volume's lock here (fencing a dead owner; with ``takeover`` also one
+        whose heartbeat stopped) and return its exports."""
+        att.server.take(vol, takeover)
+        return self._export(att, vol)
 
     def _export(self, att: Attached, vol: str) -> dict[str, Any]:
         att.pool.volume_info(vol)  # NotFound if missing
@@ -231,7 +285,7 @@ class StorageDaemon:
 async def serve(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    daemon = StorageDaemon(run_dir, args.host)
+    daemon = StorageDaemon(run_dir, args.host, args.node)
     await daemon.restore()
     control = run_dir / "storage.sock"
     with contextlib.suppress(FileNotFoundError):
@@ -243,7 +297,10 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("storage daemon ready on %s (%d pools)", control, len(daemon.pools))
-    await stop.wait()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2.0)
+        await daemon.reattach_fenced()
     server.close()
     await daemon.close()
 
@@ -253,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cairn-storaged", description="Serve and manage Cairn dedup pools.")
     ap.add_argument("--run-dir", required=True, help="control socket, NBD sockets and pools.json live here")
     ap.add_argument("--host", default="127.0.0.1", help="address of the TCP NBD exports")
+    ap.add_argument("--node", help="this node's name in writer registrations and volume locks (default: host name)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(serve(args))

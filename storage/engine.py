@@ -20,14 +20,14 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from storage import cluster
 from storage.backends import ObjectBackend, open_backend
 from storage.blockmap import iter_map, meta_hashes
-from storage.chunks import ZERO_HASH
+from storage.chunks import ZERO_HASH, decode_patch
 from storage.chunkstore import CACHE_BYTES, ChunkStore
 from storage.errors import (
     AlreadyExists,
@@ -106,7 +106,7 @@ class Pool:
         try:
             self.log.load_index()
             if not readonly:
-                self.acknowledge()
+                self.acknowledge(self.gc_epoch)  # nothing staged yet
                 self.reap_dead_writers()
         except BaseException:
             if self.me is not None:
@@ -133,42 +133,53 @@ class Pool:
                     self.log.seal(seg)
             cluster.deregister(self.backend, info.writer)
 
-    def apply_state(self, state: cluster.GcState) -> bool:
+    def apply_state(self, state: cluster.GcState) -> None:
         """Take the cluster's garbage-collection state into account: no new dedup
-        against condemned segments; forget the collected ones. True if this writer must
-        acknowledge a new epoch (after its staged writes landed: :meth:`acknowledge`)."""
+        against condemned segments; forget the collected ones. A new epoch must then be
+        acknowledged (:attr:`pending_ack`) once the writes staged before it landed."""
         new = frozenset(state.condemned)
         collected = set(self.log.condemned - new)
         self.log.condemned = new
         if collected:
             self.log.drop(collected)
             self.log.reload(state.reload)
-        if state.epoch > self.gc_epoch:
-            self.gc_epoch = state.epoch
-            return True
-        return False
+        self.gc_epoch = max(self.gc_epoch, state.epoch)
 
-    def acknowledge(self, beat_only: bool = False) -> None:
-        """Store the heartbeat and the acknowledged GC epoch in this writer's registration
-        (everything staged before :meth:`apply_state` must have landed)."""
+    @property
+    def pending_ack(self) -> int | None:
+        """The GC epoch this writer has seen and not acknowledged yet (or None)."""
+        if self.me is None or self.gc_epoch <= self.me.acked:
+            return None
+        return self.gc_epoch
+
+    @property
+    def heartbeat_due(self) -> bool:
+        """Whether the registration's heartbeat should be refreshed."""
+        return self.me is not None and time.time() - self.me.beat > cluster.HEARTBEAT
+
+    def acknowledge(self, epoch: int | None = None) -> None:
+        """Store the heartbeat (and ``epoch`` as acknowledged: everything staged before
+        this writer saw it must have landed) in this writer's registration."""
         if self.me is None:
             return
         self.me.beat = time.time()
-        if not beat_only:
-            self.me.acked = self.gc_epoch
+        if epoch is not None:
+            self.me.acked = max(self.me.acked, epoch)
         self._registration = cluster.update_registration(self.backend, self.me, self._registration)
 
     def sync(self) -> None:
         """One round of cluster duties for a writer that is not inside ``cairn-nbd`` or
-        ``cairn-storaged`` (they run it every second): follow the GC state, acknowledge
+        ``cairn-storaged`` (they do it every second): follow the GC state, acknowledge
         it, heartbeat, learn other writers' new chunks."""
         if self.readonly:
             return
-        if self.apply_state(cluster.read_gc_state(self.backend)[0]):
+        self.apply_state(cluster.read_gc_state(self.backend)[0])
+        epoch = self.pending_ack
+        if epoch is not None:
             self.flush()
+            self.acknowledge(epoch)
+        elif self.heartbeat_due:
             self.acknowledge()
-        elif time.time() - (self.me.beat if self.me else 0) > cluster.HEARTBEAT:
-            self.acknowledge(beat_only=True)
         self.log.refresh(tails=False)
 
     def catch_up(self) -> None:
@@ -382,14 +393,12 @@ class Pool:
             self.backend.close()
 
     # ------------------------------------------------------------ walking
-    def walk(self, journals: bool = True) -> Iterator[Version]:
-        """Every head and snapshot. Heads this writer owns are checkpointed first; with
-        ``journals``, other heads come with the journal entries their owners wrote since
-        the root (what garbage collection must count as live)."""
-        if not self.readonly:
-            for vol in list(self._open.values()):
-                if not vol.released:
-                    vol.checkpoint()
+    def walk(self, journals: bool = True, checkpoint: bool = True) -> Iterator[Version]:
+        """Every head and snapshot. Heads this writer owns are checkpointed first (unless
+        not ``checkpoint``); with ``journals``, heads come with the journal entries their
+        owners wrote since the root (what garbage collection must count as live)."""
+        if checkpoint:
+            self.checkpoint_all()
         heads: list[tuple[str, VolumeRecord]] = []
         for name in self.list_volumes():
             raw = self.backend.get_pointer(f"vol/{name}")
@@ -408,11 +417,12 @@ class Pool:
         for v in self.walk(journals=False):
             yield v.volume, v.snapshot, v.root, v.size
 
-    def _space(self, versions: list[Version]) -> SpaceStats:
+    def _space(self, versions: list[Version], read: Callable[[bytes], bytes] | None = None) -> SpaceStats:
+        get = read or self.chunks.get
         unique: set[bytes] = set()
         logical = 0
         for v in versions:
-            blocks: dict[int, bytes] = dict(iter_map(v.root, self.chunks.get))
+            blocks: dict[int, bytes] = dict(iter_map(v.root, get))
             for blk, h, _base in v.entries:
                 blocks[blk] = h
             for h in blocks.values():
@@ -421,7 +431,7 @@ class Pool:
                 logical += self.chunk_size
                 unique.add(h)
                 if self.chunks.is_patch(h):
-                    unique.add(self.chunks.patch(h)[0])
+                    unique.add(decode_patch(get(h))[0])
         unique.discard(ZERO_HASH)
         raw = stored = 0
         for h in unique:
@@ -440,12 +450,24 @@ class Pool:
         rec = vol.record if vol is not None else self._record(name)[0]
         return self._space([Version(name, None, bytes.fromhex(rec.root), rec.size, [])])
 
-    def stats(self) -> dict[str, Any]:
-        """Pool totals over every volume head (as of its owner's last checkpoint) and
-        snapshot, plus the bytes held in the backend."""
+    def checkpoint_all(self) -> None:
+        """Checkpoint every open volume with unsaved writes."""
         if not self.readonly:
-            self.log.refresh(tails=False)
-        space = self._space(list(self.walk(journals=False)))
+            for vol in list(self._open.values()):
+                if vol.dirty and not vol.released:
+                    vol.checkpoint()
+
+    def stats(self, quiet: bool = False) -> dict[str, Any]:
+        """Pool totals over every volume head (as of its owner's last checkpoint) and
+        snapshot, plus the bytes held in the backend. ``quiet``: change nothing in this
+        pool object (no checkpoint, no index refresh, no cache fill), so it may run in a
+        worker thread while the owner's thread serves I/O."""
+        if not quiet:
+            self.checkpoint_all()
+            if not self.readonly:
+                self.log.refresh(tails=False)
+        versions = list(self.walk(journals=False, checkpoint=False))
+        space = self._space(versions, self.chunks.peek if quiet else None)
         backend_bytes = sum(self.backend.size(s) for s in self.backend.list("seg/"))
         return {**space.as_dict(), "volumes": len(self.list_volumes()), "backend_bytes": backend_bytes,
                 "chunk_size": self.chunk_size}

@@ -247,10 +247,13 @@ class SegmentLog:
         with an index object is final), and with ``tails`` also scan what unsealed
         segments gained since the last look (needed before replaying another writer's
         journal: its last chunks are in no index yet). Returns the segments read."""
+        if not tails:
+            found = self.fetch_indexes()
+            self.apply_indexes(found)
+            return len(found)
         indexes = set(self.backend.list("idx/"))
-        names = set(self.backend.list("seg/")) if tails else {"seg/" + i[4:] for i in indexes}
         read = 0
-        for seg in sorted(names):
+        for seg in sorted(self.backend.list("seg/")):
             if seg in self.sealed or seg in self.gone or self.own(seg):
                 continue
             covered = self.covered.get(seg, 0)
@@ -259,15 +262,36 @@ class SegmentLog:
                     covered = max(covered, self._load_index_object(seg, self.backend.get(index_name(seg))))
                     self.sealed.add(seg)
                     read += 1
-                if tails:
-                    size = self.backend.size(seg)
-                    if size > covered:
-                        covered = self._scan_into_index(seg, covered)
-                        read += 1
+                size = self.backend.size(seg)
+                if size > covered:
+                    covered = self._scan_into_index(seg, covered)
+                    read += 1
             except ObjectNotFound:
                 continue  # collected meanwhile
             self.covered[seg] = covered
         return read
+
+    def fetch_indexes(self) -> list[tuple[str, bytes]]:
+        """The index objects of other writers' segments not loaded yet (backend reads
+        only: safe in a worker thread; :meth:`apply_indexes` them on the owner's thread)."""
+        out = []
+        for idx in self.backend.list("idx/"):
+            seg = "seg/" + idx[4:]
+            if seg in self.sealed or seg in self.gone or self.own(seg):
+                continue
+            try:
+                out.append((seg, self.backend.get(idx)))
+            except ObjectNotFound:
+                continue
+        return out
+
+    def apply_indexes(self, found: list[tuple[str, bytes]]) -> None:
+        """Load index objects read by :meth:`fetch_indexes` (collected ones are skipped)."""
+        for seg, blob in found:
+            if seg in self.gone or seg in self.sealed:
+                continue
+            self.covered[seg] = max(self.covered.get(seg, 0), self._load_index_object(seg, blob))
+            self.sealed.add(seg)
 
     def reload(self, segments: list[str] | set[str]) -> None:
         """Read these index objects again (entries of dropped segments find their new home)."""

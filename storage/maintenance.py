@@ -185,7 +185,7 @@ def collect_garbage(pool: Pool, grace_seconds: float = 3600.0, rewrite_below: fl
         raw = cluster.write_gc_state(backend, state, raw)
         pool.apply_state(state)
         pool.flush()
-        pool.acknowledge()
+        pool.acknowledge(state.epoch)
         report.epoch = state.epoch
         report.waiting_for = _wait_for_acks(pool, state.epoch, ack_timeout, lease)
         if report.waiting_for:
@@ -225,7 +225,7 @@ def collect_garbage(pool: Pool, grace_seconds: float = 3600.0, rewrite_below: fl
         state = cluster.GcState(state.epoch + 1, [], sorted(reload), pool.cookie or "")
         cluster.write_gc_state(backend, state, raw)
         pool.apply_state(state)
-        pool.acknowledge()
+        pool.acknowledge(state.epoch)
         for s in condemned:
             backend.delete(index_name(s))
             backend.delete(s)

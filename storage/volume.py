@@ -390,6 +390,11 @@ class Volume:
         self._swap(new)
 
     @property
+    def unsaved(self) -> int:
+        """Bytes written since the last checkpoint (what a takeover would replay)."""
+        return self._since_checkpoint
+
+    @property
     def dirty(self) -> bool:
         """Whether writes happened since the last checkpoint."""
         return self._since_checkpoint > 0 or self.map.dirty
