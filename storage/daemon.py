@@ -123,7 +123,10 @@ class StorageDaemon:
         for name, att in list(self.pools.items()):
             if att.server.fenced:
                 log.warning("pool %s: writer fenced (%s); attaching again", name, att.server.fenced)
-                await self.detach(name)
+                try:
+                    await self.detach(name)
+                except StorageError as exc:
+                    log.warning("pool %s: closing the fenced writer: %s", name, exc)
                 try:
                     await self.attach(**asdict(att.config))
                 except (StorageError, OSError) as exc:
@@ -190,6 +193,7 @@ class StorageDaemon:
             "release": lambda: {"closed_connections": att.server.release(vol, bool(req.get("force")))},
             "owner": lambda: pool.owner(vol),
             "owned": lambda: sorted(v.name for v in pool.open_volumes()),
+            "seal": lambda: att.server.seal(),
         }
         if op not in simple:
             raise InvalidArgument(f"unknown operation {op!r}")

@@ -373,14 +373,15 @@ class Pool:
         """Journal and sync everything staged in this pool."""
         self.log.commit(sync=True)
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
         """Checkpoint open volumes and release them, seal this writer's segments,
-        deregister, release the backend (a second call does nothing)."""
+        deregister, release the backend (a second call does nothing). ``abandon``: the
+        cluster fenced this writer, touch nothing (its locks were broken already)."""
         if self.closed:
             return
         self.closed = True
         try:
-            if not self.readonly:
+            if not self.readonly and not abandon:
                 for name in list(self._open):
                     self.release(name)
                 self.log.rotate()
@@ -389,6 +390,9 @@ class Pool:
         finally:
             if self.me is not None:
                 cluster.forget_process_writer(self.me.writer)
+            for vol in self._open.values():
+                vol.released = True
+            self._open.clear()
             self.log.close()
             self.backend.close()
 

@@ -557,6 +557,11 @@ class SegmentLog:
         if not self._groups:
             self._idle.notify_all()
 
+    @property
+    def unsealed(self) -> bool:
+        """Whether this writer has segments without an index object yet."""
+        return any(st.seg_size or st.pending_size for st in (self.journal, *self.data))
+
     def rotate(self) -> None:
         """Seal every open segment (with its index) and start new ones, so that GC may
         consider the old ones."""

@@ -175,7 +175,8 @@ def collect_garbage(pool: Pool, grace_seconds: float = 3600.0, rewrite_below: fl
         live_bytes = dict.fromkeys(candidates, 0)
         for s in candidates:
             live_bytes[s] = sum(n for h, _o, n in sealed_entries.get(s, []) if home.get(h) == s)
-        condemned = {s for s in candidates if live_bytes[s] < segments[s] * rewrite_below} | carried
+        sizes = {s: backend.size(s) for s in candidates}
+        condemned = {s for s in candidates if live_bytes[s] < sizes[s] * rewrite_below} | carried
         report = GcReport(len(live), 0, 0, before, before, len(condemned), state.epoch)
         if not condemned:
             return report

@@ -50,6 +50,7 @@ MAINTAIN_EVERY = 1.0  # seconds between rounds of cluster duties
 REFRESH_EVERY = 5.0  # seconds between looks at other writers' new index objects
 CHECKPOINT_AFTER = 30.0  # seconds a volume may keep unsaved writes (bounds a takeover's replay)
 STANDBY_WAIT = 60.0  # seconds a connection waits for a volume's lock held by another writer
+IDLE_SEAL = 30.0  # seconds without writes before this writer seals its segments (GC may then merge copies)
 
 
 def tune_malloc() -> None:
@@ -94,6 +95,7 @@ class NbdServer:
         self.last_end: dict[str, int] = {}
         self.fenced = ""  # why the cluster fenced this writer ("" while serving)
         self._touched: dict[str, float] = {}  # volume -> when its last unsaved write came
+        self.last_write = time.monotonic()
 
     # ----------------------------------------------------------------- lifecycle
     async def listen_unix(self, path: str) -> None:
@@ -126,7 +128,7 @@ class NbdServer:
         if not self.fenced:
             with contextlib.suppress(StorageError):
                 self.pool.log.commit(sync=True)
-        self.pool.close()
+        self.pool.close(abandon=bool(self.fenced))
 
     def export_names(self) -> list[str]:
         """Names offered to clients."""
@@ -201,6 +203,8 @@ class NbdServer:
                     pool.log.apply_indexes(found)
                     refreshed = loop.time()
                 self._checkpoint_idle()
+                if time.monotonic() - self.last_write > IDLE_SEAL and pool.log.unsealed:
+                    self.seal()
             except asyncio.CancelledError:
                 raise
             except BackendError as exc:
@@ -210,6 +214,12 @@ class NbdServer:
                 log.warning("cluster duties: %s", exc)
             except Exception:
                 log.exception("cluster duties failed")
+
+    def seal(self) -> None:
+        """Checkpoint the open volumes and give this writer's segments their index
+        objects: final, so garbage collection may merge the copies other writers made."""
+        self.pool.checkpoint_all()
+        self.pool.log.rotate()
 
     def _checkpoint_idle(self) -> None:
         now = time.monotonic()
@@ -436,6 +446,7 @@ class NbdServer:
             return p.EPERM
         if offset + length > vol.size:
             return p.ENOSPC
+        self.last_write = time.monotonic()
         try:
             if data is None:
                 vol.write_zeroes(offset, length)

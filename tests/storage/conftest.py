@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from storage.backends import ObjectBackend, open_backend
 from storage.backends.rados_cluster import CephCluster, start_cluster
+from storage.control import StorageClient
 from storage.nbd import export_uri
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +134,81 @@ def nbd_daemons(tmp_path: Path) -> Iterator[Callable[..., NbdDaemon]]:
     finally:
         for d in started:
             d.kill()
+
+
+class Daemon:
+    """A ``cairn-storaged`` child process (``node``: the name it registers as)."""
+
+    def __init__(self, run_dir: Path, node: str | None = None) -> None:
+        self.run_dir = run_dir
+        self.node = node
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = StorageClient(run_dir / "storage.sock", timeout=60)
+
+    def start(self) -> Daemon:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.run_dir.parent / f"storaged-{self.node or 'node'}.log").open("ab")
+        argv = [sys.executable, "-m", "storage.daemon", "--run-dir", str(self.run_dir)]
+        if self.node:
+            argv += ["--node", self.node]
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not self.client.ready():
+            assert self.proc.poll() is None, (self.run_dir.parent / f"storaged-{self.node or 'node'}.log").read_text()
+            assert time.monotonic() < deadline, "storage daemon did not come up"
+            time.sleep(0.05)
+        return self
+
+    def socket(self, pool: str) -> str:
+        """The NBD socket of an attached pool."""
+        return str(self.run_dir / f"nbd-{pool}.sock")
+
+    def signal(self, sig: int) -> None:
+        """Send a signal (SIGSTOP / SIGCONT: a node that hangs and comes back)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path / "run")
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def storage_daemons(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
+    """Factory of started storage daemons, one per node name; all stopped at teardown."""
+    started: list[Daemon] = []
+
+    def factory(node: str) -> Daemon:
+        d = Daemon(tmp_path / f"run-{node}", node)
+        started.append(d)
+        return d.start()
+
+    try:
+        yield factory
+    finally:
+        for d in started:
+            if d.proc is not None and d.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    d.proc.send_signal(signal.SIGCONT)
+            d.stop()
 
 
 def run_tool(*argv: str, timeout: float = 300, input: bytes | None = None) -> str:

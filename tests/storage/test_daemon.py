@@ -4,11 +4,6 @@ while QEMU's own tools read and write the same volumes over its NBD exports."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,47 +12,7 @@ from storage.backends.rados_cluster import CephCluster
 from storage.control import StorageClient
 from storage.errors import AlreadyExists, BackendError, InvalidArgument, NotFound
 
-from .conftest import run_tool
-
-
-class Daemon:
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.client = StorageClient(run_dir / "storage.sock", timeout=60)
-
-    def start(self) -> Daemon:
-        log = (self.run_dir.parent / "storaged.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "storage.daemon", "--run-dir", str(self.run_dir)],
-                                     stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while not self.client.ready():
-            assert self.proc.poll() is None, (self.run_dir.parent / "storaged.log").read_text()
-            assert time.monotonic() < deadline, "storage daemon did not come up"
-            time.sleep(0.05)
-        return self
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "run")
-    try:
-        yield d.start()
-    finally:
-        d.stop()
+from .conftest import Daemon, run_tool
 
 
 def qemu_io(uri: str, command: str) -> str:
