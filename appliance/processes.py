@@ -216,7 +216,7 @@ def run_agent(argv: list[str] | None = None) -> None:
 
         agent.register_reconciler("cluster", ClusterReconciler(settings))
     # Storage before instances: a VM's disks are NBD exports of this node's pools.
-    agent.register_reconciler("storage", StorageReconciler(settings), kinds=("storage-pool",))
+    agent.register_reconciler("storage", StorageReconciler(settings), kinds=("storage-pool", "vm"))
     net = NetworkReconciler(settings)
     # Networks first: a VM's tap needs its bridge before the VM starts.
     agent.register_reconciler("network", net, kinds=("network", "subnet", "port", "security-group", "vm",
@@ -232,13 +232,15 @@ def run_agent(argv: list[str] | None = None) -> None:
 
 
 def run_storage(argv: list[str] | None = None) -> None:
-    """This node's storage daemon: the one writer of its pools (NBD + control socket)."""
+    """This node's storage daemon: this node's writer of its pools (NBD + control socket);
+    its volume locks name the node."""
     private_files()
     settings = get_settings()
     logs.setup("cairn-storage", settings.log_level)
     from storage.daemon import main as storaged
 
-    storaged(["--run-dir", str(settings.storage_run_dir), "--host", settings.storage_host, *(argv or [])])
+    storaged(["--run-dir", str(settings.storage_run_dir), "--host", settings.storage_host,
+              "--node", settings.node_name, *(argv or [])])
 
 
 def run_ceph(argv: list[str] | None = None) -> None:

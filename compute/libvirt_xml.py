@@ -47,6 +47,8 @@ def _add_disk(devices: ET.Element, disk: DiskSpec, index: int) -> None:
     else:
         assert isinstance(src, RbdSource)
         s = _sub(el, "source", protocol="rbd", name=f"{src.pool}/{src.image}")
+        if src.config:
+            _sub(s, "config", file=src.config)
         for mon in src.monitors:
             mon_host, _, mon_port = mon.rpartition(":")
             _sub(s, "host", name=mon_host or mon, port=mon_port if mon_host else "6789")

@@ -106,12 +106,15 @@ class RbdSource:
     monitors: tuple[str, ...] = ()  # "host:port"
     user: str | None = None
     secret_uuid: str | None = None  # libvirt secret holding the cephx key
+    config: str | None = None  # a ceph.conf for librbd (monitors, keyring): instead of monitors + secret
 
     def __post_init__(self) -> None:
         if not self.pool or not self.image or "/" in self.pool + self.image:
             raise InvalidSpec(f"RBD source {self.pool!r}/{self.image!r}: pool and image are required, no '/'")
         if (self.user is None) != (self.secret_uuid is None):
             raise InvalidSpec("RBD source: user and secret_uuid go together")
+        if self.config is not None and not self.config.startswith("/"):
+            raise InvalidSpec(f"RBD source: config {self.config!r} must be an absolute path to a ceph.conf")
 
 
 @dataclass(frozen=True)

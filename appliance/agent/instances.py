@@ -44,6 +44,7 @@ from compute.spec import (
     Placement,
     PowerState,
     QosClass,
+    RbdSource,
     VirtType,
     VmSpec,
 )
@@ -76,15 +77,23 @@ def _cpulist(path: Path) -> list[int]:
 
 
 def volume_disk(disk: Disk) -> DiskSpec:
-    """A volume as a virtio disk: its NBD export over the local unix socket when the
-    pool is served on this node, else over TCP; the serial names it inside the guest
-    (/dev/disk/by-id/virtio-<volume>)."""
+    """A volume as a virtio disk; the serial names it inside the guest
+    (/dev/disk/by-id/virtio-<volume>). A ``dedup`` volume is its NBD export over the
+    local unix socket when the pool is served on this node, else over TCP; an ``rbd``
+    one (export ``rbd:<pool>/<image>:conf=<ceph.conf>``) is opened by QEMU's own RBD
+    driver with that ceph.conf: no NBD hop."""
     uri = disk.export
+    serial = re.sub(r"[^A-Za-z0-9_-]", "-", disk.volume)[:20]
+    if uri.startswith("rbd:"):
+        path, _, options = uri[4:].partition(":")
+        pool, _, image = path.partition("/")
+        conf = dict(o.split("=", 1) for o in options.split(":") if "=" in o).get("conf")
+        return DiskSpec(RbdSource(pool, image, config=conf), serial=serial)
     sock = parse_qs(urlsplit(uri).query).get("socket", [""])[0]
     if sock and not Path(sock).exists() and disk.exports.get("tcp"):
         uri = str(disk.exports["tcp"])
-    serial = re.sub(r"[^A-Za-z0-9_-]", "-", disk.volume)[:20]
     return DiskSpec(NbdSource(uri), serial=serial)
+
 
 class InstanceReconciler:
     """One pass: for each instance the document places on this node, converge define / power."""

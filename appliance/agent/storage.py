@@ -1,8 +1,10 @@
 """The agent's storage reconciler: attaches the pools this node serves to its storage
 daemon (detaches the others), creates the ``default`` pool on the first node that
 reconciles, and reports each pool's phase and space stats (logical / stored bytes,
-dedup and compression ratios) back to the database. The pools come from the node's
-desired-state document, so with a cached one (database away) a restarted storage
+dedup and compression ratios) back to the database, and which volumes this node owns
+(``status.owner``: its storage daemon holds their locks, or, for ``rbd`` volumes, an
+instance running here has them open through QEMU's RBD driver). The pools come from the
+node's desired-state document, so with a cached one (database away) a restarted storage
 daemon gets its pools back and the guests their disks."""
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any
 from sqlalchemy import select
 
 from appliance.db.engine import session_scope
-from appliance.db.models import StoragePool
-from appliance.services import pools
+from appliance.db.models import Instance, Node, StoragePool, Volume
+from appliance.services import pools, volumes
 from appliance.services.desired_state import NodeDocument
 from appliance.settings import Settings
 from storage.control import StorageClient
@@ -89,8 +91,12 @@ class StorageReconciler:
                                      port=pool.nbd_port)
                     report.actions.append(f"storage: attached pool {name}")
                 update = {"phase": "Ready", "message": ""}
+                if fresh:
+                    owned = set(self.client.call("owned", pool=name))
+                    report.actions.extend(self._report_owners(pool.id, owned))
                 if fresh and time.monotonic() - self._stats_at.get(name, 0.0) >= STATS_EVERY:
                     update["stats"] = self.client.call("stats", pool=name)
+                    update["dedup_ratio"] = update["stats"].get("dedup_ratio")  # `cairn pool get -o json`
                     self._stats_at[name] = time.monotonic()
             except StorageError as exc:
                 update = {"phase": "Error", "message": str(exc)}
@@ -104,6 +110,27 @@ class StorageReconciler:
                             pools.set_status(session, row, **update)
                 except Exception as exc:  # the database went away during the pass
                     report.errors.append(f"storage: pool {name}: reporting failed: {exc}")
+
+    def _report_owners(self, pool_id: str, owned: set[str]) -> list[str]:
+        """Set ``status.owner`` to this node on the pool's volumes it owns, clear it on
+        those it owned and let go of (other nodes report their own)."""
+        me = self.settings.node_name
+        changed = []
+        with session_scope(self.settings.resolved_database_url) as session:
+            node_id = session.scalar(select(Node.id).where(Node.name == me))
+            running = session.scalars(select(Instance).where(Instance.node_id == node_id,
+                                                             Instance.power_state.in_(("running", "paused"))))
+            rbd_here = {d.get("id") for r in running for d in (r.status or {}).get("volumes", [])}
+            for row in session.scalars(select(Volume).where(Volume.pool_id == pool_id)):
+                mine = row.id in owned or (row.storage_class == "rbd" and row.id in rbd_here)
+                current = (row.status or {}).get("owner")
+                if mine and current != me:
+                    volumes.volumes.set_status(session, row, owner=me)
+                    changed.append(f"storage: volume {row.name} owned here")
+                elif not mine and current == me:
+                    volumes.volumes.set_status(session, row, owner=None)
+                    changed.append(f"storage: volume {row.name} released")
+        return changed
 
     def refresh_stats(self) -> None:
         """Report stats on the next pass (after a write-heavy task, for example)."""

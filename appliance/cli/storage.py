@@ -186,10 +186,13 @@ def _chunks(path: Path, bar: Progress, row: Any) -> Iterator[bytes]:
 def image_upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)], name: str,
                  fmt: Annotated[str | None, typer.Option("--format", help="raw or qcow2 (default: detect)")] = None,
                  pool: Annotated[str | None, typer.Option(help="default: 'default'")] = None,
+                 storage_class: Annotated[str, typer.Option("--class", help="dedup or rbd (a Ceph pool)")] = "dedup",
                  project: ProjectArg = "default", no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
-    """Upload a raw or qcow2 disk image; VMs then clone it in O(1)."""
+    """Upload a raw or qcow2 disk image; VMs then clone it in O(1) (their root volumes
+    have the image's class)."""
     c = client()
-    params = {k: v for k, v in {"project": project, "format": fmt, "pool": pool}.items() if v}
+    params = {k: v for k, v in {"project": project, "format": fmt, "pool": pool, "class": storage_class}.items()
+              if v}
     quiet = output == Format.json or not err_console.is_terminal
     with Progress(TextColumn("upload"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console,
                   disable=quiet) as bar:

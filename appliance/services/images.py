@@ -76,19 +76,23 @@ def delete(session: Session, principal: Principal, project: str, name: str) -> N
         volumes.delete(session, principal, project, vol.name)
 
 
-def upload_check(db_url: str, principal: Principal, project: str, name: str, pool: str | None) -> None:
+def upload_check(db_url: str, principal: Principal, project: str, name: str, pool: str | None,
+                 storage_class: str = "dedup") -> None:
     """Before the bytes arrive: may the caller write there, is the name free, is the pool
-    up, has the project any volume quota left?"""
+    up (and on Ceph, for an ``rbd`` image), has the project any volume quota left?"""
     with session_scope(db_url) as session:
         proj = project_by_name(session, principal, project, "write")
         if session.scalar(select(Image.id).where(Image.project_id == proj.id, Image.name == name)):
             raise Conflict(f"an image named '{name}' already exists in project '{project}': pick another name")
-        volumes.queue_of(session, pools.row(session, pool or "default"))
+        prow = pools.row(session, pool or "default")
+        if storage_class == "rbd" and prow.spec.get("backend") != "rados":
+            raise InvalidInput(f"class 'rbd' needs a Ceph pool; '{prow.name}' is {prow.spec.get('backend')}")
+        volumes.queue_of(session, prow)
         quotas.charge(session, proj.id, volume_bytes=1)  # the real size is charged once it is known
 
 
 def upload_finish(db_url: str, principal: Principal, project: str, name: str, path: Path, fmt: str | None,
-                  pool: str | None) -> dict[str, Any]:
+                  pool: str | None, storage_class: str = "dedup") -> dict[str, Any]:
     """The upload is on disk: check it with qemu-img (a corrupt or unsupported file is a
     422 and is deleted), then record the image + its volume and queue the import."""
     try:
@@ -103,10 +107,11 @@ def upload_finish(db_url: str, principal: Principal, project: str, name: str, pa
             queue = volumes.queue_of(session, prow)
             quotas.charge(session, proj.id, volume_bytes=info["virtual_size"])
             vol = volumes.volumes.create(session, principal, project, f"image-{name}",
-                                         {"image": name, "pool": prow.name, "class": "dedup",
+                                         {"image": name, "pool": prow.name, "class": storage_class,
                                           "size_bytes": info["virtual_size"], "labels": {}},
                                          {"phase": "Importing"}, pool_id=prow.id,
-                                         storage_class="dedup", size=info["virtual_size"], task_state="importing")
+                                         storage_class=storage_class, size=info["virtual_size"],
+                                         task_state="importing")
             spec = {"kind": "vm", "format": "disk", "source_format": info["format"], "volume": vol.name,
                     "volume_id": vol.id, "snapshot": "base", "virtual_size": info["virtual_size"]}
             img = images.create(session, principal, project, name, spec, {"phase": "Importing"})

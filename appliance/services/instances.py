@@ -61,7 +61,9 @@ def check_fits_somewhere(session: Session, cpu: float, memory: int) -> None:
 
 def check_volumes(session: Session, principal: Principal, kind: str, project: str, name: str,
                   spec: dict[str, Any], image: Any) -> None:
-    """Volumes to attach must be Available and free; a disk image gets a root volume."""
+    """Volumes to attach must be Available, free and owned by no node (a node's storage
+    daemon holds the lock of every volume its instances use); a disk image gets a root
+    volume. dedup volumes attach over NBD, rbd ones through QEMU's own RBD driver."""
     from appliance.services import volumes  # volumes imports this module
 
     wanted = list(spec.get("volumes") or [])
@@ -74,9 +76,9 @@ def check_volumes(session: Session, principal: Principal, kind: str, project: st
         if (vol.status or {}).get("phase") != "Available" or vol.task_state:
             raise Conflict(f"volume '{vol_name}' is {(vol.status or {}).get('phase')} "
                            f"({vol.task_state or 'idle'}): it must be Available")
-        if vol.storage_class != "dedup":
-            raise InvalidInput(f"volume '{vol_name}' is class {vol.storage_class}: VMs attach dedup volumes "
-                               "(NBD) for now")
+        owned = volumes.owner_conflict(session, vol)
+        if owned:
+            raise Conflict(owned)
         users = volumes.users_of(session, vol)
         if users:
             raise Conflict(f"volume '{vol_name}' is already attached to {', '.join(users)}")

@@ -1,7 +1,9 @@
 """Volumes and their snapshots (DESIGN.md, Storage). The API validates and claims the
-volume's ``task_state`` (compare-and-swap, like instances); the work runs as a task on
-the pool's node, in its storage daemon, the pool's one writer. The engine names a
-volume by its row id, so project-scoped names never collide in a shared pool."""
+volume's ``task_state`` (compare-and-swap, like instances); the work runs as a task in
+a node's storage daemon: the volume's owner (``status.owner``, the node whose daemon
+holds its lock, reported by that node's agent) when it has one, else the pool's node.
+The engine names a volume by its row id, so project-scoped names never collide in a
+shared pool."""
 
 from __future__ import annotations
 
@@ -44,6 +46,40 @@ def queue_of(session: Session, pool: StoragePool) -> str:
         raise Conflict(f"node '{node.name}' that serves storage pool '{pool.name}' is {node.phase}: "
                        "wait for it to come back")
     return f"node.{node.name}"
+
+
+def live_owner(session: Session, vol: Volume) -> tuple[str, str] | None:
+    """(owner node, its phase) when a node's storage daemon holds the volume's lock."""
+    owner = (vol.status or {}).get("owner")
+    if not owner:
+        return None
+    node = session.scalar(select(Node).where(Node.name == owner))
+    return owner, node.phase if node is not None else "gone"
+
+
+def queue_for(session: Session, vol: Volume) -> str:
+    """Where a volume's task runs: its owner's node while that node is Ready (only the
+    owner may move its head), else the pool's node."""
+    owned = live_owner(session, vol)
+    if owned is not None and owned[1] == "Ready":
+        return f"node.{owned[0]}"
+    return queue_of(session, pool_of(session, vol))
+
+
+def owner_conflict(session: Session, vol: Volume) -> str | None:
+    """Why another instance may not attach ``vol`` now (None if it may): its lock is
+    held by a node, alive or not yet fenced."""
+    owned = live_owner(session, vol)
+    if owned is None:
+        return None
+    node, phase = owned
+    users = users_of(session, vol, running_only=True)
+    where = f" (attached to {', '.join(users[:3])} there)" if users else ""
+    if phase == "Ready":
+        return (f"volume '{vol.name}' is owned by node '{node}'{where}: one node writes a volume at a time; "
+                "stop or migrate that instance first")
+    return (f"volume '{vol.name}' is still owned by node '{node}', which is {phase}: it must be fenced "
+            "(its storage client blocklisted) before another node takes the volume over")
 
 
 def _size(value: int | str) -> int:
@@ -191,7 +227,7 @@ def resize(session: Session, principal: Principal, project: str, name: str, size
     vol.spec = {**(vol.spec or {}), "size_bytes": want}
     vol.generation += 1
     return _task(session, principal, vol, "volume.resize", {"size": want, "force": force},
-                 queue_of(session, pool_of(session, vol)))
+                 queue_for(session, vol))
 
 
 def delete(session: Session, principal: Principal, project: str, name: str) -> dict[str, Any]:
@@ -203,7 +239,7 @@ def delete(session: Session, principal: Principal, project: str, name: str) -> d
     if image:
         raise Conflict(f"volume '{name}' holds image '{image}': delete the image instead")
     _claim(session, vol, "deleting", detached=True)
-    return _task(session, principal, vol, "volume.delete", {}, queue_of(session, pool_of(session, vol)))
+    return _task(session, principal, vol, "volume.delete", {}, queue_for(session, vol))
 
 
 def snapshot_create(session: Session, principal: Principal, project: str, name: str,
@@ -215,7 +251,7 @@ def snapshot_create(session: Session, principal: Principal, project: str, name: 
     quotas.charge(session, vol.project_id, snapshots=1)
     _claim(session, vol, "snapshotting")
     return _task(session, principal, vol, "volume.snapshot", {"snapshot": snap},
-                 queue_of(session, pool_of(session, vol)))
+                 queue_for(session, vol))
 
 
 def snapshot_public(row: VolumeSnapshot, vol: Volume) -> dict[str, Any]:
@@ -240,7 +276,7 @@ def snapshot_delete(session: Session, principal: Principal, project: str, name: 
         raise Conflict(f"rbd snapshot {name}@{snap} has clones ({', '.join(clones[:5])}): delete them first")
     _claim(session, vol, "snapshotting")
     return _task(session, principal, vol, "volume.snapshot_delete", {"snapshot": snap},
-                 queue_of(session, pool_of(session, vol)))
+                 queue_for(session, vol))
 
 
 def rollback(session: Session, principal: Principal, project: str, name: str, snap: str) -> dict[str, Any]:
@@ -251,7 +287,7 @@ def rollback(session: Session, principal: Principal, project: str, name: str, sn
         raise Conflict(f"volume '{name}' is in use by running {', '.join(running)}: stop it before rolling back")
     _claim(session, vol, "rolling_back")
     return _task(session, principal, vol, "volume.rollback", {"snapshot": snap},
-                 queue_of(session, pool_of(session, vol)))
+                 queue_for(session, vol))
 
 
 def clone(session: Session, principal: Principal, project: str, name: str, snap: str, new: str,

@@ -101,3 +101,34 @@ def test_invalid_cloud_init_is_refused_before_anything_is_recorded(world: Any) -
         instances.create(session, admin(session), "vm", "default", "ci", spec)
     with session_scope(url) as session:
         assert session.query(Instance).count() == 0
+
+
+@pytest.mark.functional
+def test_a_volume_owned_by_a_node_is_refused_naming_it_and_its_tasks_go_there(world: Any) -> None:
+    from appliance.db.models import Node
+    from appliance.services import pools, volumes
+
+    api, url = world
+    with session_scope(url) as session:
+        nodes.register(session, "n2", INV, allocatable(INV))
+        pools.create(session, None, "default", "n2", "local", str(api.settings.data_dir / "pool"))
+        pool = pools.row(session, "default")
+        volumes.volumes.create(session, admin(session), "default", "shared",
+                               {"pool": "default", "class": "dedup", "size_bytes": 1 << 20, "labels": {}},
+                               {"phase": "Available", "owner": "n1"}, pool_id=pool.id, storage_class="dedup",
+                               size=1 << 20)
+    spec = {"cpu": 1, "memory": "64MiB", "image": "tiny", "volumes": ["shared"]}
+    with session_scope(url) as session, pytest.raises(Conflict, match="owned by node 'n1'"):
+        instances.create(session, admin(session), "vm", "default", "v2", spec)
+    with session_scope(url) as session:
+        vol = volumes.volumes.row(session, admin(session), "default", "shared")[0]
+        assert volumes.queue_for(session, vol) == "node.n1"  # only the owner may move its head
+        session.query(Node).filter_by(name="n1").one().phase = "NotReady"
+    with session_scope(url) as session, pytest.raises(Conflict, match="n1', which is NotReady: it must be fenced"):
+        instances.create(session, admin(session), "vm", "default", "v2", spec)
+    with session_scope(url) as session:
+        vol = volumes.volumes.row(session, admin(session), "default", "shared")[0]
+        assert volumes.queue_for(session, vol) == "node.n2"  # the pool's node while the owner is down
+        vol.status = {**vol.status, "owner": None}
+    with session_scope(url) as session:
+        instances.create(session, admin(session), "vm", "default", "v2", spec)  # free: accepted

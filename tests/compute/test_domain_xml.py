@@ -63,6 +63,9 @@ CASES: dict[str, VmSpec] = {
             ),
         )
     ),
+    "rbd_disk_with_ceph_conf": vm(
+        disks=(DiskSpec(RbdSource("cairn", "vol-4", config="/var/lib/cairn/ceph/ceph.conf"), serial="vol-4"),)
+    ),
     "iotune_bytes_and_iops": vm(
         disks=(
             DiskSpec(NbdSource("nbd://h:1/a"), iotune=IoTune(read_bytes_sec=10_000_000, write_bytes_sec=5_000_000,
@@ -280,6 +283,7 @@ def test_invalid_vm_spec_is_refused_with_a_clear_error(kw: dict[str, object], ne
         (lambda: IoTune(total_bytes_sec=1, read_bytes_sec=1), "excludes"),
         (lambda: IoTune(total_iops_sec=-1), "positive"),
         (lambda: RbdSource("rbd", "img", user="u"), "together"),
+        (lambda: RbdSource("rbd", "img", config="ceph.conf"), "absolute"),
     ],
 )
 def test_invalid_device_spec_is_refused(make: object, needle: str) -> None:

@@ -36,12 +36,15 @@ UPLOAD_DOC = {"requestBody": {"required": True, "content": {"application/octet-s
 async def upload_image(name: Name, request: Request, caller: StreamingCaller, settings: AppSettings,
                        project: ProjectQuery = "default",
                        format: Annotated[Literal["raw", "qcow2"] | None, Query(description="default: detect")] = None,
-                       pool: Annotated[Name | None, Query(description="default: 'default'")] = None) -> JSONResponse:
+                       pool: Annotated[Name | None, Query(description="default: 'default'")] = None,
+                       storage_class: Annotated[Literal["dedup", "rbd"], Query(
+                           alias="class", description="class of the image's volume (and of the VMs' root "
+                           "volumes cloned from it); rbd needs a Ceph pool")] = "dedup") -> JSONResponse:
     """Upload a raw or qcow2 disk image (the request body, streamed to disk). A file
     that is not a sound image is refused (422) and nothing is kept; otherwise the
     import task copies it into a volume and snapshots it, and new VMs clone it in O(1)."""
     db = settings.resolved_database_url
-    await run_in_threadpool(images.upload_check, db, caller, project, name, pool)
+    await run_in_threadpool(images.upload_check, db, caller, project, name, pool, storage_class)
     settings.uploads_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = settings.uploads_dir / f"{uuid.uuid4().hex}.upload"
     size = 0
@@ -57,7 +60,8 @@ async def upload_image(name: Name, request: Request, caller: StreamingCaller, se
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return accepted(await run_in_threadpool(images.upload_finish, db, caller, project, name, path, format, pool))
+    return accepted(await run_in_threadpool(images.upload_finish, db, caller, project, name, path, format, pool,
+                                            storage_class))
 
 
 # after /images/import-test-guest, so that path is not read as an image name
