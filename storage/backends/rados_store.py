@@ -208,19 +208,23 @@ class RadosBackend(ObjectBackend):
         except rados.Error as exc:
             raise BackendError(f"list: {exc}") from exc
 
-    def get_pointer(self, name: str) -> bytes | None:
-        """Read the omap value of the pointer object."""
+    def _omap_value(self, name: str, key: str) -> bytes | None:
+        """One omap value of a pointer object (hex-encoded there), None if absent."""
         try:
             with rados.ReadOpCtx() as op:
-                it, _ret = self._ptr.get_omap_vals_by_keys(op, (_KEY,))
+                it, _ret = self._ptr.get_omap_vals_by_keys(op, (key,))
                 self._ptr.operate_read_op(op, name)
                 values: dict[str, Any] = dict(it)
         except rados.ObjectNotFound:
             return None
         except rados.Error as exc:
-            raise BackendError(f"get pointer {name}: {exc}") from exc
-        raw = values.get(_KEY)
+            raise BackendError(f"read {key} of pointer {name}: {exc}") from exc
+        raw = values.get(key)
         return None if raw is None else bytes.fromhex(bytes(raw).decode())
+
+    def get_pointer(self, name: str) -> bytes | None:
+        """Read the omap value of the pointer object."""
+        return self._omap_value(name, _KEY)
 
     def cas_pointer(self, name: str, expected: bytes | None, new: bytes | None, cookie: str | None = None) -> bool:
         """One RADOS write op: [assert our lock], exclusive create or omap_cmp, then set
@@ -293,17 +297,7 @@ class RadosBackend(ObjectBackend):
 
     def pointer_owner(self, name: str) -> bytes | None:
         """The owner omap value of the pointer object."""
-        try:
-            with rados.ReadOpCtx() as op:
-                it, _ret = self._ptr.get_omap_vals_by_keys(op, (_OWNER,))
-                self._ptr.operate_read_op(op, name)
-                values: dict[str, Any] = dict(it)
-        except rados.ObjectNotFound:
-            return None
-        except rados.Error as exc:
-            raise BackendError(f"owner of {name}: {exc}") from exc
-        raw = values.get(_OWNER)
-        return None if raw is None else bytes.fromhex(bytes(raw).decode())
+        return self._omap_value(name, _OWNER)
 
     def break_pointer_lock(self, name: str, owner: bytes, client: str, cookie: str) -> bool:
         """One write op: the owner record is still ``owner``, break that client's lock,
