@@ -26,7 +26,8 @@ MAX_SIZE = 64 << 40
 
 
 def _extra(row: Volume) -> dict[str, Any]:
-    return {"size_bytes": row.size, "class": row.storage_class, "task_state": row.task_state}
+    return {"size_bytes": row.size, "class": row.storage_class, "task_state": row.task_state,
+            "owner": (row.status or {}).get("owner")}  # the node holding its lock, or null
 
 
 volumes: ScopedKind[Volume] = ScopedKind(Volume, "volume", "`cairn get volumes` lists them", _extra)

@@ -146,6 +146,7 @@ def test_pool_reports_its_space_and_survives_a_kill_9_of_the_storage_daemon(stac
     pool = stack.cairn("pool", "get", "default")
     assert pool["spec"]["backend"] == "local" and pool["status"]["phase"] == "Ready"
     assert {"logical_bytes", "stored_bytes", "dedup_ratio", "compression_ratio"} <= set(pool["status"]["stats"])
+    assert pool["status"]["dedup_ratio"] == pool["status"]["stats"]["dedup_ratio"]
 
     vol = stack.cairn("volume", "create", "durable", "--size", "16MiB")
     data = tmp_path / "data.bin"
