@@ -334,7 +334,10 @@ def assemble(rows: ClusterRows, node: str, now: datetime | None = None) -> NodeD
         instances=_instances(rows, me),
         moving=sorted(domain_name(i.id, i.name) for i in rows.migrating),
         network=_network(rows, node),
-        pools=[_pool(p) for p in sorted(rows.pools, key=lambda p: p.name) if p.node_id == me.id],
+        # A Ceph pool is written by every node (each holds the locks of the volumes its
+        # instances use: storage/README.md, "Several nodes"); a local one by its node only.
+        pools=[_pool(p) for p in sorted(rows.pools, key=lambda p: p.name)
+               if p.node_id == me.id or (p.spec or {}).get("backend") == "rados"],
     )
     return doc.stamped(now)
 

@@ -43,6 +43,11 @@ def queue_of(session: Session, pool: StoragePool) -> str:
     node = session.get(Node, pool.node_id) if pool.node_id else None
     if node is None:
         raise Conflict(f"storage pool '{pool.name}' has no node serving it: assign it to a node first")
+    if node.phase != "Ready" and (pool.spec or {}).get("backend") == "rados":
+        # Every node writes a Ceph pool: any Ready one will do while its home node is down.
+        other = session.scalar(select(Node.name).where(Node.phase == "Ready").order_by(Node.name))
+        if other is not None:
+            return f"node.{other}"
     if node.phase != "Ready":
         raise Conflict(f"node '{node.name}' that serves storage pool '{pool.name}' is {node.phase}: "
                        "wait for it to come back")

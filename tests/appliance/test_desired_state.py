@@ -171,3 +171,13 @@ def test_revision_changes_with_the_content_only() -> None:
 def test_an_unknown_node_has_no_document() -> None:
     with pytest.raises(NotFound, match="no node named 'n9'"):
         assemble(cluster(), "n9", NOW)
+
+
+def test_a_ceph_pool_is_in_every_nodes_document_a_local_one_in_its_nodes_only() -> None:
+    rows = cluster()
+    rows.pools.append(StoragePool(id=_id("ceph"), name="ceph", node_id=_id("n1"),
+                                  spec={"backend": "rados", "url": "rados://cairn/cairn?conf=/etc/ceph/ceph.conf"},
+                                  status={"phase": "Ready"}))
+    assert [p.name for p in assemble(rows, "n1", NOW).pools] == ["ceph", "default"]
+    for node in ("n2", "n3"):  # every node writes the Ceph pool (each owns its instances' volumes)
+        assert [p.name for p in assemble(rows, node, NOW).pools] == ["ceph"]
