@@ -15,6 +15,8 @@ from typing import Any
 
 from sqlalchemy import select
 
+from appliance.cluster.config import CEPH_POOL
+from appliance.cluster.runtime import ceph_conf_path
 from appliance.db.engine import session_scope
 from appliance.db.models import Instance, Node, StoragePool, Volume
 from appliance.services import pools, volumes
@@ -47,15 +49,21 @@ class StorageReconciler:
         return True
 
     def _ensure_ceph(self) -> bool:
-        """``cairn up --ceph``: once the embedded cluster is healthy, its replicated pool
-        (size 3, min_size 2) is the ``ceph`` storage pool (dedup and rbd volumes)."""
+        """``cairn up --ceph`` or a cluster: once this node's Ceph daemons run, the
+        replicated pool (size 3, min_size 2) is the ``ceph`` storage pool (dedup and rbd
+        volumes), which every node's storage daemon writes. In a cluster the pool is the
+        cluster's (``/etc/ceph/ceph.conf`` on every node)."""
         ready = self.settings.ceph_dir / "ready"
-        if not self.settings.ceph_enabled or not ready.exists():
+        clustered = self.settings.cluster is not None
+        if not (self.settings.ceph_enabled or clustered) or not ready.exists():
             return False
         with session_scope(self.settings.resolved_database_url) as session:
             if session.scalar(select(StoragePool.id).where(StoragePool.name == "ceph")):
                 return False
-            url = f"rados://cairn/cairn?conf={self.settings.ceph_dir / 'ceph.conf'}"
+            if clustered:
+                url = f"rados://{CEPH_POOL}/cairn?conf={ceph_conf_path()}"
+            else:
+                url = f"rados://cairn/cairn?conf={self.settings.ceph_dir / 'ceph.conf'}"
             pools.create(session, None, "ceph", self.settings.node_name, "rados", url, replication=3,
                          nbd_port_base=self.settings.storage_nbd_port)
         return True
