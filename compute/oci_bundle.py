@@ -15,13 +15,18 @@ from compute.oci_image import ImageConfig
 from compute.spec import ContainerSpec, QosClass
 
 CPU_PERIOD_US = 100_000
+# podman's default set plus CAP_NET_RAW (ping in the images we ship opens raw sockets;
+# they only reach the container's own network namespace, and port security drops any
+# frame not from the port's own addresses). No MKNOD, AUDIT_WRITE, SYS_ADMIN, NET_ADMIN.
 DEFAULT_CAPS = [
-    "CAP_AUDIT_WRITE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_MKNOD",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_CHROOT",
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_NET_RAW",
+    "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_CHROOT",
 ]
 MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-          "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"]
+          "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+          "/sys/kernel/security"]
 READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+ID_RANGE = 65536
 
 
 def cgroup_resources(spec: ContainerSpec, device_numbers: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
@@ -62,8 +67,16 @@ def build_runtime_config(
     netns_path: str | None,
     cgroups_path: str,
     device_numbers: dict[str, tuple[int, int]] | None = None,
+    id_base: int | None = None,
+    seccomp: dict[str, Any] | None = None,
+    hooks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Return the OCI runtime config (``config.json`` content) for ``spec``."""
+    """Return the OCI runtime config (``config.json`` content) for ``spec``.
+
+    ``id_base`` puts the container in its own user namespace (its ids 0..65535 are host
+    ids ``id_base``..; the network namespace is then the container's own too, created
+    inside it), ``seccomp`` is its ``linux.seccomp``, ``hooks`` OCI hooks (e.g. the one
+    that moves its NICs in)."""
     env = dict(image.env)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     env["HOSTNAME"] = spec.hostname or spec.name
@@ -71,6 +84,8 @@ def build_runtime_config(
         env["TERM"] = "xterm"
     env.update(dict(spec.env))
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+    if id_base is not None:
+        namespaces.insert(0, {"type": "user"})
     namespaces.append({"type": "network", "path": netns_path} if netns_path else {"type": "network"})
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -82,15 +97,25 @@ def build_runtime_config(
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
     ]
     for vol in spec.volumes:
         mounts.append({"destination": vol.target, "type": "bind", "source": vol.source,
                        "options": ["rbind", "ro" if vol.readonly else "rw"]})
     caps = list(DEFAULT_CAPS)
-    return {
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "cgroupsPath": cgroups_path,
+        "resources": {"devices": [{"allow": False, "access": "rwm"}], **cgroup_resources(spec, device_numbers)},
+        "maskedPaths": MASKED,
+        "readonlyPaths": READONLY,
+    }
+    if id_base is not None:
+        linux["uidMappings"] = [{"containerID": 0, "hostID": id_base, "size": ID_RANGE}]
+        linux["gidMappings"] = [{"containerID": 0, "hostID": id_base, "size": ID_RANGE}]
+    if seccomp is not None:
+        linux["seccomp"] = seccomp
+    config = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": spec.tty,
@@ -98,22 +123,18 @@ def build_runtime_config(
             "args": list(spec.command),
             "env": [f"{k}={v}" for k, v in sorted(env.items())],
             "cwd": spec.workdir if spec.workdir != "/" else image.workdir,
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},  # none inheritable, none ambient
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
         },
         "root": {"path": rootfs, "readonly": False},
         "hostname": spec.hostname or spec.name,
         "mounts": mounts,
-        "linux": {
-            "namespaces": namespaces,
-            "cgroupsPath": cgroups_path,
-            "resources": {"devices": [{"allow": False, "access": "rwm"}],
-                          **cgroup_resources(spec, device_numbers)},
-            "maskedPaths": MASKED,
-            "readonlyPaths": READONLY,
-        },
+        "linux": linux,
     }
+    if hooks:
+        config["hooks"] = hooks
+    return config
 
 
 def device_numbers_of(spec: ContainerSpec) -> dict[str, tuple[int, int]]:

@@ -4,8 +4,15 @@ Layout under ``state_dir``: ``containers/<name>/`` holds ``spec.json``,
 ``config.json``, ``rootfs`` (an overlayfs of the image's shared layers plus a
 private ``upper``), and ``console.log``. crun's own state lives in
 ``state_dir/crun``. What lives outside ``state_dir`` carries ``host_prefix``: the
-container's netns ``/run/netns/<prefix>-<name>`` and its cgroup ``/<prefix>/<name>``,
-so the containers of two stacks on one host never meet.
+container's cgroup ``/<prefix>/<name>``, so the containers of two stacks on one host
+never meet.
+
+Confinement (see compute/README.md): each container has its own user namespace (its
+root is an unprivileged host id range, ``oci_idmap``; the image layers and volumes
+are seen through idmapped mounts, ``lower/<i>`` and ``volumes/<i>``), its own network
+namespace inside it (NICs moved in by a hook, ``oci_net``), the containers ecosystem's
+default seccomp profile (``oci_seccomp``), a small capability set, no new privileges,
+read-only ``/sys`` and masked ``/proc`` paths (``oci_bundle``).
 
 On hosts with *hybrid* cgroups crun refuses to run; every crun call therefore
 runs in a private mount namespace where ``/sys/fs/cgroup/unified`` is
@@ -37,14 +44,17 @@ from compute.errors import (
     InvalidPowerState,
     InvalidSpec,
 )
-from compute.oci_bundle import build_runtime_config, device_numbers_of
+from compute.oci_bundle import DEFAULT_CAPS, ID_RANGE, build_runtime_config, device_numbers_of
 from compute.oci_console import TtyRelay, receive_pty_master
+from compute.oci_idmap import IdRanges, idmapped_bind, is_mountpoint
 from compute.oci_image import ImageStore
-from compute.oci_net import attach_nics, detach_nics
+from compute.oci_net import nic_hook, plug_nics, unplug_nics
+from compute.oci_seccomp import PROFILE, load_profile, oci_seccomp
 from compute.spec import ContainerSpec, PowerState, container_spec_from_dict, container_spec_to_dict
 
 log = logging.getLogger(__name__)
 HYBRID_MARK = Path("/sys/fs/cgroup/unified")
+MOUNT_ROOT = Path("/run/cairn-containers")
 
 
 
@@ -66,9 +76,13 @@ class OciDriver(ComputeDriver[ContainerSpec]):
     kind = "container"
 
     def __init__(self, state_dir: Path, images: ImageStore | None = None, crun: str = "crun",
-                 host_prefix: str = "cairn") -> None:
+                 host_prefix: str = "cairn", id_ranges: IdRanges | None = None,
+                 seccomp_profile: Path = PROFILE, mount_root: Path = MOUNT_ROOT) -> None:
         self.state_dir = Path(state_dir)
         self.host_prefix = host_prefix
+        self.id_ranges = id_ranges or IdRanges()
+        self.mount_root = mount_root
+        self.seccomp_profile = seccomp_profile
         self.images = images or ImageStore(self.state_dir / "images")
         self.crun_root = self.state_dir / "crun"
         self.crun = shutil.which(crun) or crun
@@ -134,16 +148,54 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             if not os.path.exists(lim.device):
                 raise InvalidSpec(f"container {spec.name!r}: I/O-limited device {lim.device} does not exist")
         self.images.resolve(spec.image)  # ImageNotFound before anything is written
-        for sub in ("rootfs", "upper", "work"):
+        load_profile(self.seccomp_profile)  # a missing profile fails here, not at start
+        for sub in ("upper", "work"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        self._id_base(spec.name)
         (d / "spec.json").write_text(json.dumps(container_spec_to_dict(spec)))
+
+    def _id_base(self, name: str) -> int:
+        """The first host id of the container's range (claimed once, kept in idmap.json;
+        a container made before ranges existed gets one now and its files shift into it)."""
+        d = self._dir(name)
+        try:
+            base = int(json.loads((d / "idmap.json").read_text())["base"])
+        except (OSError, ValueError, KeyError):
+            base = self.id_ranges.claim(d)
+            _shift_ids(d / "upper", base)
+            (d / "idmap.json").write_text(json.dumps({"base": base, "size": ID_RANGE}))
+        os.chown(d / "upper", base, base)  # the overlay's root: the container's root owns /
+        return base
+
+    def _mounts(self, name: str) -> Path:
+        """Where the container's rootfs and idmapped mounts live: a directory every id may
+        traverse (the runtime opens the rootfs as the container's root, and the state
+        directory is private to host root)."""
+        path = self.mount_root / f"{self.host_prefix}-{name}"
+        for p in (self.mount_root, path):
+            p.mkdir(exist_ok=True)
+            p.chmod(0o711)
+        return path
+
+    def _idmapped(self, sources: list[Path], where: Path, base: int) -> list[Path]:
+        """``sources`` as the container's root sees them: idmapped binds under ``where``."""
+        out = []
+        for i, src in enumerate(sources):
+            target = where / str(i)
+            target.mkdir(parents=True, exist_ok=True)
+            if not is_mountpoint(target):
+                idmapped_bind(src, target, base)
+            out.append(target)
+        return out
 
     def _mount_rootfs(self, spec: ContainerSpec) -> tuple[Path, Any]:
         d = self._dir(spec.name)
         image = self.images.resolve(spec.image)
-        rootfs = d / "rootfs"
+        rootfs = self._mounts(spec.name) / "rootfs"
+        rootfs.mkdir(parents=True, exist_ok=True)
         if not os.path.ismount(rootfs):
-            lower = ":".join(str(p) for p in reversed(image.layers))  # overlayfs: leftmost is the top
+            layers = self._idmapped(list(image.layers), self._mounts(spec.name) / "lower", self._id_base(spec.name))
+            lower = ":".join(str(p) for p in reversed(layers))  # overlayfs: leftmost is the top
             opts = f"lowerdir={lower},upperdir={d / 'upper'},workdir={d / 'work'}"
             r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs)],
                                capture_output=True, text=True)
@@ -162,12 +214,22 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         d = self._dir(name)
         self._crun("delete", "-f", name, check=False)  # leftovers of an earlier run
         rootfs, image_config = self._mount_rootfs(spec)
-        netns = attach_nics(name, spec.nics, self.host_prefix) if spec.nics else None
+        base = self._id_base(name)
+        volumes = self._idmapped([Path(v.source) for v in spec.volumes], self._mounts(name) / "volumes", base)
+        plug_nics(spec.nics)
         try:
-            config = build_runtime_config(spec, rootfs=str(rootfs), image=image_config,
-                                          netns_path=f"/run/netns/{netns}" if netns else None,
+            hooks = None
+            if spec.nics:
+                (d / "nics.sh").write_text(nic_hook(spec.nics))
+                (d / "nics.sh").chmod(0o700)
+                hooks = {"createRuntime": [{"path": str(d / "nics.sh"), "timeout": 30}]}
+            config = build_runtime_config(spec, rootfs=str(rootfs), image=image_config, netns_path=None,
                                           cgroups_path=f"/{self.host_prefix}/{name}",
-                                          device_numbers=device_numbers_of(spec))
+                                          device_numbers=device_numbers_of(spec), id_base=base,
+                                          seccomp=oci_seccomp(load_profile(self.seccomp_profile), DEFAULT_CAPS),
+                                          hooks=hooks)
+            for mount, source in zip((m for m in config["mounts"] if m["type"] == "bind"), volumes, strict=True):
+                mount["source"] = str(source)
             (d / "config.json").write_text(json.dumps(config, indent=1))
             listener = None
             extra: list[str] = []
@@ -199,8 +261,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
                 raise HypervisorError(f"container {name!r} failed to start (crun exit {proc.returncode}): {tail}")
         except BaseException:
             self._kill(name, force=True)
-            if netns:
-                detach_nics(name, spec.nics, self.host_prefix)
+            unplug_nics(spec.nics)
             raise
 
     def _receive_terminal(self, listener: socket.socket, proc: subprocess.Popen[bytes], name: str) -> int:
@@ -252,7 +313,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             proc.wait()
         self._stop_relay(name)
         self._crun("delete", "-f", name, check=False)
-        detach_nics(name, spec.nics, self.host_prefix)
+        unplug_nics(spec.nics)
 
     def reboot(self, name: str) -> None:
         """Restart the container's process (stop with a short grace period, start)."""
@@ -289,9 +350,16 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             if proc is not None:
                 proc.wait(10)
             self._stop_relay(name)
-            detach_nics(name, spec.nics, self.host_prefix)
-        if os.path.ismount(d / "rootfs"):
-            subprocess.run(["umount", str(d / "rootfs")], check=False, capture_output=True)
+            unplug_nics(spec.nics)
+        mounts = self._mounts(name)
+        for mnt in [mounts / "rootfs", *sorted(mounts.glob("lower/*")), *sorted(mounts.glob("volumes/*"))]:
+            if is_mountpoint(mnt):
+                subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        shutil.rmtree(mounts, ignore_errors=True)  # empty mount points only: everything is unmounted
+        try:
+            self.id_ranges.release(d, int(json.loads((d / "idmap.json").read_text())["base"]))
+        except (OSError, ValueError, KeyError):
+            pass
         for sock in ("tty.sock", "crun-console.sock"):
             socket_path(d / sock).unlink(missing_ok=True)  # a stand-in may live outside d
         shutil.rmtree(d, ignore_errors=True)
@@ -343,3 +411,14 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         r = self._crun("state", name)
         pid: int = json.loads(r.stdout)["pid"]
         return pid
+
+
+def _shift_ids(root: Path, base: int) -> None:
+    """Move files written before the container had an id range into it (host id u of
+    the old, unmapped container becomes base + u)."""
+    if not root.exists():
+        return
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        if st.st_uid < ID_RANGE and st.st_gid < ID_RANGE:
+            os.lchown(path, base + st.st_uid, base + st.st_gid)

@@ -586,6 +586,33 @@ def test_guests_reach_no_node_service(stack: Stack, intruders: Intruders) -> Non
     assert f"Address: {intruders.vm_ip}" in out, out
 
 
+ESCAPES = {  # what a tenant tries inside a container, and the shell to try it
+    "a new user namespace": "unshare -U true",
+    "a device node": "mknod /tmp/mem c 1 1",
+    "a cgroup mount (for release_agent)": "mkdir -p /tmp/cg && mount -t cgroup -o rdma cgroup /tmp/cg",
+    "writing a release_agent": "echo /x > /sys/fs/cgroup/release_agent",
+    "a tmpfs mount": "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m",
+    "writing to /sys": "echo 1 > /sys/kernel/profiling",
+    "reading /proc/kcore": "test -s /proc/kcore && head -c 1 /proc/kcore | wc -c | grep -q 1",
+}
+
+
+def test_a_container_cannot_leave_its_confinement(stack: Stack, intruders: Intruders) -> None:
+    """The attacks of a tenant's root inside a container: a user namespace, a device
+    node, the cgroup v1 release_agent escape, mounting, writing /sys, reading masked
+    /proc files. All refused; the container's root is an unprivileged host id."""
+    script = "; ".join(f"({cmd}) >/dev/null 2>&1 && echo 'ESCAPED: {what}'" for what, cmd in ESCAPES.items())
+    _, out = in_container(stack, intruders.container,
+                          script + "; cat /proc/self/uid_map; grep Seccomp: /proc/self/status")
+    assert "ESCAPED" not in out, out
+    inside, host, size = map(int, out.split("Seccomp:")[0].split()[-3:])
+    assert (inside, size) == (0, 65536) and host >= 1 << 24, f"container root is host id {host}: {out}"
+    assert "Seccomp:\t2" in out, out  # a filter is loaded
+    # still a working container: it writes its own files and reaches its network
+    code, out = in_container(stack, intruders.container, f"touch /etc/mine && ping -c 1 -W 2 {intruders.vm_ip}")
+    assert code == 0, out
+
+
 def test_vm_bad_input(stack: Stack) -> None:
     with stack.http() as c:
         big = c.post("/api/v1/vms", json={"name": "big", "spec": {"cpu": 1, "memory": "4TiB", "image": "tiny-guest"}})

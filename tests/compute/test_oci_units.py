@@ -10,6 +10,7 @@ import os
 import stat
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +146,69 @@ def test_a_file_that_is_not_an_oci_layout_is_image_not_found(tmp_path: Path) -> 
     junk.write_bytes(b"not a tar")
     with pytest.raises(ImageNotFound, match="not a readable oci-layout"):
         ImageStore(tmp_path / "store").resolve(str(junk))
+
+
+def test_runtime_config_with_an_id_range_has_a_user_namespace_seccomp_and_few_capabilities() -> None:
+    from compute.oci_bundle import DEFAULT_CAPS
+    from compute.oci_seccomp import load_profile, oci_seccomp
+
+    seccomp = oci_seccomp(load_profile(), DEFAULT_CAPS, "x86_64")
+    cfg = build_runtime_config(ct(), rootfs="/r", image=ImageConfig(), netns_path=None, cgroups_path="/cairn/c1",
+                               id_base=1 << 24, seccomp=seccomp, hooks={"createRuntime": [{"path": "/h"}]})
+    linux = cfg["linux"]
+    assert linux["namespaces"][0] == {"type": "user"} and {"type": "network"} in linux["namespaces"]
+    assert linux["uidMappings"] == linux["gidMappings"] == [{"containerID": 0, "hostID": 1 << 24, "size": 65536}]
+    caps = set(cfg["process"]["capabilities"]["bounding"])
+    assert not caps & {"CAP_SYS_ADMIN", "CAP_MKNOD", "CAP_NET_ADMIN", "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE"}
+    assert cfg["process"]["noNewPrivileges"] and "/proc/kcore" in linux["maskedPaths"]
+    assert all(m["destination"] != "/sys/fs/cgroup" for m in cfg["mounts"])  # no cgroupfs, no release_agent
+    assert next(m for m in cfg["mounts"] if m["destination"] == "/sys")["options"][-1] == "ro"
+    assert cfg["hooks"] == {"createRuntime": [{"path": "/h"}]} and linux["seccomp"] is seccomp
+
+
+def test_seccomp_is_the_ecosystem_default_plus_no_namespaces_and_no_mounts() -> None:
+    from compute.oci_seccomp import NAMESPACE_FLAGS, load_profile, oci_seccomp
+
+    profile = load_profile()
+    plain = oci_seccomp(profile, ["CAP_CHOWN", "CAP_SYS_CHROOT"], "x86_64")
+    assert plain["defaultAction"] == "SCMP_ACT_ERRNO" and plain["architectures"][0] == "SCMP_ARCH_X86_64"
+
+    def rules(seccomp: dict[str, Any], name: str) -> list[dict[str, Any]]:
+        return [r for r in seccomp["syscalls"] if name in r["names"]]
+
+    assert [r["action"] for r in rules(plain, "read")] == ["SCMP_ACT_ALLOW"]
+    for name in ("unshare", "setns", "mount", "umount2", "open_tree", "fsopen"):
+        assert [(r["action"], r["errnoRet"]) for r in rules(plain, name)] == [("SCMP_ACT_ERRNO", 1)], name
+    assert rules(plain, "clone") == [{"names": ["clone"], "action": "SCMP_ACT_ALLOW", "args": [
+        {"index": 0, "value": NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}]
+    assert [(r["action"], r["errnoRet"]) for r in rules(plain, "clone3")] == [("SCMP_ACT_ERRNO", 38)]
+    assert [r["action"] for r in rules(plain, "chroot")] == ["SCMP_ACT_ALLOW"]  # the profile's caps rules apply
+    assert [r["action"] for r in rules(plain, "bpf")] == ["SCMP_ACT_ERRNO"]
+    admin = oci_seccomp(profile, ["CAP_SYS_ADMIN"], "x86_64")
+    assert [r["action"] for r in rules(admin, "unshare")] == ["SCMP_ACT_ALLOW"]
+
+
+def test_each_container_gets_its_own_id_range_and_stale_claims_are_taken_again(tmp_path: Path) -> None:
+    from compute.oci_idmap import ID_BASE, ID_SIZE, IdRanges
+
+    ranges = IdRanges(tmp_path / "registry")
+    owners = [tmp_path / f"c{i}" for i in range(50)]
+    for o in owners:
+        o.mkdir()
+    bases = [ranges.claim(o) for o in owners]
+    assert len(set(bases)) == 50 and all(b >= ID_BASE and (b - ID_BASE) % ID_SIZE == 0 for b in bases)
+    assert ranges.claim(owners[0]) == bases[0]  # claiming again keeps the range
+    newcomer = tmp_path / "new"
+    newcomer.mkdir()
+    wanted = IdRanges.first_slot(newcomer)
+    (tmp_path / "registry" / f"slot-{wanted}").write_text(f"{tmp_path / 'gone'}\n")  # its container is gone
+    assert ranges.claim(newcomer) == ID_BASE + wanted * ID_SIZE
+    other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "registry" / f"slot-{IdRanges.first_slot(other)}").write_text(f"{owners[5]}\n")  # a live claim
+    assert ranges.claim(other) != ID_BASE + IdRanges.first_slot(other) * ID_SIZE
+    taken = IdRanges(tmp_path / "registry")
+    taken.release(owners[2], bases[2])
+    assert not (tmp_path / "registry" / f"slot-{(bases[2] - ID_BASE) // ID_SIZE}").exists()
+    taken.release(owners[3], bases[4])  # not its range: nothing happens
+    assert (tmp_path / "registry" / f"slot-{(bases[4] - ID_BASE) // ID_SIZE}").exists()
