@@ -5,9 +5,12 @@ A container's uid/gid 0..65535 is host id ``base``..``base + 65535``: root in th
 container is an unprivileged, otherwise unused id on the host. Ranges are handed out
 from one host-wide registry (``/var/lib/cairn-idmap`` by default: every stack on the
 host shares the host's ids, and a range must survive reboots because the container's
-own files carry it). A claim is a file ``slot-<n>`` naming its container directory;
-claims whose directory is gone are stale and taken again. Claims happen under an
-``flock`` on the registry.
+own files carry it). A claim is a file ``slot-<n>`` naming its container directory as
+``<host name>:<path>``; claims whose directory is gone are stale and taken again. The
+host name scopes the path: lab nodes share the host's kernel and registry but each sees
+its own ``/var/lib/cairn`` (a mount namespace of its own, a host name of its own), so a
+claim of another node is never judged stale by a path it cannot see. Claims happen
+under an ``flock`` on the registry.
 
 The image layers stay owned by host root and are shared by every container: each
 container sees them through idmapped bind mounts (``mount_setattr(MOUNT_ATTR_IDMAP)``,
@@ -21,6 +24,7 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import socket
 import struct
 import subprocess
 from pathlib import Path
@@ -39,22 +43,31 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class IdRanges:
-    """The host-wide registry of containers' id ranges."""
+    """The host-wide registry of containers' id ranges. ``scope`` names the mount
+    namespace the claims' paths live in (default: this host name, see above)."""
 
-    def __init__(self, registry: Path = DEFAULT_REGISTRY) -> None:
+    def __init__(self, registry: Path = DEFAULT_REGISTRY, scope: str | None = None) -> None:
         self.registry = Path(registry)
+        self.scope = scope or socket.gethostname()
 
     def _slot_file(self, slot: int) -> Path:
         return self.registry / f"slot-{slot}"
 
-    @staticmethod
-    def first_slot(owner: Path) -> int:
+    def _key(self, owner: Path) -> str:
+        return f"{self.scope}:{owner.resolve()}"
+
+    def first_slot(self, owner: Path) -> int:
         """Where the search for ``owner``'s slot starts (spread, so claims rarely queue)."""
-        return int.from_bytes(hashlib.sha256(str(owner.resolve()).encode()).digest()[:4], "big") % SLOTS
+        return int.from_bytes(hashlib.sha256(self._key(owner).encode()).digest()[:4], "big") % SLOTS
+
+    def _free(self, holder: str, key: str) -> bool:
+        """May a slot held by ``holder`` go to ``key``? Its own, or a stale claim of this scope."""
+        scope, _, path = holder.partition(":") if not holder.startswith("/") else (self.scope, "", holder)
+        return holder == key or (scope == self.scope and not Path(path).exists())
 
     def claim(self, owner: Path) -> int:
         """The first id of a range for ``owner`` (a container directory), claimed for it."""
-        owner = owner.resolve()
+        key = self._key(owner)
         self.registry.mkdir(mode=0o700, parents=True, exist_ok=True)
         start = self.first_slot(owner)
         with open(self.registry / ".lock", "a") as lock:
@@ -63,12 +76,12 @@ class IdRanges:
                 slot = (start + i) % SLOTS
                 path = self._slot_file(slot)
                 try:
-                    holder = Path(path.read_text().strip())
+                    holder = path.read_text().strip()
                 except FileNotFoundError:
-                    holder = None
-                if holder is None or holder == owner or not holder.exists():
+                    holder = ""
+                if not holder or self._free(holder, key):
                     tmp = path.with_suffix(".tmp")
-                    tmp.write_text(f"{owner}\n")
+                    tmp.write_text(f"{key}\n")
                     os.replace(tmp, path)
                     return ID_BASE + slot * ID_SIZE
         raise HypervisorError("every container id range of this host is taken")
@@ -79,7 +92,7 @@ class IdRanges:
         with open(self.registry / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if Path(path.read_text().strip()) == owner.resolve():
+                if path.read_text().strip() == self._key(owner):
                     path.unlink()
             except FileNotFoundError:
                 pass

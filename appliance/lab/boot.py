@@ -3,7 +3,7 @@
 Started by the lab daemon as ``nsenter --net=<node netns> unshare -m -u --propagation
 private -- python -m appliance.lab.boot …`` inside the node's cgroup. It gives the node
 its own hostname and its own folders where a real node keeps them (``/var/lib/cairn``,
-``/etc/ceph``, ``/etc/cairn``, PostgreSQL's folder, a private ``/run/netns``), forms or
+``/etc/ceph``, ``/etc/cairn``, PostgreSQL's folder, private ``/run`` folders), forms or
 joins the cluster if asked, then runs the node's supervisor as its child and reaps every
 orphan of the node (a real node's init does that) until the supervisor ends."""
 
@@ -37,9 +37,10 @@ def enter_node_filesystem(node_dir: Path, hostname: str) -> None:
         src.mkdir(parents=True, exist_ok=True)
         Path(target).mkdir(parents=True, exist_ok=True)
         _mount("--bind", str(src), target)
-    # The node's own /run/netns (namespaces it makes stay inside it) and /run/cairn
-    # (the stack registry: the node is a machine of its own, not a stack of the host's).
-    for run in ("/run/netns", "/run/cairn"):
+    # The node's own /run/netns (namespaces it makes stay inside it), /run/cairn (the
+    # stack registry: the node is a machine of its own, not a stack of the host's) and
+    # /run/cairn-containers (its containers' root filesystems, named like any node's).
+    for run in ("/run/netns", "/run/cairn", "/run/cairn-containers"):
         Path(run).mkdir(parents=True, exist_ok=True)
         _mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", run)
 

@@ -200,13 +200,21 @@ def test_each_container_gets_its_own_id_range_and_stale_claims_are_taken_again(t
     assert ranges.claim(owners[0]) == bases[0]  # claiming again keeps the range
     newcomer = tmp_path / "new"
     newcomer.mkdir()
-    wanted = IdRanges.first_slot(newcomer)
-    (tmp_path / "registry" / f"slot-{wanted}").write_text(f"{tmp_path / 'gone'}\n")  # its container is gone
+    wanted = ranges.first_slot(newcomer)
+    (tmp_path / "registry" / f"slot-{wanted}").write_text(f"{ranges.scope}:{tmp_path / 'gone'}\n")  # container gone
     assert ranges.claim(newcomer) == ID_BASE + wanted * ID_SIZE
     other = tmp_path / "other"
     other.mkdir()
-    (tmp_path / "registry" / f"slot-{IdRanges.first_slot(other)}").write_text(f"{owners[5]}\n")  # a live claim
-    assert ranges.claim(other) != ID_BASE + IdRanges.first_slot(other) * ID_SIZE
+    (tmp_path / "registry" / f"slot-{ranges.first_slot(other)}").write_text(f"{ranges.scope}:{owners[5]}\n")  # live
+    assert ranges.claim(other) != ID_BASE + ranges.first_slot(other) * ID_SIZE
+    # a lab node's claim names a path of its own mount namespace: never stale from here
+    third = tmp_path / "third"
+    third.mkdir()
+    (tmp_path / "registry" / f"slot-{ranges.first_slot(third)}").write_text(f"n1:{tmp_path / 'gone'}\n")
+    assert ranges.claim(third) != ID_BASE + ranges.first_slot(third) * ID_SIZE
+    # the same container directory on two nodes (lab nodes: /var/lib/cairn in each) gets two ranges
+    n2 = IdRanges(tmp_path / "registry", scope="n2")
+    assert n2.claim(owners[7]) != bases[7] and n2.claim(owners[7]) == n2.claim(owners[7])
     taken = IdRanges(tmp_path / "registry")
     taken.release(owners[2], bases[2])
     assert not (tmp_path / "registry" / f"slot-{(bases[2] - ID_BASE) // ID_SIZE}").exists()
