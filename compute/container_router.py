@@ -7,8 +7,8 @@ container is isolated.
 
 from __future__ import annotations
 
-from compute.driver import ComputeDriver, ConsoleEndpoint, NodeResources
-from compute.errors import InstanceExists, InstanceNotFound
+from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, NodeResources
+from compute.errors import InstanceExists, InstanceNotFound, NotSupported
 from compute.spec import ContainerSpec, PowerState
 
 
@@ -78,3 +78,12 @@ class ContainerRouter(ComputeDriver[ContainerSpec]):
     def consoles(self, name: str) -> list[ConsoleEndpoint]:
         """Console endpoints from the owning backend."""
         return self._owner(name).consoles(name)
+
+    def exec(self, name: str, argv: list[str], timeout: float = 60.0, tty: bool = False) -> ExecResult:
+        """Run a process in the container, on the owning backend."""
+        backend = self._owner(name)
+        run = getattr(backend, "exec", None)
+        if run is None:
+            raise NotSupported(f"container {name!r}: its backend cannot exec")
+        result: ExecResult = run(name, argv, timeout=timeout, tty=tty)
+        return result

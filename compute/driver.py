@@ -125,6 +125,10 @@ class ComputeDriver(ABC, Generic[SpecT]):
         """Write a running instance's memory/device state to ``path`` and stop it. Default: not supported."""
         raise NotSupported(f"{self.kind} driver cannot save the state of {name!r}")
 
+    def snapshot_memory(self, name: str, path: str) -> None:
+        """Write a running instance's memory to ``path``, keeping it running. Default: not supported."""
+        raise NotSupported(f"{self.kind} driver cannot snapshot the memory of {name!r}")
+
     def restore_state(self, name: str, path: str) -> None:
         """Resume ``name`` from a state file written by :meth:`save_state`. Default: not supported."""
         raise NotSupported(f"{self.kind} driver cannot restore {name!r}")

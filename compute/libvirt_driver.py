@@ -20,7 +20,7 @@ from compute.errors import (
     InsufficientResources,
     InvalidPowerState,
 )
-from compute.libvirt_xml import build_domain_xml
+from compute.libvirt_xml import build_domain_xml, build_memory_snapshot_xml
 from compute.spec import FileSource, PowerState, VirtType, VmSpec
 
 log = logging.getLogger(__name__)
@@ -267,14 +267,33 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
         except libvirt.libvirtError as e:
             raise _wrap(e, f"saving the state of VM {name!r}")
 
+    def snapshot_memory(self, name: str, path: str) -> None:
+        """Write a running or paused VM's memory and device state to ``path`` (libvirt's
+        external memory snapshot, without libvirt metadata); the VM keeps running (or stays
+        paused). Disks are left out: snapshot them through the storage layer while it is
+        paused, so that they agree with the memory. :meth:`restore_state` resumes it."""
+        dom = self._dom(name)
+        state = self.power_state(name)
+        if state not in (PowerState.RUNNING, PowerState.PAUSED):
+            raise InvalidPowerState(f"VM {name!r} is {state}: only a running VM has memory to snapshot")
+        targets = [t.get("dev", "") for t in self._xml(dom).findall("./devices/disk/target")]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).unlink(missing_ok=True)
+        try:
+            dom.snapshotCreateXML(build_memory_snapshot_xml(f"mem-{int(time.time() * 1000)}", path, targets),
+                                  libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"snapshotting the memory of VM {name!r}")
+
     def restore_state(self, name: str, path: str) -> None:
-        """Restore the VM from a state file written by :meth:`save_state`; it resumes where it was."""
+        """Restore the VM from a state file written by :meth:`save_state` or
+        :meth:`snapshot_memory`; it resumes running where it was."""
         if self.power_state(name) is not PowerState.SHUTDOWN:
             raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: stop it before restoring a state")
         if not os.path.exists(path):
             raise ImageNotFound(f"state file {path} does not exist")
         try:
-            self._conn.restore(path)
+            self._conn.restoreFlags(path, None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
         except libvirt.libvirtError as e:
             raise _wrap(e, f"restoring VM {name!r} from {path}")
 

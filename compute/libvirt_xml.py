@@ -174,6 +174,10 @@ def build_domain_xml(spec: VmSpec) -> str:
     if c.serial_socket:
         _sub(console, "source", mode="bind", path=c.serial_socket)
     _sub(console, "target", type="serial", port="0")
+    for channel in spec.channels:  # virtio-serial: libvirt adds the controller
+        ch = _sub(devices, "channel", type="unix")
+        _sub(ch, "source", mode="bind", path=channel.socket)
+        _sub(ch, "target", type="virtio", name=channel.name)
     if c.vnc:
         if c.vnc_socket:
             g = _sub(devices, "graphics", type="vnc", socket=c.vnc_socket)
@@ -182,5 +186,18 @@ def build_domain_xml(spec: VmSpec) -> str:
             _sub(g, "listen", type="address", address=c.vnc_listen)
         _sub(devices, "video").append(ET.Element("model", type="cirrus", vram="16384", heads="1"))
     _sub(devices, "memballoon", model="none")
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def build_memory_snapshot_xml(name: str, memory_file: str, disk_targets: list[str]) -> str:
+    """A libvirt external snapshot of the memory only: every disk is left out (``snapshot='no'``),
+    the storage layer snapshots the volumes while the VM is paused (pure)."""
+    root = ET.Element("domainsnapshot")
+    _sub(root, "name", name)
+    _sub(root, "memory", snapshot="external", file=memory_file)
+    disks = _sub(root, "disks")
+    for target in disk_targets:
+        _sub(disks, "disk", name=target, snapshot="no")
     ET.indent(root, space="  ")
     return ET.tostring(root, encoding="unicode") + "\n"

@@ -59,6 +59,22 @@ def cgroup_resources(spec: ContainerSpec, device_numbers: dict[str, tuple[int, i
     return res
 
 
+def process_env(spec: ContainerSpec, image: ImageConfig) -> dict[str, str]:
+    """The environment of the container's processes: the image's, then the spec's."""
+    env = dict(image.env)
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env["HOSTNAME"] = spec.hostname or spec.name
+    if spec.tty:
+        env["TERM"] = "xterm"
+    env.update(dict(spec.env))
+    return env
+
+
+def process_cwd(spec: ContainerSpec, image: ImageConfig) -> str:
+    """The working directory: the spec's, else the image's."""
+    return spec.workdir if spec.workdir != "/" else image.workdir
+
+
 def build_runtime_config(
     spec: ContainerSpec,
     *,
@@ -77,12 +93,7 @@ def build_runtime_config(
     ids ``id_base``..; the network namespace is then the container's own too, created
     inside it), ``seccomp`` is its ``linux.seccomp``, ``hooks`` OCI hooks (e.g. the one
     that moves its NICs in)."""
-    env = dict(image.env)
-    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    env["HOSTNAME"] = spec.hostname or spec.name
-    if spec.tty:
-        env["TERM"] = "xterm"
-    env.update(dict(spec.env))
+    env = process_env(spec, image)
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     if id_base is not None:
         namespaces.insert(0, {"type": "user"})
@@ -122,7 +133,7 @@ def build_runtime_config(
             "user": {"uid": 0, "gid": 0},
             "args": list(spec.command),
             "env": [f"{k}={v}" for k, v in sorted(env.items())],
-            "cwd": spec.workdir if spec.workdir != "/" else image.workdir,
+            "cwd": process_cwd(spec, image),
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},  # none inheritable, none ambient
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,

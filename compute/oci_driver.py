@@ -24,10 +24,12 @@ and reaps it), so no container process is ever orphaned to PID 1.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compute.block_volumes import MountedVolume
 from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, NodeResources
 from compute.errors import (
     HypervisorError,
@@ -44,13 +47,14 @@ from compute.errors import (
     InvalidPowerState,
     InvalidSpec,
 )
+from compute.host_mounts import detach_loops, is_mountpoint, unmount_under
 from compute.oci_bundle import DEFAULT_CAPS, ID_RANGE, build_runtime_config, device_numbers_of
 from compute.oci_console import TtyRelay, receive_pty_master
-from compute.oci_idmap import IdRanges, idmapped_bind, is_mountpoint
+from compute.oci_idmap import IdRanges, idmapped_bind
 from compute.oci_image import ImageStore
 from compute.oci_net import nic_hook, plug_nics, unplug_nics
 from compute.oci_seccomp import PROFILE, load_profile, oci_seccomp
-from compute.spec import ContainerSpec, PowerState, container_spec_from_dict, container_spec_to_dict
+from compute.spec import ContainerSpec, PowerState, VolumeMount, container_spec_from_dict, container_spec_to_dict
 
 log = logging.getLogger(__name__)
 HYBRID_MARK = Path("/sys/fs/cgroup/unified")
@@ -215,15 +219,22 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         self._crun("delete", "-f", name, check=False)  # leftovers of an earlier run
         rootfs, image_config = self._mount_rootfs(spec)
         base = self._id_base(name)
-        volumes = self._idmapped([Path(v.source) for v in spec.volumes], self._mounts(name) / "volumes", base)
-        plug_nics(spec.nics)
         try:
+            self._release_volumes(spec)  # of an earlier run that crashed
+            blocks = self._volumes(spec)
+            for v in blocks:
+                v.mount()
+            binds = spec.volumes + tuple(VolumeMount(str(v.mountpoint), v.volume.target, v.volume.readonly)
+                                         for v in blocks)
+            volumes = self._idmapped([Path(v.source) for v in binds], self._mounts(name) / "volumes", base)
+            plug_nics(spec.nics)
             hooks = None
             if spec.nics:
                 (d / "nics.sh").write_text(nic_hook(spec.nics))
                 (d / "nics.sh").chmod(0o700)
                 hooks = {"createRuntime": [{"path": str(d / "nics.sh"), "timeout": 30}]}
-            config = build_runtime_config(spec, rootfs=str(rootfs), image=image_config, netns_path=None,
+            config = build_runtime_config(dataclasses.replace(spec, volumes=binds, block_volumes=()),
+                                          rootfs=str(rootfs), image=image_config, netns_path=None,
                                           cgroups_path=f"/{self.host_prefix}/{name}",
                                           device_numbers=device_numbers_of(spec), id_base=base,
                                           seccomp=oci_seccomp(load_profile(self.seccomp_profile), DEFAULT_CAPS),
@@ -261,8 +272,20 @@ class OciDriver(ComputeDriver[ContainerSpec]):
                 raise HypervisorError(f"container {name!r} failed to start (crun exit {proc.returncode}): {tail}")
         except BaseException:
             self._kill(name, force=True)
+            self._wait_exit(name, 10)
             unplug_nics(spec.nics)
+            self._release_volumes(spec)
             raise
+
+    def _volumes(self, spec: ContainerSpec) -> list[MountedVolume]:
+        return [MountedVolume(v, self._dir(spec.name) / "volumes") for v in spec.block_volumes]
+
+    def _release_volumes(self, spec: ContainerSpec) -> None:
+        """Take the volumes' idmapped binds down, then unmount the network volumes (their
+        data is flushed, their locks given back). Idempotent; also undoes a crashed run's."""
+        unmount_under(self._mounts(spec.name) / "volumes")  # a bind would keep the filesystem alive
+        for v in reversed(self._volumes(spec)):
+            v.unmount()
 
     def _receive_terminal(self, listener: socket.socket, proc: subprocess.Popen[bytes], name: str) -> int:
         deadline = time.monotonic() + 30
@@ -314,6 +337,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         self._stop_relay(name)
         self._crun("delete", "-f", name, check=False)
         unplug_nics(spec.nics)
+        self._release_volumes(spec)
 
     def reboot(self, name: str) -> None:
         """Restart the container's process (stop with a short grace period, start)."""
@@ -351,10 +375,11 @@ class OciDriver(ComputeDriver[ContainerSpec]):
                 proc.wait(10)
             self._stop_relay(name)
             unplug_nics(spec.nics)
+            self._release_volumes(spec)
         mounts = self._mounts(name)
-        for mnt in [mounts / "rootfs", *sorted(mounts.glob("lower/*")), *sorted(mounts.glob("volumes/*"))]:
-            if is_mountpoint(mnt):
-                subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        unmount_under(mounts)  # rootfs, idmapped layers and volumes, and anything a crash left there
+        unmount_under(d)  # volumes' filesystems and file exports (a dead export too)
+        detach_loops(d)
         shutil.rmtree(mounts, ignore_errors=True)  # empty mount points only: everything is unmounted
         try:
             self.id_ranges.release(d, int(json.loads((d / "idmap.json").read_text())["base"]))
@@ -395,16 +420,57 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             out.insert(0, ConsoleEndpoint(kind="serial-unix", path=str(socket_path(self._dir(name) / "tty.sock"))))
         return out
 
-    def exec(self, name: str, argv: list[str], timeout: float = 60.0) -> ExecResult:
-        """Run ``argv`` inside the running container and return its status and output."""
+    def exec(self, name: str, argv: list[str], timeout: float = 60.0, tty: bool = False) -> ExecResult:
+        """Run ``argv`` inside the running container and return its status and output
+        (with ``tty``, on a terminal of its own: stdout and stderr both arrive as stdout)."""
         if self.power_state(name) is not PowerState.RUNNING:
             raise InvalidPowerState(f"container {name!r} is {self.power_state(name)}: exec needs it running")
+        if tty:
+            return self._exec_tty(name, argv, timeout)
         try:
             r = subprocess.run(self._crun_argv("exec", name, *argv), capture_output=True, timeout=timeout,
                                stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as e:
             raise HypervisorError(f"exec in {name!r} timed out after {timeout}s: {argv}") from e
         return ExecResult(returncode=r.returncode, stdout=r.stdout, stderr=r.stderr)
+
+    def _exec_tty(self, name: str, argv: list[str], timeout: float) -> ExecResult:
+        """``crun exec --tty``: crun hands the terminal's master over a socket; read it to the end."""
+        sock = socket_path(self._dir(name) / f"exec-{os.getpid()}-{time.monotonic_ns()}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(sock))
+        listener.listen(1)
+        deadline = time.monotonic() + timeout
+        proc = subprocess.Popen(self._crun_argv("exec", "--tty", "--console-socket", str(sock),
+                                                name, *argv),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        out = bytearray()
+        try:
+            with listener:
+                master = self._receive_terminal(listener, proc, name)
+            with os.fdopen(master, "rb", buffering=0) as term:
+                while time.monotonic() < deadline:
+                    ready, _, _ = select.select([term], [], [], max(0.0, deadline - time.monotonic()))
+                    if not ready:
+                        continue
+                    try:
+                        chunk = term.read(65536)
+                    except OSError:  # EIO: the last process on the terminal is gone
+                        chunk = b""
+                    if not chunk:
+                        break
+                    out += chunk
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as e:
+            raise HypervisorError(f"exec in {name!r} timed out after {timeout}s: {argv}") from e
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            sock.unlink(missing_ok=True)
+        if time.monotonic() >= deadline and proc.returncode is None:
+            raise HypervisorError(f"exec in {name!r} timed out after {timeout}s: {argv}")
+        return ExecResult(returncode=proc.returncode, stdout=bytes(out), stderr=b"")
 
     def pid(self, name: str) -> int:
         """PID (host namespace) of the container's init process."""

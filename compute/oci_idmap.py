@@ -98,14 +98,6 @@ class IdRanges:
                 pass
 
 
-def is_mountpoint(path: Path) -> bool:
-    """True when something is mounted on ``path`` (``os.path.ismount`` misses bind mounts
-    within one filesystem)."""
-    target = str(Path(path).resolve())
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1].encode().decode("unicode_escape") == target for line in f)
-
-
 def _userns_fd(base: int, size: int) -> int:
     """A user namespace mapping 0..size-1 to base.. (held by a short-lived helper)."""
     helper = subprocess.Popen(["unshare", "--user", "--", "/bin/sh", "-c", "echo ready; exec sleep 60"],

@@ -197,6 +197,20 @@ class FilesystemShare:
 
 
 @dataclass(frozen=True)
+class ChannelSpec:
+    """A virtio-serial port named ``name`` in the guest, a unix socket (QEMU listens) on the host."""
+
+    name: str
+    socket: str
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[a-z0-9][a-z0-9._-]{0,62}$", self.name):
+            raise InvalidSpec(f"channel name {self.name!r}: 1-63 chars of [a-z0-9._-]")
+        if not self.socket.startswith("/"):
+            raise InvalidSpec(f"channel socket {self.socket!r} must be an absolute path")
+
+
+@dataclass(frozen=True)
 class KernelBoot:
     """Direct kernel boot (no bootloader)."""
 
@@ -242,6 +256,7 @@ class VmSpec:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     filesystems: tuple[FilesystemShare, ...] = ()
+    channels: tuple[ChannelSpec, ...] = ()
     kernel_boot: KernelBoot | None = None
     qos_class: QosClass = QosClass.BEST_EFFORT
     placement: Placement | None = None
@@ -304,6 +319,39 @@ class VolumeMount:
             raise InvalidSpec(f"volume {self.source!r} -> {self.target!r}: absolute paths required")
 
 
+FILESYSTEMS = ("ext4", "xfs")
+
+
+@dataclass(frozen=True)
+class BlockVolume:
+    """A network volume (an NBD export or an RBD image) mounted as a filesystem at
+    ``target``; a blank one is formatted with ``fs`` first. ``serial`` names the disk
+    inside a microVM (``/sys/block/vdX/serial``)."""
+
+    source: NbdSource | RbdSource
+    target: str
+    serial: str
+    fs: str = "ext4"
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.target.startswith("/") or self.target == "/" or ".." in self.target.split("/") \
+                or len(self.target) > 200 or not re.match(r"^[A-Za-z0-9._/-]+$", self.target):
+            raise InvalidSpec(f"volume mount path {self.target!r}: an absolute path other than / "
+                              "(at most 200 chars of [A-Za-z0-9._/-], no '..')")
+        if self.fs not in FILESYSTEMS:
+            raise InvalidSpec(f"volume filesystem {self.fs!r}: one of {', '.join(FILESYSTEMS)}")
+        if not re.match(r"^[A-Za-z0-9_-]{1,20}$", self.serial):
+            raise InvalidSpec(f"volume serial {self.serial!r}: 1-20 chars of [A-Za-z0-9_-]")
+
+
+def block_source_from_dict(d: dict[str, Any]) -> NbdSource | RbdSource:
+    """Inverse of ``dataclasses.asdict`` for a volume source (NBD has only a URI)."""
+    if set(d) == {"uri"}:
+        return NbdSource(d["uri"])
+    return RbdSource(**{**d, "monitors": tuple(d.get("monitors", ()))})
+
+
 @dataclass(frozen=True)
 class DeviceIoLimit:
     """Block I/O throttling of one host block device (cgroup blkio / io.max)."""
@@ -338,6 +386,7 @@ class ContainerSpec:
     nics: tuple[ContainerNic, ...] = ()
     volumes: tuple[VolumeMount, ...] = ()
     io_limits: tuple[DeviceIoLimit, ...] = ()
+    block_volumes: tuple[BlockVolume, ...] = ()
     tty: bool = False
     hostname: str | None = None
     isolation: str = "container"  # or "vm": run inside a tiny guest (compute.vm_isolation)
@@ -354,6 +403,12 @@ class ContainerSpec:
             check_name(self.hostname, "hostname")
         if self.isolation not in ("container", "vm"):
             raise InvalidSpec(f"isolation must be container or vm, not {self.isolation!r}")
+        targets = [v.target.rstrip("/") for v in self.block_volumes] + [v.target.rstrip("/") for v in self.volumes]
+        if len(set(targets)) != len(targets):
+            raise InvalidSpec("two volumes are mounted at the same path")
+        serials = [v.serial for v in self.block_volumes]
+        if len(set(serials)) != len(serials):
+            raise InvalidSpec("two block volumes have the same serial")
 
 
 InstanceSpec = VmSpec | ContainerSpec
@@ -372,5 +427,7 @@ def container_spec_from_dict(d: dict[str, Any]) -> ContainerSpec:
            "qos_class": QosClass(d["qos_class"]),
            "nics": tuple(ContainerNic(**n) for n in d["nics"]),
            "volumes": tuple(VolumeMount(**v) for v in d["volumes"]),
-           "io_limits": tuple(DeviceIoLimit(**x) for x in d["io_limits"])}
+           "io_limits": tuple(DeviceIoLimit(**x) for x in d["io_limits"]),
+           "block_volumes": tuple(BlockVolume(**{**b, "source": block_source_from_dict(b["source"])})
+                                  for b in d.get("block_volumes", ()))}
     )

@@ -8,11 +8,15 @@ The guest's init understands kernel command line options:
 ``cairn.ping=A.B.C.D`` (ping it and print ``PING-OK`` / ``PING-FAIL``),
 ``cairn.disktest=1`` (print the first bytes of /dev/vda, then write
 ``CAIRN-GUEST-WROTE`` at offset 1 MiB), ``cairn.peek=DEV:OFFSET:LEN`` (print
-those bytes of /dev/DEV), ``cairn.virtiofs=TAG`` (mount that
-virtiofs share as a root and, with ``cairn.run=BASE64``, run that shell
-command chrooted into it: how ``isolation: vm`` containers run). It prints :data:`MARKER` on the
-serial console first thing, then a heartbeat ``HB n`` line every second, and
-runs a shell on the serial console.
+those bytes of /dev/DEV), ``cairn.gw=A.B.C.D`` (default route). It prints
+:data:`MARKER` on the serial console first thing, then a heartbeat ``HB n UPTIME``
+line every second, and runs a shell on the serial console.
+
+With ``cairn.virtiofs=TAG`` the guest is an ``isolation: vm`` container's microVM
+instead: init mounts that virtiofs share as the container's root (with /proc, /sys,
+/dev, /dev/pts and a cgroup2 hierarchy) and hands over to the guest agent
+(``compute/guest_agent.c``, built here with the host's gcc), which becomes PID 1 and
+runs the container's processes for the host (``compute/guest_agent.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ MODULES = [
     "drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
     "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk",
     "net/core/failover", "drivers/net/net_failover", "drivers/net/virtio_net", "fs/fuse/fuse", "fs/fuse/virtiofs",
+    "drivers/char/virtio_console",
 ]
+ON_DEMAND_MODULES = ["lib/libcrc32c", "fs/xfs/xfs"]  # the guest agent loads them to mount an xfs volume
+AGENT_SOURCE = Path(__file__).with_name("guest_agent.c")
 DEFAULT_CACHE = Path(os.environ.get("CAIRN_TESTGUEST_CACHE", "/var/cache/cairn/testguest"))
 
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -85,16 +92,22 @@ if ip link set eth0 up 2>/dev/null; then
       [ $ok = 1 ] && say "PING-OK $P" || say "PING-FAIL $P" ) &
   fi
 fi
+GW=$(arg cairn.gw)
+[ -n "$GW" ] && ip route add default via "$GW" 2>/dev/null
 FS=$(arg cairn.virtiofs)
 if [ -n "$FS" ]; then
-  mkdir -p /mnt/root
+  # an isolation: vm container: its root over virtiofs, then the agent becomes PID 1
+  mkdir -p /mnt/root /dev/pts
+  mount -t devpts devpts /dev/pts
   if mount -t virtiofs "$FS" /mnt/root; then
-    say "VIRTIOFS-MOUNTED $FS"
+    for d in proc sys dev; do mkdir -p /mnt/root/$d; done
     mount -t proc proc /mnt/root/proc; mount -t sysfs sysfs /mnt/root/sys; mount -t devtmpfs devtmpfs /mnt/root/dev
-    RUN=$(arg cairn.run)
-    [ -n "$RUN" ] && ( chroot /mnt/root /bin/sh -c "$(echo "$RUN" | base64 -d)" </dev/null >/dev/ttyS0 2>&1
-                       say "CAIRN-RUN-EXIT $?" ) &
-  else say "VIRTIOFS-FAILED $FS"; fi
+    mkdir -p /mnt/root/dev/pts && mount --bind /dev/pts /mnt/root/dev/pts
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup && mount -t cgroup2 -o ro cgroup2 /mnt/root/sys/fs/cgroup
+    exec /bin/cairn-agent /mnt/root
+  fi
+  say "VIRTIOFS-FAILED $FS"
+  poweroff -f
 fi
 ( i=0; while true; do i=$((i+1)); say "HB $i $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done ) &
 # a shell on the serial console (what `cairn vm console` attaches to)
@@ -146,7 +159,7 @@ def _build_initramfs(kver: str, out: Path) -> None:
         shutil.copy(busybox, root / "bin/busybox")
         for applet in _applets(busybox):
             (root / "bin" / applet).symlink_to("busybox")
-        for mod in MODULES:
+        for mod in MODULES + ON_DEMAND_MODULES:
             src = Path(f"/lib/modules/{kver}/kernel/{mod}.ko")
             if not src.exists():
                 raise ImageNotFound(f"kernel module {src} missing (is linux-image-{kver} complete?)")
@@ -154,6 +167,7 @@ def _build_initramfs(kver: str, out: Path) -> None:
         script = root / "usr/share/udhcpc/default.script"
         script.write_text(UDHCPC_SCRIPT)
         script.chmod(0o755)
+        _build_agent(root / "bin/cairn-agent")
         init = root / "init"
         init.write_text(_init_text())
         init.chmod(0o755)
@@ -163,6 +177,17 @@ def _build_initramfs(kver: str, out: Path) -> None:
         tmp_out = out.with_suffix(".tmp")
         tmp_out.write_bytes(gzip.compress(cpio, compresslevel=1))
         tmp_out.rename(out)
+
+
+def _build_agent(out: Path) -> None:
+    """Compile the guest agent, static (the initramfs has no C library)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise ImageNotFound("gcc not found (it builds the microVM guest agent): apt-get install build-essential")
+    r = subprocess.run([gcc, "-static", "-Os", "-s", "-Wall", "-Wno-format-truncation", "-o", str(out),
+                        str(AGENT_SOURCE)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ImageNotFound(f"building the guest agent failed: {r.stderr.strip()[-500:]}")
 
 
 def _init_text() -> str:
@@ -232,7 +257,7 @@ def build_busybox_oci_archive(out: Path) -> None:
 def ensure_test_guest(cache: Path | None = None) -> TestGuest:
     """Build (once) and return the tiny guest's kernel/initrd and the busybox OCI archive."""
     kernel, kver = cloud_kernel()
-    key = hashlib.sha256((kver + _init_text() + UDHCPC_SCRIPT).encode()).hexdigest()[:12]
+    key = hashlib.sha256((kver + _init_text() + UDHCPC_SCRIPT).encode() + AGENT_SOURCE.read_bytes()).hexdigest()[:12]
     d = (cache or DEFAULT_CACHE) / f"{kver}-{key}"
     d.mkdir(parents=True, exist_ok=True)
     initrd = d / "initramfs.cpio.gz"

@@ -27,8 +27,7 @@ from compute.spec import (
     VmSpec,
     VolumeMount,
 )
-from compute.testguest import MARKER, TestGuest
-from compute.vm_isolation import VmIsolatedContainerDriver
+from compute.testguest import TestGuest
 from tests.compute.conftest import CONTAINER_MARKER, wait_for_console
 
 pytestmark = pytest.mark.functional
@@ -196,33 +195,6 @@ def test_tty_container_is_an_interactive_shell_through_its_console_socket(
     finally:
         oci_driver.delete(spec.name)
     assert not Path(endpoint.path).exists()
-
-
-def test_vm_isolated_container_runs_its_image_under_its_own_kernel_on_the_bridge(
-    vm_isolated_driver: VmIsolatedContainerDriver, oci_driver: OciDriver, bridge: str, prefix: str,
-    make_container_spec: Callable[..., ContainerSpec],
-) -> None:
-    net = f"10.79.{secrets.randbelow(200) + 20}"
-    tag = secrets.token_hex(1)
-    isolated = make_container_spec(
-        "iso", isolation="vm", command=("/bin/sh", "-c", "echo IMAGE-$(head -c 4 /etc/group) KERNEL-$(uname -r)"),
-        nics=(ContainerNic(mac=f"52:54:00:dd:00:{tag}", bridge=bridge, host_dev=f"{prefix}i{tag}",
-                           address=f"{net}.2/24"),))
-    peer = make_container_spec("iso-peer", nics=(ContainerNic(mac=f"52:54:00:dd:01:{tag}", bridge=bridge,
-                                                              host_dev=f"{prefix}p{tag}", address=f"{net}.3/24"),))
-    oci_driver.spawn(peer)
-    try:
-        vm_isolated_driver.spawn(isolated)
-        wait_for_console(lambda: vm_isolated_driver.console_log(isolated.name), b"KERNEL-", timeout=90)
-        log = vm_isolated_driver.console_log(isolated.name)
-        assert b"IMAGE-root" in log, "the command saw the image's /etc/group"
-        assert MARKER.encode() in log, "it ran inside the tiny guest"
-        deadline = time.monotonic() + 30
-        while oci_driver.exec(peer.name, ["ping", "-c", "1", "-W", "1", f"{net}.2"]).returncode != 0:
-            assert time.monotonic() < deadline, "the isolated container is not reachable on the bridge"
-    finally:
-        vm_isolated_driver.delete(isolated.name)
-        oci_driver.delete(peer.name)
 
 
 def test_a_container_whose_process_exits_is_observed_as_shutdown_and_can_start_again(

@@ -20,6 +20,7 @@ import pytest
 from compute.errors import InvalidSpec
 from compute.libvirt_xml import build_domain_xml
 from compute.spec import (
+    ChannelSpec,
     Consoles,
     DiskSpec,
     FileSource,
@@ -92,6 +93,10 @@ CASES: dict[str, VmSpec] = {
     ),
     "virtiofs_share_memfd": vm(
         filesystems=(FilesystemShare("/var/lib/cairn/ct1/rootfs", "rootfs", virtiofsd="/usr/libexec/virtiofsd"),),
+    ),
+    "virtiofs_rootfs_with_agent_channel": vm(
+        filesystems=(FilesystemShare("/var/lib/cairn/microvms/ct2/rootfs", "rootfs"),),
+        channels=(ChannelSpec("org.cairn.agent.0", "/var/lib/cairn/microvms/ct2/agent.sock"),),
     ),
     "vnc_unix_socket": vm(consoles=Consoles(serial_log="/l", serial_socket="/s", vnc_socket="/run/vnc.sock")),
     "guaranteed_pinned_hugepages": vm(

@@ -235,6 +235,7 @@ def test_saved_memory_state_restores_the_same_running_guest(
 ) -> None:
     spec = make_vm_spec("save")
     state = workdir / f"{spec.name}.state"
+    snapshot = workdir / f"{spec.name}.mem"
     vm_driver.spawn(spec)
     try:
         wait_for_console(lambda: vm_driver.console_log(spec.name), b"HB 2 ")
@@ -245,6 +246,21 @@ def test_saved_memory_state_restores_the_same_running_guest(
         assert vm_driver.power_state(spec.name) is PowerState.RUNNING
         wait_for_console(lambda: vm_driver.console_log(spec.name), f"HB {last + 2} ".encode(), timeout=30)
         assert vm_driver.console_log(spec.name).count(MARKER.encode()) == 1, "resumed, not rebooted"
+        # a memory snapshot keeps the guest running; restoring it goes back to that moment
+        vm_driver.pause(spec.name)
+        at = max(int(n) for n in re.findall(rb"HB (\d+) ", vm_driver.console_log(spec.name)))
+        vm_driver.snapshot_memory(spec.name, str(snapshot))
+        assert vm_driver.power_state(spec.name) is PowerState.PAUSED, "the snapshot keeps its power state"
+        vm_driver.resume(spec.name)
+        wait_for_console(lambda: vm_driver.console_log(spec.name), f"HB {at + 3} ".encode(), timeout=30)
+        vm_driver.stop(spec.name, timeout=0)
+        seen = len(vm_driver.console_log(spec.name))
+        vm_driver.restore_state(spec.name, str(snapshot))
+        assert vm_driver.power_state(spec.name) is PowerState.RUNNING
+        wait_for_console(lambda: vm_driver.console_log(spec.name)[seen:], b"HB ", timeout=30)
+        first = int(re.findall(rb"HB (\d+) ", vm_driver.console_log(spec.name)[seen:])[0])
+        assert first == at + 1, f"resumed at HB {first}, the snapshot was taken after HB {at}"
     finally:
         vm_driver.delete(spec.name)
         state.unlink(missing_ok=True)
+        snapshot.unlink(missing_ok=True)
