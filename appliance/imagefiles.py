@@ -87,6 +87,22 @@ def ensure_local(settings: Settings, blobs: dict[str, str]) -> None:
         _fetch(_store(url), digest, path)
 
 
+def forget(settings: Settings, digest: str) -> None:
+    """Remove a file from the cluster's store (a VM's memory state when its snapshot goes;
+    such files are unique to one snapshot, unlike image files that several images share)."""
+    url = store_url(settings)
+    if url is None:
+        return
+    store = _store(url)
+    try:
+        manifest = json.loads(store.get(f"blob/{digest}"))
+    except ObjectNotFound:
+        return
+    store.delete(f"blob/{digest}")  # first: a half-deleted blob is then never read
+    for i in range(int(manifest["chunks"])):
+        store.delete(f"blob/{digest}/{i}")
+
+
 def _size(url: str, digest: str) -> int:
     try:
         return int(json.loads(_store(url).get(f"blob/{digest}"))["size"])

@@ -31,8 +31,9 @@ from appliance.services.instances import KINDS
 from appliance.settings import Settings
 from compute.cloudinit import CloudInitSeed, write_seed_iso
 from compute.driver import ComputeDriver
-from compute.errors import ComputeError, HypervisorError, InstanceNotFound, InsufficientResources
+from compute.errors import ComputeError, HypervisorError, InstanceNotFound, InsufficientResources, InvalidSpec
 from compute.spec import (
+    BlockVolume,
     Consoles,
     ContainerNic,
     ContainerSpec,
@@ -93,6 +94,16 @@ def volume_disk(disk: Disk) -> DiskSpec:
     if sock and not Path(sock).exists() and disk.exports.get("tcp"):
         uri = str(disk.exports["tcp"])
     return DiskSpec(NbdSource(uri), serial=serial)
+
+
+def block_volume(disk: Disk) -> BlockVolume:
+    """A volume of a container: the same source a VM's disk has (NBD export or RBD image),
+    mounted at its path (a blank one formatted with its filesystem)."""
+    if not disk.path:
+        raise InvalidSpec(f"volume '{disk.volume}' has no mount path in the container")
+    source = volume_disk(disk)
+    assert isinstance(source.source, NbdSource | RbdSource)
+    return BlockVolume(source.source, disk.path, source.serial or "vol", fs=disk.fs, readonly=disk.readonly)
 
 
 class InstanceReconciler:
@@ -239,6 +250,7 @@ class InstanceReconciler:
             name=name, image=image.archive, command=command, vcpus=inst.cpu,
             memory_mib=max(4, memory_mib), qos_class=qos, env=tuple(sorted(inst.env.items())), tty=inst.tty,
             hostname=inst.name, isolation=inst.isolation, nics=tuple(self._container_nic(n) for n in inst.nics),
+            block_volumes=tuple(block_volume(d) for d in inst.disks),
         )
 
     def _may_restart(self, iid: str, crashed: bool) -> bool:

@@ -471,7 +471,19 @@ class VmCreate(Strict):
     spec: InstanceSpecIn
 
 
+class ContainerVolume(Strict):
+    volume: Name = Field(description="an existing volume (dedup or rbd)")
+    path: Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$", max_length=200)] = Field(
+        description="where it is mounted in the container (absolute, not /)")
+    fs: Literal["ext4", "xfs"] = Field("ext4", description="the filesystem a blank volume gets on first use "
+                                                          "(xfs needs at least 300 MiB)")
+    readonly: bool = False
+
+
 class ContainerSpecIn(InstanceSpecIn):
+    volumes: Annotated[list[ContainerVolume], Field(
+        max_length=16, description="volumes mounted as filesystems, e.g. {volume: data, path: /var/lib/data}",
+    )] = []  # type: ignore[assignment]  # a container mounts each volume at a path
     command: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=256)] = []
     env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)],
               Annotated[str, Field(max_length=65536)]] = {}
@@ -489,6 +501,7 @@ class ContainerCreate(Strict):
 class ExecRequest(Strict):
     command: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(min_length=1, max_length=256)]
     timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    tty: bool = Field(False, description="run it on a terminal (its output then all comes as stdout)")
 
 
 class MigrateRequest(Strict):
@@ -531,6 +544,12 @@ class VolumeResize(Strict):
 
 class SnapshotCreate(Strict):
     name: Name
+
+
+class VmSnapshotCreate(Strict):
+    name: Name
+    memory_state: bool = Field(False, description="also keep the running VM's memory: a restore resumes it "
+                                                  "where it was (Proxmox's 'include RAM')")
 
 
 class VolumeRollback(Strict):

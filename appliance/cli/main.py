@@ -531,25 +531,49 @@ def container_create(ctx: typer.Context, name: str, image: Annotated[str, typer.
                      tty: Annotated[bool, typer.Option("--tty", help="give it an interactive terminal")] = False,
                      isolation: Annotated[str, typer.Option(help="container, or vm for its own microVM")] = "container",
                      secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
+                     volume: Annotated[list[str] | None, typer.Option(
+                         "--volume", help="VOLUME:PATH[:ext4|xfs][:ro], repeatable: mounted at PATH, "
+                                          "formatted (ext4 by default) on first use")] = None,
                      on: OnNode = None, project: ProjectArg = "default", no_wait: NoWait = False,
                      output: OutputOpt = Format.table) -> None:
     """Create and start a container: cairn container create NAME --image IMG -- CMD ARGS..."""
     envs = dict(e.split("=", 1) for e in env or [] if "=" in e)
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
                             "command": list(ctx.args), "env": envs, "tty": tty, "isolation": isolation,
-                            "security_groups": secgroup or [], **_on(on)}
+                            "security_groups": secgroup or [], "volumes": [_mount(v) for v in volume or []],
+                            **_on(on)}
     _create_instance("containers", name, project, spec, no_wait, output)
+
+
+def _mount(text: str) -> dict[str, Any]:
+    """``VOLUME:PATH[:ext4|xfs][:ro]`` as the API's ``{volume, path, fs, readonly}``."""
+    vol, _, rest = text.partition(":")
+    parts = rest.split(":")
+    path, options = parts[0], parts[1:]
+    mount: dict[str, Any] = {"volume": vol, "path": path}
+    for opt in options:
+        if opt in ("ext4", "xfs"):
+            mount["fs"] = opt
+        elif opt in ("ro", "rw"):
+            mount["readonly"] = opt == "ro"
+        else:
+            fail(f"--volume {text!r}: unknown option {opt!r} (ext4, xfs, ro or rw)", 2)
+    if not vol or not path.startswith("/"):
+        fail(f"--volume takes VOLUME:PATH with an absolute path, e.g. data:/var/lib/data, not {text!r}", 2)
+    return mount
 
 
 @container_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def container_exec(ctx: typer.Context, name: str, project: ProjectArg = "default",
-                   timeout: Annotated[float, typer.Option()] = 60.0, output: OutputOpt = Format.table) -> None:
+                   timeout: Annotated[float, typer.Option()] = 60.0,
+                   tty: Annotated[bool, typer.Option("--tty", "-t", help="run it on a terminal")] = False,
+                   output: OutputOpt = Format.table) -> None:
     """Run a command in a container: cairn container exec NAME -- CMD ARGS... (exit code passes through)."""
     if not ctx.args:
         fail("give the command after --, e.g. cairn container exec web -- ls /", 2)
     c = client()
     task = run(lambda: c.request("POST", f"/containers/{name}/exec", params={"project": project},
-                                 json={"command": list(ctx.args), "timeout": timeout}).json())
+                                 json={"command": list(ctx.args), "timeout": timeout, "tty": tty}).json())
     final = c.wait_task(task["id"])
     if final["state"] != "succeeded":
         fail(f"exec failed: {final['error']}")

@@ -208,10 +208,12 @@ vm_snapshot_app = typer.Typer(no_args_is_help=True, help="VM snapshots: all of a
 
 @vm_snapshot_app.command("create")
 def vm_snapshot_create(vm: str, name: str, project: ProjectArg = "default", no_wait: NoWait = False,
+                       memory_state: Annotated[bool, typer.Option(
+                           "--memory-state", help="keep its RAM too: a restore resumes it where it was")] = False,
                        output: OutputOpt = Format.table) -> None:
     """Snapshot every volume of a VM together (a running VM pauses for that moment)."""
     c = client()
-    task = run(lambda: c.post(f"/vms/{vm}/snapshots?project={project}", {"name": name}))
+    task = run(lambda: c.post(f"/vms/{vm}/snapshots?project={project}", {"name": name, "memory_state": memory_state}))
     _after(c, task, output, no_wait, lambda final: final["result"])
 
 
@@ -231,7 +233,7 @@ def vm_snapshot_delete(vm: str, name: str, project: ProjectArg = "default", no_w
 
 def vm_restore(vm: str, snapshot: str, project: ProjectArg = "default", no_wait: NoWait = False,
                output: OutputOpt = Format.table) -> None:
-    """Roll every volume of a stopped VM back to a snapshot."""
+    """Roll every volume of a stopped VM back to a snapshot (one with memory resumes it where it was)."""
     c = client()
     task = run(lambda: c.post(f"/vms/{vm}/restore?project={project}", {"snapshot": snapshot}))
     _after(c, task, output, no_wait, lambda _: run(lambda: c.get(f"/vms/{vm}", project=project)))

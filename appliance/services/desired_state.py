@@ -45,6 +45,8 @@ from appliance.errors import NotFound
 from network.secgroups import zone_for
 
 SCHEMA_VERSION = 1
+# task states during which a task, not the agent, acts on the instance's domain
+HANDS_OFF = ("migrating", "restoring")
 RULE_FIELDS = ("direction", "protocol", "port_min", "port_max", "remote_cidr", "remote_group", "ethertype")
 
 
@@ -81,6 +83,10 @@ class Disk(Doc):
     volume: str
     export: str
     exports: dict[str, Any] = Field(default_factory=dict)
+    # containers: where the volume is mounted, the filesystem a blank one gets, read-only
+    path: str | None = None
+    fs: str = "ext4"
+    readonly: bool = False
 
 
 class Address(Doc):
@@ -113,7 +119,7 @@ class InstanceDoc(Doc):
     domain: str
     generation: int
     power: str  # pending | running | stopped | paused | deleted
-    migrating: bool = False  # its migration task acts on it, not the agent
+    migrating: bool = False  # a task acts on it (a migration, a restore of its memory), not the agent
     cpu: float
     memory_bytes: int
     qos_class: str = "burstable"
@@ -349,17 +355,19 @@ def _instances(rows: ClusterRows, me: Node) -> list[InstanceDoc]:
     for row in sorted((i for i in rows.instances if i.node_id == me.id), key=lambda i: i.id):
         spec, status = row.spec or {}, row.status or {}
         image = images.get((row.project_id, spec.get("image", "")))
+        mounts = {m["volume"]: {"path": m["path"], "fs": m.get("fs", "ext4"), "readonly": bool(m.get("readonly"))}
+                  for m in spec.get("mounts") or []}
         out.append(InstanceDoc(
             id=row.id, name=row.name, kind=row.kind, project_id=row.project_id, domain=domain_name(row.id, row.name),
-            generation=row.generation, power=spec.get("power", "running"), migrating=row.task_state == "migrating",
+            generation=row.generation, power=spec.get("power", "running"), migrating=row.task_state in HANDS_OFF,
             cpu=float(spec.get("cpu", 1)), memory_bytes=int(spec.get("memory_bytes", 0)),
             qos_class=spec.get("qos_class", "burstable"), isolation=spec.get("isolation", "container"),
             tty=bool(spec.get("tty", False)), env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
             command=spec.get("command") or None, user_data=spec.get("user_data"),
             stop_timeout=float(spec.get("stop_timeout", 30)), reboots=int(spec.get("reboots", 0)),
             image=_image(image) if image is not None else None,
-            disks=[Disk(volume=d["volume"], export=d["export"], exports=d.get("exports") or {})
-                   for d in status.get("volumes", [])],
+            disks=[Disk(volume=d["volume"], export=d["export"], exports=d.get("exports") or {},
+                        **mounts.get(d["volume"], {})) for d in status.get("volumes", [])],
             nics=[Nic(port_id=p["id"], mac=p["mac"], vni=int(p["vni"]), mtu=p.get("mtu") or None,
                       ips=[Address(address=ip["address"], prefix=int(ip.get("prefix", 32)),
                                    gateway=ip.get("gateway")) for ip in p.get("ips", [])])

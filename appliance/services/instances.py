@@ -67,8 +67,6 @@ def check_volumes(session: Session, principal: Principal, kind: str, project: st
     from appliance.services import volumes  # volumes imports this module
 
     wanted = list(spec.get("volumes") or [])
-    if wanted and kind != "vm":
-        raise InvalidInput("only VMs attach volumes (as virtio disks); containers cannot yet")
     if len(set(wanted)) != len(wanted):
         raise InvalidInput("a volume is listed twice in volumes")
     for vol_name in wanted:
@@ -95,10 +93,28 @@ def check_volumes(session: Session, principal: Principal, kind: str, project: st
         raise InvalidInput(f"root_size applies to disk images; '{image.name}' is a {image.spec.get('format')} image")
 
 
+def container_mounts(spec: dict[str, Any]) -> dict[str, Any]:
+    """A container's ``volumes`` as given (``{volume, path, fs, readonly}`` each) become
+    ``volumes`` (the names, as for VMs: what is attached) and ``mounts`` (where and how)."""
+    given = list(spec.get("volumes") or [])
+    if not all(isinstance(v, dict) for v in given):
+        return spec
+    mounts = [{"volume": v["volume"], "path": v["path"].rstrip("/") or "/", "fs": v.get("fs", "ext4"),
+               "readonly": bool(v.get("readonly", False))} for v in given]
+    for m in mounts:
+        if m["path"] == "/" or ".." in m["path"].split("/"):
+            raise InvalidInput(f"volume '{m['volume']}': mount path {m['path']!r} must be an absolute path "
+                               "other than / without '..' (e.g. /var/lib/data)")
+    paths = [m["path"] for m in mounts]
+    if len(set(paths)) != len(paths):
+        raise InvalidInput("two volumes are mounted at the same path")
+    return {**spec, "volumes": [m["volume"] for m in mounts], "mounts": mounts}
+
+
 def create(session: Session, principal: Principal, kind: str, project: str, name: str,
            spec: dict[str, Any]) -> dict[str, Any]:
     """Validate, record the instance (building / scheduling) and its create task."""
-    spec = dict(spec)
+    spec = container_mounts(dict(spec)) if kind == "container" else dict(spec)
     spec["memory_bytes"] = parse_size(spec.pop("memory"))
     if kind == "vm" and spec["cpu"] != int(spec["cpu"]):
         raise InvalidInput(f"a VM needs a whole number of vCPUs, not {spec['cpu']}")
@@ -211,7 +227,7 @@ def group_of(session: Session, instance: Instance) -> PlacementGroup | None:
 
 
 def exec_(session: Session, principal: Principal, project: str, name: str, command: list[str],
-          timeout: float) -> dict[str, Any]:
+          timeout: float, tty: bool = False) -> dict[str, Any]:
     """Run a command in a running container, on its node (a task on that node's queue)."""
     row, _ = KINDS["container"].row(session, principal, project, name, "write")
     if row.power_state != "running" or not row.node_id:
@@ -219,7 +235,8 @@ def exec_(session: Session, principal: Principal, project: str, name: str, comma
     node = session.get(Node, row.node_id)
     assert node is not None
     return tasks.create(session, "container.exec", {"instance_id": row.id, "domain": row.status.get("domain"),
-                                                    "command": command, "timeout": timeout},
+                                                    "command": command, "timeout": timeout, "tty": tty,
+                                                    "isolation": (row.spec or {}).get("isolation", "container")},
                         queue=f"node.{node.name}", principal=principal, project_id=row.project_id,
                         resource=("container", row.id, name), max_attempts=1)
 

@@ -1,6 +1,8 @@
 """VM snapshots: one snapshot of every volume of a VM, taken together (the VM is paused
-for the moment it takes, so its disks agree with each other); restore rolls them all
-back (VM stopped); clone makes a new VM on clones of them. Memory state is not kept."""
+for the moment it takes, so its disks agree with each other), and with ``memory_state``
+its RAM and device state too (Proxmox's "include RAM"); restore rolls them all back (VM
+stopped) and, when the snapshot kept the memory, resumes the VM where it was; clone
+makes a new VM on clones of the volumes (it boots afresh)."""
 
 from __future__ import annotations
 
@@ -31,14 +33,19 @@ def _task(session: Session, principal: Principal, row: Any, name: str, params: d
                         project_id=row.project_id, resource=("vm", row.id, row.name), max_attempts=1)
 
 
-def create(session: Session, principal: Principal, project: str, name: str, snap: str) -> dict[str, Any]:
+def create(session: Session, principal: Principal, project: str, name: str, snap: str,
+           memory_state: bool = False) -> dict[str, Any]:
     row = _vm(session, principal, project, name)
-    if not (row.status or {}).get("volumes"):
-        raise Conflict(f"vm '{name}' has no volumes to snapshot: attach volumes or boot it from a disk image")
+    if memory_state and row.power_state not in ("running", "paused"):
+        raise Conflict(f"vm '{name}' is {row.power_state}: only a running VM has memory to keep; start it, "
+                       "or snapshot its volumes without memory_state")
+    if not memory_state and not (row.status or {}).get("volumes"):
+        raise Conflict(f"vm '{name}' has no volumes to snapshot: attach volumes or boot it from a disk image "
+                       "(or keep its memory with memory_state)")
     if any(s["name"] == snap for s in (row.status or {}).get("snapshots", [])):
         raise Conflict(f"vm '{name}' already has a snapshot '{snap}': pick another name")
     _claim(session, row, "snapshotting", ("active", "stopped", "paused"))
-    return _task(session, principal, row, "vm.snapshot", {"snapshot": snap})
+    return _task(session, principal, row, "vm.snapshot", {"snapshot": snap, "memory": memory_state})
 
 
 def list_(session: Session, principal: Principal, project: str, name: str) -> list[dict[str, Any]]:

@@ -289,13 +289,19 @@ def import_test_guest(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any
 
 @handler("container.exec")
 def container_exec(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Run on the container's node: crun exec, output captured (bounded)."""
+    """Run on the container's node: crun exec, or through the agent inside its microVM
+    (``isolation: vm``); output captured (bounded)."""
     from compute.oci_driver import OciDriver
+    from compute.vm_isolation import exec_in
 
     ctx.progress(10, f"running {params['command'][0]}")
     settings = get_settings()
-    driver = OciDriver(settings.data_dir / "containers", host_prefix=settings.host_prefix)
-    result = driver.exec(params["domain"], list(params["command"]), timeout=float(params.get("timeout", 60)))
+    argv, timeout, tty = list(params["command"]), float(params.get("timeout", 60)), bool(params.get("tty"))
+    if params.get("isolation") == "vm":
+        result = exec_in(settings.data_dir / "microvms", params["domain"], argv, tty=tty, timeout=timeout)
+    else:
+        driver = OciDriver(settings.data_dir / "containers", host_prefix=settings.host_prefix)
+        result = driver.exec(params["domain"], argv, timeout=timeout, tty=tty)
     limit = 1 << 20
     return {"returncode": result.returncode, "stdout": result.stdout[-limit:].decode(errors="replace"),
             "stderr": result.stderr[-limit:].decode(errors="replace")}

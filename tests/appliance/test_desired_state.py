@@ -87,8 +87,11 @@ def cluster() -> ClusterRows:
     ct = Instance(id=_id("i-ct"), project_id=P, name="ct", kind="container", node_id=_id("n1"), generation=1,
                   power_state="nostate", task_state=None,
                   spec={"power": "running", "cpu": 0.5, "memory_bytes": 64 << 20, "image": "busybox",
-                        "env": {"A": "1"}, "command": ["sleep", "9"]},
-                  status={"ports": [_attached("p-ct", "52:54:00:00:00:02", "net-a", 100, "10.1.0.5", "10.1.0.1")]})
+                        "env": {"A": "1"}, "command": ["sleep", "9"], "volumes": ["ct-data"],
+                        "mounts": [{"volume": "ct-data", "path": "/var/lib/data", "fs": "xfs", "readonly": False}]},
+                  status={"ports": [_attached("p-ct", "52:54:00:00:00:02", "net-a", 100, "10.1.0.5", "10.1.0.1")],
+                          "volumes": [{"volume": "ct-data", "id": _id("v-ct"),
+                                       "export": "nbd+unix:///c?socket=/run/nbd.sock", "exports": {}}]})
     bee = Instance(id=_id("i-bee"), project_id=P, name="bee", kind="container", node_id=_id("n2"), generation=1,
                    power_state="running", task_state="migrating",
                    spec={"power": "running", "cpu": 1, "memory_bytes": 64 << 20, "image": "gone"},

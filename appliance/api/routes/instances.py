@@ -18,9 +18,9 @@ from appliance.api.schemas import (
     Name,
     ResourceList,
     ResourcePublic,
-    SnapshotCreate,
     VmClone,
     VmCreate,
+    VmSnapshotCreate,
     VolumeRollback,
 )
 from appliance.errors import Conflict
@@ -52,8 +52,9 @@ def create_container(body: ContainerCreate, session: DbSession, caller: Caller) 
 @router.post("/containers/{name}/exec", status_code=202, openapi_extra=access("project:write"))
 def exec_in_container(name: Name, body: ExecRequest, session: DbSession, caller: Caller,
                       project: ProjectQuery = "default") -> JSONResponse:
-    """Run a command in a running container; the task's result has returncode, stdout, stderr."""
-    return accepted(instances.exec_(session, caller, project, name, body.command, body.timeout))
+    """Run a command in a running container (plain or ``isolation: vm``); the task's result
+    has returncode, stdout, stderr (with ``tty``, everything in stdout)."""
+    return accepted(instances.exec_(session, caller, project, name, body.command, body.timeout, body.tty))
 
 
 @router.post("/vms/{name}/migrate", status_code=202, openapi_extra=access("project:write"))
@@ -79,10 +80,11 @@ def list_vm_snapshots(name: Name, session: DbSession, caller: Caller,
 
 
 @router.post("/vms/{name}/snapshots", status_code=202, openapi_extra=access("project:write"))
-def create_vm_snapshot(name: Name, body: SnapshotCreate, session: DbSession, caller: Caller,
+def create_vm_snapshot(name: Name, body: VmSnapshotCreate, session: DbSession, caller: Caller,
                        project: ProjectQuery = "default") -> JSONResponse:
-    """Snapshot every volume of the VM together (a running VM is paused for that moment)."""
-    return accepted(vm_snapshots.create(session, caller, project, name, body.name))
+    """Snapshot every volume of the VM together (a running VM is paused for that moment);
+    with ``memory_state`` its RAM too, so that a restore resumes it where it was."""
+    return accepted(vm_snapshots.create(session, caller, project, name, body.name, body.memory_state))
 
 
 @router.delete("/vms/{name}/snapshots/{snapshot}", status_code=202, openapi_extra=access("project:write"))
@@ -94,7 +96,8 @@ def delete_vm_snapshot(name: Name, snapshot: Name, session: DbSession, caller: C
 @router.post("/vms/{name}/restore", status_code=202, openapi_extra=access("project:write"))
 def restore_vm(name: Name, body: VolumeRollback, session: DbSession, caller: Caller,
                project: ProjectQuery = "default") -> JSONResponse:
-    """Roll every volume of a stopped VM back to a snapshot."""
+    """Roll every volume of a stopped VM back to a snapshot; one with its memory state
+    resumes running where it was."""
     return accepted(vm_snapshots.restore(session, caller, project, name, body.snapshot))
 
 
