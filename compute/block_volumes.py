@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from compute.errors import HypervisorError
-from compute.host_mounts import detach_loops, is_mountpoint, unmount
+from compute.host_mounts import detach_loops, is_mountpoint, unmount, unmount_under
 from compute.spec import BlockVolume, NbdSource, RbdSource
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def blockdev(source: NbdSource | RbdSource, readonly: bool = False) -> dict[str,
 class FileExport:
     """``qemu-storage-daemon`` serving one volume as the regular file ``path`` (FUSE)."""
 
-    def __init__(self, source: NbdSource | RbdSource, path: Path, readonly: bool = False) -> None:
+    def __init__(self, source: NbdSource | RbdSource | None, path: Path, readonly: bool = False) -> None:
+        """``source`` None: only to stop an export found on disk (:func:`release_under`)."""
         self.source, self.path, self.readonly = source, Path(path), readonly
         self.pidfile = self.path.with_name(self.path.name + ".pid")
         self.errfile = self.path.with_name(self.path.name + ".err")
@@ -67,6 +68,8 @@ class FileExport:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the daemon (stopping a stale one first); returns once the file serves the volume."""
+        if self.source is None:
+            raise ValueError("an export without a source cannot start")
         self.stop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
@@ -92,10 +95,11 @@ class FileExport:
         """The daemon's pid while it runs (from its pid file: also after a restart of ours)."""
         try:
             pid = int(self.pidfile.read_text())
-            os.kill(pid, 0)
-            return pid
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return None
+        # a pid file that outlived its daemon may name a reused pid: only ours is ours
+        return pid if argv and argv[0].endswith(QSD.encode()) and str(self.pidfile).encode() in argv else None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the daemon (it flushes and closes the volume, giving its lock back). Idempotent."""
@@ -199,6 +203,17 @@ class MountedVolume:
         unmount(self.mountpoint)
         detach_loops(self.export.path)
         self.export.stop()
+
+
+def release_under(root: Path) -> None:
+    """Take down every volume mount below ``root`` (a container's directory, or a test
+    run's): the filesystems, their loop devices and the file exports, also those of a
+    run that crashed (a dead export's mount, a daemon still running for no one)."""
+    unmount_under(root)  # the volumes' filesystems first: they hold the loop devices
+    detach_loops(root)
+    for pidfile in sorted(Path(root).rglob("*.img.pid")) if Path(root).is_dir() else []:
+        FileExport(None, pidfile.with_name(pidfile.name.removesuffix(".pid"))).stop()
+    unmount_under(root)  # exports whose daemon was already gone
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compute.block_volumes import MountedVolume
+from compute.block_volumes import MountedVolume, release_under
 from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, NodeResources
 from compute.errors import (
     HypervisorError,
@@ -47,7 +47,7 @@ from compute.errors import (
     InvalidPowerState,
     InvalidSpec,
 )
-from compute.host_mounts import detach_loops, is_mountpoint, unmount_under
+from compute.host_mounts import is_mountpoint, unmount_under
 from compute.oci_bundle import DEFAULT_CAPS, ID_RANGE, build_runtime_config, device_numbers_of
 from compute.oci_console import TtyRelay, receive_pty_master
 from compute.oci_idmap import IdRanges, idmapped_bind
@@ -378,8 +378,7 @@ class OciDriver(ComputeDriver[ContainerSpec]):
             self._release_volumes(spec)
         mounts = self._mounts(name)
         unmount_under(mounts)  # rootfs, idmapped layers and volumes, and anything a crash left there
-        unmount_under(d)  # volumes' filesystems and file exports (a dead export too)
-        detach_loops(d)
+        release_under(d / "volumes")  # and whatever a crashed run left of them
         shutil.rmtree(mounts, ignore_errors=True)  # empty mount points only: everything is unmounted
         try:
             self.id_ranges.release(d, int(json.loads((d / "idmap.json").read_text())["base"]))

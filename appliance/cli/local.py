@@ -154,8 +154,9 @@ def down() -> dict[str, Any]:
     are stopped here). Desired state stays in the database: `cairn up` restarts them."""
     settings = get_settings()
     pid = supervisor.running_pid(settings)
-    if pid is None:
-        return {"stopped": False, "message": "the appliance is not running"}
+    if pid is None:  # containers (and their volumes' mounts) of a crashed appliance still go
+        return {"stopped": False, "message": "the appliance is not running",
+                "containers_stopped": _stop_containers(settings)}
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
     forced = False

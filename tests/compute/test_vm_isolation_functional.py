@@ -4,7 +4,9 @@ same block volumes through a userspace block device."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -161,3 +163,45 @@ def test_a_plain_containers_volume_is_formatted_as_asked_mounted_and_kept_across
     # the volume outlives the container, with its filesystem
     with block_volumes.FileExport(volume.source, workdir / f"check-{secrets.token_hex(2)}.img") as exp:
         assert block_volumes.filesystem_of(exp.path) == "xfs"
+
+
+def test_a_crashed_runs_volume_mounts_are_taken_down_by_the_next_start_and_by_delete(
+    oci_driver: OciDriver, make_container_spec: Callable[..., ContainerSpec],
+    make_export: Callable[[str], NbdSource], workdir: Path,
+) -> None:
+    volume = BlockVolume(make_export("64M"), "/data", "d1")
+    spec = make_container_spec("crash", block_volumes=(volume,))
+    oci_driver.spawn(spec)
+    vols = workdir / "oci" / "containers" / spec.name / "volumes"
+    run = Path(f"/run/cairn-containers/cairn-{spec.name}")
+    try:
+        assert oci_driver.exec(spec.name, ["sh", "-c", "echo kept > /data/f; sync"]).returncode == 0
+        # the run crashes: the export dies (its FUSE mount answers ENOTCONN), then the container,
+        # and the agent restarts knowing nothing (a new driver on the same directory)
+        qsd = int((vols / "d1.img.pid").read_text())
+        os.kill(qsd, signal.SIGKILL)
+        os.kill(oci_driver.pid(spec.name), signal.SIGKILL)
+        fresh = OciDriver(workdir / "oci")
+        deadline = time.monotonic() + 20
+        while fresh.power_state(spec.name) is not PowerState.SHUTDOWN:
+            assert time.monotonic() < deadline, "the container did not die"
+            time.sleep(0.05)
+        assert host_mounts.mounts_under(vols) and host_mounts.loop_devices_of(vols), "the crash left its mounts"
+        fresh.start(spec.name)  # takes the stale mounts down and mounts the volume again
+        assert fresh.exec(spec.name, ["cat", "/data/f"]).stdout == b"kept\n"
+        assert len(host_mounts.loop_devices_of(vols)) == 1 and len(host_mounts.mounts_under(vols)) == 2
+        # and again, this time with the container left running: delete takes everything down
+        os.kill(int((vols / "d1.img.pid").read_text()), signal.SIGKILL)
+        OciDriver(workdir / "oci").delete(spec.name)
+        assert not host_mounts.mounts_under(vols) and not host_mounts.loop_devices_of(vols)
+        assert not host_mounts.mounts_under(run) and not run.exists()
+        assert not [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, str(vols))], "a daemon is left"
+    finally:
+        oci_driver.delete(spec.name)
+
+
+def _cmdline_has(proc: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
