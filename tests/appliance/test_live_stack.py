@@ -31,6 +31,41 @@ pytestmark = pytest.mark.functional
 CAIRN = [sys.executable, "-m", "appliance.cli.main"]
 
 
+STACK_RECORDS = Path("/tmp/cairn-test-stacks")  # outside pytest's temp dirs, which it prunes
+
+
+def _started(pid: int) -> str | None:
+    """The start time of process ``pid`` (with the pid, it names one process), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_stale_stacks() -> None:
+    """Take down what the stacks of a killed test run left: their supervisor, containers
+    and the containers' mounts (volume file exports, loop devices, idmapped binds). A
+    stack is stale when the test process that started it is gone; a live one (another
+    session's run) is never touched."""
+    from compute.block_volumes import release_under
+    from compute.host_mounts import unmount_under
+
+    for record in sorted(STACK_RECORDS.glob("*.json")):
+        try:
+            owner = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if _started(owner["pid"]) == owner["started"]:
+            continue
+        env = {**os.environ, **owner["env"]}
+        subprocess.run([*CAIRN, "down", "--output", "json"], env=env, capture_output=True, timeout=120, check=False)
+        data = Path(owner["env"]["CAIRN_DATA_DIR"])
+        for mounts in Path("/run/cairn-containers").glob(f"{owner['host_prefix']}-*"):
+            unmount_under(mounts)
+        release_under(data)
+        record.unlink(missing_ok=True)
+
+
 class Stack:
     def __init__(self, root: Path, node: str = "live", vni_base: int = 10000, **env: str) -> None:
         self.root = root
@@ -50,6 +85,12 @@ class Stack:
             "CAIRN_STORAGE_NBD_PORT": str(free_port()),
             **env,
         }
+        STACK_RECORDS.mkdir(exist_ok=True)
+        self.record = STACK_RECORDS / f"{os.getpid()}-{root.name}-{time.monotonic_ns()}.json"
+        self.record.write_text(json.dumps({
+            "pid": os.getpid(), "started": _started(os.getpid()),
+            "host_prefix": Settings(data_dir=root / "data").host_prefix,
+            "env": {k: v for k, v in self.env.items() if k.startswith("CAIRN_")}}))
 
     def cairn(self, *args: str, check: bool = True) -> Any:
         r = subprocess.run([*CAIRN, *args, "--output", "json"], env=self.env, capture_output=True,
@@ -94,6 +135,7 @@ def stop_stack(s: Stack) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    s.record.unlink(missing_ok=True)
 
 
 def create_container(s: Stack, name: str, *options: str, command: tuple[str, ...] = ("sleep", "100000")) -> Any:
@@ -108,6 +150,7 @@ def neighbour(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A second stack on this host all through the module, standing in for the appliance
     `./bootstrap.sh up` runs beside the suite: two of its containers share a network and
     one pings the other five times a second, whatever this module's stack does."""
+    sweep_stale_stacks()
     n = Stack(tmp_path_factory.mktemp("neighbour"), node="nb", vni_base=30000, CAIRN_VM_DRIVER="none")
     try:
         assert n.cairn("up")["phase"] == "Ready"
@@ -134,6 +177,7 @@ def beside_a_neighbour(neighbour: Stack) -> Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    sweep_stale_stacks()
     s = Stack(tmp_path_factory.mktemp("stack"))
     try:
         info = s.cairn("up")
@@ -448,21 +492,50 @@ def test_container_lifecycle_exec_and_console(stack: Stack) -> None:
     r = subprocess.run([*CAIRN, "container", "exec", "c1", "-o", "json", "--", "hostname"], env=stack.env,
                        capture_output=True, text=True, timeout=60)
     assert json.loads(r.stdout) == {"returncode": 0, "stdout": "c1\n", "stderr": ""}
+    r = subprocess.run([*CAIRN, "container", "exec", "c1", "--tty", "-o", "json", "--", "sh", "-c", "tty; exit 4"],
+                       env=stack.env, capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout)
+    assert out["returncode"] == 4 and out["stdout"].startswith("/dev/pts/"), out
     assert stack.cairn("container", "stop", "c1", "--timeout", "1")["status"]["power_state"] == "shutdown"
     assert stack.cairn("container", "delete", "c1") == {"deleted": {"kind": "container", "name": "c1"}}
 
 
-def test_container_with_vm_isolation_runs_in_its_own_microvm(stack: Stack) -> None:
+def test_container_with_vm_isolation_execs_has_a_terminal_logs_and_restarts_in_its_own_microvm(
+        stack: Stack) -> None:
+    from websockets.sync.client import connect
+
     stack.cairn("image", "import-test-guest")
-    r = subprocess.run([*CAIRN, "container", "create", "iso1", "--image", "busybox", "--memory", "128MiB",
-                        "--isolation", "vm", "-o", "json", "--", "sh", "-c", "echo isolated-$(uname -r); sleep 600"],
+    r = subprocess.run([*CAIRN, "container", "create", "iso1", "--image", "busybox", "--memory", "64MiB",
+                        "--isolation", "vm", "--tty", "--env", "WHO=tenant", "-o", "json", "--",
+                        "sh", "-c", "echo isolated-$(uname -r); exec sh"],
                        env=stack.env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["status"]["power_state"] == "running"
     wait_for(lambda: "isolated-" in stack.cairn("container", "console", "iso1")["console"], 60, "output")
     text = stack.cairn("container", "console", "iso1")["console"]
-    # its own kernel (the guest's), not the host's
-    assert f"isolated-{os.uname().release}" not in text
+    # its own kernel (the guest's), not the host's; its log is its own output, not the guest's console
+    assert f"isolated-{os.uname().release}" not in text and "CAIRN-GUEST-UP" not in text
+    r = subprocess.run([*CAIRN, "container", "exec", "iso1", "--", "sh", "-c", "echo $WHO; echo oops >&2; exit 3"],
+                       env=stack.env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "tenant\n", "oops\n")
+    r = subprocess.run([*CAIRN, "container", "exec", "iso1", "-t", "-o", "json", "--", "tty"], env=stack.env,
+                       capture_output=True, text=True, timeout=60)
+    assert json.loads(r.stdout)["stdout"].startswith("/dev/pts/"), r.stdout
+    # the terminal in the API (the web console's TTY tab uses the same websocket)
+    auth = {"Authorization": f"Bearer {stack.cli['token']}"}
+    tty = f"wss://127.0.0.1:{stack.port}/api/v1/containers/iso1/console/tty"
+    with connect(tty, additional_headers=auth, ssl=stack.tls, open_timeout=10) as ws:
+        ws.send(b"echo tty-$((6*7))\n")
+        seen, deadline = b"", time.monotonic() + 30
+        while b"tty-42" not in seen and time.monotonic() < deadline:
+            seen += ws.recv(timeout=30)
+        assert b"tty-42" in seen
+    assert "tty-42" in stack.cairn("container", "console", "iso1")["console"]
+    assert stack.cairn("container", "stop", "iso1", "--timeout", "1")["status"]["power_state"] == "shutdown"
+    assert stack.cairn("container", "start", "iso1")["status"]["power_state"] == "running"
+    r = subprocess.run([*CAIRN, "container", "exec", "iso1", "-o", "json", "--", "hostname"], env=stack.env,
+                       capture_output=True, text=True, timeout=60)
+    assert json.loads(r.stdout) == {"returncode": 0, "stdout": "iso1\n", "stderr": ""}
     stack.cairn("container", "delete", "iso1")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -303,6 +304,65 @@ def test_vm_snapshot_restore_and_clone(stack: Stack) -> None:
         stack.cairn("vm", "delete", vm)
     stack.cairn("volume", "delete", "s2-sdata")
     stack.cairn("volume", "delete", "sdata")
+
+
+def _heartbeats(console: str) -> list[tuple[int, float]]:
+    """The tiny guest's ``HB n UPTIME`` lines."""
+    return [(int(n), float(t)) for n, t in re.findall(r"HB (\d+) ([0-9.]+)", console)]
+
+
+def test_a_containers_volume_rolls_back_moves_to_a_vm_and_the_vm_resumes_from_a_memory_snapshot(
+        stack: Stack) -> None:
+    stack.cairn("image", "import-test-guest")
+    stack.cairn("volume", "create", "cdata", "--size", "64MiB")
+    ct = live.create_container(stack, "cv", "--volume", "cdata:/var/lib/data")
+    assert ct["spec"]["mounts"] == [{"volume": "cdata", "path": "/var/lib/data", "fs": "ext4", "readonly": False}]
+    node = ct["status"]["node"]
+    code, out = live.in_container(stack, "cv", "grep /var/lib/data /proc/mounts; echo first > /var/lib/data/f; sync")
+    assert code == 0 and " ext4 " in out, out  # formatted on first use
+    wait_for(lambda: stack.cairn("volume", "get", "cdata")["status"].get("owner") == node, 30,
+             "the container's node to own cdata")
+    assert "attached to container 'cv'" in fails(stack, "vm", "create", "cvm", "--image", "tiny-guest",
+                                                 "--volume", "cdata")
+    stack.cairn("snapshot", "create", "cdata", "s1")
+    assert live.in_container(stack, "cv", "echo second > /var/lib/data/f; sync; cat /var/lib/data/f") == (0, "second\n")
+    assert "stop it before rolling back" in fails(stack, "volume", "rollback", "cdata", "s1")
+    stack.cairn("container", "stop", "cv", "--timeout", "1")
+    stack.cairn("volume", "rollback", "cdata", "s1")
+    stack.cairn("container", "start", "cv")
+    assert live.in_container(stack, "cv", "cat /var/lib/data/f") == (0, "first\n")
+
+    # the volume moves to a VM, which reads the container's file
+    stack.cairn("container", "delete", "cv")
+    wait_for(lambda: stack.cairn("volume", "get", "cdata")["status"].get("owner") is None, 30,
+             "the deleted container's node to let go of cdata")
+    stack.cairn("vm", "create", "cvm", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB",
+                "--volume", "cdata")
+    booted(stack, "cvm")
+    out = serial(stack, "cvm", "mkdir -p /mnt/v && mount /dev/vda /mnt/v && cat /mnt/v/f; echo read-$((40+2))",
+                 "read-42")
+    assert "first" in out and "second" not in out
+
+    # a snapshot with its memory: a restore resumes the VM where it was
+    wait_for(lambda: len(_heartbeats(stack.cairn("vm", "console", "cvm")["console"])) >= 4, 60, "heartbeats")
+    taken = stack.cairn("vm", "snapshot", "create", "cvm", "live", "--memory-state")
+    assert taken["memory"]["bytes"] > 0 and taken["volumes"] == ["cdata"]
+    at = _heartbeats(stack.cairn("vm", "console", "cvm")["console"])[-1][0]  # it ran on since
+    wait_for(lambda: _heartbeats(stack.cairn("vm", "console", "cvm")["console"])[-1][0] >= at + 4, 60,
+             "the VM to run on past the snapshot")
+    stack.cairn("vm", "stop", "cvm", "--timeout", "1")
+    before = stack.cairn("vm", "console", "cvm")["console"]
+    last = _heartbeats(before)[-1][0]
+    assert stack.cairn("vm", "restore", "cvm", "live")["status"]["power_state"] == "running"
+    after = wait_for(lambda: _heartbeats(stack.cairn("vm", "console", "cvm")["console"][len(before):]), 60,
+                     "a heartbeat after the restore")
+    (first, uptime), snap_hb = after[0], [u for n, u in _heartbeats(before) if n == after[0][0] - 1]
+    assert 4 <= first <= at + 1 < last, f"resumed at HB {first}: snapshot at or before HB {at}, stopped at {last}"
+    assert snap_hb and uptime > snap_hb[0], "its uptime went on from the snapshot"
+    assert stack.cairn("vm", "console", "cvm")["console"].count("CAIRN-GUEST-UP") == 1, "resumed, not rebooted"
+    stack.cairn("vm", "snapshot", "delete", "cvm", "live")
+    stack.cairn("vm", "delete", "cvm")
+    stack.cairn("volume", "delete", "cdata")
 
 
 def test_up_with_ceph_serves_a_replicated_pool_for_dedup_and_rbd_volumes(stack: Stack) -> None:
