@@ -49,13 +49,19 @@ def _read(path: str) -> str:
         return ""
 
 
-def host_id() -> str:
-    """Processes with the same host id share process ids: boot id + pid namespace."""
+def _ns(kind: str) -> str:
     try:
-        pidns = os.readlink("/proc/self/ns/pid")
+        return os.readlink(f"/proc/self/ns/{kind}")
     except OSError:
-        pidns = ""
-    return f"{_read('/proc/sys/kernel/random/boot_id') or socket.gethostname()}/{pidns}"
+        return ""
+
+
+def host_id() -> str:
+    """Processes with the same host id share process ids and a network: boot id + pid
+    and network namespaces. (The nodes of a lab cluster share a kernel but each has its
+    network namespace: each is a host of its own, whose writers are judged by their
+    heartbeats and fenced by blocklist, as on separate machines.)"""
+    return f"{_read('/proc/sys/kernel/random/boot_id') or socket.gethostname()}/{_ns('pid')}/{_ns('net')}"
 
 
 def process_start(pid: int) -> int:

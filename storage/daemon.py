@@ -172,7 +172,8 @@ class StorageDaemon:
                 return await asyncio.to_thread(self._maintenance, att, op, req)
         if op == "stats":
             pool.checkpoint_all()
-            return await asyncio.to_thread(pool.stats, True)
+            heads = list(pool.walk(journals=False, checkpoint=False, refresh=True))  # index updates: this thread
+            return await asyncio.to_thread(pool.stats, True, heads)
         vol = req.get("volume", "")
         if req.get("class") == "rbd":
             return await asyncio.to_thread(self._rbd_op, att, op, vol, req)

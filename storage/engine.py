@@ -397,10 +397,13 @@ class Pool:
             self.backend.close()
 
     # ------------------------------------------------------------ walking
-    def walk(self, journals: bool = True, checkpoint: bool = True) -> Iterator[Version]:
+    def walk(self, journals: bool = True, checkpoint: bool = True, refresh: bool = False) -> Iterator[Version]:
         """Every head and snapshot. Heads this writer owns are checkpointed first (unless
         not ``checkpoint``); with ``journals``, heads come with the journal entries their
-        owners wrote since the root (what garbage collection must count as live)."""
+        owners wrote since the root (what garbage collection must count as live). With
+        ``refresh``, other writers' segments are scanned again once the heads are read:
+        a head another node checkpointed a moment ago names map shards its owner appended
+        before it moved the head, which an earlier look at their segments missed."""
         if checkpoint:
             self.checkpoint_all()
         heads: list[tuple[str, VolumeRecord]] = []
@@ -408,6 +411,8 @@ class Pool:
             raw = self.backend.get_pointer(f"vol/{name}")
             if raw is not None:
                 heads.append((name, VolumeRecord.decode(raw)))
+        if refresh:
+            self.log.refresh(tails=True)
         starts = {uuid.UUID(rec.id).bytes: pos for _n, rec in heads
                   if (pos := LogPosition.from_json(rec.log)) is not None}
         entries = self.log.journal_entries(starts) if journals else {}
@@ -461,16 +466,17 @@ class Pool:
                 if vol.dirty and not vol.released:
                     vol.checkpoint()
 
-    def stats(self, quiet: bool = False) -> dict[str, Any]:
+    def stats(self, quiet: bool = False, versions: list[Version] | None = None) -> dict[str, Any]:
         """Pool totals over every volume head (as of its owner's last checkpoint) and
         snapshot, plus the bytes held in the backend. ``quiet``: change nothing in this
         pool object (no checkpoint, no index refresh, no cache fill), so it may run in a
-        worker thread while the owner's thread serves I/O."""
+        worker thread while the owner's thread serves I/O; give it the ``versions`` that
+        thread read with ``walk(journals=False, checkpoint=False, refresh=True)`` (heads
+        other nodes moved since the last index refresh name chunks it does not know)."""
         if not quiet:
             self.checkpoint_all()
-            if not self.readonly:
-                self.log.refresh(tails=False)
-        versions = list(self.walk(journals=False, checkpoint=False))
+        if versions is None:
+            versions = list(self.walk(journals=False, checkpoint=False, refresh=not (quiet or self.readonly)))
         space = self._space(versions, self.chunks.peek if quiet else None)
         backend_bytes = sum(self.backend.size(s) for s in self.backend.list("seg/"))
         return {**space.as_dict(), "volumes": len(self.list_volumes()), "backend_bytes": backend_bytes,

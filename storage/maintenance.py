@@ -152,7 +152,7 @@ def collect_garbage(pool: Pool, grace_seconds: float = 3600.0, rewrite_below: fl
         pool.log.refresh(tails=True)
         pool.reap_dead_writers()
         say(15, "marking live chunks (heads, snapshots, journals)")
-        live = pool.live_hashes(list(pool.walk()))
+        live = pool.live_hashes(list(pool.walk(refresh=True)))
         segments = pool.log.segments()
         before = sum(backend.size(s) for s in segments)
         indexes = {"seg/" + i[4:] for i in backend.list("idx/")}
@@ -194,8 +194,7 @@ def collect_garbage(pool: Pool, grace_seconds: float = 3600.0, rewrite_below: fl
 
         say(60, "marking again, copying live chunks out of condemned segments")
         lease.renew(force=True)
-        pool.log.refresh(tails=True)
-        live = pool.live_hashes(list(pool.walk()))
+        live = pool.live_hashes(list(pool.walk(refresh=True)))
         safe = {h for s, ents in sealed_entries.items() if s not in condemned for h, _o, _n in ents}
         sealed_before = len(pool.log.own_sealed)
         reload: set[str] = set()
@@ -324,7 +323,7 @@ def check_consistency(pool: Pool) -> list[str]:
     Returns the problems found."""
     problems: list[str] = []
     sizes: dict[str, int] = {}
-    for v in pool.walk():
+    for v in pool.walk(refresh=True):
         label = f"{v.volume}@{v.snapshot}" if v.snapshot else v.volume
         try:
             metas = meta_hashes(v.root, pool.chunks.get)

@@ -13,7 +13,7 @@ import pytest
 from storage import cluster
 from storage.backends import open_backend
 from storage.engine import open_pool
-from storage.errors import BackendError, LockLost, OwnedElsewhere
+from storage.errors import BackendError, CorruptionError, LockLost, OwnedElsewhere
 from storage.maintenance import check_consistency, collect_garbage
 
 MiB = 1 << 20
@@ -183,3 +183,25 @@ def test_gc_stops_before_deleting_when_a_writer_does_not_acknowledge(tmp_path: P
     assert report.deleted_segments >= 1 and report.waiting_for == []
     assert cluster.read_gc_state(p1.backend)[0].condemned == []
     p1.close()
+
+
+@pytest.mark.unit
+def test_gc_and_check_resolve_a_head_another_writer_moved_after_their_last_look(tmp_path: Path) -> None:
+    """Found on the lab cluster: a node checkpoints a volume (new map shards in its open
+    segment, then the head) between the collector's scan of other writers' segments and
+    its read of the heads; the collector must not take that for a missing chunk."""
+    p1, p2 = _pools(tmp_path)
+    p1.create_volume("v", 4 * MiB)
+    p2.log.refresh(tails=True)  # p2's last look at p1's segments
+    vol = p1.open_volume("v")
+    vol.write(0, os.urandom(2 * MiB))
+    vol.checkpoint()  # the head names shards p2 has not seen
+    with pytest.raises(CorruptionError, match="not in the index"):
+        p2.live_hashes(list(p2.walk(checkpoint=False)))
+    assert p2.live_hashes(list(p2.walk(checkpoint=False, refresh=True)))
+    vol.write(2 * MiB, os.urandom(MiB))
+    vol.checkpoint()
+    assert collect_garbage(p2, grace_seconds=0, ack_timeout=5).waiting_for == []
+    assert check_consistency(p2) == []
+    p1.close()
+    p2.close()
