@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from appliance import logs
 from appliance.settings import Settings, get_settings
-from appliance.supervisor import PR_SET_PDEATHSIG
+from appliance.supervisor import PR_SET_PDEATHSIG, redis_config
 
 if TYPE_CHECKING:
     from compute.libvirt_node import LibvirtNode
@@ -243,6 +243,19 @@ def run_storage(argv: list[str] | None = None) -> None:
               "--node", settings.node_name, *(argv or [])])
 
 
+def run_redis(argv: list[str] | None = None) -> None:
+    """The node's task broker. A cluster node's is the replicated engine (see
+    appliance.cluster.runtime); else redis-server with the embedded configuration (a unix
+    socket in run_dir, AOF on). Appliance mode runs it as ``cairn-redis.service``; the
+    embedded supervisor starts the single node's redis-server itself with the same file."""
+    settings = get_settings()
+    if settings.cluster is not None:
+        _engine("redis")(argv)
+        return
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    os.execvp("redis-server", ["redis-server", str(redis_config(settings)), *(argv or [])])
+
+
 def run_ceph(argv: list[str] | None = None) -> None:
     """Ceph: this node's daemons in a cluster (see appliance.cluster.runtime), else the
     embedded Ceph (``cairn up --ceph``): 1 mon, 1 mgr, 3 bluestore OSDs on sparse files
@@ -321,8 +334,8 @@ def _engine(name: str) -> Callable[[list[str] | None], None]:
 def main() -> None:
     commands: dict[str, Callable[[list[str] | None], None]] = {
         "api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt,
-        "storage": run_storage, "ceph": run_ceph}
-    commands.update({name: _engine(name) for name in ("etcd", "patroni", "redis", "sentinel")})
+        "storage": run_storage, "ceph": run_ceph, "redis": run_redis}
+    commands.update({name: _engine(name) for name in ("etcd", "patroni", "sentinel")})
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m appliance.processes {{{'|'.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

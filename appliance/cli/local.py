@@ -23,7 +23,7 @@ from appliance.services import auth
 from appliance.settings import Settings, get_settings
 
 
-def _ensure_cli_token(settings: Settings) -> None:
+def ensure_cli_token(settings: Settings) -> None:
     """Log root's CLI in as the first admin (a token in a 0600 config file)."""
     cfg = load_config()
     url = settings.resolved_api_url
@@ -69,7 +69,7 @@ def up(timeout: float, quiet: bool = False, ceph: bool = False,
         if pid is not None:
             os.kill(pid, signal.SIGHUP)  # the running supervisor adds the ceph program
     pki.ensure(settings.pki_dir)
-    _ensure_cli_token(settings)
+    ensure_cli_token(settings)
     started = False
     if supervisor.running_pid(settings) is None:
         conflict = supervisor.stack_conflict(settings)
@@ -77,7 +77,7 @@ def up(timeout: float, quiet: bool = False, ceph: bool = False,
             raise SystemExit(conflict)
         spawn(settings)
         started = True
-    phase = _wait_ready(settings, timeout, quiet)
+    phase = wait_ready(settings, timeout, quiet)
     return _summary(settings, started, phase)
 
 
@@ -96,7 +96,7 @@ def _up_cluster_node(settings: Settings, timeout: float, quiet: bool,
     try:
         while True:
             try:
-                _ensure_cli_token(settings)
+                ensure_cli_token(settings)
                 break
             except Exception as exc:  # database not up or schema not made yet
                 if time.monotonic() > deadline:
@@ -106,7 +106,7 @@ def _up_cluster_node(settings: Settings, timeout: float, quiet: bool,
     finally:
         if status:
             status.stop()
-    phase = _wait_ready(settings, max(10.0, deadline - time.monotonic()), quiet)
+    phase = wait_ready(settings, max(10.0, deadline - time.monotonic()), quiet)
     return _summary(settings, started, phase)
 
 
@@ -125,7 +125,7 @@ def _summary(settings: Settings, started: bool, phase: str) -> dict[str, Any]:
     }
 
 
-def _wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
+def wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
     deadline = time.monotonic() + timeout
     client = Client()
     phase, last_error = "Unknown", ""

@@ -8,9 +8,10 @@ from pathlib import Path
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def assert_golden(name: str, text: str) -> None:
-    """Compare ``text`` with tests/network/golden/<name> (or rewrite it when regenerating)."""
-    path = GOLDEN / name
+def assert_golden(name: str, text: str, directory: Path = GOLDEN) -> None:
+    """Compare ``text`` with <directory>/<name>, tests/network/golden by default (or rewrite
+    it when regenerating)."""
+    path = directory / name
     if os.environ.get("CAIRN_REGEN_GOLDEN") == "1":
         path.write_text(text)
     assert path.exists(), f"golden file {path} missing: run with CAIRN_REGEN_GOLDEN=1 once"

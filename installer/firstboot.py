@@ -1,0 +1,121 @@
+"""First boot of an installed node (``cairn-firstboot.service``, once).
+
+The appliance's units start on their own (``appliance/systemd``); this waits for the
+API and the node agent, logs root's CLI in, forms the cluster the answer asked for
+(``cairn cluster init``, or ``cairn cluster join <address> <token>``; nothing for a
+stand-alone node), and shows ``cairn status`` on the consoles:
+
+    CAIRN-FIRSTBOOT: OK
+    CAIRN-STATUS: {"nodes": {...}, ...}
+
+or ``CAIRN-FIRSTBOOT: FAIL <reason>``. It is marked done only when it succeeded, so a
+failed first boot tries again at the next boot.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from installer.answer import NodeAnswer
+from installer.console import Reporter
+from installer.errors import InstallerError
+
+NODE_JSON = Path("/etc/cairn/node.json")
+MARKER = "CAIRN-FIRSTBOOT"
+CAIRN = str(Path(sys.executable).parent / "cairn")
+Runner = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def cluster_command(answer: NodeAnswer) -> list[str] | None:
+    """The CLI command that forms (or joins) the cluster, exactly as an operator types it."""
+    if answer.cluster is None:
+        return None
+    if answer.cluster.mode == "init":
+        return [CAIRN, "cluster", "init"]
+    assert answer.cluster.address and answer.cluster.token
+    return [CAIRN, "cluster", "join", answer.cluster.address, answer.cluster.token]
+
+
+def _shown(argv: list[str]) -> str:
+    words = [Path(argv[0]).name, *argv[1:]]
+    if len(words) >= 5 and words[1:3] == ["cluster", "join"]:
+        words[4] = "<token>"
+    return " ".join(words)
+
+
+class FirstBoot:
+    def __init__(self, reporter: Reporter, node_json: Path = NODE_JSON, run: Runner = subprocess.run,
+                 timeout: float = 1800.0) -> None:
+        self.report = reporter
+        self.node_json = node_json
+        self.run_cmd = run
+        self.timeout = timeout
+
+    def run(self) -> int:
+        from appliance.settings import get_settings
+
+        settings = get_settings()
+        done = settings.data_dir / "firstboot.done"
+        try:
+            status = self._run(settings)
+        except Exception as exc:
+            reason = exc.detail if isinstance(exc, InstallerError) else f"{type(exc).__name__}: {exc}"
+            self.report.say("FAIL " + " / ".join(reason.splitlines())[:2000])
+            return 1
+        done.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+        self.report.say("OK")
+        self.report.raw("CAIRN-STATUS: " + json.dumps(status, separators=(",", ":"), sort_keys=True))
+        return 0
+
+    def _run(self, settings: Any) -> dict[str, Any]:
+        from appliance.cli import local
+
+        try:
+            doc = json.loads(self.node_json.read_text())
+            answer = NodeAnswer.model_validate(doc["answer"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise InstallerError(f"{self.node_json}: {exc} (written by the installer; was this node installed "
+                                 "from the ISO?)")
+        self.report.say(f"node {answer.node_name}: waiting for the API")
+        self._wait_api(settings)
+        local.ensure_cli_token(settings)
+        self.report.say("waiting for the node agent (node Ready)")
+        try:
+            local.wait_ready(settings, self.timeout, quiet=True)
+        except SystemExit as exc:
+            raise InstallerError(str(exc))
+        command = cluster_command(answer)
+        if command:
+            self.report.say(f"running `{_shown(command)}`")
+            r = self.run_cmd(command, capture_output=True, text=True, timeout=self.timeout)
+            if r.returncode != 0:
+                words = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-5:]
+                raise InstallerError(f"`{_shown(command)}` failed: {' / '.join(words)}")
+        r = self.run_cmd([CAIRN, "status", "--output", "json"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise InstallerError(f"`cairn status` failed: {r.stderr.strip()[-500:]}")
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    def _wait_api(self, settings: Any) -> None:
+        from appliance.cli.client import ApiError, Client
+
+        deadline = time.monotonic() + self.timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:  # a new client each time: the API makes the CA it must trust when it first starts
+                Client(url=settings.resolved_api_url, ca=str(settings.pki_dir / "ca.crt")).get("/health")
+                return
+            except ApiError as exc:
+                last = exc.detail
+            time.sleep(1)
+        raise InstallerError(f"the API did not answer within {self.timeout:g} s: {last}")
+
+
+def main_firstboot() -> int:
+    return FirstBoot(Reporter(MARKER, log=Path("/var/log/cairn-firstboot.log"))).run()
