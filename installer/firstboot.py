@@ -3,10 +3,12 @@
 The appliance's units start on their own (``appliance/systemd``); this waits for the
 API and the node agent, logs root's CLI in, forms the cluster the answer asked for
 (``cairn cluster init``, or ``cairn cluster join <address> <token>``; nothing for a
-stand-alone node), and shows ``cairn status`` on the consoles:
+stand-alone node), and shows ``cairn status`` (and ``cairn cluster status`` on a
+cluster node) on the consoles:
 
     CAIRN-FIRSTBOOT: OK
     CAIRN-STATUS: {"nodes": {...}, ...}
+    CAIRN-CLUSTER: {"members": [...], "quorum": true, ...}
 
 or ``CAIRN-FIRSTBOOT: FAIL <reason>``. It is marked done only when it succeeded, so a
 failed first boot tries again at the next boot.
@@ -43,6 +45,7 @@ def cluster_command(answer: NodeAnswer) -> list[str] | None:
 
 
 def _shown(argv: list[str]) -> str:
+    """The command as a person types it, without the join token."""
     words = [Path(argv[0]).name, *argv[1:]]
     if len(words) >= 5 and words[1:3] == ["cluster", "join"]:
         words[4] = "<token>"
@@ -67,10 +70,13 @@ class FirstBoot:
         except Exception as exc:
             reason = exc.detail if isinstance(exc, InstallerError) else f"{type(exc).__name__}: {exc}"
             self.report.say("FAIL " + " / ".join(reason.splitlines())[:2000])
+            for line in self._diagnostics():
+                self.report.raw(f"{MARKER}:   {line}")
             return 1
         done.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
         self.report.say("OK")
-        self.report.raw("CAIRN-STATUS: " + json.dumps(status, separators=(",", ":"), sort_keys=True))
+        for key, doc in status.items():
+            self.report.raw(f"CAIRN-{key.upper()}: " + json.dumps(doc, separators=(",", ":"), sort_keys=True))
         return 0
 
     def _run(self, settings: Any) -> dict[str, Any]:
@@ -97,10 +103,30 @@ class FirstBoot:
             if r.returncode != 0:
                 words = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-5:]
                 raise InstallerError(f"`{_shown(command)}` failed: {' / '.join(words)}")
-        r = self.run_cmd([CAIRN, "status", "--output", "json"], capture_output=True, text=True, timeout=120)
+        shown = {"status": self._json([CAIRN, "status", "--output", "json"])}
+        if command:
+            shown["cluster"] = self._json([CAIRN, "cluster", "status", "--output", "json"])
+        return shown
+
+    def _json(self, argv: list[str]) -> Any:
+        r = self.run_cmd(argv, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise InstallerError(f"`cairn status` failed: {r.stderr.strip()[-500:]}")
-        return json.loads(r.stdout)  # type: ignore[no-any-return]
+            raise InstallerError(f"`{_shown(argv)}` failed: {r.stderr.strip()[-500:]}")
+        return json.loads(r.stdout)
+
+    def _diagnostics(self) -> list[str]:
+        """The state and last log lines of the node's units, for whoever reads the console."""
+        from appliance.cli.local import APPLIANCE_UNITS
+
+        lines = []
+        for unit in APPLIANCE_UNITS.values():
+            state = self.run_cmd(["systemctl", "is-active", unit], capture_output=True, text=True).stdout.strip()
+            lines.append(f"{unit}: {state}")
+            if state != "active":
+                log = self.run_cmd(["journalctl", "--no-pager", "-o", "cat", "-n", "8", "-u", unit],
+                                   capture_output=True, text=True).stdout
+                lines += [f"  {line}" for line in log.splitlines()]
+        return lines
 
     def _wait_api(self, settings: Any) -> None:
         from appliance.cli.client import ApiError, Client

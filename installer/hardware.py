@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -140,12 +141,13 @@ def _by_id(dev_dir: Path, name: str) -> str:
 def collect_disks(sys_dir: Path = Path("/sys"), dev_dir: Path = Path("/dev"),
                   udev_dir: Path = Path("/run/udev/data"), proc: Path = Path("/proc"),
                   probe: bool = True) -> list[Disk]:
-    """Whole disks with a backing device (no loop, ram, zram, device-mapper), CD drives left out."""
+    """Whole disks with a backing device (no loop, ram, zram, device-mapper), CD and floppy
+    drives left out."""
     mounts = _mounts(proc)
     disks = []
     for block in sorted((sys_dir / "block").iterdir()):
         name = block.name
-        if not (block / "device").exists() or name.startswith(("loop", "ram", "zram", "dm-", "md", "sr")):
+        if not (block / "device").exists() or name.startswith(("loop", "ram", "zram", "dm-", "md", "sr", "fd")):
             continue
         if _read(block / "device" / "type") == "5":  # SCSI type 5: CD/DVD
             continue
@@ -206,9 +208,16 @@ def collect_system(sys_dir: Path = Path("/sys")) -> System:
                   vendor=_read(dmi / "sys_vendor"), product=_read(dmi / "product_name"))
 
 
+def settle_udev(timeout: float = 60.0) -> None:
+    """Wait for udev to finish with the devices it knows of (where udev runs)."""
+    if Path("/run/udev/control").exists() and shutil.which("udevadm"):
+        subprocess.run(["udevadm", "settle", f"--timeout={int(timeout)}"], capture_output=True)
+
+
 def collect(sys_dir: Path = Path("/sys"), dev_dir: Path = Path("/dev"), udev_dir: Path = Path("/run/udev/data"),
             proc: Path = Path("/proc"), probe: bool = True) -> Hardware:
-    """This machine's disks, NICs and SMBIOS identity."""
+    """This machine's disks, NICs and SMBIOS identity (once udev has seen them all)."""
+    settle_udev()
     return Hardware(system=collect_system(sys_dir), disks=collect_disks(sys_dir, dev_dir, udev_dir, proc, probe),
                     nics=collect_nics(sys_dir))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from installer import target as build
 from installer.errors import InstallFailed
+from installer.hardware import settle_udev
 from installer.matching import InstallPlan
 from installer.media import Medium
 
@@ -64,8 +65,7 @@ def partition_path(disk: str, number: int) -> str:
 
 
 def _settle(paths: list[str], timeout: float = 30.0) -> None:
-    if Path("/run/udev/control").exists() and shutil.which("udevadm"):
-        subprocess.run(["udevadm", "settle", f"--timeout={int(timeout)}"], capture_output=True)
+    settle_udev(timeout)
     deadline = time.monotonic() + timeout
     while not all(os.path.exists(p) for p in paths):
         if time.monotonic() > deadline:

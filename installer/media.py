@@ -24,9 +24,11 @@ ISO_VOLUME_ID = "CAIRN"
 LAYERS = ("base.squashfs", "cairn.squashfs")
 BAKED_ANSWER = "cairn/answer.toml"
 LIVE_MEDIUM = Path("/run/live/medium")
-# The screen is the primary console (/dev/console: the interactive questions), the serial
-# port gets kernel messages and the installer's result lines too.
-KERNEL_CMDLINE = "boot=live quiet systemd.show_status=error console=ttyS0,115200 console=tty0"
+# The live system boots to cairn-installer.target (the installer and gettys, none of the
+# node's services). The screen is the primary console (/dev/console: the interactive
+# questions); the serial port gets kernel messages and the installer's result lines too.
+KERNEL_CMDLINE = ("boot=live quiet systemd.unit=cairn-installer.target systemd.show_status=error "
+                  "console=ttyS0,115200 console=tty0")
 
 
 def iso_grub_cfg(timeout: int = 3) -> str:

@@ -39,7 +39,7 @@ def disk_grub_cfg(root_uuid: str, timeout: int = 1) -> str:
         + "menuentry \"Cairn\" {\n"
         + f"  search --no-floppy --fs-uuid --set=root {root_uuid}\n"
         + "  echo \"CAIRN-GRUB: booting\"\n"
-        + f"  linux /vmlinuz root=UUID={root_uuid} ro {SERIAL_CONSOLE}\n"
+        + f"  linux /vmlinuz root=UUID={root_uuid} ro quiet {SERIAL_CONSOLE}\n"
         + "  initrd /initrd.img\n"
         + "}\n"
     )

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from appliance import pki, supervisor
@@ -196,6 +197,23 @@ def _remove_overlay(settings: Settings) -> None:
         err_console.print(f"[yellow]warning:[/yellow] removing the overlay: {result.error}")
 
 
+def _systemd_services() -> dict[str, Any]:
+    if not Path("/run/systemd/system").is_dir():  # systemd is not PID 1 here
+        return {}
+    r = subprocess.run(["systemctl", "show", *APPLIANCE_UNITS.values(), "--property",
+                        "Id,LoadState,ActiveState,MainPID,NRestarts"], capture_output=True, text=True)
+    names = {unit: name for name, unit in APPLIANCE_UNITS.items()}
+    out = {}
+    for block in r.stdout.strip().split("\n\n"):
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if props.get("LoadState") != "loaded" or props.get("Id") not in names:
+            continue
+        pid = int(props.get("MainPID") or 0)
+        out[names[props["Id"]]] = {"running": props.get("ActiveState") == "active", "pid": pid or None,
+                                   "restarts": int(props.get("NRestarts") or 0)}
+    return out
+
+
 def _stop_containers(settings: Settings) -> int:
     state = settings.data_dir / "containers"
     if not state.exists():
@@ -212,11 +230,17 @@ def _stop_containers(settings: Settings) -> int:
     return len(names)
 
 
+# The appliance's systemd units (appliance/systemd), named as the supervisor names its programs.
+APPLIANCE_UNITS = {"redis": "cairn-redis.service", "storage": "cairn-storage.service", "api": "cairn-api.service",
+                   "worker": "cairn-worker.service", "agent": "cairn-agent.service"}
+
+
 def services() -> dict[str, Any]:
-    """This machine's supervised processes (empty when the appliance runs elsewhere)."""
+    """This machine's Cairn processes: the embedded supervisor's programs, or on an installed
+    appliance its systemd units (empty when the appliance runs elsewhere)."""
     settings = get_settings()
     if supervisor.running_pid(settings) is None:
-        return {}
+        return _systemd_services()
     try:
         state = json.loads((settings.run_dir / "supervisor.json").read_text())
     except (OSError, ValueError):

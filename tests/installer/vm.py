@@ -44,12 +44,13 @@ class Vm:
     def serial_log(self) -> Path:
         return self.workdir / f"{self.name}.serial.log"
 
-    def argv(self, *devices: str, mac: str = "52:54:00:c4:00:01", smbios_serial: str = "") -> list[str]:
+    def argv(self, *devices: str, mac: str = "52:54:00:c4:00:01", smbios_serial: str = "",
+             nic: str = "user,restrict=on") -> list[str]:
+        """QEMU's command line; the NIC is isolated user networking (DHCP inside QEMU, no
+        traffic leaves it) unless ``nic`` names another backend (e.g. a tap)."""
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus),
                 "-m", str(self.memory_mib), "-nographic", "-monitor", "none", "-no-reboot",
-                "-serial", f"file:{self.serial_log}",
-                # user networking, isolated: DHCP inside QEMU, no traffic leaves it
-                "-nic", f"user,model=virtio-net-pci,mac={mac},restrict=on"]
+                "-serial", f"file:{self.serial_log}", "-nic", f"{nic},model=virtio-net-pci,mac={mac}"]
         if smbios_serial:
             argv += ["-smbios", f"type=1,serial={smbios_serial}"]
         if self.firmware == "uefi":

@@ -1,0 +1,218 @@
+"""Installer benchmark (issue 15), under QEMU/TCG on this machine:
+
+1. the ISO: its size, and build times: from nothing (``--cold``: a fresh cache, every
+   Debian package and wheel downloaded), after a code change (only the cairn layer is
+   rebuilt), and with nothing changed (the cached ISO is copied); ratios against the
+   cold build, or against the code-change build when not ``--cold``;
+2. an unattended install per firmware (SeaBIOS and OVMF side by side): seconds from
+   power-on to GRUB, to the installer's start, to ``CAIRN-INSTALL: OK``; then from the
+   installed disk's power-on to ``cairn status`` answering inside the guest;
+3. ``--cluster``: three VMs installed from one answer file on one L2 segment (a bridge
+   in a private network namespace, static addresses), node 1 with ``cluster.mode =
+   "init"``, nodes 2 and 3 joining with a token made on node 1 (over SSH from the
+   namespace) and written into the same answer file; the time until node 3's first
+   boot shows ``cairn cluster status`` with 3 members in quorum. Needs ``cairn cluster
+   init | token create | join | status`` (issue 12).
+
+    .venv/bin/python bench/installer_bench.py [--cold] [--cluster] [--out FILE]
+
+Prints a table and writes bench/results/installer_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from installer.build import DEFAULT_CACHE, Builder, BuildResult  # noqa: E402
+from tests.installer.test_iso import install_and_boot  # noqa: E402
+from tests.installer.vm import Vm, blank_disk, cdrom, iso_seed, virtio_disk  # noqa: E402
+
+
+def build_figures(cache: Path, out_dir: Path) -> dict[str, Any]:
+    """Three builds in a row: as the cache is, after a code change, unchanged."""
+    def build(name: str) -> BuildResult:
+        t0 = time.monotonic()
+        result = Builder(cache_dir=cache, progress=lambda m: print(f"  {name}: {m}", flush=True)).build(
+            out_dir / f"{name}.iso")
+        print(f"  {name}: {time.monotonic() - t0:.1f} s", flush=True)
+        return result
+
+    first = build("first")
+    for entry in (cache / first.keys["layer"], cache / first.keys["iso"]):  # as if the code had changed
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    layer = build("code-change")
+    cached = build("unchanged")
+    assert cached.cached
+    return {"iso_bytes": first.size, "first": first.to_json(), "code_change": layer.to_json(),
+            "unchanged": cached.to_json()}
+
+
+def firmware_figures(iso: Path, work: Path) -> dict[str, Any]:
+    with ThreadPoolExecutor(2) as pool:
+        runs = {fw: pool.submit(install_and_boot, iso, fw, work / fw) for fw in ("bios", "uefi")}
+        return {fw: {"iso": r.result()["iso"], "disk": r.result()["disk"]} for fw, r in runs.items()}
+
+
+# --- three nodes, one answer file, one L2 -------------------------------------------------------
+
+SUBNET = "10.77.0"
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check)
+
+
+class Segment:
+    """A bridge with three taps in a private network namespace; the bench's own address
+    10.77.0.1 is on the bridge. QEMU runs inside the namespace."""
+
+    def __init__(self) -> None:
+        self.ns = f"cib{secrets.token_hex(3)}"
+
+    def __enter__(self) -> Segment:
+        sh("ip", "netns", "add", self.ns)
+        cmds = [["ip", "link", "add", "br0", "type", "bridge"], ["ip", "addr", "add", f"{SUBNET}.1/24", "dev", "br0"],
+                ["ip", "link", "set", "br0", "up"], ["ip", "link", "set", "lo", "up"]]
+        for i in range(1, 4):
+            cmds += [["ip", "tuntap", "add", f"tap{i}", "mode", "tap"],
+                     ["ip", "link", "set", f"tap{i}", "master", "br0"], ["ip", "link", "set", f"tap{i}", "up"]]
+        for cmd in cmds:
+            sh("ip", "netns", "exec", self.ns, *cmd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sh("ip", "netns", "del", self.ns, check=False)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+
+def cluster_answer(password_hash: str, ssh_key: str, token: str) -> str:
+    nodes = ""
+    for i in range(1, 4):
+        cluster = '{ mode = "init" }' if i == 1 else f'{{ mode = "join", address = "{SUBNET}.11", token = "{token}" }}'
+        nodes += f'''
+[[node]]
+match.mac = "52:54:00:c5:00:0{i}"
+hostname = "node{i}"
+network = {{ mac = "52:54:00:c5:00:0{i}", mode = "static", address = "{SUBNET}.1{i}/24", gateway = "{SUBNET}.1" }}
+cluster = {cluster}
+'''
+    return (f'root_password_hash = "{password_hash}"\nssh_keys = ["{ssh_key}"]\n'
+            f'disks.install = {{ serial = "CAIRN-DISK-*" }}\ndisks.data = [{{ serial = "CAIRN-DATA-*" }}]\n' + nodes)
+
+
+def cluster_figures(iso: Path, work: Path) -> dict[str, Any]:
+    key = work / "id_ed25519"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+    password = sh("openssl", "passwd", "-6", secrets.token_urlsafe(12)).stdout.strip()
+    ssh_key = key.with_suffix(".pub").read_text().strip()
+    placeholder = "0" * 32  # node 1 does not read the joiners' token; they get the real one
+    figures: dict[str, Any] = {}
+    vms: list[Vm] = []
+    t0 = time.monotonic()
+    with Segment() as seg:
+        def nic(i: int) -> dict[str, str]:
+            return {"nic": f"tap,ifname=tap{i},script=no,downscript=no", "mac": f"52:54:00:c5:00:0{i}"}
+
+        def node(i: int, answer: str) -> Vm:
+            d = work / f"node{i}"
+            d.mkdir(exist_ok=True)
+            disk, data = blank_disk(d / "disk.qcow2"), blank_disk(d / "data.qcow2", "4G")
+            vm = Vm(f"node{i}", d, firmware="bios")
+            vm.start(seg.wrap(vm.argv(*cdrom(iso, 2), *virtio_disk(disk, "d0", f"CAIRN-DISK-{i}"),
+                                      *virtio_disk(data, "d1", f"CAIRN-DATA-{i}"),
+                                      *cdrom(iso_seed(d / "seed.iso", answer), 3), **nic(i))))
+            vms.append(vm)
+            return vm
+
+        def installed_then_booted(vm: Vm, i: int) -> dict[str, float]:
+            marks = vm.wait_for({"installed": "CAIRN-INSTALL: OK"}, 1800)
+            vm.wait_exit(120)
+            d = vm.workdir
+            booted = Vm(f"node{i}-disk", d, firmware="bios")
+            booted.start(seg.wrap(booted.argv(*virtio_disk(d / "disk.qcow2", "d0", f"CAIRN-DISK-{i}"),
+                                              *virtio_disk(d / "data.qcow2", "d1", f"CAIRN-DATA-{i}"), **nic(i))))
+            vms.append(booted)
+            marks |= booted.wait_for({"firstboot": "CAIRN-FIRSTBOOT: OK"}, 2400)
+            return marks
+
+        try:
+            first = node(1, cluster_answer(password, ssh_key, placeholder))
+            figures["node1"] = installed_then_booted(first, 1)
+            ssh = seg.wrap(["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no",
+                            "-o", "UserKnownHostsFile=/dev/null", f"root@{SUBNET}.11",
+                            "cairn", "cluster", "token", "create", "--output", "json"])
+            token = json.loads(sh(*ssh).stdout)["token"]
+            answer = cluster_answer(password, ssh_key, token)  # the same file, now with the token
+            with ThreadPoolExecutor(2) as pool:
+                joins = {i: pool.submit(installed_then_booted, node(i, answer), i) for i in (2, 3)}
+                for i, f in joins.items():
+                    figures[f"node{i}"] = f.result()
+            last = vms[-1]
+            cluster = json.loads(next(ln for ln in last.text().splitlines()
+                                      if ln.startswith("CAIRN-CLUSTER: ")).removeprefix("CAIRN-CLUSTER: "))
+            figures["cluster_status"] = cluster
+            figures["members"] = len(cluster.get("members", []))
+            figures["quorum"] = cluster.get("quorum")
+            figures["total_s"] = round(time.monotonic() - t0, 1)
+        finally:
+            for vm in vms:
+                vm.stop()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cold", action="store_true", help="build from an empty cache (downloads everything)")
+    parser.add_argument("--cluster", action="store_true", help="also install three nodes that form a cluster")
+    parser.add_argument("--skip-install", action="store_true", help="ISO figures only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "installer_bench.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cairn-installer-bench.", dir="/var/tmp"))
+    cache = work / "cache" if args.cold else DEFAULT_CACHE
+    result: dict[str, Any] = {"host_load": os.getloadavg(), "cold_cache": args.cold}
+    try:
+        print("ISO builds", flush=True)
+        result["build"] = b = build_figures(cache, work)
+        base = b["first"]["seconds"]["total"]
+        print(f"\nISO {b['iso_bytes'] / 2**20:.1f} MiB")
+        print(f"{'build':<24}{'seconds':>10}{'ratio':>8}")
+        for name in ("first", "code_change", "unchanged"):
+            secs = b[name]["seconds"]["total"]
+            print(f"{name + (' (cold)' if name == 'first' and args.cold else ''):<24}{secs:>10.1f}{secs / base:>8.3f}")
+        if not args.skip_install:
+            print("\ninstall + first boot under TCG (BIOS and UEFI side by side)", flush=True)
+            result["install"] = inst = firmware_figures(work / "first.iso", work)
+            print(f"{'firmware':<10}{'grub':>7}{'installer':>11}{'installed':>11}{'disk grub':>11}{'status':>8}")
+            for fw, r in inst.items():
+                print(f"{fw:<10}{r['iso']['grub']:>7.1f}{r['iso']['installer']:>11.1f}{r['iso']['installed']:>11.1f}"
+                      f"{r['disk']['grub']:>11.1f}{r['disk']['status']:>8.1f}")
+        if args.cluster:
+            print("\nthree-node cluster from one answer file", flush=True)
+            result["cluster"] = c = cluster_figures(work / "first.iso", work)
+            print(f"members {c['members']}, quorum {c['quorum']}, {c['total_s']:.0f} s end to end")
+        result["host_load_after"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The console fallback: questions → the same answer TOML, validated and fitted as any other;
+and first boot's cluster commands."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from installer.answer import parse_answer
+from installer.firstboot import _shown, cluster_command
+from installer.interactive import Console, ask_answer
+from installer.matching import plan_install
+from tests.installer.conftest import hardware
+
+pytestmark = pytest.mark.unit
+
+
+def converse(lines: list[str]) -> tuple[str, str]:
+    out = io.StringIO()
+    text = ask_answer(hardware("server-r640"), Console(io.StringIO("\n".join(lines) + "\n"), out))
+    return text, out.getvalue()
+
+
+def test_answers_typed_on_the_console_make_a_valid_answer_that_fits() -> None:
+    text, shown = converse([
+        "node7",            # host name
+        "s3cret", "s3cret",  # root password twice
+        "",                 # no SSH key
+        "1",                # install disk: the first candidate (the NVMe SSD)
+        "3",                # management NIC: ens1f0np0
+        "2",                # static
+        "10.0.0.17/24", "10.0.0.1", "10.0.0.1 10.0.0.2",
+        "3",                # join
+        "10.0.0.11", "K10cafe0123456789::joiner.secret",
+        "install",
+    ])
+    answer = parse_answer(text)
+    node = answer.nodes[0].answer
+    assert node.hostname == "node7" and node.root_password_hash.startswith("$6$")
+    assert node.cluster is not None and node.cluster.mode == "join" and node.cluster.address == "10.0.0.11"
+    assert [str(d) for d in node.network.dns] == ["10.0.0.1", "10.0.0.2"]
+    plan = plan_install(answer, hardware("server-r640"))
+    assert plan.install_disk.path == "/dev/nvme0n1" and plan.nics[0].name == "ens1f0np0"
+    assert "s3cret" not in shown and "(hashed)" in shown
+    # the USB stick the installer runs from is not offered
+    assert "/dev/sdg" not in shown.split("Management NIC")[0].split("Install disk")[0]
+
+
+def test_a_used_disk_is_only_erased_when_the_person_types_erase_and_mistakes_are_asked_again() -> None:
+    text, shown = converse([
+        "node8", "pw", "other", "pw", "pw", "",   # passwords differ once
+        "3", "erase",        # /dev/sdb holds partitions
+        "9", "1", "1", "1",  # 9 is not a choice; NIC 1, DHCP, stand-alone
+        "no",                # not confirmed: start over
+        "node8", "pw", "pw", "", "1", "1", "1", "1", "install",
+    ])
+    assert "the passwords are empty or differ" in shown
+    assert "answer a number from 1 to 4" in shown
+    assert "/dev/sdb is not blank; type 'erase' to erase it" in shown
+    node = parse_answer(text).nodes[0].answer
+    assert node.cluster is None and node.network.mode == "dhcp"
+    assert node.disks.install.serial == "S4GLNA0N123456"
+
+
+def test_first_boot_runs_exactly_the_cluster_commands_and_hides_the_token() -> None:
+    base = 'hostname = "n1"\nroot_password_hash = "$6$s$h"\nnetwork.mac = "52:54:00:00:00:01"\ndisks.install = {}\n'
+    assert cluster_command(parse_answer(base).nodes[0].answer) is None
+    init = cluster_command(parse_answer(base + 'cluster.mode = "init"\n').nodes[0].answer)
+    assert init is not None and init[1:] == ["cluster", "init"] and init[0].endswith("/cairn")
+    join = cluster_command(parse_answer(base + 'cluster = { mode = "join", address = "10.0.0.11:8443", '
+                                               'token = "K10abc::tok.secret1234" }\n').nodes[0].answer)
+    assert join is not None and join[1:] == ["cluster", "join", "10.0.0.11:8443", "K10abc::tok.secret1234"]
+    assert _shown(join) == "cairn cluster join 10.0.0.11:8443 <token>"
