@@ -134,7 +134,7 @@ def cluster_figures(iso: Path, work: Path) -> dict[str, Any]:
             d.mkdir(exist_ok=True)
             disk, data = blank_disk(d / "disk.qcow2"), blank_disk(d / "data.qcow2", "4G")
             vm = Vm(f"node{i}", d, firmware="bios")
-            vm.start(seg.wrap(vm.argv(*cdrom(iso, 2), *virtio_disk(disk, "d0", f"CAIRN-DISK-{i}"),
+            vm.start(seg.wrap(vm.argv(*cdrom(iso, 2, boot=True), *virtio_disk(disk, "d0", f"CAIRN-DISK-{i}"),
                                       *virtio_disk(data, "d1", f"CAIRN-DATA-{i}"),
                                       *cdrom(iso_seed(d / "seed.iso", answer), 3), **nic(i))))
             vms.append(vm)

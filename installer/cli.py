@@ -109,11 +109,14 @@ def install() -> None:
 
 
 @app.command(hidden=True)
-def firstboot() -> None:
-    """First boot of an installed node (cairn-firstboot.service)."""
+def firstboot(step: Annotated[str, typer.Argument(help="form (cairn-form.service) or report "
+                                                       "(cairn-firstboot.service)")] = "report") -> None:
+    """First boot of an installed node."""
     from installer.firstboot import main_firstboot
 
-    raise typer.Exit(main_firstboot())
+    if step not in ("form", "report"):
+        raise typer.BadParameter("form or report")
+    raise typer.Exit(main_firstboot(step))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""The console fallback: questions → the same answer TOML, validated and fitted as any other;
-and first boot's cluster commands."""
+"""The console fallback: questions → the same answer TOML, validated and fitted as any other."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import io
 import pytest
 
 from installer.answer import parse_answer
-from installer.firstboot import _shown, cluster_command
 from installer.interactive import Console, ask_answer
 from installer.matching import plan_install
 from tests.installer.conftest import hardware
@@ -61,14 +59,3 @@ def test_a_used_disk_is_only_erased_when_the_person_types_erase_and_mistakes_are
     node = parse_answer(text).nodes[0].answer
     assert node.cluster is None and node.network.mode == "dhcp"
     assert node.disks.install.serial == "S4GLNA0N123456"
-
-
-def test_first_boot_runs_exactly_the_cluster_commands_and_hides_the_token() -> None:
-    base = 'hostname = "n1"\nroot_password_hash = "$6$s$h"\nnetwork.mac = "52:54:00:00:00:01"\ndisks.install = {}\n'
-    assert cluster_command(parse_answer(base).nodes[0].answer) is None
-    init = cluster_command(parse_answer(base + 'cluster.mode = "init"\n').nodes[0].answer)
-    assert init is not None and init[1:] == ["cluster", "init"] and init[0].endswith("/cairn")
-    join = cluster_command(parse_answer(base + 'cluster = { mode = "join", address = "10.0.0.11:8443", '
-                                               'token = "K10abc::tok.secret1234" }\n').nodes[0].answer)
-    assert join is not None and join[1:] == ["cluster", "join", "10.0.0.11:8443", "K10abc::tok.secret1234"]
-    assert _shown(join) == "cairn cluster join 10.0.0.11:8443 <token>"

@@ -74,7 +74,7 @@ def test_prepare_iso_bakes_the_answer_in_and_both_firmwares_still_boot_it(iso: P
     check_hybrid(baked)
     for firmware in ("bios", "uefi"):  # GRUB still finds its ISO (kept volume date) and loads the kernel
         vm = Vm(f"baked-{firmware}", tmp_path, firmware=firmware, memory_mib=512, cpus=1)
-        vm.start(vm.argv(*cdrom(baked, 2)))
+        vm.start(vm.argv(*cdrom(baked, 2, boot=True)))
         try:
             vm.wait_for({"grub": "CAIRN-GRUB: loading"}, timeout=120)
         finally:
@@ -87,11 +87,14 @@ def install_and_boot(iso: Path, firmware: str, workdir: Path) -> dict[str, Any]:
     workdir.mkdir()
     answer = answer_for(firmware)
     disk = blank_disk(workdir / "disk.qcow2")
-    # the seed: a FAT "USB stick" under BIOS, an ISO 9660 "CD" under UEFI
-    seed = (virtio_disk(fat_seed(workdir / "seed.img", answer), "seed", "SEED", fmt="raw") if firmware == "bios"
-            else cdrom(iso_seed(workdir / "seed.iso", answer), 3))
+    if firmware == "bios":  # the ISO on a CD, the answer on a FAT "USB stick"
+        seed = fat_seed(workdir / "seed.img", answer)
+        media = [*cdrom(iso, 2, boot=True), *virtio_disk(seed, "seed", "SEED", fmt="raw")]
+    else:  # the hybrid ISO written to a "USB stick", the answer on an ISO 9660 CD
+        media = [*virtio_disk(iso, "stick", "USB-STICK", fmt="raw", readonly=True),
+                 *cdrom(iso_seed(workdir / "seed.iso", answer), 3)]
     live = Vm(f"iso-{firmware}", workdir, firmware=firmware)
-    live.start(live.argv(*cdrom(iso, 2), *virtio_disk(disk, "d0", "CAIRN-DISK-0"), *seed))
+    live.start(live.argv(*media, *virtio_disk(disk, "d0", "CAIRN-DISK-0")))
     try:
         marks = live.wait_for({"grub": "CAIRN-GRUB: loading", "installer": "CAIRN-INSTALL: looking",
                                "installed": "CAIRN-INSTALL: OK"}, timeout=1200)

@@ -110,5 +110,11 @@ def test_a_node_is_chosen_by_smbios_serial_or_mac() -> None:
     golden("plan-qemu.json", json.dumps(qemu.summary(), indent=1) + "\n")
 
 
+def test_the_cairn_ans_volume_is_never_a_candidate() -> None:
+    plan = plan_install(parse_answer(SERVER.replace('{ model = "SAMSUNG*" }', "{}").replace(
+        "0c:42:a1:7e:55:10", "52:54:00:c4:00:01").split("data =")[0]), hardware("qemu-live"))
+    assert plan.install_disk.path == "/dev/vda"  # the 8 MiB answer stick /dev/vdb is not a second match
+
+
 def test_a_machine_no_node_matches_is_told_what_it_has() -> None:
     golden("no-node.txt", mismatch(MULTI.replace("7XK2QH3", "OTHER")))

@@ -21,7 +21,8 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # a line with one of these ends the wait at once (with the serial log's tail in the error)
 FAILURES = ("CAIRN-INSTALL: FAIL", "CAIRN-FIRSTBOOT: FAIL", "Kernel panic", "grub> ", "grub rescue>",
-            "Welcome to emergency mode", "Give root password for maintenance")
+            "Welcome to emergency mode", "Give root password for maintenance", "This is not a bootable disk",
+            "No bootable device", "Boot Failed")
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -122,13 +123,17 @@ def blank_disk(path: Path, size: str = "8G") -> Path:
 
 
 def virtio_disk(path: Path, ident: str, serial: str, fmt: str = "qcow2", readonly: bool = False) -> list[str]:
-    ro = ",readonly=on" if readonly else ""
-    return ["-drive", f"file={path},if=none,id={ident},format={fmt}{ro}",
+    """A virtio disk; a writable one skips host flushes (cache=unsafe: test disks are thrown
+    away, and a guest's fsyncs cost seconds under TCG on a shared host)."""
+    mode = ",readonly=on" if readonly else ",cache=unsafe"
+    return ["-drive", f"file={path},if=none,id={ident},format={fmt}{mode}",
             "-device", f"virtio-blk-pci,drive={ident},serial={serial}"]
 
 
-def cdrom(path: Path, index: int) -> list[str]:
-    return ["-drive", f"file={path},media=cdrom,if=ide,index={index},readonly=on"]
+def cdrom(path: Path, index: int, boot: bool = False) -> list[str]:
+    """A CD; ``boot``: the firmware tries CDs first (SeaBIOS would try the disks before)."""
+    first = ["-boot", "order=d"] if boot else []
+    return ["-drive", f"file={path},media=cdrom,if=ide,index={index},readonly=on", *first]
 
 
 def fat_seed(path: Path, answer: str, label: str = "CAIRN-ANS") -> Path:
