@@ -121,8 +121,6 @@ class FirstBoot:
         return 0
 
     def _report(self, settings: Any) -> dict[str, Any]:
-        from appliance.cli import local
-
         answer = self._answer()
         if answer.cluster is not None:
             try:
@@ -133,6 +131,10 @@ class FirstBoot:
                 raise InstallerError(f"forming the cluster failed: {formed.get('reason')}")
         self.report.say(f"node {answer.node_name}: waiting for the API")
         self._wait_api(settings)
+        # imported only now: the control plane's modules take a while to load, and the
+        # node's own services are starting on the same CPUs
+        from appliance.cli import local
+
         local.ensure_cli_token(settings)
         self.report.say("waiting for the node agent (node Ready)")
         try:

@@ -91,7 +91,7 @@ def install_and_boot(iso: Path, firmware: str, workdir: Path) -> dict[str, Any]:
         seed = fat_seed(workdir / "seed.img", answer)
         media = [*cdrom(iso, 2, boot=True), *virtio_disk(seed, "seed", "SEED", fmt="raw")]
     else:  # the hybrid ISO written to a "USB stick", the answer on an ISO 9660 CD
-        media = [*virtio_disk(iso, "stick", "USB-STICK", fmt="raw", readonly=True),
+        media = [*virtio_disk(iso, "stick", "USB-STICK", fmt="raw", readonly=True, boot=True),
                  *cdrom(iso_seed(workdir / "seed.iso", answer), 3)]
     live = Vm(f"iso-{firmware}", workdir, firmware=firmware)
     live.start(live.argv(*media, *virtio_disk(disk, "d0", "CAIRN-DISK-0")))

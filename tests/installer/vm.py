@@ -51,7 +51,9 @@ class Vm:
         traffic leaves it) unless ``nic`` names another backend (e.g. a tap)."""
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus),
                 "-m", str(self.memory_mib), "-nographic", "-monitor", "none", "-no-reboot",
-                "-serial", f"file:{self.serial_log}", "-nic", f"{nic},model=virtio-net-pci,mac={mac}"]
+                "-serial", f"file:{self.serial_log}", "-netdev", f"{nic},id=net0",
+                # no option ROM: the firmware never tries a network boot before the disks
+                "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile="]
         if smbios_serial:
             argv += ["-smbios", f"type=1,serial={smbios_serial}"]
         if self.firmware == "uefi":
@@ -122,12 +124,13 @@ def blank_disk(path: Path, size: str = "8G") -> Path:
     return path
 
 
-def virtio_disk(path: Path, ident: str, serial: str, fmt: str = "qcow2", readonly: bool = False) -> list[str]:
+def virtio_disk(path: Path, ident: str, serial: str, fmt: str = "qcow2", readonly: bool = False,
+                boot: bool = False) -> list[str]:
     """A virtio disk; a writable one skips host flushes (cache=unsafe: test disks are thrown
     away, and a guest's fsyncs cost seconds under TCG on a shared host)."""
     mode = ",readonly=on" if readonly else ",cache=unsafe"
     return ["-drive", f"file={path},if=none,id={ident},format={fmt}{mode}",
-            "-device", f"virtio-blk-pci,drive={ident},serial={serial}"]
+            "-device", f"virtio-blk-pci,drive={ident},serial={serial}{',bootindex=0' if boot else ''}"]
 
 
 def cdrom(path: Path, index: int, boot: bool = False) -> list[str]:
