@@ -119,15 +119,28 @@ def bring_up_dhcp() -> None:
     subprocess.run(["/lib/systemd/systemd-networkd-wait-online", "--any", "--timeout=60"], capture_output=True)
 
 
-def devices_labelled(label: str) -> list[str]:
-    """Devices with this file system label, as udev saw them (it never probes floppy drives,
-    which take seconds per attempt when empty); blkid's scan where udev does not run."""
-    by_label = Path("/dev/disk/by-label")
-    if by_label.is_dir():
-        link = by_label / label
-        return [os.path.realpath(link)] if link.exists() else []
-    r = subprocess.run(["blkid", "-t", f"LABEL={label}", "-o", "device"], capture_output=True, text=True)
-    return sorted(set(r.stdout.split()))
+def devices_labelled(label: str, sys_block: Path = Path("/sys/class/block"), attempts: int = 3,
+                     delay: float = 2.0) -> list[str]:
+    """Devices with this file system label: udev's by-label link, and a low-level probe of
+    every disk, partition and CD (udev may not have looked at a CD's medium yet; floppy
+    drives are skipped, an empty one takes seconds per attempt). A CD that is still
+    spinning up gets a few tries."""
+    for attempt in range(attempts):
+        found = set()
+        link = Path("/dev/disk/by-label") / label
+        if link.exists():
+            found.add(os.path.realpath(link))
+        for dev in sorted(sys_block.iterdir()) if sys_block.is_dir() else []:
+            if dev.name.startswith(("fd", "loop", "ram", "zram")):
+                continue
+            r = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", f"/dev/{dev.name}"],
+                               capture_output=True, text=True)
+            if r.stdout.strip() == label:
+                found.add(f"/dev/{dev.name}")
+        if found or attempt + 1 == attempts:
+            return sorted(found)
+        time.sleep(delay)
+    return []
 
 
 def _fstype(device: str) -> str:

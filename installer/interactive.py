@@ -159,5 +159,6 @@ def ask_on_console(hw: Hardware, device: Path = Path("/dev/console")) -> str:
         if opt.startswith("cairn.console="):
             device = Path(opt.partition("=")[2])
     fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
-    with os.fdopen(fd, "r+", buffering=1) as tty:
-        return ask_answer(hw, Console(tty, tty, secret_off=lambda: _no_echo(fd)))
+    # a terminal cannot seek: one text stream to read it, another to write it
+    with os.fdopen(fd, "r", buffering=1) as inp, os.fdopen(os.dup(fd), "w", buffering=1) as out:
+        return ask_answer(hw, Console(inp, out, secret_off=lambda: _no_echo(fd)))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import select
+import threading
 
 import pytest
 
 from installer.answer import parse_answer
-from installer.interactive import Console, ask_answer
+from installer.interactive import Console, ask_answer, ask_on_console
 from installer.matching import plan_install
 from tests.installer.conftest import hardware
 
@@ -59,3 +62,32 @@ def test_a_used_disk_is_only_erased_when_the_person_types_erase_and_mistakes_are
     node = parse_answer(text).nodes[0].answer
     assert node.cluster is None and node.network.mode == "dhcp"
     assert node.disks.install.serial == "S4GLNA0N123456"
+
+
+def test_the_questions_run_on_a_real_terminal_with_the_password_not_echoed() -> None:
+    """The console glue: a terminal (here a pty) cannot seek, and echo is off for passwords."""
+    master, slave = os.openpty()
+    result: dict[str, str] = {}
+
+    def ask() -> None:
+        result["text"] = ask_on_console(hardware("server-r640"), device=os.ttyname(slave))
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    seen = b""
+    answers = iter([b"node9", b"pw", b"pw", b"", b"1", b"1", b"1", b"1", b"install"])
+    try:
+        while thread.is_alive():
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                chunk = os.read(master, 4096)
+                seen += chunk
+                if chunk.rstrip().endswith((b":", b"]:")):
+                    os.write(master, next(answers) + b"\n")
+        thread.join(5)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert parse_answer(result["text"]).nodes[0].answer.hostname == "node9"
+    assert b"root password: \r\n" in seen  # what was typed for it was not echoed
+    assert b"node9" in seen  # ordinary answers are

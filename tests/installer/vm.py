@@ -20,9 +20,9 @@ import pycdlib
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # a line with one of these ends the wait at once (with the serial log's tail in the error)
-FAILURES = ("CAIRN-INSTALL: FAIL", "CAIRN-FIRSTBOOT: FAIL", "Kernel panic", "grub> ", "grub rescue>",
-            "Welcome to emergency mode", "Give root password for maintenance", "This is not a bootable disk",
-            "No bootable device", "Boot Failed")
+FAILURES = ("CAIRN-INSTALL: FAIL", "CAIRN-INSTALL: no answer", "CAIRN-FIRSTBOOT: FAIL", "Kernel panic", "grub> ",
+            "grub rescue>", "Welcome to emergency mode", "Give root password for maintenance",
+            "This is not a bootable disk", "No bootable device", "Boot Failed")
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
