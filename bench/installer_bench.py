@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from installer.build import DEFAULT_CACHE, Builder, BuildResult  # noqa: E402
-from tests.installer.test_iso import install_and_boot  # noqa: E402
+from tests.installer.test_iso import side_by_side  # noqa: E402
 from tests.installer.vm import Vm, blank_disk, cdrom, iso_seed, virtio_disk  # noqa: E402
 
 
@@ -62,9 +62,8 @@ def build_figures(cache: Path, out_dir: Path) -> dict[str, Any]:
 
 
 def firmware_figures(iso: Path, work: Path) -> dict[str, Any]:
-    with ThreadPoolExecutor(2) as pool:
-        runs = {fw: pool.submit(install_and_boot, iso, fw, work / fw) for fw in ("bios", "uefi")}
-        return {fw: {"iso": r.result()["iso"], "disk": r.result()["disk"]} for fw, r in runs.items()}
+    runs = side_by_side(iso, work)
+    return {fw: {"iso": runs[fw]["iso"], "disk": runs[fw]["disk"]} for fw in ("bios", "uefi")}
 
 
 # --- three nodes, one answer file, one L2 -------------------------------------------------------

@@ -12,7 +12,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,11 @@ def test_prepare_iso_bakes_the_answer_in_and_both_firmwares_still_boot_it(iso: P
             vm.stop()
 
 
-def install_and_boot(iso: Path, firmware: str, workdir: Path) -> dict[str, Any]:
+def install_and_boot(iso: Path, firmware: str, workdir: Path, started: list[Vm] | None = None) -> dict[str, Any]:
     """ISO + blank disk + seed → CAIRN-INSTALL: OK → power off; the disk alone → first
-    boot OK and `cairn status` on serial. Returns the timings and the status."""
+    boot OK and `cairn status` on serial. Returns the timings and the status. Each VM is
+    also put in ``started``, for a caller that stops them all when another run failed."""
+    started = [] if started is None else started
     workdir.mkdir()
     answer = answer_for(firmware)
     disk = blank_disk(workdir / "disk.qcow2")
@@ -92,8 +94,9 @@ def install_and_boot(iso: Path, firmware: str, workdir: Path) -> dict[str, Any]:
         media = [*cdrom(iso, 2, boot=True), *virtio_disk(seed, "seed", "SEED", fmt="raw")]
     else:  # the hybrid ISO written to a "USB stick", the answer on an ISO 9660 CD
         media = [*virtio_disk(iso, "stick", "USB-STICK", fmt="raw", readonly=True, boot=True),
-                 *cdrom(iso_seed(workdir / "seed.iso", answer), 3)]
+                 *cdrom(iso_seed(workdir / "seed.iso", answer), 2)]  # a lone IDE slave is not probed
     live = Vm(f"iso-{firmware}", workdir, firmware=firmware)
+    started.append(live)
     live.start(live.argv(*media, *virtio_disk(disk, "d0", "CAIRN-DISK-0")))
     try:
         marks = live.wait_for({"grub": "CAIRN-GRUB: loading", "installer": "CAIRN-INSTALL: looking",
@@ -102,6 +105,7 @@ def install_and_boot(iso: Path, firmware: str, workdir: Path) -> dict[str, Any]:
     finally:
         live.stop()
     node = Vm(f"disk-{firmware}", workdir, firmware=firmware)
+    started.append(node)
     node.start(node.argv(*virtio_disk(disk, "d0", "CAIRN-DISK-0")))
     try:
         boot = node.wait_for({"grub": "CAIRN-GRUB: booting", "firstboot": "CAIRN-FIRSTBOOT: OK",
@@ -113,11 +117,22 @@ def install_and_boot(iso: Path, firmware: str, workdir: Path) -> dict[str, Any]:
     return {"iso": marks, "disk": boot, "status": json.loads(line.removeprefix("CAIRN-STATUS: "))}
 
 
+def side_by_side(iso: Path, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Both firmwares at once; the first failure stops the other machine too."""
+    vms: list[Vm] = []
+    with ThreadPoolExecutor(2) as pool:
+        runs = {pool.submit(install_and_boot, iso, fw, workdir / fw, vms): fw for fw in ("bios", "uefi")}
+        try:
+            return {runs[f]: f.result() for f in as_completed(runs)}
+        except BaseException:
+            for vm in list(vms):
+                vm.stop()
+            raise
+
+
 @pytest.mark.timeout(2400)
 def test_unattended_install_then_the_node_answers_cairn_status_under_bios_and_uefi(iso: Path, tmp_path: Path) -> None:
-    with ThreadPoolExecutor(2) as pool:
-        runs = {fw: pool.submit(install_and_boot, iso, fw, tmp_path / fw) for fw in ("bios", "uefi")}
-        results = {fw: f.result() for fw, f in runs.items()}
+    results = side_by_side(iso, tmp_path)
     for firmware, result in results.items():
         print(f"{firmware}: ISO {result['iso']}, installed disk {result['disk']}")
         status = result["status"]
