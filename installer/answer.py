@@ -54,7 +54,10 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _CRYPT = re.compile(r"^\$(y|gy|7|2[abxy]|5|6|1)\$[^\s:]+$")
 _SSH_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
               "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
-_TOKEN = re.compile(r"^[\x21-\x7e]{16,4096}$")
+# What `cairn cluster token create` prints (appliance.services.cluster.create_join_token):
+# CJ1.<the cluster CA's SHA-256>.<token id>.<secret>
+_TOKEN = re.compile(r"^CJ1\.[0-9a-f]{64}\.[0-9a-f-]{1,64}\.[A-Za-z0-9_-]{16,256}$")
+CLUSTER_API_PORT = 8443
 
 
 def normalize_mac(value: object) -> str:
@@ -237,9 +240,9 @@ class Network(_Model):
 
 
 class Cluster(_Model):
-    """``init``: this node bootstraps a new cluster. ``join``: it joins the cluster at
-    ``address`` with a token from ``cairn cluster token create``. No cluster section:
-    a stand-alone single node."""
+    """``init``: this node bootstraps a new cluster. ``join``: it joins the cluster of the
+    member at ``address`` with a token from ``cairn cluster token create`` on a member
+    (single-use: one per joining node). No cluster section: a stand-alone single node."""
 
     mode: Literal["init", "join"]
     address: str | None = None
@@ -251,29 +254,18 @@ class Cluster(_Model):
             if not self.address or not self.token:
                 raise ValueError(f"{'address' if not self.address else 'token'}: required with mode = \"join\" "
                                  "(a member's address, and a token from `cairn cluster token create` on it)")
-            _join_address(self.address)
+            try:
+                _host_or_ip(self.address)
+            except ValueError:
+                raise ValueError(f"address: {self.address!r} is not a member's host name or IP address (the "
+                                 f"cluster's API port, {CLUSTER_API_PORT}, is implied)")
             if not _TOKEN.match(self.token):
-                raise ValueError("token: not a join token: one line of 16-4096 printable characters "
-                                 "without spaces, as `cairn cluster token create` prints it")
+                raise ValueError("token: not a join token: CJ1.<CA fingerprint>.<id>.<secret>, as "
+                                 "`cairn cluster token create` prints it")
         elif self.address is not None or self.token is not None:
             key = "address" if self.address is not None else "token"
             raise ValueError(f"{key}: only with mode = \"join\" (an init node makes the cluster)")
         return self
-
-
-def _join_address(value: str) -> None:
-    host, port = value, ""
-    if value.startswith("["):
-        host, _, port = value[1:].partition("]")
-        port = port.removeprefix(":")
-    elif value.count(":") == 1:
-        host, port = value.split(":")
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"address: {value!r} has a bad port {port!r}")
-    try:
-        _host_or_ip(host)
-    except ValueError:
-        raise ValueError(f"address: {value!r} is not a host name or IP address (optionally :port)")
 
 
 class Webhook(_Model):
@@ -454,7 +446,8 @@ def _cross_node_problems(entries: list[NodeEntry]) -> list[str]:
     def claim(kind: str, value: str, who: str, where: str) -> None:
         prev = owners.setdefault((kind, value), who)
         if prev != who:
-            problems.append(f"{where}: {kind} {value} is also used by {prev}; two nodes cannot share one {kind}")
+            why = " (tokens are single-use: create one per joining node)" if kind == "join token" else ""
+            problems.append(f"{where}: {kind} {value} is also used by {prev}; two nodes cannot share one {kind}{why}")
 
     for e in entries:
         who, prefix = e.label, f"node[{e.index}]"
@@ -468,6 +461,8 @@ def _cross_node_problems(entries: list[NodeEntry]) -> list[str]:
         claim("hostname", e.answer.node_name, who, f"{prefix}.hostname")
         if e.answer.network.address is not None:
             claim("address", str(e.answer.network.address.ip), who, f"{prefix}.network.address")
+        if e.answer.cluster is not None and e.answer.cluster.token:  # named by its id: the secret is never shown
+            claim("join token", "id " + e.answer.cluster.token.split(".")[2], who, f"{prefix}.cluster.token")
     inits = [e.label for e in entries if e.answer.cluster and e.answer.cluster.mode == "init"]
     if len(inits) > 1:
         problems.append(f"cluster.mode: {len(inits)} nodes would each make a new cluster ({', '.join(inits)}); "

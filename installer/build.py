@@ -372,15 +372,23 @@ class Builder:
                            keys={"base": base.name, "venv": venv.name, "layer": layer.name, "iso": iso.name})
 
 
+# Units the image ships disabled: the node's services start once first boot ran `cairn up`
+# or `cairn cluster init|join`, which enable cairn.target (a cluster starts on fresh nodes).
+NOT_ENABLED = ("cairn.target",)
+
+
 def install_units(src: Path, stage: Path, copy: bool = True) -> list[str]:
     """Copy unit files into stage/etc/systemd/system and enable them the way `systemctl
-    enable` would (a symlink in each WantedBy target's .wants directory)."""
+    enable` would (a symlink in each WantedBy target's .wants directory), but those of
+    NOT_ENABLED."""
     enabled = []
     system = stage / "etc" / "systemd" / "system"
     system.mkdir(parents=True, exist_ok=True)
     for unit in sorted(src.glob("*.service")) + sorted(src.glob("*.target")):
         if copy:
             shutil.copy2(unit, system / unit.name)
+        if unit.name in NOT_ENABLED:
+            continue
         for target in re.findall(r"^WantedBy=(.+)$", unit.read_text(), re.M):
             for t in target.split():
                 wants = system / f"{t}.wants"

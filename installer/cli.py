@@ -109,14 +109,11 @@ def install() -> None:
 
 
 @app.command(hidden=True)
-def firstboot(step: Annotated[str, typer.Argument(help="form (cairn-form.service) or report "
-                                                       "(cairn-firstboot.service)")] = "report") -> None:
-    """First boot of an installed node."""
+def firstboot() -> None:
+    """First boot of an installed node (cairn-firstboot.service): start it as its answer says."""
     from installer.firstboot import main_firstboot
 
-    if step not in ("form", "report"):
-        raise typer.BadParameter("form or report")
-    raise typer.Exit(main_firstboot(step))
+    raise typer.Exit(main_firstboot())
 
 
 if __name__ == "__main__":

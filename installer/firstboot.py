@@ -1,24 +1,31 @@
-"""First boot of an installed node, in two steps (each a systemd unit, until it succeeded).
+"""First boot of an installed node (``cairn-firstboot.service``, until it succeeded).
 
-1. ``cairn-form.service``, on nodes whose answer has a cluster section (the installer
-   writes /etc/cairn/form-cluster), before any of the node's services starts (a cluster
-   starts on fresh nodes): runs ``cairn cluster init`` or ``cairn cluster join <address> <token>``
-   as the answer asks (nothing for a stand-alone node) and records the outcome in
-   /var/lib/cairn/firstboot.form.json; once it succeeded it is not run again.
-2. ``cairn-firstboot.service``, after the node's services: waits for the API and the
-   node agent, logs root's CLI in, and shows the result on the consoles:
+The node's services (``cairn.target``) are not enabled by the installer: first boot
+starts the node with exactly the command an operator would type, as the answer says,
 
-       CAIRN-FIRSTBOOT: OK
-       CAIRN-STATUS: {"nodes": {...}, ...}                 (cairn status -o json)
-       CAIRN-CLUSTER: {"members": [...], "quorum": true}   (cairn cluster status, cluster nodes)
+- no cluster section: ``cairn up``;
+- ``mode = "init"``: ``cairn cluster init [--address <static address>] [--osd <data disk>]…``;
+- ``mode = "join"``: ``cairn cluster join <member> <token> [--address …] [--osd …]``, tried
+  again while the member cannot be reached or is busy (nodes installed from one answer
+  file boot in any order; the init node may still be installing), never after a
+  refusal (a wrong, used or expired token, another cluster's CA);
 
-   or ``CAIRN-FIRSTBOOT: FAIL <reason>`` with the state and last log lines of the
-   node's units. Only success marks the first boot done.
+(each enables and starts ``cairn.target``, waits for the node to be Ready and logs root's
+CLI in), then shows the result on the consoles::
+
+    CAIRN-FIRSTBOOT: OK
+    CAIRN-STATUS: {"nodes": {...}, ...}                 (cairn status -o json)
+    CAIRN-CLUSTER: {"members": [...], "quorum": true}   (cairn cluster status -o json, cluster nodes)
+
+or ``CAIRN-FIRSTBOOT: FAIL <reason>`` with the state and last log lines of the node's
+units; it tries again at the next boot (a node that already formed or joined runs
+``cairn up`` then). Only success marks the first boot done.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -31,156 +38,124 @@ from installer.console import Reporter
 from installer.errors import InstallerError
 
 NODE_JSON = Path("/etc/cairn/node.json")
-FORM_RESULT = "firstboot.form.json"  # in the data dir
 MARKER = "CAIRN-FIRSTBOOT"
 CAIRN = str(Path(sys.executable).parent / "cairn")
 Runner = Callable[..., subprocess.CompletedProcess[str]]
+# A join the member refused (4xx) or a member that is not the token's cluster: trying
+# again cannot help. Anything else (unreachable, 5xx, a timeout) is tried again.
+REFUSED = re.compile(r"refused the join \(4\d\d\)|is not the one the token names|token is malformed")
 
 
-def cluster_command(answer: NodeAnswer) -> list[str] | None:
-    """The CLI command that forms (or joins) the cluster, exactly as an operator types it."""
-    if answer.cluster is None:
-        return None
+def node_command(answer: NodeAnswer, data_disks: list[str], formed: bool, timeout: float) -> list[str]:
+    """The command that starts this node, as an operator types it (``--output json`` and a
+    timeout added). ``formed``: this node already inited or joined (an earlier try)."""
+    common = ["--output", "json", "--timeout", f"{timeout:g}"]
+    if answer.cluster is None or formed:
+        return [CAIRN, "up", *common]
+    extra = ["--address", str(answer.network.address.ip)] if answer.network.address else []
+    for disk in data_disks:
+        extra += ["--osd", disk]
     if answer.cluster.mode == "init":
-        return [CAIRN, "cluster", "init"]
+        return [CAIRN, "cluster", "init", *extra, *common]
     assert answer.cluster.address and answer.cluster.token
-    return [CAIRN, "cluster", "join", answer.cluster.address, answer.cluster.token]
+    return [CAIRN, "cluster", "join", *extra, *common, answer.cluster.address, answer.cluster.token]
 
 
-def _shown(argv: list[str]) -> str:
-    """The command as a person types it, without the join token."""
+def shown(argv: list[str]) -> str:
+    """The command as a person types it, without the join token or the added options."""
     words = [Path(argv[0]).name, *argv[1:]]
-    if len(words) >= 5 and words[1:3] == ["cluster", "join"]:
-        words[4] = "<token>"
-    return " ".join(words)
+    if words[1:3] == ["cluster", "join"]:
+        words[-1] = "<token>"
+    cut = words.index("--output") if "--output" in words else len(words)
+    return " ".join(words[:cut] + words[cut + 4:])
 
 
 class FirstBoot:
     def __init__(self, reporter: Reporter, node_json: Path = NODE_JSON, run: Runner = subprocess.run,
-                 timeout: float = 1800.0) -> None:
+                 timeout: float = 3600.0, retry_every: float = 20.0, sleep: Callable[[float], None] = time.sleep,
+                 formed: Callable[[], bool] | None = None, diagnostics: Callable[[], list[str]] | None = None,
+                 ) -> None:
         self.report = reporter
         self.node_json = node_json
         self.run_cmd = run
         self.timeout = timeout
+        self.retry_every = retry_every
+        self.sleep = sleep
+        self.formed = formed or _formed
+        self.diagnostics = diagnostics or _diagnostics
 
-    def _answer(self) -> NodeAnswer:
+    def _node(self) -> tuple[NodeAnswer, list[str]]:
         try:
             doc = json.loads(self.node_json.read_text())
-            return NodeAnswer.model_validate(doc["answer"])
+            return NodeAnswer.model_validate(doc["answer"]), list(doc.get("data_disks", []))
         except (OSError, ValueError, KeyError) as exc:
             raise InstallerError(f"{self.node_json}: {exc} (written by the installer; was this node installed "
                                  "from the ISO?)")
 
-    def _fail(self, exc: Exception, diagnostics: bool) -> int:
-        reason = exc.detail if isinstance(exc, InstallerError) else f"{type(exc).__name__}: {exc}"
-        self.report.say("FAIL " + " / ".join(reason.splitlines())[:2000])
-        for line in self._diagnostics() if diagnostics else []:
-            self.report.raw(f"{MARKER}:   {line}")
-        return 1
-
-    def form(self) -> int:
-        """Step 1: the cluster command, on a node whose services have not started yet."""
-        from appliance.settings import get_settings
-
-        result = get_settings().data_dir / FORM_RESULT
+    def run(self) -> int:
         try:
-            previous = json.loads(result.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        if previous.get("ok"):
-            return 0
-        result.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            command = cluster_command(self._answer())
-            if command:
-                self.report.say(f"running `{_shown(command)}`")
-                r = self.run_cmd(command, capture_output=True, text=True, timeout=self.timeout)
-                if r.returncode != 0:
-                    words = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-5:]
-                    raise InstallerError(f"`{_shown(command)}` failed: {' / '.join(words)}")
+            answer, data_disks = self._node()
+            self._start(answer, data_disks)
+            shown_status = {"status": self._json([CAIRN, "status", "--output", "json"])}
+            if answer.cluster is not None:
+                shown_status["cluster"] = self._json([CAIRN, "cluster", "status", "--output", "json"])
         except Exception as exc:
             reason = exc.detail if isinstance(exc, InstallerError) else f"{type(exc).__name__}: {exc}"
-            result.write_text(json.dumps({"ok": False, "reason": reason}) + "\n")
-            return self._fail(exc, diagnostics=False)
-        result.write_text(json.dumps({"ok": True, "command": _shown(command) if command else None}) + "\n")
-        return 0
-
-    def run(self) -> int:
-        """Step 2: the node answers; show it."""
-        from appliance.settings import get_settings
-
-        settings = get_settings()
-        try:
-            status = self._report(settings)
-        except Exception as exc:
-            return self._fail(exc, diagnostics=True)
-        (settings.data_dir / "firstboot.done").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+            self.report.say("FAIL " + " / ".join(reason.splitlines())[:2000])
+            for line in self.diagnostics():
+                self.report.raw(f"{MARKER}:   {line}")
+            return 1
+        _done()
         self.report.say("OK")
-        for key, doc in status.items():
+        for key, doc in shown_status.items():
             self.report.raw(f"CAIRN-{key.upper()}: " + json.dumps(doc, separators=(",", ":"), sort_keys=True))
         return 0
 
-    def _report(self, settings: Any) -> dict[str, Any]:
-        answer = self._answer()
-        if answer.cluster is not None:
-            try:
-                formed = json.loads((settings.data_dir / FORM_RESULT).read_text())
-            except (OSError, ValueError):
-                formed = {"ok": False, "reason": "cairn-form.service did not run"}
-            if not formed.get("ok"):
-                raise InstallerError(f"forming the cluster failed: {formed.get('reason')}")
-        self.report.say(f"node {answer.node_name}: waiting for the API")
-        self._wait_api(settings)
-        # imported only now: the control plane's modules take a while to load, and the
-        # node's own services are starting on the same CPUs
-        from appliance.cli import local
-
-        local.ensure_cli_token(settings)
-        self.report.say("waiting for the node agent (node Ready)")
-        try:
-            local.wait_ready(settings, self.timeout, quiet=True)
-        except SystemExit as exc:
-            raise InstallerError(str(exc))
-        shown = {"status": self._json([CAIRN, "status", "--output", "json"])}
-        if answer.cluster is not None:
-            shown["cluster"] = self._json([CAIRN, "cluster", "status", "--output", "json"])
-        return shown
+    def _start(self, answer: NodeAnswer, data_disks: list[str]) -> None:
+        deadline = time.monotonic() + self.timeout
+        tries = 0
+        while True:
+            tries += 1
+            argv = node_command(answer, data_disks, self.formed(), max(60.0, deadline - time.monotonic()))
+            self.report.say(f"node {answer.node_name}: running `{shown(argv)}`" + (f" (try {tries})" if tries > 1
+                                                                                   else ""))
+            r = self.run_cmd(argv, capture_output=True, text=True, timeout=self.timeout + 60)
+            if r.returncode == 0:
+                return
+            words = " / ".join((r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-5:])
+            failed = f"`{shown(argv)}` failed: {words}"
+            joining = argv[1:3] == ["cluster", "join"]
+            if not joining or REFUSED.search(words) or time.monotonic() + self.retry_every > deadline:
+                raise InstallerError(failed)
+            self.report.say(f"{failed}; trying again in {self.retry_every:g} s")
+            self.sleep(self.retry_every)
 
     def _json(self, argv: list[str]) -> Any:
         r = self.run_cmd(argv, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise InstallerError(f"`{_shown(argv)}` failed: {r.stderr.strip()[-500:]}")
+            raise InstallerError(f"`{shown(argv)}` failed: {r.stderr.strip()[-500:]}")
         return json.loads(r.stdout)
 
-    def _diagnostics(self) -> list[str]:
-        """The state and last log lines of the node's units, for whoever reads the console."""
-        from appliance.cli.local import APPLIANCE_UNITS
 
-        lines = []
-        for unit in APPLIANCE_UNITS.values():
-            state = self.run_cmd(["systemctl", "is-active", unit], capture_output=True, text=True).stdout.strip()
-            lines.append(f"{unit}: {state}")
-            if state != "active":
-                log = self.run_cmd(["journalctl", "--no-pager", "-o", "cat", "-n", "8", "-u", unit],
-                                   capture_output=True, text=True).stdout
-                lines += [f"  {line}" for line in log.splitlines()]
-        return lines
+def _formed() -> bool:
+    from appliance.settings import get_settings
 
-    def _wait_api(self, settings: Any) -> None:
-        from appliance.cli.client import ApiError, Client
-
-        deadline = time.monotonic() + self.timeout
-        last = ""
-        while time.monotonic() < deadline:
-            try:  # a new client each time: the API makes the CA it must trust when it first starts
-                Client(url=settings.resolved_api_url, ca=str(settings.pki_dir / "ca.crt")).get("/health")
-                return
-            except ApiError as exc:
-                last = exc.detail
-            time.sleep(1)
-        raise InstallerError(f"the API did not answer within {self.timeout:g} s: {last}")
+    return get_settings().cluster is not None
 
 
-def main_firstboot(step: str) -> int:
-    boot = FirstBoot(Reporter(MARKER, log=Path("/var/log/cairn-firstboot.log")))
-    return boot.form() if step == "form" else boot.run()
+def _done() -> None:
+    from appliance.settings import get_settings
+
+    done = get_settings().data_dir / "firstboot.done"
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+
+
+def _diagnostics() -> list[str]:
+    from appliance import units
+
+    return units.diagnostics()
+
+
+def main_firstboot() -> int:
+    return FirstBoot(Reporter(MARKER, log=Path("/var/log/cairn-firstboot.log"))).run()

@@ -183,8 +183,6 @@ def configure(root: Path, plan: InstallPlan, root_uuid: str, esp_uuid: str) -> N
     _write(etc / "cairn" / "cairn.env", build.cairn_env(a, data_disks))
     _write(etc / "cairn" / "node.json", build.node_json(a, plan.install_disk.by_id or plan.install_disk.path,
                                                         data_disks), 0o600)
-    if a.cluster is not None:  # cairn-form.service runs the cluster command at first boot
-        _write(etc / "cairn" / "form-cluster", f"{a.cluster.mode}\n")
     _write(etc / "machine-id", "")  # systemd makes this node's own on first boot
     (etc / "ssh").mkdir(parents=True, exist_ok=True)
     for key in (etc / "ssh").glob("ssh_host_*"):

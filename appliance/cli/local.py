@@ -1,5 +1,6 @@
 """Commands that act on this machine rather than through the API: ``up`` starts the
-embedded appliance under its supervisor, ``down`` stops it."""
+node (its systemd units on an installed appliance, else the embedded supervisor),
+``down`` stops it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from appliance import pki, supervisor
+from appliance import pki, supervisor, units
 from appliance.cli.client import ApiError, Client, load_config, save_config
 from appliance.cli.output import err_console
 from appliance.db.engine import session_scope
@@ -57,12 +57,16 @@ def spawn_supervisor(settings: Settings) -> None:
 
 
 def up(timeout: float, quiet: bool = False, ceph: bool = False,
-       spawn: Callable[[Settings], None] = spawn_supervisor) -> dict[str, Any]:
-    """Start this node (idempotent). A cluster node's database lives in its engines, so
-    its schema is made by the API once the engines run; the CLI logs in after that."""
+       spawn: Callable[[Settings], None] | None = None) -> dict[str, Any]:
+    """Start this node (idempotent): its systemd units on an installed appliance
+    (``cairn.target``, enabled from now on), else the embedded supervisor. A cluster
+    node's database lives in its engines, so its schema is made by the API once the
+    engines run; the CLI logs in after that."""
     settings = get_settings()
+    systemd = spawn is None and units.installed()
+    start = spawn or (_start_units if systemd else spawn_supervisor)
     if settings.cluster is not None:
-        return _up_cluster_node(settings, timeout, quiet, spawn)
+        return _up_cluster_node(settings, timeout, quiet, start, systemd)
     prepare(settings)
     if ceph and not settings.ceph_enabled:
         (settings.data_dir / "ceph.enabled").write_text("cairn up --ceph\n")  # kept: later `up`s keep Ceph
@@ -71,25 +75,35 @@ def up(timeout: float, quiet: bool = False, ceph: bool = False,
             os.kill(pid, signal.SIGHUP)  # the running supervisor adds the ceph program
     pki.ensure(settings.pki_dir)
     ensure_cli_token(settings)
-    started = False
-    if supervisor.running_pid(settings) is None:
+    started = not _running(settings, systemd)
+    if started and not systemd:
         conflict = supervisor.stack_conflict(settings)
         if conflict:
             raise SystemExit(conflict)
-        spawn(settings)
-        started = True
+    if started or systemd:  # systemd also starts a unit of the target that is not running (cairn-ceph)
+        start(settings)
     phase = wait_ready(settings, timeout, quiet)
     return _summary(settings, started, phase)
 
 
+def _start_units(settings: Settings) -> None:
+    try:
+        units.start()
+    except units.UnitError as exc:
+        raise SystemExit(str(exc))
+
+
+def _running(settings: Settings, systemd: bool) -> bool:
+    return units.active() if systemd else supervisor.running_pid(settings) is not None
+
+
 def _up_cluster_node(settings: Settings, timeout: float, quiet: bool,
-                     spawn: Callable[[Settings], None]) -> dict[str, Any]:
+                     start: Callable[[Settings], None], systemd: bool) -> dict[str, Any]:
     for d in (settings.data_dir, settings.log_dir, settings.run_dir):
         d.mkdir(parents=True, exist_ok=True)
-    started = False
-    if supervisor.running_pid(settings) is None:
-        spawn(settings)
-        started = True
+    started = not _running(settings, systemd)
+    if started or systemd:
+        start(settings)
     deadline = time.monotonic() + timeout
     status = err_console.status("waiting for the cluster database") if not quiet else None
     if status:
@@ -154,6 +168,16 @@ def down() -> dict[str, Any]:
     """Stop every process and this node's workloads (VMs go with libvirt; containers
     are stopped here). Desired state stays in the database: `cairn up` restarts them."""
     settings = get_settings()
+    if supervisor.running_pid(settings) is None and units.installed():
+        if not units.active():
+            return {"stopped": False, "message": "the appliance is not running"}
+        try:
+            units.stop()  # it stays enabled: the node starts again at its next boot
+        except units.UnitError as exc:
+            raise SystemExit(str(exc))
+        stopped = _stop_containers(settings)
+        _remove_overlay(settings)
+        return {"stopped": True, "units": units.TARGET, "containers_stopped": stopped}
     pid = supervisor.running_pid(settings)
     if pid is None:  # containers (and their volumes' mounts) of a crashed appliance still go
         return {"stopped": False, "message": "the appliance is not running",
@@ -197,23 +221,6 @@ def _remove_overlay(settings: Settings) -> None:
         err_console.print(f"[yellow]warning:[/yellow] removing the overlay: {result.error}")
 
 
-def _systemd_services() -> dict[str, Any]:
-    if not Path("/run/systemd/system").is_dir():  # systemd is not PID 1 here
-        return {}
-    r = subprocess.run(["systemctl", "show", *APPLIANCE_UNITS.values(), "--property",
-                        "Id,LoadState,ActiveState,MainPID,NRestarts"], capture_output=True, text=True)
-    names = {unit: name for name, unit in APPLIANCE_UNITS.items()}
-    out = {}
-    for block in r.stdout.strip().split("\n\n"):
-        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        if props.get("LoadState") != "loaded" or props.get("Id") not in names:
-            continue
-        pid = int(props.get("MainPID") or 0)
-        out[names[props["Id"]]] = {"running": props.get("ActiveState") == "active", "pid": pid or None,
-                                   "restarts": int(props.get("NRestarts") or 0)}
-    return out
-
-
 def _stop_containers(settings: Settings) -> int:
     state = settings.data_dir / "containers"
     if not state.exists():
@@ -230,17 +237,12 @@ def _stop_containers(settings: Settings) -> int:
     return len(names)
 
 
-# The appliance's systemd units (appliance/systemd), named as the supervisor names its programs.
-APPLIANCE_UNITS = {"redis": "cairn-redis.service", "storage": "cairn-storage.service", "api": "cairn-api.service",
-                   "worker": "cairn-worker.service", "agent": "cairn-agent.service"}
-
-
 def services() -> dict[str, Any]:
     """This machine's Cairn processes: the embedded supervisor's programs, or on an installed
     appliance its systemd units (empty when the appliance runs elsewhere)."""
     settings = get_settings()
     if supervisor.running_pid(settings) is None:
-        return _systemd_services()
+        return units.states() if units.installed() else {}
     try:
         state = json.loads((settings.run_dir / "supervisor.json").read_text())
     except (OSError, ValueError):

@@ -91,7 +91,7 @@ def up(output: OutputOpt = Format.table,
        ceph: Annotated[bool, typer.Option("--ceph", help="also run an embedded Ceph cluster (3 OSDs on files) "
                                           "and serve the 'ceph' storage pool from it; kept for later ups")] = False,
        ) -> None:
-    """Start the embedded single-node appliance (idempotent)."""
+    """Start this node (idempotent): its systemd units on an installed appliance, else the embedded appliance."""
     info = local.up(timeout, quiet=output == Format.json, ceph=ceph)
     if output == Format.json:
         emit(info, output)
@@ -106,7 +106,7 @@ def up(output: OutputOpt = Format.table,
 
 @app.command()
 def down(output: OutputOpt = Format.table) -> None:
-    """Stop the embedded appliance's processes cleanly."""
+    """Stop this node's processes cleanly (its systemd units on an installed appliance)."""
     emit(local.down(), output)
 
 

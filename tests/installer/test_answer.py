@@ -6,6 +6,7 @@ import pytest
 
 from installer.answer import parse_answer
 from installer.errors import AnswerError
+from tests.installer.conftest import TOKEN, TOKEN2
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +34,7 @@ MULTI = f'''
 root_password_hash = "{HASH}"
 disks.install = {{ model = "INTEL*" }}
 network.mode = "dhcp"
-cluster = {{ mode = "join", address = "10.0.0.11:8443", token = "K10abcdef0123456789::join.secret" }}
+cluster = {{ mode = "join", address = "10.0.0.11", token = "{TOKEN}" }}
 
 [[node]]
 match.mac = "52:54:00:00:00:01"
@@ -72,7 +73,7 @@ def test_nodes_inherit_top_level_keys_and_override_them() -> None:
     a = parse_answer(MULTI)
     n1, n2 = (e.answer for e in a.nodes)
     assert n1.cluster is not None and n1.cluster.mode == "init"
-    assert n2.cluster is not None and n2.cluster.mode == "join" and n2.cluster.address == "10.0.0.11:8443"
+    assert n2.cluster is not None and n2.cluster.mode == "join" and n2.cluster.address == "10.0.0.11"
     assert n1.disks.install.model == n2.disks.install.model == "INTEL*"
     assert n2.network.bond is not None and n2.network.macs == ["52:54:00:00:00:02", "52:54:00:00:00:03"]
     assert n2.network.mode == "dhcp" and n2.network.vlan == 100
@@ -98,9 +99,15 @@ def test_nodes_inherit_top_level_keys_and_override_them() -> None:
     (('mode = "init"', 'mode = "join"\naddress = "10.0.0.11"\ntoken = "has spaces in it, not a token"'),
      "cluster.token: not a join token"),
     (('mode = "init"', 'mode = "join"\naddress = "10.0.0.11"\ntoken = "short"'), "cluster.token: not a join token"),
-    (('mode = "init"', 'mode = "join"\naddress = "no such host!"\ntoken = "0123456789abcdef0123"'),
-     "cluster.address: 'no such host!' is not a host name"),
-    (('mode = "init"', 'mode = "init"\ntoken = "0123456789abcdef0123"'), "cluster.token: only with mode = \"join\""),
+    (('mode = "init"', f'mode = "join"\naddress = "10.0.0.11"\ntoken = "{TOKEN.replace("CJ1.5e", "CJ1.5")}"'),
+     "cluster.token: not a join token: CJ1.<CA fingerprint>"),  # a fingerprint cut short
+    (('mode = "init"', 'mode = "join"\naddress = "10.0.0.11"\ntoken = "K10abc::node.secret0123456789"'),
+     "cluster.token: not a join token"),  # another product's token
+    (('mode = "init"', f'mode = "join"\naddress = "no such host!"\ntoken = "{TOKEN}"'),
+     "cluster.address: 'no such host!' is not a member's host name or IP address"),
+    (('mode = "init"', f'mode = "join"\naddress = "10.0.0.11:8443"\ntoken = "{TOKEN}"'),
+     "cluster.address: '10.0.0.11:8443' is not a member's host name or IP address (the cluster's API port, 8443"),
+    (('mode = "init"', f'mode = "init"\ntoken = "{TOKEN}"'), "cluster.token: only with mode = \"join\""),
     (('mode = "init"', 'mode = "bootstrap"'), "cluster.mode: Input should be 'init' or 'join'"),
 ])
 def test_a_bad_value_is_reported_with_its_key(change: tuple[str, str], expected: str) -> None:
@@ -168,7 +175,30 @@ def test_not_toml_and_wrong_versions_are_refused() -> None:
     assert problems("node = 3\n" + ONE) == ["node: write each node as a [[node]] table"]
 
 
+def test_two_nodes_with_one_join_token_are_refused_without_showing_it() -> None:
+    both = MULTI.replace('network.mtu = 9000', 'network.mtu = 9000\n[[node]]\nmatch.mac = "52:54:00:00:00:09"\n'
+                         'hostname = "node3"\nnetwork.mac = "52:54:00:00:00:09"')
+    found = problems(both)
+    assert found == ["node[2].cluster.token: join token id 0b5f6a52-8d0e-4c0e-9d43-1f2a3b4c5d6e is also used by "
+                     "node[1] (serial '7XK2QH3'); two nodes cannot share one join token (tokens are single-use: "
+                     "create one per joining node)"]
+    assert parse_answer(both.replace('hostname = "node3"', f'hostname = "node3"\ncluster = {{ mode = "join", '
+                                     f'address = "10.0.0.11", token = "{TOKEN2}" }}'))
+
+
+def test_a_token_made_by_the_cluster_is_accepted_as_it_is_printed() -> None:
+    import secrets
+
+    from appliance.db.models import new_id
+    from appliance.services.cluster import TOKEN_PREFIX, parse_token
+
+    made = f"{TOKEN_PREFIX}.{secrets.token_hex(32)}.{new_id()}.{secrets.token_urlsafe(24)}"  # create_join_token's
+    answer = parse_answer(ONE.replace('mode = "init"', f'mode = "join"\naddress = "node0"\ntoken = "{made}"'))
+    token = answer.nodes[0].answer.cluster.token if answer.nodes[0].answer.cluster else None
+    assert token == made and parse_token(made)[1] == made.split(".")[2]
+
+
 def test_the_token_never_shows_in_the_answers_repr() -> None:
     a = parse_answer(MULTI)
-    assert "join.secret" not in repr(a.nodes[1].answer)
+    assert "join-secret" not in repr(a.nodes[1].answer)
     assert HASH not in repr(a.nodes[1].answer)

@@ -12,7 +12,7 @@ import pytest
 from installer.answer import parse_answer
 from installer.interactive import Console, ask_answer, ask_on_console
 from installer.matching import plan_install
-from tests.installer.conftest import hardware
+from tests.installer.conftest import TOKEN, hardware
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,7 @@ def test_answers_typed_on_the_console_make_a_valid_answer_that_fits() -> None:
         "2",                # static
         "10.0.0.17/24", "10.0.0.1", "10.0.0.1 10.0.0.2",
         "3",                # join
-        "10.0.0.11", "K10cafe0123456789::joiner.secret",
+        "10.0.0.11", TOKEN,
         "install",
     ])
     answer = parse_answer(text)

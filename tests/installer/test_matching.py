@@ -14,7 +14,7 @@ import pytest
 from installer.answer import parse_answer
 from installer.errors import HardwareMismatch
 from installer.matching import plan_install
-from tests.installer.conftest import golden, hardware
+from tests.installer.conftest import TOKEN, golden, hardware
 
 pytestmark = pytest.mark.unit
 
@@ -97,7 +97,7 @@ cluster = {{ mode = "init" }}
 match.mac = "52:54:00:c4:00:02"
 hostname = "node2"
 network.mac = "52:54:00:c4:00:02"
-cluster = {{ mode = "join", address = "10.0.0.11", token = "0123456789abcdef0123456789abcdef" }}
+cluster = {{ mode = "join", address = "10.0.0.11", token = "{TOKEN}" }}
 '''
 
 
