@@ -202,7 +202,7 @@ def run_ceph(settings: Settings) -> None:
             daemons.start_mgr(admin)
             if cfg.bootstrap == "init":
                 admin.ensure_pool(CEPH_POOL)
-            daemons.ensure_osds(admin, sum(1 for _ in cfg.ceph_osds))
+            daemons.ensure_osds(admin, cfg.ceph_osds)
             admin.replicate_by_hosts(CEPH_POOL)
         finally:
             admin.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -311,12 +312,24 @@ class NodeDaemons:
             os.chmod(d / "keyring", 0o600)
         self._spawn(f"mgr.{self.node.name}", "ceph-mgr", "-i", self.node.name)
 
-    def ensure_osds(self, admin: Admin, count: int) -> list[int]:
-        """Create this node's OSDs up to ``count`` (sparse files of ``osd_size``) and start
-        every OSD this node has."""
+    def ensure_osds(self, admin: Admin, osds: list[str]) -> list[int]:
+        """Create this node's OSDs, one per entry of ``osds``, and start every OSD this node
+        has. An entry is a block device (bluestore on the whole device, through the OSD's
+        ``block`` link; give a stable name such as ``/dev/disk/by-id/…``) or ``file:<bytes>``
+        (a sparse file of ``osd_size`` in the node's data folder). Each OSD keeps its entry
+        in ``spec``, so a restart makes none twice (one made before that is a file)."""
         root = self.node.data / "osd"
-        have = sorted(int(p.name.split("-", 1)[1]) for p in root.glob("ceph-*") if (p / "ready").exists())
-        for _ in range(count - len(have)):
+        have: list[int] = []
+        missing = ["file" if o.startswith("file:") else o for o in osds]
+        for d in sorted(root.glob("ceph-*")):
+            if (d / "ready").exists():
+                have.append(int(d.name.split("-", 1)[1]))
+                spec = (d / "spec").read_text().strip() if (d / "spec").exists() else "file"
+                if spec in missing:
+                    missing.remove(spec)
+        for spec in missing:
+            if spec != "file" and not (os.path.exists(spec) and stat.S_ISBLK(os.stat(spec).st_mode)):
+                raise ClusterError(f"OSD device {spec} is not a block device on this node")
             osd_uuid = str(uuid.uuid4())
             secret = _run("ceph-authtool", "--gen-print-key").strip()
             osd_id = admin.new_osd(osd_uuid, secret)
@@ -324,8 +337,12 @@ class NodeDaemons:
             d.mkdir(parents=True, exist_ok=True)
             (d / "keyring").write_text(f"[osd.{osd_id}]\n\tkey = {secret}\n")
             os.chmod(d / "keyring", 0o600)
+            if spec != "file":
+                (d / "block").unlink(missing_ok=True)
+                (d / "block").symlink_to(spec)
             _run("ceph-osd", "-c", str(self.node.conf), "-i", str(osd_id), "--mkfs", "--osd-uuid", osd_uuid,
                  timeout=300)
+            (d / "spec").write_text(spec + "\n")
             have.append(osd_id)
         for osd_id in have:
             self._spawn(f"osd.{osd_id}", "ceph-osd", "-i", str(osd_id))
