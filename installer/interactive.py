@@ -58,12 +58,14 @@ class Console:
         self.out.flush()
 
     def ask(self, question: str, default: str = "", secret: bool = False) -> str:
-        self.write(f"{question}{f' [{default}]' if default else ''}: ")
+        prompt = f"{question}{f' [{default}]' if default else ''}: "
         if secret and self.secret_off is not None:
-            with self.secret_off():
+            with self.secret_off():  # echo off before the prompt: nothing typed after it shows
+                self.write(prompt)
                 line = self.inp.readline()
             self.write("\n")
         else:
+            self.write(prompt)
             line = self.inp.readline()
         if not line:
             raise InstallerError("the console closed while asking for the answer")
