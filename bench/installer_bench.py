@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from installer.build import DEFAULT_CACHE, Builder, BuildResult  # noqa: E402
-from tests.installer.test_iso import side_by_side  # noqa: E402
+from tests.installer.test_iso import check_status, side_by_side  # noqa: E402
 from tests.installer.vm import Vm, blank_disk, cdrom, iso_seed, virtio_disk  # noqa: E402
 
 
@@ -64,6 +64,8 @@ def build_figures(cache: Path, out_dir: Path) -> dict[str, Any]:
 
 def firmware_figures(iso: Path, work: Path) -> dict[str, Any]:
     runs = side_by_side(iso, work)
+    for fw, run in runs.items():  # what the suite checks for BIOS only
+        check_status(run["status"], fw)
     return {fw: {"iso": runs[fw]["iso"], "disk": runs[fw]["disk"]} for fw in ("bios", "uefi")}
 
 

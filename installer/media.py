@@ -27,7 +27,8 @@ LIVE_MEDIUM = Path("/run/live/medium")
 # The live system boots to cairn-installer.target (the installer and gettys, none of the
 # node's services). The screen is the primary console (/dev/console: the interactive
 # questions); the serial port gets kernel messages and the installer's result lines too.
-KERNEL_CMDLINE = ("boot=live quiet systemd.unit=cairn-installer.target systemd.show_status=error "
+# no_timer_check: see NO_TIMER_CHECK in installer/target.py.
+KERNEL_CMDLINE = ("boot=live quiet no_timer_check systemd.unit=cairn-installer.target systemd.show_status=error "
                   "console=ttyS0,115200 console=tty0")
 
 

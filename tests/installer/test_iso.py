@@ -130,14 +130,20 @@ def side_by_side(iso: Path, workdir: Path) -> dict[str, dict[str, Any]]:
             raise
 
 
-@pytest.mark.timeout(2400)
-def test_unattended_install_then_the_node_answers_cairn_status_under_bios_and_uefi(iso: Path, tmp_path: Path) -> None:
-    results = side_by_side(iso, tmp_path)
-    for firmware, result in results.items():
-        print(f"{firmware}: ISO {result['iso']}, installed disk {result['disk']}")
-        status = result["status"]
-        assert status["node"] == f"cairn-{firmware}", status  # the API answering is this node's own
-        assert {n["name"]: n["phase"] for n in status["nodes_detail"]} == {f"cairn-{firmware}": "Ready"}, status
-        # `cairn status` lists the node's systemd units on an appliance
-        assert {name: s["running"] for name, s in status["services"].items()} == {
-            "redis": True, "storage": True, "api": True, "worker": True, "agent": True}, status
+@pytest.mark.timeout(1800)
+def test_unattended_bios_install_then_the_node_answers_cairn_status(iso: Path, tmp_path: Path) -> None:
+    """The suite's representative path (SeaBIOS: the ISO on a CD, the answer on a FAT
+    stick). UEFI (the ISO written to a stick, the answer on a CD) runs side by side with
+    it in ``bench/installer_bench.py``, which fails when either does."""
+    result = install_and_boot(iso, "bios", tmp_path / "bios")
+    print(f"bios: ISO {result['iso']}, installed disk {result['disk']}")
+    check_status(result["status"], "bios")
+
+
+def check_status(status: dict[str, Any], firmware: str) -> None:
+    """What `cairn status` printed inside the installed guest."""
+    assert status["node"] == f"cairn-{firmware}", status  # the API answering is this node's own
+    assert {n["name"]: n["phase"] for n in status["nodes_detail"]} == {f"cairn-{firmware}": "Ready"}, status
+    # `cairn status` lists the node's systemd units on an appliance
+    assert {name: s["running"] for name, s in status["services"].items()} == {
+        "redis": True, "storage": True, "api": True, "worker": True, "agent": True}, status
