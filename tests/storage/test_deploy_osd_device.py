@@ -1,7 +1,8 @@
 """A node's OSD on a block device (what an installed node's data disk becomes: ``cairn
 cluster init/join --osd /dev/disk/by-id/…``): a real one-monitor Ceph on a loopback
 address and a loop device; the OSD comes up on the device, a restart makes no second
-OSD, a path that is not a block device is refused before any OSD id is taken."""
+OSD (nor for a file OSD next to it, as lab nodes have), a path that is not a block
+device is refused before any OSD id is taken."""
 
 from __future__ import annotations
 
@@ -80,5 +81,17 @@ def test_an_osd_on_a_block_device_comes_up_and_a_restart_makes_no_second(tmp_pat
             osd_proc.wait(30)
             assert daemons.ensure_osds(admin, [loop_device]) == ids
             assert _osds_up(admin, 1) == {"osds": 1, "up": 1}
+
+            # a file OSD next to it (what lab nodes have: file:<bytes>), once only
+            both = daemons.ensure_osds(admin, [loop_device, "file:1073741824"])
+            assert both[0] == ids[0] and len(both) == 2
+            assert not (node.data / "osd" / f"ceph-{both[1]}" / "block").is_symlink()
+            assert _osds_up(admin, 2) == {"osds": 2, "up": 2}
+            for osd in both:
+                proc = daemons.procs.pop(f"osd.{osd}")
+                proc.terminate()
+                proc.wait(30)
+            assert sorted(daemons.ensure_osds(admin, ["file:1073741824", loop_device])) == sorted(both)
+            assert _osds_up(admin, 2) == {"osds": 2, "up": 2}
     finally:
         daemons.stop()
