@@ -15,7 +15,8 @@
    (``mode = "join"``), which install side by side; timed from node 1's power-on until
    ``cairn cluster status`` on node 1 shows 3 Ready voting members in quorum.
 
-    .venv/bin/python bench/installer_bench.py [--cold] [--cluster] [--out FILE]
+    .venv/bin/python bench/installer_bench.py [--cold] [--cluster [--cluster-nodes 1]] [--iso ISO]
+                                              [--skip-install] [--out FILE]
 
 Prints a table and writes bench/results/installer_bench.json.
 """
@@ -121,7 +122,8 @@ cluster = {cluster}
             f'disks.install = {{ serial = "CAIRN-DISK-*" }}\ndisks.data = [{{ serial = "CAIRN-DATA-*" }}]\n' + nodes)
 
 
-def cluster_figures(iso: Path, work: Path, timeout: float = 5400) -> dict[str, Any]:
+def cluster_figures(iso: Path, work: Path, nodes: int = 3) -> dict[str, Any]:
+    """``nodes`` = 1: node 1 alone (its cluster init from the ISO, one voting member)."""
     from installer.answer import parse_answer
 
     key = work / "id_ed25519"
@@ -176,24 +178,26 @@ def cluster_figures(iso: Path, work: Path, timeout: float = 5400) -> dict[str, A
         try:
             print(f"  node1: installing (cluster init) [{at()} s]", flush=True)
             figures["node1"] = installed_then_booted(node(1, cluster_answer(password, ssh_key, {})), 1)
+            joiners = range(2, nodes + 1)
             # one single-use token per joining node, long enough for their install under TCG
-            tokens = {i: cairn("cluster", "token", "create", "--ttl", "14400")["token"] for i in (2, 3)}
+            tokens = {i: cairn("cluster", "token", "create", "--ttl", "14400")["token"] for i in joiners}
             answer = cluster_answer(password, ssh_key, tokens)  # the same file, now with the joiners
-            print(f"  node2, node3: installing (cluster join) [{at()} s]", flush=True)
+            if tokens:
+                print(f"  {', '.join(f'node{i}' for i in joiners)}: installing (cluster join) [{at()} s]", flush=True)
             with ThreadPoolExecutor(2) as pool:
-                joins = {i: pool.submit(installed_then_booted, node(i, answer), i) for i in (2, 3)}
+                joins = {i: pool.submit(installed_then_booted, node(i, answer), i) for i in joiners}
                 for i, f in joins.items():
                     figures[f"node{i}"] = f.result()
-            print(f"  waiting for 3 members in quorum [{at()} s]", flush=True)
+            print(f"  waiting for {nodes} members in quorum [{at()} s]", flush=True)
             deadline = time.monotonic() + 900
             while True:
                 view = cairn("cluster", "status")
                 members = view.get("members", [])
                 voters = [m for m in members if "etcd" in m["roles"]]
-                if view.get("quorum") and len(voters) == 3 and all(m["ready"] for m in members):
+                if view.get("quorum") and len(voters) == nodes and all(m["ready"] for m in members):
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"no 3 Ready voting members within 900 s: {json.dumps(view)[:3000]}")
+                    raise RuntimeError(f"no {nodes} Ready voting members within 900 s: {json.dumps(view)[:3000]}")
                 time.sleep(5)
             figures["quorum_at"] = at()
             figures["cluster_status"] = view
@@ -208,42 +212,59 @@ def cluster_figures(iso: Path, work: Path, timeout: float = 5400) -> dict[str, A
     return figures
 
 
+def build_report(result: dict[str, Any], cache: Path, work: Path, cold: bool) -> None:
+    print("ISO builds", flush=True)
+    result["build"] = b = build_figures(cache, work)
+    base = b["first"]["seconds"]["total"]
+    print(f"\nISO {b['iso_bytes'] / 2**20:.1f} MiB")
+    print(f"{'build':<24}{'seconds':>10}{'ratio':>8}")
+    for name in ("first", "code_change", "unchanged"):
+        secs = b[name]["seconds"]["total"]
+        print(f"{name + (' (cold)' if name == 'first' and cold else ''):<24}{secs:>10.1f}{secs / base:>8.3f}")
+
+
+def install_report(result: dict[str, Any], iso: Path, work: Path) -> None:
+    print("\ninstall + first boot under TCG (BIOS and UEFI side by side)", flush=True)
+    result["install"] = inst = firmware_figures(iso, work)
+    print(f"{'firmware':<10}{'grub':>7}{'installer':>11}{'installed':>11}{'disk grub':>11}{'status':>8}")
+    for fw, r in inst.items():
+        print(f"{fw:<10}{r['iso']['grub']:>7.1f}{r['iso']['installer']:>11.1f}{r['iso']['installed']:>11.1f}"
+              f"{r['disk']['grub']:>11.1f}{r['disk']['status']:>8.1f}")
+
+
+def cluster_report(result: dict[str, Any], iso: Path, work: Path, nodes: int) -> None:
+    print(f"\n{nodes}-node cluster from one answer file", flush=True)
+    result["cluster"] = c = cluster_figures(iso, work, nodes)
+    print(f"members {c['members']}, quorum {c['quorum']}, database primary {c['database_primary']}, "
+          f"ceph {c['ceph']}")
+    for i in range(1, nodes + 1):
+        n = c[f"node{i}"]
+        print(f"  node{i}: started {n['started_at']:.0f} s, installed +{n['installed']:.0f} s, "
+              f"first boot OK at {n['done_at']:.0f} s")
+    print(f"{nodes} members in quorum {c['quorum_at']:.0f} s after node 1 was powered on (end to end)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold", action="store_true", help="build from an empty cache (downloads everything)")
     parser.add_argument("--cluster", action="store_true", help="also install three nodes that form a cluster")
-    parser.add_argument("--skip-install", action="store_true", help="ISO figures only")
+    parser.add_argument("--cluster-nodes", type=int, choices=(1, 3), default=3,
+                        help="1: only node 1's cluster init from the ISO (a shorter run)")
+    parser.add_argument("--skip-install", action="store_true", help="no BIOS/UEFI install figures")
+    parser.add_argument("--iso", type=Path, help="install this ISO: no build figures")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "installer_bench.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cairn-installer-bench.", dir="/var/tmp"))
     cache = work / "cache" if args.cold else DEFAULT_CACHE
     result: dict[str, Any] = {"host_load": os.getloadavg(), "cold_cache": args.cold}
     try:
-        print("ISO builds", flush=True)
-        result["build"] = b = build_figures(cache, work)
-        base = b["first"]["seconds"]["total"]
-        print(f"\nISO {b['iso_bytes'] / 2**20:.1f} MiB")
-        print(f"{'build':<24}{'seconds':>10}{'ratio':>8}")
-        for name in ("first", "code_change", "unchanged"):
-            secs = b[name]["seconds"]["total"]
-            print(f"{name + (' (cold)' if name == 'first' and args.cold else ''):<24}{secs:>10.1f}{secs / base:>8.3f}")
+        iso = args.iso or work / "first.iso"
+        if args.iso is None:
+            build_report(result, cache, work, args.cold)
         if not args.skip_install:
-            print("\ninstall + first boot under TCG (BIOS and UEFI side by side)", flush=True)
-            result["install"] = inst = firmware_figures(work / "first.iso", work)
-            print(f"{'firmware':<10}{'grub':>7}{'installer':>11}{'installed':>11}{'disk grub':>11}{'status':>8}")
-            for fw, r in inst.items():
-                print(f"{fw:<10}{r['iso']['grub']:>7.1f}{r['iso']['installer']:>11.1f}{r['iso']['installed']:>11.1f}"
-                      f"{r['disk']['grub']:>11.1f}{r['disk']['status']:>8.1f}")
+            install_report(result, iso, work)
         if args.cluster:
-            print("\nthree-node cluster from one answer file", flush=True)
-            result["cluster"] = c = cluster_figures(work / "first.iso", work)
-            print(f"members {c['members']}, quorum {c['quorum']}, database primary {c['database_primary']}, "
-                  f"ceph {c['ceph']}")
-            for i in (1, 2, 3):
-                n = c[f"node{i}"]
-                print(f"  node{i}: started {n['started_at']:.0f} s, installed +{n['installed']:.0f} s, "
-                      f"first boot OK at {n['done_at']:.0f} s")
-            print(f"3 members in quorum {c['quorum_at']:.0f} s after node 1 was powered on (end to end)")
+            cluster_report(result, iso, work, args.cluster_nodes)
         result["host_load_after"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
