@@ -298,25 +298,30 @@ static void config_extra(const char *kv)
     else if (!strncmp(kv, "mount=", 6) && nmounts < MAX_MOUNTS) snprintf(mounts[nmounts++], 600, "%.500s", kv + 6);
 }
 
-/* /dev/vdX whose virtio serial is `serial` */
-static int disk_of(const char *serial, char *dev, size_t len)
+/* "/dev/<entry>" of the entry of sysfs directory `dir` whose file `leaf` reads `want` */
+static int sysfs_dev(const char *dir, const char *leaf, const char *want, char *dev, size_t len)
 {
-    DIR *d = opendir("/sys/block");
+    DIR *d = opendir(dir);
     struct dirent *e;
     int found = -1;
-    while (d && (e = readdir(d))) {
-        if (strncmp(e->d_name, "vd", 2)) continue;
+    while (d && found < 0 && (e = readdir(d))) {
         char path[300], buf[64] = "";
-        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+        snprintf(path, sizeof path, "%s/%.100s/%s", dir, e->d_name, leaf);
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) continue;
         ssize_t n = read(fd, buf, sizeof buf - 1);
         close(fd);
         if (n > 0) { buf[n] = 0; buf[strcspn(buf, "\n")] = 0; }
-        if (!strcmp(buf, serial)) { snprintf(dev, len, "/dev/%.250s", e->d_name); found = 0; break; }
+        if (!strcmp(buf, want)) { snprintf(dev, len, "/dev/%.250s", e->d_name); found = 0; }
     }
     if (d) closedir(d);
     return found;
+}
+
+/* /dev/vdX whose virtio serial is `serial` */
+static int disk_of(const char *serial, char *dev, size_t len)
+{
+    return sysfs_dev("/sys/block", "serial", serial, dev, len);
 }
 
 static int mkdirs(const char *path)
@@ -464,24 +469,9 @@ static void parse_input(void)
 
 static int open_port(void)
 {
-    DIR *d = opendir("/sys/class/virtio-ports");
-    struct dirent *e;
-    int fd = -1;
-    while (d && (e = readdir(d)) && fd < 0) {
-        char path[300], name[64] = "";
-        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
-        int nf = open(path, O_RDONLY | O_CLOEXEC);
-        if (nf < 0) continue;
-        ssize_t n = read(nf, name, sizeof name - 1);
-        close(nf);
-        if (n > 0) name[strcspn(name, "\n")] = 0;
-        if (!strcmp(name, PORT_NAME)) {
-            snprintf(path, sizeof path, "/dev/%s", e->d_name);
-            fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
-        }
-    }
-    if (d) closedir(d);
-    return fd;
+    char dev[300];
+    if (sysfs_dev("/sys/class/virtio-ports", "name", PORT_NAME, dev, sizeof dev)) return -1;
+    return open(dev, O_RDWR | O_NONBLOCK | O_CLOEXEC);
 }
 
 int main(int argc, char **argv)

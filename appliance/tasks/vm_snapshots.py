@@ -7,9 +7,11 @@ with the cluster's image store (appliance.imagefiles), so any node can resume it
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import imagefiles
 from appliance.db.engine import session_scope
@@ -19,6 +21,9 @@ from appliance.services import instances, tasks, volumes
 from appliance.settings import get_settings
 from appliance.tasks.instances import SYSTEM, InstanceFailed, _load, _update, _wait_power, _wait_task
 from appliance.tasks.runner import TaskContext, handler
+
+if TYPE_CHECKING:
+    from compute.libvirt_driver import LibvirtDriver
 
 # what a clone copies from its source's spec (the rest is per-instance state)
 CLONED = ("cpu", "image", "qos_class", "networks", "security_groups", "placement_group", "node_selector",
@@ -67,19 +72,27 @@ def _state_file(instance_id: str, snap: str) -> str:
     return str(get_settings().data_dir / "vm-state" / instance_id / f"{snap}.mem")
 
 
-@handler("vm_state.save")
-def save_memory(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
-    """On the VM's node: its memory into a file, shared with the cluster."""
+@contextlib.contextmanager
+def _hypervisor() -> Iterator[LibvirtDriver]:
+    """This node's libvirt, for one task (imported here: only agents' workers need it)."""
     from compute.libvirt_driver import LibvirtDriver
 
     settings = get_settings()
-    path = _state_file(params["instance_id"], params["snapshot"])
-    ctx.progress(10, "writing the VM's memory")
     driver = LibvirtDriver(settings.libvirt_uri, settings.virt_type)
     try:
-        driver.snapshot_memory(params["domain"], path)
+        yield driver
     finally:
         driver.close()
+
+
+@handler("vm_state.save")
+def save_memory(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    """On the VM's node: its memory into a file, shared with the cluster."""
+    settings = get_settings()
+    path = _state_file(params["instance_id"], params["snapshot"])
+    ctx.progress(10, "writing the VM's memory")
+    with _hypervisor() as driver:
+        driver.snapshot_memory(params["domain"], path)
     ctx.progress(70, "sharing it with the cluster")
     digest = imagefiles.publish(settings, [path])[path]
     return {"path": path, "sha256": digest, "bytes": Path(path).stat().st_size, "node": settings.node_name}
@@ -89,18 +102,13 @@ def save_memory(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
 def restore_memory(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     """On the VM's node: the VM resumes from its memory file (fetched from the cluster if
     it was taken elsewhere)."""
-    from compute.libvirt_driver import LibvirtDriver
-
     settings = get_settings()
     path = params["memory"]["path"]
     ctx.progress(10, "fetching the memory state")
     imagefiles.ensure_local(settings, {path: params["memory"]["sha256"]})
     ctx.progress(40, "resuming the VM from it")
-    driver = LibvirtDriver(settings.libvirt_uri, settings.virt_type)
-    try:
+    with _hypervisor() as driver:
         driver.restore_state(params["domain"], path)
-    finally:
-        driver.close()
     return {"resumed": params["domain"]}
 
 

@@ -505,12 +505,17 @@ def test_container_with_vm_isolation_execs_has_a_terminal_logs_and_restarts_in_i
     from websockets.sync.client import connect
 
     stack.cairn("image", "import-test-guest")
+    stack.cairn("network", "create", "isonet", "--cidr", "10.76.0.0/24")
+    stack.cairn("secgroup", "create", "isowall")  # no ingress rule: closed
+    create_container(stack, "isopeer", "--network", "isonet")  # in the default group
     r = subprocess.run([*CAIRN, "container", "create", "iso1", "--image", "busybox", "--memory", "64MiB",
-                        "--isolation", "vm", "--tty", "--env", "WHO=tenant", "-o", "json", "--",
-                        "sh", "-c", "echo isolated-$(uname -r); exec sh"],
+                        "--isolation", "vm", "--tty", "--env", "WHO=tenant", "--network", "isonet",
+                        "--secgroup", "isowall", "-o", "json", "--", "sh", "-c", "echo isolated-$(uname -r); exec sh"],
                        env=stack.env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["status"]["power_state"] == "running"
+    created = json.loads(r.stdout)
+    assert created["status"]["power_state"] == "running"
+    iso_ip = created["status"]["ports"][0]["ips"][0]["address"]
     wait_for(lambda: "isolated-" in stack.cairn("container", "console", "iso1")["console"], 60, "output")
     text = stack.cairn("container", "console", "iso1")["console"]
     # its own kernel (the guest's), not the host's; its log is its own output, not the guest's console
@@ -531,12 +536,21 @@ def test_container_with_vm_isolation_execs_has_a_terminal_logs_and_restarts_in_i
             seen += ws.recv(timeout=30)
         assert b"tty-42" in seen
     assert "tty-42" in stack.cairn("container", "console", "iso1")["console"]
+    # its port on the overlay, behind its security groups, like any container's
+    code, out = in_container(stack, "iso1", "ip -4 -o addr show eth0")
+    assert code == 0 and f" {iso_ip}/" in out, out
+    assert in_container(stack, "isopeer", f"ping -c 2 -W 1 {iso_ip}")[0] != 0, "its closed port answered"
+    stack.cairn("secgroup", "rule", "add", "isowall", "--proto", "icmp")
+    wait_for(lambda: in_container(stack, "isopeer", f"ping -c 1 -W 1 {iso_ip}")[0] == 0, 20,
+             "the new rule to open ICMP to the microVM")
     assert stack.cairn("container", "stop", "iso1", "--timeout", "1")["status"]["power_state"] == "shutdown"
     assert stack.cairn("container", "start", "iso1")["status"]["power_state"] == "running"
     r = subprocess.run([*CAIRN, "container", "exec", "iso1", "-o", "json", "--", "hostname"], env=stack.env,
                        capture_output=True, text=True, timeout=60)
     assert json.loads(r.stdout) == {"returncode": 0, "stdout": "iso1\n", "stderr": ""}
     stack.cairn("container", "delete", "iso1")
+    stack.cairn("container", "delete", "isopeer")
+    stack.cairn("network", "delete", "isonet")
 
 
 def test_a_vm_and_a_container_on_one_virtual_network_ping_each_other(stack: Stack) -> None:

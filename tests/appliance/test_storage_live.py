@@ -439,3 +439,16 @@ def test_vms_boot_from_and_attach_rbd_volumes_through_qemus_rbd_driver(stack: St
     stack.cairn("volume", "delete", "rdata")
     stack.cairn("delete", "image", "rbdroot")
 
+    # a container mounts an rbd volume too (qemu-storage-daemon's FUSE export reads it through librbd)
+    stack.cairn("volume", "create", "rct", "--size", "64MiB", "--pool", "ceph", "--class", "rbd")
+    live.create_container(stack, "rc", "--volume", "rct:/srv/data")
+    assert live.in_container(stack, "rc", "grep -c ' /srv/data ext4 ' /proc/mounts; echo on-rbd > /srv/data/f; "
+                                          "sync") == (0, "1\n")
+    stack.cairn("container", "stop", "rc", "--timeout", "1")
+    stack.cairn("container", "start", "rc")
+    assert live.in_container(stack, "rc", "cat /srv/data/f") == (0, "on-rbd\n")
+    stack.cairn("container", "delete", "rc")
+    wait_for(lambda: stack.cairn("volume", "get", "rct")["status"].get("owner") is None, 30,
+             "the deleted container's node to let go of rct")
+    stack.cairn("volume", "delete", "rct")
+

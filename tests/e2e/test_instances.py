@@ -42,7 +42,7 @@ DIST = ROOT / "webui" / "dist"
 CAIRN = [sys.executable, "-m", "appliance.cli.main"]
 BOOT_MS = 120_000  # create + boot under TCG emulation: seconds here, more on a loaded machine
 NETWORK, CIDR = "e2e-lab", "10.213.7.0/24"
-VM, CONTAINER, VOLUME = "e2e-vm", "e2e-sh", "e2e-data"
+VM, CONTAINER, VOLUME, CT_VOLUME = "e2e-vm", "e2e-sh", "e2e-data", "e2e-ctdata"
 
 
 @dataclass
@@ -291,7 +291,9 @@ def test_a_vm_created_in_the_dialog_boots_and_its_serial_and_vnc_consoles_work(p
     delete_from_detail(page, stack, "vms", "VM", "VMs", VM)
 
 
-def test_a_container_with_a_tty_answers_in_its_terminal(page: Page, stack: Stack, shots: Path) -> None:
+def test_a_container_in_its_own_microvm_mounts_a_volume_and_answers_in_its_terminal(page: Page, stack: Stack,
+                                                                                     shots: Path) -> None:
+    finish(stack.api, stack.api.post("/volumes", json={"name": CT_VOLUME, "size": "64MiB"}))
     open_kind(page, stack, "Containers")
 
     def fill(dialog: Locator) -> None:
@@ -300,6 +302,10 @@ def test_a_container_with_a_tty_answers_in_its_terminal(page: Page, stack: Stack
         dialog.get_by_label("Command").fill("sh")
         dialog.get_by_label("Interactive terminal (TTY)").check()
         expect(dialog.get_by_label("Isolation")).to_have_value("container")
+        dialog.get_by_label("Isolation").select_option("vm")
+        dialog.get_by_role("group", name="Volumes to mount").get_by_label(CT_VOLUME).check()
+        dialog.get_by_label(f"Mount path of {CT_VOLUME}").fill("/data")
+        expect(dialog.get_by_label(f"Filesystem of {CT_VOLUME}")).to_have_value("ext4")
         page.screenshot(path=shots / "container-create-dialog.png")
 
     create_in_dialog(page, "container", fill)
@@ -307,7 +313,10 @@ def test_a_container_with_a_tty_answers_in_its_terminal(page: Page, stack: Stack
     expect(task_card(page)).to_contain_text("succeeded", timeout=BOOT_MS)
     expect(power_badge(page)).to_have_text("running")
     ct = stack.api.get(f"/containers/{CONTAINER}").json()
-    assert (ct["spec"]["command"], ct["spec"]["tty"]) == (["sh"], True)
+    assert (ct["spec"]["command"], ct["spec"]["tty"], ct["spec"]["isolation"]) == (["sh"], True, "vm")
+    assert ct["spec"]["mounts"] == [{"volume": CT_VOLUME, "path": "/data", "fs": "ext4", "readonly": False}]
+    volumes = page.get_by_role("region", name="Volumes")
+    expect(volumes.get_by_role("row").filter(has_text=CT_VOLUME)).to_contain_text("/data")
 
     page.get_by_role("navigation", name="container views").get_by_role("link", name="Terminal").click()
     console = page.get_by_role("region", name=f"Terminal of container {CONTAINER}")
@@ -316,12 +325,20 @@ def test_a_container_with_a_tty_answers_in_its_terminal(page: Page, stack: Stack
     terminal.click()
     page.keyboard.type("echo hi\n")
     # The shell echoes the command line; the output is a line of its own.
-    expect(terminal.locator(".xterm-rows > div").filter(has_text=re.compile(r"^\s*hi\s*$"))).to_have_count(1)
+    rows = terminal.locator(".xterm-rows > div")
+    expect(rows.filter(has_text=re.compile(r"^\s*hi\s*$"))).to_have_count(1, timeout=BOOT_MS)
     assert "echo hi" in terminal_text(terminal)
+    # its own kernel's mount table: the volume, formatted on first use, at the path asked for
+    page.keyboard.type("echo on-$(grep ' /data ' /proc/mounts | cut -d' ' -f3)\n")
+    expect(rows.filter(has_text=re.compile(r"^\s*on-ext4\s*$"))).to_have_count(1)
     page.screenshot(path=shots / "container-terminal.png")
 
     page.get_by_role("navigation", name="container views").get_by_role("link", name="Summary").click()
     delete_from_detail(page, stack, "containers", "container", "containers", CONTAINER)
+    wait_for(lambda: stack.api.get(f"/volumes/{CT_VOLUME}").json()["status"].get("owner") is None, 60,
+             "the container's node to let go of its volume")
+    assert stack.api.delete(f"/volumes/{CT_VOLUME}").status_code == 202
+    wait_for(lambda: not stack.api.get("/volumes").json()["items"], 60, "the volume to be deleted")
 
 
 def test_a_volume_created_in_the_dialog_takes_a_snapshot_and_is_deleted(page: Page, stack: Stack, shots: Path) -> None:

@@ -77,6 +77,7 @@ export interface InstanceSpec {
   command?: string[];
   tty?: boolean;
   isolation?: "container" | "vm";
+  mounts?: { volume: string; path: string; fs: string; readonly: boolean }[];
   [extra: string]: unknown;
 }
 export interface InstanceStatus {

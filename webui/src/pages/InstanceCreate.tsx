@@ -1,5 +1,6 @@
 /** The create dialog for VMs and containers: one form, a few fields more for containers. */
 
+import { Fragment } from "preact";
 import { useState } from "preact/hooks";
 import {
   ApiError, canWrite, get, post, qs, type Image, type Me, type Network, type Page, type Resource, type Task, type Volume,
@@ -71,8 +72,8 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
   const images = useFetch<Page<Image>>(`images${qs({ project, limit: 100 })}`);
   const networks = useFetch<Page<Network>>(`networks${qs({ project, limit: 100 })}`);
   const groups = useFetch<Page<Resource>>(`security-groups${qs({ project, limit: 100 })}`);
-  // Only VMs attach volumes; the list is there only when the API has storage.
-  const volumes = useFetch<Page<Volume>>(info.kind === "vm" ? `volumes${qs({ project, limit: 100 })}` : null);
+  // VMs attach volumes as disks, containers mount them at a path; the list is there only when the API has storage.
+  const volumes = useFetch<Page<Volume>>(`volumes${qs({ project, limit: 100 })}`);
   const fitting = (images.data?.items ?? []).filter((i) => i.spec.kind === info.kind);
 
   const [name, setName] = useState("");
@@ -83,6 +84,8 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
   const [nets, setNets] = useState<string[]>([]);
   const [secgroups, setSecgroups] = useState<string[]>([]);
   const [disks, setDisks] = useState<string[]>([]);
+  const [mountPaths, setMountPaths] = useState<Record<string, string>>({});
+  const [mountFs, setMountFs] = useState<Record<string, string>>({});
   const [rootSize, setRootSize] = useState("");
   const [command, setCommand] = useState("");
   const [tty, setTty] = useState(false);
@@ -133,7 +136,11 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
       power: start ? "running" : "stopped",
     };
     if (secgroups.length) spec.security_groups = secgroups;
-    if (disks.length) spec.volumes = disks;
+    if (disks.length) {
+      spec.volumes = isContainer
+        ? disks.map((v) => ({ volume: v, path: (mountPaths[v] ?? "").trim() || `/mnt/${v}`, fs: mountFs[v] ?? "ext4" }))
+        : disks;
+    }
     if (diskImage && rootSize) spec.root_size = `${rootSize}GiB`;
     if (isContainer) {
       if (words.length) spec.command = words;
@@ -224,9 +231,27 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
           <Checklist legend="Security groups" items={(groups.data?.items ?? []).map((g) => g.name)} chosen={secgroups}
             onChange={setSecgroups} empty={groups.loading ? "Loading…" : "None: the project's default group applies."} />
           {volumes.data && (
-            <Checklist legend="Volumes to attach" chosen={disks} onChange={setDisks}
-              items={volumes.data.items.filter((v) => (v.spec.class ?? "dedup") === "dedup").map((v) => v.name)}
+            <Checklist legend={isContainer ? "Volumes to mount" : "Volumes to attach"} chosen={disks} onChange={setDisks}
+              items={volumes.data.items.filter((v) => isContainer || (v.spec.class ?? "dedup") === "dedup").map((v) => v.name)}
               empty={`No volumes in project ${project}${diskImage ? " (the root disk is cloned from the image)" : ""}.`} />
+          )}
+          {isContainer && disks.map((v) => (
+            <Fragment key={v}>
+              <label class="field">Mount path of {v}
+                <input name={`path-${v}`} class="mono" value={mountPaths[v] ?? ""} placeholder={`/mnt/${v}`}
+                  onInput={(e) => setMountPaths({ ...mountPaths, [v]: (e.target as HTMLInputElement).value })} />
+              </label>
+              <label class="field">Filesystem of {v}
+                <select name={`fs-${v}`} value={mountFs[v] ?? "ext4"}
+                  onChange={(e) => setMountFs({ ...mountFs, [v]: (e.target as HTMLSelectElement).value })}>
+                  <option value="ext4">ext4</option>
+                  <option value="xfs">xfs (300 MiB or more)</option>
+                </select>
+              </label>
+            </Fragment>
+          ))}
+          {isContainer && disks.length > 0 && (
+            <p class="hint span2">A blank volume is formatted on first use; one that holds a filesystem keeps it.</p>
           )}
           <label class="check field-check span2">
             <input type="checkbox" name="start" checked={start} onChange={(e) => setStart((e.target as HTMLInputElement).checked)} />

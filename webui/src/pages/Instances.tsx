@@ -330,7 +330,23 @@ export function InstanceDetail({ info, name, project, tab, user }: {
               </dl>
             </section>
           </div>
-          {(i.status.volumes?.length ?? 0) > 0 && (
+          {info.kind === "container" && (i.spec.mounts?.length ?? 0) > 0 && (
+            <section class="section" aria-labelledby="mounts-h">
+              <h2 id="mounts-h">Volumes</h2>
+              <table class="table">
+                <thead><tr><th>Volume</th><th>Mounted at</th><th>Filesystem</th><th>Access</th></tr></thead>
+                <tbody>{i.spec.mounts!.map((m) => (
+                  <tr key={m.path}>
+                    <td><a href={`/volumes/${encodeURIComponent(m.volume)}${project !== "default" ? `?project=${encodeURIComponent(project)}` : ""}`}>{m.volume}</a></td>
+                    <td><code>{m.path}</code></td>
+                    <td>{m.fs}</td>
+                    <td>{m.readonly ? "read-only" : "read-write"}</td>
+                  </tr>
+                ))}</tbody>
+              </table>
+            </section>
+          )}
+          {info.kind === "vm" && (i.status.volumes?.length ?? 0) > 0 && (
             <section class="section" aria-labelledby="disks-h">
               <h2 id="disks-h">Disks</h2>
               <table class="table">
