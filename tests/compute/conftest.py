@@ -6,6 +6,7 @@ and torn down at the end, also on failure.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from compute.block_volumes import release_under
 from compute.libvirt_driver import LibvirtDriver
 from compute.libvirt_node import LibvirtNode
 from compute.oci_driver import OciDriver
@@ -33,10 +35,37 @@ def prefix() -> str:
     return PREFIX
 
 
+def _started(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_killed_runs() -> None:
+    """The work directories of compute test runs that were killed (their owner process is
+    gone) still hold running containers and their mounts: delete the containers (which
+    unmounts their rootfs, idmapped binds and volumes) and whatever else is mounted there."""
+    for owner in Path(tempfile.gettempdir()).glob("cairn-compute-*/owner"):
+        pid, started = owner.read_text().split()
+        if _started(int(pid)) == started:
+            continue  # a run in progress (another session's)
+        d = owner.parent
+        if (d / "oci" / "containers").is_dir():
+            stale = OciDriver(d / "oci")
+            for name in stale.list_instances():
+                stale.delete(name)
+        release_under(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
+    sweep_killed_runs()
     d = Path(tempfile.mkdtemp(prefix=f"cairn-compute-{PREFIX}-"))
+    (d / "owner").write_text(f"{os.getpid()} {_started(os.getpid())}")
     yield d
+    release_under(d)  # a failed test's volume mounts, if any
     shutil.rmtree(d, ignore_errors=True)
 
 
