@@ -16,6 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def process_started(pid: int) -> str | None:
+    """The start time of process ``pid`` (with the pid it names one process: a killed test
+    run's pid may be reused), None when no such process runs."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,21 +25,13 @@ from appliance.db import migrate
 from appliance.settings import Settings
 from appliance.version import __version__
 from network.model import HostNames
-from tests.services import free_port
+from tests.services import free_port, process_started
 
 pytestmark = pytest.mark.functional
 CAIRN = [sys.executable, "-m", "appliance.cli.main"]
 
 
 STACK_RECORDS = Path("/tmp/cairn-test-stacks")  # outside pytest's temp dirs, which it prunes
-
-
-def _started(pid: int) -> str | None:
-    """The start time of process ``pid`` (with the pid, it names one process), None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def sweep_stale_stacks() -> None:
@@ -55,7 +47,7 @@ def sweep_stale_stacks() -> None:
             owner = json.loads(record.read_text())
         except (OSError, ValueError):
             continue
-        if _started(owner["pid"]) == owner["started"]:
+        if process_started(owner["pid"]) == owner["started"]:
             continue
         env = {**os.environ, **owner["env"]}
         subprocess.run([*CAIRN, "down", "--output", "json"], env=env, capture_output=True, timeout=120, check=False)
@@ -88,7 +80,7 @@ class Stack:
         STACK_RECORDS.mkdir(exist_ok=True)
         self.record = STACK_RECORDS / f"{os.getpid()}-{root.name}-{time.monotonic_ns()}.json"
         self.record.write_text(json.dumps({
-            "pid": os.getpid(), "started": _started(os.getpid()),
+            "pid": os.getpid(), "started": process_started(os.getpid()),
             "host_prefix": Settings(data_dir=root / "data").host_prefix,
             "env": {k: v for k, v in self.env.items() if k.startswith("CAIRN_")}}))
 

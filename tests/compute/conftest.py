@@ -25,6 +25,7 @@ from compute.oci_driver import OciDriver
 from compute.spec import Consoles, ContainerSpec, KernelBoot, NicSpec, VmSpec
 from compute.testguest import TestGuest, ensure_test_guest
 from compute.vm_isolation import VmIsolatedContainerDriver
+from tests.services import process_started
 
 PREFIX = "cz" + secrets.token_hex(2)  # unique per session: guests, bridges, taps, veths
 BOOT_TIMEOUT = 60.0
@@ -35,20 +36,13 @@ def prefix() -> str:
     return PREFIX
 
 
-def _started(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def sweep_killed_runs() -> None:
     """The work directories of compute test runs that were killed (their owner process is
     gone) still hold running containers and their mounts: delete the containers (which
     unmounts their rootfs, idmapped binds and volumes) and whatever else is mounted there."""
     for owner in Path(tempfile.gettempdir()).glob("cairn-compute-*/owner"):
         pid, started = owner.read_text().split()
-        if _started(int(pid)) == started:
+        if process_started(int(pid)) == started:
             continue  # a run in progress (another session's)
         d = owner.parent
         if (d / "oci" / "containers").is_dir():
@@ -63,7 +57,7 @@ def sweep_killed_runs() -> None:
 def workdir() -> Iterator[Path]:
     sweep_killed_runs()
     d = Path(tempfile.mkdtemp(prefix=f"cairn-compute-{PREFIX}-"))
-    (d / "owner").write_text(f"{os.getpid()} {_started(os.getpid())}")
+    (d / "owner").write_text(f"{os.getpid()} {process_started(os.getpid())}")
     yield d
     release_under(d)  # a failed test's volume mounts, if any
     shutil.rmtree(d, ignore_errors=True)
