@@ -164,9 +164,15 @@ def register(backend: ObjectBackend, info: WriterInfo) -> bytes:
 
 def update_registration(backend: ObjectBackend, info: WriterInfo, current: bytes) -> bytes:
     """Store a new heartbeat / acknowledged epoch. A missing registration means this
-    writer was fenced (or reaped): ``BackendError``, stop writing."""
+    writer was fenced (or reaped): ``BackendError``, stop writing. Only this writer ever
+    stores its registration (others only remove it), so a different value there is an
+    update of ours that landed after its client timed out (seen on the lab cluster while
+    a node was cut off and its OSD not yet marked down): it is still ours."""
     raw = info.encode()
-    if not backend.cas_pointer(WRITERS + info.writer, current, raw):
+    if backend.cas_pointer(WRITERS + info.writer, current, raw):
+        return raw
+    found = backend.get_pointer(WRITERS + info.writer)
+    if found is None or not backend.cas_pointer(WRITERS + info.writer, found, raw):
         raise BackendError(f"writer {info.writer} of node {info.node} was fenced: its registration is gone")
     return raw
 

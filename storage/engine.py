@@ -243,8 +243,9 @@ class Pool:
         for _attempt in range(3):
             try:
                 held = self.backend.lock_pointer(f"vol/{name}", self.me.writer, self.me.owner_record(), raw)
-            except ObjectNotFound:
-                raise ConflictError(f"volume {name!r} changed while opening it: try again") from None
+            except ObjectNotFound:  # its owner moved the head meanwhile (a checkpoint as it let go)
+                raw = self._record(name)[1]
+                continue
             if held is None:
                 return
             if not held:

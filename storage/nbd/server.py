@@ -292,7 +292,9 @@ class NbdServer:
                         vol.checkpoint()
             except StorageError:
                 log.exception("checkpoint failed")
-        if self._waiting or self.pool.log.pending_size:
+        # After a failure the log is stopped (until the pool is attached again): only
+        # writes still waiting need another round (their EIO), not what is staged.
+        if self._waiting or (not error and self.pool.log.pending_size):
             self.schedule()
 
     # ----------------------------------------------------------------- handshake

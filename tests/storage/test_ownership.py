@@ -205,3 +205,20 @@ def test_gc_and_check_resolve_a_head_another_writer_moved_after_their_last_look(
     assert check_consistency(p2) == []
     p1.close()
     p2.close()
+
+
+@pytest.mark.unit
+def test_a_heartbeat_that_landed_after_its_client_timed_out_is_not_taken_for_a_fence(tmp_path: Path) -> None:
+    """Found on the lab cluster: a heartbeat write timed out on the client but landed, so
+    the next one's compare-and-swap found a newer value of the writer's own: it closed
+    every connection as if fenced."""
+    (p1,) = _pools(tmp_path, 1)
+    assert p1.me is not None
+    late = cluster.WriterInfo.decode(p1._registration)
+    late.beat += 1
+    p1.backend.cas_pointer(cluster.WRITERS + p1.me.writer, p1._registration, late.encode())  # the timed-out one
+    p1.acknowledge()  # still registered: no BackendError
+    cluster.deregister(p1.backend, p1.me.writer)  # a fence or reap removes it
+    with pytest.raises(BackendError, match="fenced"):
+        p1.acknowledge()
+    p1.close()
