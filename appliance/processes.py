@@ -208,6 +208,7 @@ def run_agent(argv: list[str] | None = None) -> None:
     from appliance.agent.drivers import DriverSet
     from appliance.agent.instances import InstanceReconciler
     from appliance.agent.network import NetworkReconciler
+    from appliance.agent.sampler import Sampler
     from appliance.agent.storage import StorageReconciler
 
     agent = Agent(settings)
@@ -221,13 +222,16 @@ def run_agent(argv: list[str] | None = None) -> None:
     # Networks first: a VM's tap needs its bridge before the VM starts.
     agent.register_reconciler("network", net, kinds=("network", "subnet", "port", "security-group", "vm",
                                                      "container", "router", "floating-ip"))
-    agent.register_reconciler("instances", InstanceReconciler(settings, DriverSet(settings)),
-                              kinds=("vm", "container"))
+    instances = InstanceReconciler(settings, DriverSet(settings))
+    agent.register_reconciler("instances", instances, kinds=("vm", "container"))
+    sampler = Sampler(settings, lambda: agent.document, lambda: instances.drivers)
+    sampler.start()
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     try:
         agent.serve()
     finally:
+        sampler.stop()
         net.stop()
 
 
@@ -291,6 +295,16 @@ def run_ceph(argv: list[str] | None = None) -> None:
         sys.exit("a ceph daemon exited; the supervisor restarts the cluster")
 
 
+def run_prometheus(argv: list[str] | None = None) -> None:
+    """This node's metrics store: Debian's Prometheus scraping every member's /metrics."""
+    private_files()
+    settings = get_settings()
+    logs.setup("cairn-prometheus", settings.log_level)
+    from appliance.timeseries.store import serve
+
+    serve(settings)
+
+
 def libvirt_node(settings: Settings) -> LibvirtNode:
     """The embedded node's own libvirtd (in a private mount namespace under data_dir)."""
     from compute.libvirt_node import LibvirtNode
@@ -334,7 +348,7 @@ def _engine(name: str) -> Callable[[list[str] | None], None]:
 def main() -> None:
     commands: dict[str, Callable[[list[str] | None], None]] = {
         "api": run_api, "worker": run_worker, "agent": run_agent, "libvirt": run_libvirt,
-        "storage": run_storage, "ceph": run_ceph, "redis": run_redis}
+        "storage": run_storage, "ceph": run_ceph, "redis": run_redis, "prometheus": run_prometheus}
     commands.update({name: _engine(name) for name in ("etcd", "patroni", "sentinel")})
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m appliance.processes {{{'|'.join(commands)}}} [options]")

@@ -12,6 +12,7 @@ import socket
 import string
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -105,6 +106,14 @@ class Settings(BaseSettings):
     stream_recheck_seconds: float = 2.0
     max_streams_per_user: int = 8
     audit_retention_days: float = 90.0
+    # History graphs: the agent samples its node and instances every metrics_interval
+    # seconds; every member's Prometheus (Debian's) scrapes every member's /metrics and
+    # keeps metrics_retention of it. "none" runs no Prometheus (the graphs answer 503).
+    metrics_store: Literal["prometheus", "none"] = "prometheus"
+    metrics_interval: float = 10.0
+    metrics_retention: str = "8d"
+    prometheus_binary: str = "/usr/bin/prometheus"
+    prometheus_port: int = 0  # on 127.0.0.1; 0 = a free port picked at start
     # Changes when the node (re)boots; a lab node gets a new one from the lab at each start.
     boot_id: str = Field(default_factory=_boot_id)
 
@@ -249,6 +258,15 @@ class Settings(BaseSettings):
     def desired_state_file(self) -> Path:
         """The agent's copy of its node's last desired-state document."""
         return self.data_dir / "agent" / "desired-state.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        """The agent's latest samples (Prometheus text), which this node's /metrics serves."""
+        return self.data_dir / "metrics" / "node.prom"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        return self.data_dir / "prometheus"
 
     @property
     def admin_password_file(self) -> Path:

@@ -81,6 +81,8 @@ def programs(settings: Settings) -> list[Program]:
     progs.append(Program("storage", [py, "-m", "appliance.processes", "storage"], env))
     for name in ("api", "worker", "agent"):
         progs.append(Program(name, [py, "-m", "appliance.processes", name], env))
+    if settings.metrics_store == "prometheus":
+        progs.append(Program("prometheus", [py, "-m", "appliance.processes", "prometheus"], env))
     return progs
 
 

@@ -7,7 +7,7 @@ container is isolated.
 
 from __future__ import annotations
 
-from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, NodeResources
+from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, InstanceStats, NodeResources
 from compute.errors import InstanceExists, InstanceNotFound, NotSupported
 from compute.spec import ContainerSpec, PowerState
 
@@ -87,3 +87,13 @@ class ContainerRouter(ComputeDriver[ContainerSpec]):
             raise NotSupported(f"container {name!r}: its backend cannot exec")
         result: ExecResult = run(name, argv, timeout=timeout, tty=tty)
         return result
+
+    def stats(self) -> dict[str, InstanceStats]:
+        """Usage of the containers of both backends (those that report it)."""
+        out: dict[str, InstanceStats] = {}
+        for backend in self.backends.values():
+            try:
+                out.update(backend.stats())
+            except NotSupported:
+                continue
+        return out

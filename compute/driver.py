@@ -50,6 +50,22 @@ class MigrationResult:
 
 
 @dataclass(frozen=True)
+class InstanceStats:
+    """What a running instance has used: counters since it started (they fall back to
+    zero when it restarts) and its memory now. Network directions are the instance's:
+    ``net_rx_bytes`` is what it received."""
+
+    cpu_seconds: float
+    memory_bytes: int  # resident on the host
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+    disk_read_bytes: int = 0
+    disk_write_bytes: int = 0
+    disk_read_ops: int = 0
+    disk_write_ops: int = 0
+
+
+@dataclass(frozen=True)
 class ExecResult:
     """Exit status and captured output of a command run inside a container."""
 
@@ -132,6 +148,11 @@ class ComputeDriver(ABC, Generic[SpecT]):
     def restore_state(self, name: str, path: str) -> None:
         """Resume ``name`` from a state file written by :meth:`save_state`. Default: not supported."""
         raise NotSupported(f"{self.kind} driver cannot restore {name!r}")
+
+    def stats(self) -> dict[str, InstanceStats]:
+        """The counters of every running instance on this node, by name (one call for all:
+        the metrics sampler asks every few seconds). Default: not supported."""
+        raise NotSupported(f"{self.kind} driver reports no usage statistics")
 
     def migrate(self, name: str, destination: str) -> MigrationResult:
         """Live-migrate to ``destination`` (a driver-specific URI). Default: not supported."""

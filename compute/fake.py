@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic
 
-from compute.driver import ComputeDriver, ConsoleEndpoint, MigrationResult, NodeResources, SpecT
+from compute.driver import ComputeDriver, ConsoleEndpoint, InstanceStats, MigrationResult, NodeResources, SpecT
 from compute.errors import (
     InstanceExists,
     InstanceNotFound,
@@ -111,6 +111,11 @@ class FakeDriver(ComputeDriver[SpecT]):
         """One fake log endpoint."""
         self._get(name)
         return [ConsoleEndpoint(kind="log", path=f"/fake/{name}.log")]
+
+    def stats(self) -> dict[str, InstanceStats]:
+        """Running instances: all their memory, and one CPU second per boot."""
+        return {name: InstanceStats(cpu_seconds=float(inst.boots), memory_bytes=inst.spec.memory_mib << 20)
+                for name, inst in self._instances.items() if inst.state is PowerState.RUNNING}
 
     def migrate(self, name: str, destination: str) -> MigrationResult:
         """Move the instance to the peer registered under ``destination`` (VMs only)."""

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from compute.block_volumes import MountedVolume, release_under
-from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, NodeResources
+from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, InstanceStats, NodeResources
 from compute.errors import (
     HypervisorError,
     InstanceExists,
@@ -59,6 +59,81 @@ from compute.spec import ContainerSpec, PowerState, VolumeMount, container_spec_
 log = logging.getLogger(__name__)
 HYBRID_MARK = Path("/sys/fs/cgroup/unified")
 MOUNT_ROOT = Path("/run/cairn-containers")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def net_dev_counters(text: str) -> dict[str, tuple[int, int]]:
+    """``/proc/net/dev`` as {interface: (received bytes, sent bytes)}."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines()[2:]:
+        name, _, fields = line.partition(":")
+        values = fields.split()
+        if len(values) >= 9:
+            out[name.strip()] = (int(values[0]), int(values[8]))
+    return out
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _blkio_v1(path: Path) -> tuple[int, int]:
+    """Read and Write totals of a cgroup v1 ``blkio.throttle.io_service*`` file."""
+    read = write = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0, 0
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "Read":
+            read += int(parts[2])
+        elif len(parts) == 3 and parts[1] == "Write":
+            write += int(parts[2])
+    return read, write
+
+
+def cgroup_stats(root: Path, group: str) -> InstanceStats | None:
+    """CPU, memory and block I/O of cgroup ``group`` (e.g. ``/cairn/web``), from the v1
+    controllers when they are mounted (hybrid hosts: crun uses those), else v2; None when
+    the group does not exist (the container does not run)."""
+    group = group.strip("/")
+    if (root / "cpuacct").is_dir():
+        cpu = root / "cpuacct" / group
+        if not cpu.is_dir():
+            return None
+        mem = root / "memory" / group
+        stat = dict(line.split() for line in _lines(mem / "memory.stat") if len(line.split()) == 2)
+        used = max(0, _read_int(mem / "memory.usage_in_bytes") - int(stat.get("total_inactive_file", 0)))
+        blk = root / "blkio" / group
+        rbytes, wbytes = _blkio_v1(blk / "blkio.throttle.io_service_bytes")
+        rops, wops = _blkio_v1(blk / "blkio.throttle.io_serviced")
+        return InstanceStats(cpu_seconds=_read_int(cpu / "cpuacct.usage") / 1e9, memory_bytes=used,
+                             disk_read_bytes=rbytes, disk_write_bytes=wbytes, disk_read_ops=rops,
+                             disk_write_ops=wops)
+    d = root / group
+    if not (d / "cgroup.procs").exists():
+        return None
+    cpu_stat = dict(line.split() for line in _lines(d / "cpu.stat") if len(line.split()) == 2)
+    io = {"rbytes": 0, "wbytes": 0, "rios": 0, "wios": 0}
+    for line in _lines(d / "io.stat"):
+        for field in line.split()[1:]:
+            key, _, value = field.partition("=")
+            if key in io and value.isdigit():
+                io[key] += int(value)
+    return InstanceStats(cpu_seconds=int(cpu_stat.get("usage_usec", 0)) / 1e6,
+                         memory_bytes=_read_int(d / "memory.current"), disk_read_bytes=io["rbytes"],
+                         disk_write_bytes=io["wbytes"], disk_read_ops=io["rios"], disk_write_ops=io["wios"])
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
 
 
 
@@ -417,6 +492,27 @@ class OciDriver(ComputeDriver[ContainerSpec]):
         out = [ConsoleEndpoint(kind="log", path=str(self._dir(name) / "console.log"))]
         if name in self._relays and self._relays[name].is_alive():
             out.insert(0, ConsoleEndpoint(kind="serial-unix", path=str(socket_path(self._dir(name) / "tty.sock"))))
+        return out
+
+    def stats(self) -> dict[str, InstanceStats]:
+        """Each running container's cgroup counters, and its veths' (read from the host end:
+        what the host receives, the container sent)."""
+        try:
+            net = net_dev_counters(Path("/proc/net/dev").read_text())
+        except OSError:
+            net = {}
+        out: dict[str, InstanceStats] = {}
+        for name in self.list_instances():
+            usage = cgroup_stats(CGROUP_ROOT, f"{self.host_prefix}/{name}")
+            if usage is None:
+                continue
+            try:
+                nics = self._spec(name).nics
+            except (InstanceNotFound, OSError, ValueError):
+                nics = ()
+            host_rx = sum(net.get(n.host_dev, (0, 0))[0] for n in nics)
+            host_tx = sum(net.get(n.host_dev, (0, 0))[1] for n in nics)
+            out[name] = dataclasses.replace(usage, net_rx_bytes=host_tx, net_tx_bytes=host_rx)
         return out
 
     def exec(self, name: str, argv: list[str], timeout: float = 60.0, tty: bool = False) -> ExecResult:

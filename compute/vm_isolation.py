@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from compute import block_volumes
-from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, NodeResources
+from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, InstanceStats, NodeResources
 from compute.errors import HypervisorError, InstanceExists, InstanceNotFound, InvalidPowerState, InvalidSpec
 from compute.guest_agent import PORT_NAME, AgentLink, process_payload, run_process
 from compute.oci_bundle import CPU_PERIOD_US, process_cwd, process_env
@@ -285,3 +285,8 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
         if not self._link(name).ready.wait(timeout):
             raise HypervisorError(f"container {name!r}: its agent does not answer")
         return exec_in(self.state_dir, name, argv, tty, timeout)
+
+    def stats(self) -> dict[str, InstanceStats]:
+        """Each container's guest, as the VM driver measures it."""
+        mine = set(self.list_instances())
+        return {name: st for name, st in self.vms.stats().items() if name in mine}

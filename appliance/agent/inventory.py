@@ -50,7 +50,7 @@ def disks() -> list[dict[str, Any]]:
     out = []
     for dev in sorted((SYS / "block").glob("*")):
         name = dev.name
-        if name.startswith(("loop", "ram", "zram", "dm-", "sr", "nbd")):
+        if not is_node_disk(name):
             continue
         sectors = _read(dev / "size", "0")
         out.append({
@@ -62,12 +62,22 @@ def disks() -> list[dict[str, Any]]:
     return out
 
 
+def is_node_nic(name: str) -> bool:
+    """A NIC of the node itself (hardware, or an ethN of a virtual machine or lab node),
+    not loopback or a bridge, tap or veth."""
+    return name != "lo" and ((SYS / "class/net" / name / "device").exists() or name.startswith("eth"))
+
+
+def is_node_disk(name: str) -> bool:
+    return not name.startswith(("loop", "ram", "zram", "dm-", "sr", "nbd"))
+
+
 def nics() -> list[dict[str, Any]]:
     addrs = psutil.net_if_addrs()
     stats = psutil.net_if_stats()
     out = []
     for name in sorted(addrs):
-        if name == "lo" or (not (SYS / "class/net" / name / "device").exists() and not name.startswith("eth")):
+        if not is_node_nic(name):
             continue
         mac = next((a.address for a in addrs[name] if a.family == psutil.AF_LINK), "")
         ips = [a.address.split("%")[0] for a in addrs[name] if a.family.name in ("AF_INET", "AF_INET6")]

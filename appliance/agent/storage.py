@@ -10,6 +10,7 @@ daemon gets its pools back and the guests their disks."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import Any
 
@@ -27,6 +28,18 @@ from storage.errors import StorageError
 
 log = logging.getLogger("cairn.agent.storage")
 STATS_EVERY = 30.0  # seconds; stats walk every block map of the pool
+
+
+def local_capacity(url: str) -> dict[str, int] | None:
+    """Size and free space of the file system a ``local://`` pool lives on (None for
+    other backends, or before the directory exists)."""
+    if not url.startswith("local://"):
+        return None
+    try:
+        usage = shutil.disk_usage(url.removeprefix("local://"))
+    except OSError:
+        return None
+    return {"total_bytes": usage.total, "free_bytes": usage.free}
 
 
 class StorageReconciler:
@@ -105,6 +118,9 @@ class StorageReconciler:
                 if fresh and time.monotonic() - self._stats_at.get(name, 0.0) >= STATS_EVERY:
                     update["stats"] = self.client.call("stats", pool=name)
                     update["dedup_ratio"] = update["stats"].get("dedup_ratio")  # `cairn pool get -o json`
+                    capacity = local_capacity(pool.url)
+                    if capacity is not None:
+                        update["capacity"] = capacity
                     self._stats_at[name] = time.monotonic()
             except StorageError as exc:
                 update = {"phase": "Error", "message": str(exc)}

@@ -1,11 +1,13 @@
 """Prometheus metrics: request latency by route, task counts by state, node
-heartbeat age. Gauges from the database are read at scrape time."""
+heartbeat age, pools' space. Gauges from the database are read at scrape time; the
+node's and its instances' samples come from the agent (``appliance/agent/sampler.py``)."""
 
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -13,7 +15,16 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.db.engine import session_scope
-from appliance.services import nodes, tasks
+from appliance.services import nodes, pools, tasks
+
+POOL_GAUGES = (
+    ("logical_bytes", "Bytes the pool's volumes and snapshots hold, as written"),
+    ("stored_bytes", "Bytes the pool keeps after deduplication and compression"),
+    ("dedup_ratio", "Logical bytes per unique byte"),
+    ("compression_ratio", "Unique bytes per stored byte"),
+    ("capacity_bytes", "Size of the file system or cluster the pool lives on, when known"),
+    ("free_bytes", "Free space there"),
+)
 
 
 class StateCollector(Collector):
@@ -25,15 +36,21 @@ class StateCollector(Collector):
         age = GaugeMetricFamily("cairn_node_heartbeat_age_seconds", "Seconds since a node's last heartbeat",
                                 labels=["node"])
         ready = GaugeMetricFamily("cairn_node_ready", "1 if the node is Ready", labels=["node"])
+        space = {key: GaugeMetricFamily(f"cairn_pool_{key}", doc, labels=["pool"]) for key, doc in POOL_GAUGES}
         with session_scope(self.url, readonly=True) as session:
             for state, n in tasks.counts_all(session).items():
                 task_gauge.add_metric([state], n)
             for name, phase, seconds in nodes.heartbeat_ages(session):
                 age.add_metric([name], seconds)
                 ready.add_metric([name], 1.0 if phase == "Ready" else 0.0)
+            for pool, stats in pools.space_all(session):
+                for key, fam in space.items():
+                    if isinstance(stats.get(key), int | float):
+                        fam.add_metric([pool], float(stats[key]))
         yield task_gauge
         yield age
         yield ready
+        yield from space.values()
 
 
 def make_registry(url: str) -> tuple[CollectorRegistry, Histogram]:
@@ -129,3 +146,13 @@ async def _too_large(send: Send, limit: int) -> None:
                 "headers": [(b"content-type", b"application/problem+json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def agent_samples(path: Path, interval: float) -> bytes:
+    """The agent's latest samples, unless they are stale (the agent stopped sampling)."""
+    try:
+        if time.time() - path.stat().st_mtime > max(30.0, 5 * interval):
+            return b""
+        return path.read_bytes()
+    except OSError:
+        return b""

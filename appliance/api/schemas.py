@@ -565,3 +565,26 @@ class VolumeClone(Strict):
     snapshot: Name
     name: Name = Field(description="the new volume")
     size: Size | None = None
+
+
+# --- history graphs --------------------------------------------------------------------------
+
+MetricsRange = Literal["hour", "day", "week"]
+
+
+class Series(Open):
+    name: str = Field(description="cpu, memory, memory_total, net_in, net_out, disk_read, disk_write, "
+                                  "disk_read_iops, disk_write_iops; pools: logical_bytes, stored_bytes, "
+                                  "dedup_ratio, compression_ratio")
+    unit: str = Field(description="percent (of the node's CPUs, or of the instance's vCPUs), bytes, "
+                                  "bytes/s, ops/s or ratio")
+    points: list[tuple[float, float]] = Field(description="[unix time, value], oldest first; gaps where "
+                                                          "nothing was sampled")
+
+
+class Metrics(Open):
+    range: MetricsRange
+    start: float
+    end: float
+    step: int = Field(description="seconds between points")
+    series: list[Series]

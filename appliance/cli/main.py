@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from appliance.cli import admin as admin_cli
 from appliance.cli import cluster as cluster_cli
 from appliance.cli import local
+from appliance.cli import metrics as metrics_cli
 from appliance.cli import routers as routers_cli
 from appliance.cli import storage as storage_cli
 from appliance.cli.client import Client, load_config, save_config
@@ -45,6 +46,7 @@ app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
 app.add_typer(container_app, name="container")
 storage_cli.register(app, image_app, vm_app)
+metrics_cli.register(node_app, vm_app, container_app, storage_cli.pool_app)
 routers_cli.register(app)
 cluster_cli.register(app)
 

@@ -111,3 +111,17 @@ def node_pools(session: Session, node: str) -> list[StoragePool]:
     if host is None:
         return []
     return list(session.scalars(select(StoragePool).where(StoragePool.node_id == host.id)))
+
+
+def space_all(session: Session) -> list[tuple[str, dict[str, Any]]]:
+    """Every pool's name and space figures as its node last reported them (``/metrics``):
+    logical / stored bytes, dedup and compression ratios, capacity when known."""
+    out = []
+    for name, status in session.execute(select(StoragePool.name, StoragePool.status)):
+        stats = dict((status or {}).get("stats") or {})
+        capacity = (status or {}).get("capacity") or {}
+        if capacity.get("total_bytes") is not None:
+            stats["capacity_bytes"] = capacity["total_bytes"]
+            stats["free_bytes"] = capacity.get("free_bytes")
+        out.append((name, stats))
+    return out

@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
-from appliance.api.deps import AppSettings, Caller, DbSession, access
+from appliance.api import metrics as api_metrics
+from appliance.api.deps import AppSettings, Caller, DbSession, access, authenticate
 from appliance.api.schemas import (
     ClusterStatus,
     ClusterView,
@@ -18,6 +19,7 @@ from appliance.api.schemas import (
     Name,
 )
 from appliance.services import cluster
+from appliance.timeseries import store
 from appliance.version import __version__
 
 router = APIRouter(tags=["cluster"])
@@ -78,9 +80,14 @@ def remove_member(name: Name, session: DbSession, caller: Caller, settings: AppS
 
 @root_router.get("/metrics", openapi_extra=access("cluster:read"),
             responses={200: {"content": {"text/plain": {}}}})
-def metrics(request: Request, caller: Caller) -> Response:
-    """Prometheus text format (request latency, task counts, node heartbeats)."""
+def metrics(request: Request, session: DbSession, settings: AppSettings) -> Response:
+    """Prometheus text format: request latency, task counts, node heartbeats, pools' space,
+    and this node's and its instances' latest samples (what the graphs are made of). The
+    members' Prometheus servers scrape it with the cluster's scrape token."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    caller.require_cluster("read")
-    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+    if not store.is_scrape_token(settings, request.headers.get("authorization")):
+        authenticate(request, session).require_cluster("read")
+    body = generate_latest(request.app.state.registry)
+    body += api_metrics.agent_samples(settings.metrics_file, settings.metrics_interval)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

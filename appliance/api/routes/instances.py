@@ -8,12 +8,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from appliance.api.deps import Caller, DbSession, access
+from appliance.api.deps import AppSettings, Caller, DbSession, access
 from appliance.api.routes.tasks import accepted
 from appliance.api.schemas import (
     ContainerCreate,
     ExecRequest,
     Limit,
+    Metrics,
+    MetricsRange,
     MigrateRequest,
     Name,
     ResourceList,
@@ -24,7 +26,7 @@ from appliance.api.schemas import (
     VolumeRollback,
 )
 from appliance.errors import Conflict
-from appliance.services import instances, vm_snapshots
+from appliance.services import history, instances, vm_snapshots
 
 router = APIRouter(tags=["vms", "containers"])
 ProjectQuery = Annotated[str, Query(min_length=1, max_length=63, description="project name")]
@@ -126,6 +128,15 @@ def _routes(kind: str, plural: str) -> None:
     @router.delete(base + "/{name}", status_code=202, openapi_extra=access("project:write"), name=f"delete_{kind}")
     def delete(name: Name, session: DbSession, caller: Caller, project: ProjectQuery = "default") -> JSONResponse:
         return accepted(instances.delete(session, caller, kind, project, name))
+
+    @router.get(base + "/{name}/metrics", response_model=Metrics, openapi_extra=access("project:read"),
+                name=f"metrics_of_{kind}")
+    def metrics(name: Name, session: DbSession, caller: Caller, settings: AppSettings,
+                project: ProjectQuery = "default", range: MetricsRange = "hour") -> dict[str, Any]:
+        """History: CPU (percent of its vCPUs or CPU limit), memory, network in/out, disk
+        read/write bytes and operations per second, over the last hour, day or week, across
+        the nodes it ran on. Any member answers."""
+        return history.instance(session, caller, settings, kind, project, name, range)
 
     @router.post(base + "/{name}/{action}", status_code=202, openapi_extra=access("project:write"),
                  name=f"act_on_{kind}")

@@ -7,10 +7,19 @@ from typing import Any, Literal
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from appliance.api.deps import Caller, DbSession, IfMatch, access
+from appliance.api.deps import AppSettings, Caller, DbSession, IfMatch, access
 from appliance.api.routes.tasks import accepted
-from appliance.api.schemas import BenchmarkRequest, Limit, Name, NodeUpdate, ResourceList, ResourcePublic
-from appliance.services import nodes
+from appliance.api.schemas import (
+    BenchmarkRequest,
+    Limit,
+    Metrics,
+    MetricsRange,
+    Name,
+    NodeUpdate,
+    ResourceList,
+    ResourcePublic,
+)
+from appliance.services import history, nodes
 
 router = APIRouter(prefix="/nodes", tags=["nodes"])
 
@@ -54,3 +63,12 @@ def benchmark_node(name: Name, session: DbSession, caller: Caller,
 def refresh_inventory(name: Name, session: DbSession, caller: Caller) -> JSONResponse:
     """Re-read the node's hardware inventory."""
     return accepted(nodes.refresh_inventory(session, caller, name))
+
+
+@router.get("/{name}/metrics", response_model=Metrics, openapi_extra=access("cluster:read"))
+def node_metrics(name: Name, session: DbSession, caller: Caller, settings: AppSettings,
+                 range: MetricsRange = "hour") -> dict[str, Any]:
+    """History of the node: CPU (percent of its CPUs), memory, network in/out, disk
+    read/write bytes and operations per second, over the last hour, day or week. Any
+    member answers for every node."""
+    return history.node(session, caller, settings, name, range)

@@ -13,6 +13,8 @@ from appliance.api.routes.scoped import ProjectQuery, add_scoped_routes
 from appliance.api.routes.tasks import accepted
 from appliance.api.schemas import (
     Limit,
+    Metrics,
+    MetricsRange,
     Name,
     ResourceList,
     ResourcePublic,
@@ -23,7 +25,7 @@ from appliance.api.schemas import (
     VolumeResize,
     VolumeRollback,
 )
-from appliance.services import pools, volumes
+from appliance.services import history, pools, volumes
 
 router = APIRouter(tags=["storage"])
 
@@ -39,6 +41,13 @@ def list_pools(session: DbSession, caller: Caller, limit: Limit = 100, cursor: s
 @router.get("/pools/{name}", response_model=ResourcePublic, openapi_extra=access("authenticated"))
 def get_pool(name: Name, session: DbSession, caller: Caller) -> dict[str, Any]:
     return pools.get(session, caller, name)
+
+
+@router.get("/pools/{name}/metrics", response_model=Metrics, openapi_extra=access("authenticated"))
+def pool_metrics(name: Name, session: DbSession, caller: Caller, settings: AppSettings,
+                 range: MetricsRange = "hour") -> dict[str, Any]:
+    """History of the pool's space: logical vs stored bytes, dedup and compression ratios."""
+    return history.pool(session, caller, settings, name, range)
 
 
 @router.post("/pools", status_code=201, response_model=ResourcePublic, openapi_extra=access("cluster:admin"))
