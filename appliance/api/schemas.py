@@ -260,6 +260,8 @@ class ClusterStatus(Open):
     node: str
     nodes: dict[str, int]
     tasks: dict[str, int]
+    instances: dict[str, dict[str, int]] = Field(default_factory=dict,
+                                                 description="VMs and containers you can see: total and per vm_state")
     versions: Versions
 
 

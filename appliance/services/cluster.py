@@ -20,7 +20,7 @@ from appliance import pki
 from appliance.db import migrate
 from appliance.db.models import JoinToken, Node
 from appliance.errors import Conflict, InvalidInput, NotFound, PermissionDenied
-from appliance.services import events, nodes, tasks
+from appliance.services import events, instances, nodes, tasks
 from appliance.services.principal import Principal
 from appliance.services.resources import iso, rowcount
 from appliance.settings import Settings
@@ -52,6 +52,7 @@ def status(session: Session, principal: Principal, serving_node: str) -> dict[st
         "node": serving_node,
         "nodes": nodes.counts(session),
         "tasks": tasks.counts(session, principal),
+        "instances": instances.counts(session, principal),
         "versions": versions(session),
     }
 

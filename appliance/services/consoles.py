@@ -25,3 +25,11 @@ def recheck(url: str, creds: streams.Credentials, before: Principal, kind: str, 
     now = streams.recheck(url, creds, before)
     socket_path(url, now, kind, project, name, want)
     return now
+
+
+def vnc_target(url: str, principal: Principal, project: str, name: str) -> tuple[str, str | None]:
+    """A VM's VNC socket (operator rights in the project needed) and the node it runs on."""
+    path = socket_path(url, principal, "vm", project, name, "vnc-unix")
+    with session_scope(url, readonly=True) as session:
+        data = instances.KINDS["vm"].get(session, principal, project, name)
+    return path, data["status"].get("node")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from appliance.db.models import Instance, Node, PlacementGroup, Port
@@ -262,3 +262,30 @@ def migrate(session: Session, principal: Principal, kind: str, project: str, nam
     return tasks.create(session, "instance.migrate", {"instance_id": row.id, "to": to, "mode": mode},
                         queue=f"node.{source.name}", principal=principal, project_id=row.project_id,
                         resource=(kind, row.id, name), max_attempts=1)
+
+
+def list_filtered(session: Session, principal: Principal, kind: str, project: str | None, limit: int,
+                  cursor: str | None, search: str | None = None, state: str | None = None,
+                  node: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of VMs or containers, filtered in the database: name contains ``search``,
+    ``vm_state`` is ``state``, placed on ``node`` (the console's list with thousands)."""
+    node_id: str | None = None
+    if node:
+        node_id = session.scalar(select(Node.id).where(Node.name == node)) or "-"  # unknown node: nothing
+    return KINDS[kind].list_(session, principal, project, limit, cursor, search=search, vm_state=state,
+                             node_id=node_id)
+
+
+def counts(session: Session, principal: Principal) -> dict[str, dict[str, int]]:
+    """VMs and containers the caller can see, by kind: ``total`` and per ``vm_state``
+    (one GROUP BY, whatever their number)."""
+    query = select(Instance.kind, Instance.vm_state, func.count()).group_by(Instance.kind, Instance.vm_state)
+    visible = principal.readable_project_ids()
+    if visible is not None:
+        query = query.where(Instance.project_id.in_(visible))
+    out: dict[str, dict[str, int]] = {"vm": {"total": 0}, "container": {"total": 0}}
+    for kind, state, n in session.execute(query):
+        bucket = out.setdefault(kind, {"total": 0})
+        bucket[state] = bucket.get(state, 0) + n
+        bucket["total"] += n
+    return out

@@ -74,8 +74,10 @@ class ScopedKind(Generic[M]):
         return self.shown(principal, row, proj.name)
 
     def list_(self, session: Session, principal: Principal, project: str | None, limit: int,
-              cursor: str | None, **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
-        """One project's, or every project the caller can see when ``project`` is None."""
+              cursor: str | None, search: str | None = None,
+              **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
+        """One project's, or every project the caller can see when ``project`` is None;
+        ``search``: only names containing it; ``filters``: column == value."""
         query = self._scope(select(self.model, Project.name).join(Project, Project.id == self.model.project_id))
         if project is not None:
             proj = project_by_name(session, principal, project)
@@ -87,6 +89,8 @@ class ScopedKind(Generic[M]):
         for column, value in filters.items():
             if value is not None:
                 query = query.where(getattr(self.model, column) == value)
+        if search:
+            query = query.where(self.model.name.contains(search.lower(), autoescape=True))
         rows = list(session.execute(keyset(query, (Project.name, self.model.name, self.model.id),
                                            cursor, limit)))
         rows, nxt = page(rows, limit, lambda r: (r[1], r[0].name, r[0].id))

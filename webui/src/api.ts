@@ -38,7 +38,7 @@ export interface Inventory {
   [extra: string]: unknown;
 }
 export interface NodeStatus {
-  phase: "Ready" | "NotReady";
+  phase: "Ready" | "NotReady" | "Fenced" | "Maintenance";
   last_heartbeat: string | null;
   inventory?: Partial<Inventory>;
   allocatable?: { cpu?: number; memory_bytes?: number };
@@ -78,6 +78,7 @@ export interface InstanceSpec {
   tty?: boolean;
   isolation?: "container" | "vm";
   mounts?: { volume: string; path: string; fs: string; readonly: boolean }[];
+  ha?: boolean;
   [extra: string]: unknown;
 }
 export interface InstanceStatus {
@@ -100,6 +101,39 @@ export type Volume = Resource<
 export interface VolumeSnapshot { id?: string; name: string; volume: string; size_bytes: number; created_at: string | null }
 export type Network = Resource<{ cidr?: string | null; mtu?: number }, { phase?: string; vni?: number }>;
 
+export interface PoolStats {
+  logical_bytes?: number;
+  stored_bytes?: number;
+  unique_bytes?: number;
+  dedup_ratio?: number;
+  compression_ratio?: number;
+  volumes?: number;
+  backend_bytes?: number;
+}
+export type Pool = Resource<
+  { backend?: string; url?: string; replication?: number; chunk_size?: number },
+  { phase?: string; message?: string; node?: string | null; stats?: PoolStats; capacity?: { total_bytes: number; free_bytes: number } }
+>;
+export interface PortForward { id: string; protocol: string; external_port: number; internal_address: string; internal_port: number; port?: string | null }
+export interface RouterInterface { network: string; subnet: string; cidr: string; gateway: string }
+export type Router = Resource<
+  { external?: boolean; description?: string; interfaces?: RouterInterface[]; port_forwards?: PortForward[] },
+  { phase?: string; message?: string; node?: string | null; external_address?: string | null; [k: string]: unknown }
+>;
+export type FloatingIp = Resource<
+  { port?: string | null; description?: string },
+  { address?: string; fixed_address?: string | null; router?: string | null; phase?: string; [k: string]: unknown }
+>;
+export interface ClusterMember { name: string; address: string; roles: string[]; ready: boolean }
+export interface ClusterView {
+  mode: "embedded" | "cluster";
+  members: ClusterMember[];
+  quorum: boolean;
+  database: { primary?: string | null; [k: string]: unknown };
+  ceph: { health?: string | null; [k: string]: unknown };
+  [k: string]: unknown;
+}
+
 export interface Role { project: string; role: string }
 export interface Me { name: string; cluster_role?: string | null; roles: Role[] }
 
@@ -108,6 +142,7 @@ export interface ClusterStatus {
   node?: string;
   nodes: { total: number; ready: number; [k: string]: number };
   tasks: Record<string, number>;
+  instances?: Record<InstanceKind, Record<string, number>>; // per kind: total and per vm_state
 }
 
 export interface Page<T> { items: T[]; next_cursor: string | null }
@@ -121,6 +156,10 @@ export class ApiError extends Error {
   ) {
     super(detail || title || `HTTP ${status}`);
   }
+}
+
+export function asError(e: unknown): ApiError {
+  return e instanceof ApiError ? e : new ApiError(0, "Error", e instanceof Error ? e.message : String(e));
 }
 
 type Unauthorized = () => void;
@@ -178,6 +217,11 @@ export async function request<T>(method: string, path: string, body?: unknown, q
   return (text ? JSON.parse(text) : undefined) as T;
 }
 
+/** The raw answer of a POST (a file to download). */
+export async function postForFile(path: string): Promise<Response> {
+  return send("POST", path, {}, false, "*/*");
+}
+
 /** A plain-text answer (a console log). */
 export async function getText(path: string): Promise<string> {
   return (await send("GET", path, undefined, false, "text/plain")).text();
@@ -186,6 +230,40 @@ export async function getText(path: string): Promise<string> {
 export const get = <T>(path: string) => request<T>("GET", path);
 export const post = <T>(path: string, body?: unknown) => request<T>("POST", path, body ?? {});
 export const del = <T>(path: string) => request<T>("DELETE", path);
+
+/**
+ * PUT a file as the request body (an image upload), reporting the bytes sent: fetch()
+ * cannot tell upload progress, XMLHttpRequest can. Resolves with the JSON answer.
+ */
+export function upload<T>(path: string, file: Blob, onProgress: (sent: number, total: number) => void,
+  signal?: AbortSignal): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("PUT", `${API}/${path}`);
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.setRequestHeader("X-CSRF-Token", csrfToken());
+    xhr.upload.onprogress = (e) => onProgress(e.loaded, e.lengthComputable ? e.total : file.size);
+    xhr.onerror = () => reject(new ApiError(0, "Network error", "the upload was interrupted: is the appliance up?"));
+    xhr.onabort = () => reject(new ApiError(0, "Cancelled", "the upload was cancelled"));
+    xhr.onload = () => {
+      let body: { title?: string; detail?: unknown } | null = null;
+      try {
+        body = xhr.responseText ? JSON.parse(xhr.responseText) : null;
+      } catch {
+        body = null;
+      }
+      if (xhr.status === 401) onUnauthorized();
+      if (xhr.status >= 200 && xhr.status < 300) resolve(body as T);
+      else {
+        const detail = typeof body?.detail === "string" ? body.detail : `${xhr.status} ${xhr.statusText}`;
+        reject(new ApiError(xhr.status, body?.title ?? xhr.statusText, detail));
+      }
+    };
+    signal?.addEventListener("abort", () => xhr.abort());
+    xhr.send(file);
+  });
+}
 
 export async function login(username: string, password: string): Promise<Me> {
   const res = await request<{ user: Me; csrf_token: string }>("POST", "auth/login", { username, password }, true);
@@ -209,6 +287,21 @@ export function qs(params: Record<string, string | number | null | undefined>): 
   for (const [k, v] of Object.entries(params)) if (v !== null && v !== undefined && v !== "") q.set(k, String(v));
   const s = q.toString();
   return s ? `?${s}` : "";
+}
+
+/** The API's routes ("GET /api/v1/nodes/{name}/drain"), from its OpenAPI document once read. */
+const offeredRoutes = new Set<string>();
+
+export function setOfferedRoutes(paths: Record<string, Record<string, unknown>>): void {
+  offeredRoutes.clear();
+  for (const [path, methods] of Object.entries(paths)) {
+    for (const m of Object.keys(methods)) offeredRoutes.add(`${m.toUpperCase()} ${path}`);
+  }
+}
+
+/** Whether this API offers a route (features land at different times on different nodes). */
+export function offers(route: string): boolean {
+  return offeredRoutes.has(route);
 }
 
 /** Whether the user may read cluster-scoped things (nodes, all users): any cluster role. */

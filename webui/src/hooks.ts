@@ -1,7 +1,7 @@
 /** Data hooks: fetch with loading/error state, lists that stay current through live events. */
 
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
-import { ApiError, get, qs, type Page, type Task } from "./api";
+import { ApiError, asError, get, qs, type Page, type Task } from "./api";
 import { useLive, type ChangeEvent } from "./live";
 
 export interface Loaded<T> {
@@ -9,10 +9,6 @@ export interface Loaded<T> {
   error: ApiError | null;
   loading: boolean;
   reload: () => void;
-}
-
-function asApiError(e: unknown): ApiError {
-  return e instanceof ApiError ? e : new ApiError(0, "Error", String(e));
 }
 
 export function useFetch<T>(path: string | null): Loaded<T> {
@@ -33,7 +29,7 @@ export function useFetch<T>(path: string | null): Loaded<T> {
         setData(d);
         setError(null);
       })
-      .catch((e) => mine === generation.current && setError(asApiError(e)))
+      .catch((e) => mine === generation.current && setError(asError(e)))
       .finally(() => mine === generation.current && setLoading(false));
   }, [path]);
   useEffect(load, [load]);
@@ -97,7 +93,7 @@ export function useLiveList<T extends { id: string }>(
         setCursor(page.next_cursor);
         setError(null);
       })
-      .catch((e) => mine === generation.current && setError(asApiError(e)))
+      .catch((e) => mine === generation.current && setError(asError(e)))
       .finally(() => mine === generation.current && setLoading(false));
   }, [key]);
 
@@ -212,4 +208,31 @@ export function useResourceTasks(kind: string): ResourceTasks {
     get<Task>(`tasks/${task.id}`).then(put).catch(() => {});
   }, [put]);
   return { byResource, track };
+}
+
+export interface ActionState {
+  busy: boolean;
+  error: ApiError | null;
+  setError: (e: ApiError | null) => void;
+  /** Runs `fn` with busy set; its error (an ApiError) goes to `error`; resolves with its value, or undefined. */
+  run: <T>(fn: () => Promise<T>) => Promise<T | undefined>;
+}
+
+/** One button's (or dialog's) write: busy while it runs, the API's refusal shown where it was asked. */
+export function useAction(): ActionState {
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<ApiError | null>(null);
+  const run = useCallback(async <T,>(fn: () => Promise<T>): Promise<T | undefined> => {
+    setBusy(true);
+    setError(null);
+    try {
+      return await fn();
+    } catch (e) {
+      setError(asError(e));
+      return undefined;
+    } finally {
+      setBusy(false);
+    }
+  }, []);
+  return { busy, error, setError, run };
 }

@@ -22,6 +22,7 @@ type Listener = (e: ChangeEvent) => void;
 const KINDS = [
   "node", "task", "project", "user", "token", "member", "image", "vm", "container", "instance",
   "network", "subnet", "port", "security-group", "placement-group", "volume", "snapshot",
+  "storage-pool", "router", "floating-ip", "cluster",
 ];
 const RECENT_MAX = 200;
 

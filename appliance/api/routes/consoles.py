@@ -12,10 +12,13 @@ import contextlib
 from typing import Literal
 
 import anyio
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect, WebSocketException, status
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect, WebSocketException, status
 
-from appliance.api.deps import SESSION_COOKIE
-from appliance.errors import CairnError, PermissionDenied, TooManyRequests
+from appliance.api import vnc_ticket
+from appliance.api.deps import SESSION_COOKIE, AppSettings, Caller, access
+from appliance.api.routes.scoped import ProjectQuery
+from appliance.api.schemas import Name
+from appliance.errors import CairnError, Conflict, PermissionDenied, TooManyRequests
 from appliance.services import audit, consoles, streams
 from appliance.services.principal import Principal
 
@@ -135,3 +138,20 @@ async def vm_console(websocket: WebSocket, name: str, console: Literal["serial",
 async def container_tty(websocket: WebSocket, name: str, project: str = "default") -> None:
     """The interactive terminal of a container created with ``tty: true`` (xterm.js)."""
     await _serve(Console(websocket, "container", project, name, "serial-unix"))
+
+
+@router.post("/vms/{name}/console/vv", openapi_extra=access("project:write"),
+             responses={200: {"content": {"application/x-virt-viewer": {}}}})
+async def vm_console_vv(name: Name, request: Request, caller: Caller, settings: AppSettings,
+                        project: ProjectQuery = "default") -> Response:
+    """A ``.vv`` file for remote-viewer: the VM's screen on a fresh port of this node with a
+    one-time ticket (RFB VNC authentication), usable once within a minute."""
+    url = settings.resolved_database_url
+    path, node = await anyio.to_thread.run_sync(consoles.vnc_target, url, caller, project, name)
+    if node and node != settings.node_name:
+        raise Conflict(f"VM '{name}' runs on node {node}: download its .vv from that node's console")
+    host = request.url.hostname or "127.0.0.1"
+    ticket = await vnc_ticket.open_ticket(path, settings.api_host, who=caller.user_name or "")
+    body = vnc_ticket.vv_file(ticket, f"[{host}]" if ":" in host else host, f"VM {name} ({project}) - Cairn")
+    return Response(body, media_type="application/x-virt-viewer",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.vv"', "Cache-Control": "no-store"})

@@ -116,8 +116,14 @@ def _routes(kind: str, plural: str) -> None:
     @router.get(base, response_model=ResourceList, openapi_extra=access("authenticated"),
                 name=f"list_{plural}")
     def list_(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None,
-              project: Annotated[str | None, Query(max_length=63)] = None) -> dict[str, Any]:
-        items, nxt = instances.KINDS[kind].list_(session, caller, project, limit, cursor)
+              project: Annotated[str | None, Query(max_length=63)] = None,
+              q: Annotated[str | None, Query(max_length=63, description="names containing this")] = None,
+              state: Annotated[str | None, Query(max_length=16, pattern=r"^[a-z-]+$",
+                                                 description="vm_state: active, stopped, error...")] = None,
+              node: Annotated[str | None, Query(max_length=63, description="placed on this node")] = None,
+              ) -> dict[str, Any]:
+        """By project, then name; filtered in the database (thousands list fast)."""
+        items, nxt = instances.list_filtered(session, caller, kind, project, limit, cursor, q, state, node)
         return {"items": items, "next_cursor": nxt}
 
     @router.get(base + "/{name}", response_model=ResourcePublic, openapi_extra=access("project:read"),

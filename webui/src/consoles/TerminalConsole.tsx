@@ -10,6 +10,13 @@ import type { Terminal } from "@xterm/xterm";
 import type { SearchAddon } from "@xterm/addon-search";
 import { ApiError, getText } from "../api";
 import { socketUrl } from "../instances";
+import { PasteDialog } from "./PasteDialog";
+
+/** Control characters a browser may keep for itself (Ctrl-W closes the tab…). */
+const CONTROL_KEYS: [string, string][] = [
+  ["\x03", "Ctrl-C (interrupt)"], ["\x04", "Ctrl-D (end of input)"], ["\x1a", "Ctrl-Z (suspend)"],
+  ["\x1c", "Ctrl-\\ (quit)"], ["\x0c", "Ctrl-L (redraw)"], ["\x17", "Ctrl-W"], ["\x1b", "Esc"],
+];
 
 type State = "loading" | "connecting" | "connected" | "closed" | "refused";
 
@@ -39,6 +46,7 @@ export function TerminalConsole({ socket, history, label }: {
   const [state, setState] = useState<State>("loading");
   const [reason, setReason] = useState("");
   const [attempt, setAttempt] = useState(0);
+  const [pasting, setPasting] = useState(false);
 
   useEffect(() => {
     let disposed = false;
@@ -153,9 +161,22 @@ export function TerminalConsole({ socket, history, label }: {
           aria-invalid={found === false} title={found === false ? "not found" : "Enter: further back, Shift+Enter: forward"}
           onInput={(e) => { setFind((e.target as HTMLInputElement).value); setFound(null); }} onKeyDown={onFindKey} />
         {found === false && <span class="muted small" aria-live="polite">not found</span>}
+        <div class="keys" role="group" aria-label="Special keys">
+          <select class="small" aria-label="Send a control key" disabled={!live} value=""
+            onChange={(e) => { const k = (e.target as HTMLSelectElement).value; if (k) { term.current?.input(k); term.current?.focus(); } }}>
+            <option value="">Keys…</option>
+            {CONTROL_KEYS.map(([k, what]) => <option key={what} value={k}>{what}</option>)}
+          </select>
+          <button type="button" class="small" disabled={!live} onClick={() => setPasting(true)}>Paste…</button>
+        </div>
         <button type="button" class="small" disabled={!live} onClick={() => { term.current?.clear(); term.current?.focus(); }}>Clear</button>
       </div>
       <div class="terminal" ref={host} data-testid="terminal" />
+      {pasting && (
+        <PasteDialog title="Paste into the console" onClose={() => { setPasting(false); term.current?.focus(); }}
+          hint="Sent as if typed (line breaks as Enter). Ctrl-Shift-V pastes straight into the terminal too."
+          onSend={(text) => { term.current?.paste(text); return null; }} />
+      )}
     </section>
   );
 }

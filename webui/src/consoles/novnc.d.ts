@@ -18,6 +18,8 @@ declare module "@novnc/novnc" {
     disconnect(): void;
     focus(): void;
     sendCtrlAltDel(): void;
+    sendKey(keysym: number, code: string | null, down?: boolean): void;
+    clipboardPasteFrom(text: string): void;
     sendCredentials(credentials: { username?: string; password?: string; target?: string }): void;
   }
 }

@@ -5,7 +5,9 @@ import { Badge, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
 import { ago } from "../format";
 import { useFetch, usePoll, useThrottled, useTick } from "../hooks";
 import { useLive } from "../live";
+import { StorageCard } from "./Storage";
 
+const WORK_STATES = ["active", "building", "stopped", "paused", "migrating", "error"];
 const TASK_COLORS: Record<string, string> = {
   pending: "var(--muted-fill)", running: "var(--info)", succeeded: "var(--ok)", failed: "var(--bad)", cancelled: "var(--warn)",
 };
@@ -19,7 +21,7 @@ export function Dashboard({ user }: { user: Me }) {
     status.reload();
     if (cluster) nodes.reload();
   }, 1000);
-  useLive(["node", "task"], refresh);
+  useLive(["node", "task", "vm", "container"], refresh);
   // Heartbeats are not events: re-read now and then so "last heartbeat" stays true.
   usePoll(refresh, 15000);
   const now = useTick();
@@ -58,6 +60,29 @@ export function Dashboard({ user }: { user: Me }) {
                 segments={TASK_STATES.filter((k) => s.tasks[k]).map((k) => ({ label: k, value: s.tasks[k], color: TASK_COLORS[k] }))} />
             ) : <Empty>No tasks yet.</Empty>}
           </section>
+          {s.instances && (
+            <section class="card" aria-labelledby="work-h" data-testid="workloads">
+              <h2 id="work-h">Workloads</h2>
+              <dl class="stat-grid two">
+                {(["vm", "container"] as const).map((k) => {
+                  const c = s.instances![k] ?? { total: 0 };
+                  const path = k === "vm" ? "vms" : "containers";
+                  return (
+                    <div key={k}>
+                      <dt><a href={`/${path}`}>{k === "vm" ? "VMs" : "Containers"}</a></dt>
+                      <dd>{c.total ?? 0}</dd>
+                      <dd class="small muted">
+                        {WORK_STATES.filter((st) => c[st]).map((st, i) => (
+                          <span key={st}>{i > 0 && ", "}<a href={`/${path}?state=${st}`}>{c[st]} {st}</a></span>
+                        ))}
+                      </dd>
+                    </div>
+                  );
+                })}
+              </dl>
+            </section>
+          )}
+          <StorageCard />
           {cluster && <>
           <section class="card wide" aria-labelledby="cap-h">
             <h2 id="cap-h">Capacity</h2>

@@ -91,6 +91,7 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
   const [tty, setTty] = useState(false);
   const [isolation, setIsolation] = useState<"container" | "vm">("container");
   const [start, setStart] = useState(true);
+  const [ha, setHa] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<ApiError | Error | null>(null);
   const [importing, setImporting] = useState<string | null>(null);
@@ -136,6 +137,7 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
       power: start ? "running" : "stopped",
     };
     if (secgroups.length) spec.security_groups = secgroups;
+    if (ha) spec.ha = true;
     if (disks.length) {
       spec.volumes = isContainer
         ? disks.map((v) => ({ volume: v, path: (mountPaths[v] ?? "").trim() || `/mnt/${v}`, fs: mountFs[v] ?? "ext4" }))
@@ -253,6 +255,10 @@ export function CreateInstanceDialog({ info, user, onClose, onCreated }: {
           {isContainer && disks.length > 0 && (
             <p class="hint span2">A blank volume is formatted on first use; one that holds a filesystem keeps it.</p>
           )}
+          <label class="check field-check span2">
+            <input type="checkbox" name="ha" checked={ha} onChange={(e) => setHa((e.target as HTMLInputElement).checked)} />
+            High availability: restart it on another node if its node fails
+          </label>
           <label class="check field-check span2">
             <input type="checkbox" name="start" checked={start} onChange={(e) => setStart((e.target as HTMLInputElement).checked)} />
             Start after creation

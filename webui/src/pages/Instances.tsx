@@ -2,9 +2,10 @@
 
 import { useEffect, useState } from "preact/hooks";
 import {
-  ApiError, canWrite, del, getText, post, type Instance, type Me, type Node, type Page, type Task,
+  ApiError, asError, canWrite, del, getText, offers, post, qs, type Instance, type Me, type Node, type Page, type Task,
 } from "../api";
 import { Progress } from "../components/charts";
+import { History } from "../components/history";
 import { Confirm, Dialog } from "../components/dialog";
 import { Badge, Conditions, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
 import { TerminalConsole } from "../consoles/TerminalConsole";
@@ -22,10 +23,6 @@ const POWER_TONE: Record<string, string> = {
   running: "ok", paused: "warn", shutdown: "muted", shutoff: "muted", crashed: "bad", nostate: "muted", blocked: "warn",
 };
 const STATE_TONE: Record<string, string> = { active: "ok", building: "info", stopped: "muted", paused: "warn", error: "bad" };
-
-function asError(e: unknown): ApiError {
-  return e instanceof ApiError ? e : new ApiError(0, "Error", String(e));
-}
 
 function PowerBadge({ inst }: { inst: Instance }) {
   const p = inst.status.power_state ?? "nostate";
@@ -50,21 +47,50 @@ function StateCell({ inst, task }: { inst: Instance; task?: Task }) {
   );
 }
 
+const STATES = ["active", "building", "stopped", "paused", "migrating", "error"];
+
+/** The list's filters live in the URL (?q=&state=), so a filtered list can be linked to. */
+function useListFilters(): { text: string; setText: (t: string) => void; q: string; state: string; setState: (s: string) => void } {
+  const params = new URLSearchParams(location.search);
+  const [text, setText] = useState(params.get("q") ?? "");
+  const [q, setQ] = useState(text);
+  const [state, setState] = useState(params.get("state") ?? "");
+  useEffect(() => {
+    const t = setTimeout(() => setQ(text.trim().toLowerCase()), 250); // the database filters: not on every keystroke
+    return () => clearTimeout(t);
+  }, [text]);
+  useEffect(() => {
+    navigate(location.pathname + qs({ q: q || null, state: state || null }), true);
+  }, [q, state]);
+  return { text, setText, q, state, setState };
+}
+
 export function InstanceList({ info, user }: { info: InstanceKindInfo; user: Me }) {
-  const list = useLiveList<Instance>(info.path, info.kind);
+  const f = useListFilters();
+  const list = useLiveList<Instance>(info.path, info.kind, { q: f.q || null, state: f.state || null },
+    (i) => (!f.q || i.name.includes(f.q)) && (!f.state || i.status.vm_state === f.state));
   const tasks = useResourceTasks(info.kind);
   const [creating, setCreating] = useState(false);
   const mayCreate = canWrite(user, "default") || user.roles.some((r) => r.role !== "viewer");
+  const filtered = !!(f.q || f.state);
   return (
     <>
       <PageHeader title={info.title}>
+        <input type="search" class="list-search" placeholder={`Find ${info.many}…`} aria-label={`Find ${info.many} by name`}
+          value={f.text} onInput={(e) => f.setText((e.target as HTMLInputElement).value)} />
+        <label class="inline">State{" "}
+          <select value={f.state} onChange={(e) => f.setState((e.target as HTMLSelectElement).value)}>
+            <option value="">all</option>
+            {STATES.map((st) => <option key={st} value={st}>{st}</option>)}
+          </select>
+        </label>
         {mayCreate && <button type="button" class="primary" onClick={() => setCreating(true)}>Create {info.one}</button>}
       </PageHeader>
       <ErrorBox error={list.error} onRetry={list.reload} />
       {list.loading && list.items.length === 0 && <Loading what={info.title} />}
-      {!list.loading && !list.error && list.items.length === 0 && (
+      {!list.loading && !list.error && list.items.length === 0 && (filtered ? <Empty>No {info.many} match.</Empty> : (
         <Empty>No {info.many} yet.{mayCreate && <> <button type="button" class="link-button" onClick={() => setCreating(true)}>Create one</button>.</>}</Empty>
-      )}
+      ))}
       {list.items.length > 0 && (
         <table class="table instances">
           <thead>
@@ -261,6 +287,7 @@ export function InstanceDetail({ info, name, project, tab, user }: {
   tabs.push(["log", "Log"]);
   const current = (tabs.some(([t]) => t === tab) ? tab : "") as Tab;
   const ports = i.status.ports ?? [];
+  const failover = i.status.failover as { from?: string; at?: string } | undefined;
   const socketBase = `${info.path}/${encodeURIComponent(name)}/console`;
   const q = `?project=${encodeURIComponent(project)}`;
   const consoleLabel = (what: string) => `${what} of ${info.one} ${name}`;
@@ -269,7 +296,8 @@ export function InstanceDetail({ info, name, project, tab, user }: {
     const kind = current === "vnc" ? "vnc-unix" : "serial-unix";
     if (!writer) consoleBody = <p class="notice">Consoles need the operator role in project <b>{i.project}</b>.</p>;
     else if (!running || !hasConsole(i, kind)) consoleBody = <p class="notice">The console is there while the {info.one} runs: it is {i.status.power_state}.</p>;
-    else if (current === "vnc") consoleBody = <VncConsole key={i.status.node} socket={`${socketBase}/vnc${q}`} label={consoleLabel("VNC console")} />;
+    else if (current === "vnc") consoleBody = <VncConsole key={i.status.node} socket={`${socketBase}/vnc${q}`} label={consoleLabel("VNC console")}
+      vv={offers("POST /api/v1/vms/{name}/console/vv") ? `${socketBase}/vv${q}` : undefined} />;
     else consoleBody = (
       <TerminalConsole key={i.status.node} label={consoleLabel(current === "tty" ? "Terminal" : "Serial console")}
         socket={`${socketBase}/${current}${q}`} history={instancePath(info, name, project, "/console-log")} />
@@ -307,6 +335,7 @@ export function InstanceDetail({ info, name, project, tab, user }: {
                 <div><dt>{info.kind === "vm" ? "vCPUs" : "CPU limit"}</dt><dd>{i.spec.cpu}</dd></div>
                 <div><dt>Memory</dt><dd>{bytes(i.spec.memory_bytes)}</dd></div>
                 {typeof i.spec.qos_class === "string" && <div><dt>QoS class</dt><dd>{i.spec.qos_class}</dd></div>}
+                <div><dt>High availability</dt><dd>{i.spec.ha ? <Badge value="HA" tone="info" /> : "no"}</dd></div>
                 {info.kind === "container" && (
                   <>
                     <div><dt>Command</dt><dd><code>{i.spec.command?.length ? i.spec.command.join(" ") : "(the image's)"}</code></dd></div>
@@ -327,9 +356,11 @@ export function InstanceDetail({ info, name, project, tab, user }: {
                 <div><dt>Node</dt><dd>{i.status.node ? <a href={`/nodes/${encodeURIComponent(i.status.node)}`}>{i.status.node}</a> : "not placed"}</dd></div>
                 <div><dt>Generation</dt><dd>{i.observed_generation}/{i.generation}</dd></div>
                 {i.status.error && <div><dt>Error</dt><dd class="error-text">{i.status.error}</dd></div>}
+                {failover && <div><dt>Last failover</dt><dd>from node {failover.from} at {when(failover.at)}</dd></div>}
               </dl>
             </section>
           </div>
+          <History path={instancePath(info, name, project)} what="compute" />
           {info.kind === "container" && (i.spec.mounts?.length ?? 0) > 0 && (
             <section class="section" aria-labelledby="mounts-h">
               <h2 id="mounts-h">Volumes</h2>

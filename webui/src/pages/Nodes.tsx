@@ -1,11 +1,13 @@
 import { useState } from "preact/hooks";
-import { ApiError, canOperate, get, post, type Me, type Node, type Task } from "../api";
+import { ApiError, canOperate, get, offers, post, type Me, type Node, type Task } from "../api";
 import { CapacityBars, capacityOf } from "../components/capacity";
 import { MiniBar, Progress } from "../components/charts";
+import { History } from "../components/history";
 import { Badge, Conditions, Empty, ErrorBox, Loading, PageHeader } from "../components/ui";
 import { ago, bytes, resultLabel, resultValue, speed, when } from "../format";
 import { useFetch, useLiveList, usePoll, useTick } from "../hooks";
 import { useLive } from "../live";
+import { Maintenance, NodePhase } from "./Cluster";
 
 function cpuSummary(n: Node): string {
   const inv = n.status.inventory;
@@ -13,7 +15,7 @@ function cpuSummary(n: Node): string {
   return `${inv.cores ?? "?"} cores / ${inv.threads ?? "?"} threads`;
 }
 
-export function Nodes() {
+export function Nodes({ user }: { user: Me }) {
   const nodes = useLiveList<Node>("nodes", "node");
   usePoll(nodes.reload, 15000); // heartbeats are not events
   const now = useTick();
@@ -28,7 +30,8 @@ export function Nodes() {
       {nodes.items.length > 0 && (
         <table class="table">
           <thead>
-            <tr><th>Name</th><th>Phase</th><th>CPU</th><th>Memory</th><th>vCPUs claimed</th><th>Memory claimed</th><th>Disks</th><th>Virt</th><th>Last heartbeat</th></tr>
+            <tr><th>Name</th><th>Phase</th><th>CPU</th><th>Memory</th><th>vCPUs claimed</th><th>Memory claimed</th><th>Disks</th><th>Virt</th><th>Last heartbeat</th>
+              {canOperate(user) && offers("POST /api/v1/nodes/{name}/drain") && <th>Maintenance</th>}</tr>
           </thead>
           <tbody>
             {nodes.items.map((n) => {
@@ -38,7 +41,7 @@ export function Nodes() {
                 <tr key={n.id}>
                   <td><a href={`/nodes/${encodeURIComponent(n.name)}`}><b>{n.name}</b></a>
                     {n.spec.schedulable === false && <> <Badge value="cordoned" tone="warn" /></>}</td>
-                  <td><Badge value={n.status.phase ?? "Unknown"} /></td>
+                  <td><NodePhase node={n} /></td>
                   <td>{cpuSummary(n)}</td>
                   <td>{bytes(inv.memory_bytes)}</td>
                   <td><MiniBar label="vCPUs claimed" used={c.vcpusClaimed} total={c.vcpus}
@@ -48,6 +51,7 @@ export function Nodes() {
                   <td>{inv.disks?.length ?? 0}</td>
                   <td>{inv.virt_type ?? "—"}</td>
                   <td title={when(n.status.last_heartbeat)}>{ago(n.status.last_heartbeat, now)}</td>
+                  {canOperate(user) && offers("POST /api/v1/nodes/{name}/drain") && <td><Maintenance node={n} user={user} compact /></td>}
                 </tr>
               );
             })}
@@ -100,7 +104,8 @@ export function NodeDetail({ name, user }: { name: string; user: Me | null }) {
     <>
       <nav class="crumbs" aria-label="Breadcrumb"><a href="/nodes">Nodes</a> / <span aria-current="page">{n.name}</span></nav>
       <PageHeader title={n.name}>
-        <Badge value={n.status.phase ?? "Unknown"} />
+        <NodePhase node={n} />
+        {user && <Maintenance node={n} user={user} />}
         {canOperate(user) && (
           <button type="button" onClick={benchmark} disabled={!!busy}>{busy ? "Benchmark running…" : "Run benchmark"}</button>
         )}
@@ -139,6 +144,7 @@ export function NodeDetail({ name, user }: { name: string; user: Me | null }) {
           <CapacityBars nodes={[n]} />
         </section>
       </div>
+      <History path={path} what="compute" />
       <section class="section" aria-labelledby="disks-h">
         <h2 id="disks-h">Disks</h2>
         {inv.disks?.length ? (

@@ -2,7 +2,7 @@
 
 import { useEffect, useState } from "preact/hooks";
 import {
-  ApiError, canWrite, del, post, type Me, type Page, type Resource, type Task, type Volume, type VolumeSnapshot,
+  ApiError, asError, canWrite, del, post, type Me, type Page, type Resource, type Task, type Volume, type VolumeSnapshot,
 } from "../api";
 import { Progress } from "../components/charts";
 import { Confirm, Dialog } from "../components/dialog";
@@ -13,10 +13,6 @@ import { useLive } from "../live";
 import { navigate } from "../router";
 
 const PHASE_TONE: Record<string, string> = { Available: "ok", Pending: "info", Creating: "info", Failed: "bad", Error: "bad" };
-
-function asError(e: unknown): ApiError {
-  return e instanceof ApiError ? e : new ApiError(0, "Error", String(e));
-}
 
 function volumePath(name: string, project: string, sub = ""): string {
   return `volumes/${encodeURIComponent(name)}${sub}?project=${encodeURIComponent(project)}`;
