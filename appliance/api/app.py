@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from appliance.api import metrics, problems
+from appliance.api import headers, metrics, problems
 from appliance.api.audit import AuditMiddleware
 from appliance.api.routes import (
     audit,
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, *, controller: bool = True) -> 
 
     app = FastAPI(
         title="Cairn API", version=__version__, lifespan=lifespan,
-        openapi_url=f"{API_PREFIX}/openapi.json", docs_url=f"{API_PREFIX}/docs", redoc_url=None,
+        openapi_url=f"{API_PREFIX}/openapi.json", docs_url=None, redoc_url=None,
         description="Cairn hyperconverged appliance. Long writes answer 202 with a Location "
                     "to /api/v1/tasks/{id}; errors are application/problem+json.",
     )
@@ -69,11 +69,13 @@ def create_app(settings: Settings | None = None, *, controller: bool = True) -> 
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(cluster.root_router)
+    headers.install_docs(app, f"{API_PREFIX}/docs", f"{API_PREFIX}/openapi.json")
     _mount_console(app, settings.webui_dir)
     app.add_middleware(metrics.BodyLimitMiddleware, limit=settings.max_body_bytes,
                        streaming=rf"{API_PREFIX}/images/[a-z0-9-]+/upload")
     app.add_middleware(AuditMiddleware, url=settings.resolved_database_url, prefix=API_PREFIX, uploads="/upload")
     app.add_middleware(metrics.LatencyMiddleware, histogram=latency)
+    app.add_middleware(headers.SecurityHeadersMiddleware)
     return app
 
 

@@ -261,3 +261,23 @@ def test_a_project_viewer_gets_no_cluster_pages_and_sees_the_refusal(browser: Br
         page.screenshot(path=shots / "viewer-refused.png")
     finally:
         browser.clear_cookies()
+
+
+def test_an_injected_inline_script_does_not_run(page: Page, appliance: Appliance) -> None:
+    """The attack a Content-Security-Policy stops: markup that reaches the page (say, a
+    name rendered as HTML) carrying an inline script or an event handler. Chromium must
+    refuse both and report the violations."""
+    sign_in(page, appliance)
+    page.evaluate("""() => {
+        window.__violations = [];
+        document.addEventListener('securitypolicyviolation', (e) => window.__violations.push(e.violatedDirective));
+        const s = document.createElement('script');
+        s.textContent = 'window.__pwned = 1';
+        document.body.appendChild(s);
+        const div = document.createElement('div');
+        div.innerHTML = '<img src="data:," onerror="window.__pwned2 = 1">';
+        document.body.appendChild(div);
+    }""")
+    page.wait_for_function("() => window.__violations.length >= 2")
+    assert page.evaluate("() => [window.__pwned, window.__pwned2]") == [None, None]
+    assert all(v.startswith("script-src") for v in page.evaluate("() => window.__violations"))

@@ -55,8 +55,8 @@ def logout(request: Request, response: Response, session: DbSession, caller: Cal
     if sid:
         auth.logout(session, sid)
     response = Response(status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path="/")
-    response.delete_cookie(CSRF_COOKIE, path="/")
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+    response.delete_cookie(CSRF_COOKIE, path="/", secure=True, samesite="strict")
     return response
 
 
