@@ -1,0 +1,86 @@
+"""History graphs' plumbing without a running Prometheus (the live path, samples to
+graphs in Chromium, is in tests/e2e/test_instances.py): the scrape credential opens
+/metrics and nothing else, /metrics serves the agent's fresh samples only, the history
+routes explain a missing metrics store and refuse unknown ranges, and the PromQL built
+for each series."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from appliance.agent import sampler
+from appliance.api.metrics import agent_samples
+from appliance.cli.metrics import latest, show
+from appliance.errors import Unavailable
+from appliance.timeseries import series, store
+
+from .conftest import Api
+
+pytestmark = pytest.mark.functional
+
+
+def test_the_scrape_token_opens_metrics_and_nothing_else(api_sqlite: Api) -> None:
+    api = api_sqlite
+    token = store.scrape_token(api.settings)
+    assert token == store.scrape_token(api.settings)  # kept: every scrape uses the same one
+    assert (api.settings.secrets_dir / "metrics-scrape").stat().st_mode & 0o077 == 0
+    scrape = {"Authorization": f"Bearer {token}"}
+    r = api.client.get("/metrics", headers=scrape)
+    assert r.status_code == 200 and "cairn_http_request_duration_seconds" in r.text
+    assert api.client.get("/api/v1/nodes", headers=scrape).status_code == 401
+    assert api.client.get("/metrics", headers={"Authorization": f"Bearer {token[:-1]}0"}).status_code == 401
+    viewer = api.headers_for("metrics-viewer", project="default", role="viewer")
+    assert api.client.get("/metrics", headers=viewer).status_code == 403
+
+
+def test_metrics_serves_the_agents_samples_while_they_are_fresh(api_sqlite: Api) -> None:
+    api = api_sqlite
+    path = api.settings.metrics_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('# TYPE cairn_node_cpus gauge\ncairn_node_cpus{node="node-a"} 2.0 1700000000000\n')
+    assert b'cairn_node_cpus{node="node-a"}' in agent_samples(path, 10.0)
+    r = api.client.get("/metrics", headers=api.admin)
+    assert 'cairn_node_cpus{node="node-a"} 2.0' in r.text
+    old = time.time() - 120
+    os.utime(path, (old, old))  # the agent stopped sampling: no stale values carried on
+    assert agent_samples(path, 10.0) == b""
+    assert "cairn_node_cpus" not in api.client.get("/metrics", headers=api.admin).text
+
+
+def test_history_routes_explain_a_missing_store_and_refuse_unknown_ranges(api_sqlite: Api) -> None:
+    api = api_sqlite
+    r = api.client.get("/api/v1/pools/no-such-pool/metrics", headers=api.admin)
+    assert r.status_code == 404
+    r = api.client.get("/api/v1/nodes/node-a/metrics", params={"range": "year"}, headers=api.admin)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert "range" in r.text
+    with pytest.raises(Unavailable, match="Prometheus"):
+        series.history(None, series.NODE, {"node": "node-a"}, "node", "hour", 10.0)
+
+
+def test_promql_of_a_rate_and_a_gauge() -> None:
+    cpu = series.promql(series.INSTANCE[0], {"id": 'we"ird'}, "id", 30)
+    assert cpu == ('100 * max by (id) (rate(cairn_instance_cpu_seconds_total{id="we\\"ird"}[30s])) '
+                   '/ max by (id) (avg_over_time(cairn_instance_vcpus{id="we\\"ird"}[30s]))')
+    assert series.window(15, 10.0) == 30 and series.window(300, 10.0) == 300
+    merged = series._points([{"values": [[1, "2"], [2, "NaN"]]}, {"values": [[1, "5"], [3, "1"]]}])
+    assert merged == [[1.0, 5.0], [3.0, 1.0]]  # copies of one series folded by max, NaN dropped
+
+
+def test_cli_prints_each_series_latest_value() -> None:
+    history = {"series": [{"name": "cpu", "unit": "percent", "points": [[1, 3.0], [2, 12.345]]},
+                          {"name": "net_in", "unit": "bytes/s", "points": [[2, 1536.0]]},
+                          {"name": "disk_read", "unit": "bytes/s", "points": []}]}
+    rows = latest(history)
+    assert [(r["name"], r["value"]) for r in rows] == [("cpu", 12.345), ("net_in", 1536.0), ("disk_read", None)]
+    assert [show(r["value"], r["unit"]) for r in rows] == ["12.3 %", "1.5 KiB/s", "-"]
+
+
+def test_the_samplers_exposition_has_sample_timestamps() -> None:
+    counters = sampler.node_counters()
+    text = sampler.exposition(sampler.families("node-a", 1700000000.0, counters, [])).decode()
+    assert 'cairn_node_cpus{node="node-a"}' in text
+    assert "1700000000000" in text  # Prometheus keeps the agent's sample time, not the scrape's
