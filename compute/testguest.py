@@ -10,7 +10,9 @@ The guest's init understands kernel command line options:
 ``CAIRN-GUEST-WROTE`` at offset 1 MiB), ``cairn.peek=DEV:OFFSET:LEN`` (print
 those bytes of /dev/DEV), ``cairn.gw=A.B.C.D`` (default route). It prints
 :data:`MARKER` on the serial console first thing, then a heartbeat ``HB n UPTIME``
-line every second, and runs a shell on the serial console.
+line every second, and runs a shell on the serial console. Ctrl-Alt-Del on its keyboard
+(a VNC viewer's) reboots it at once (``kernel.ctrl-alt-del=1``: init is a plain shell
+that would ignore the signal).
 
 With ``cairn.virtiofs=TAG`` the guest is an ``isolation: vm`` container's microVM
 instead: init mounts that virtiofs share as the container's root (with /proc, /sys,
@@ -63,6 +65,7 @@ INIT = """#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo 1 > /proc/sys/kernel/ctrl-alt-del
 say() { echo "$*" > /dev/ttyS0; }
 say "@MARKER@ $(cut -d' ' -f1 /proc/uptime)s"
 for m in @MODULES@; do insmod /lib/modules/$m.ko 2>/dev/null; done

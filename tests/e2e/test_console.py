@@ -259,6 +259,14 @@ def test_a_project_viewer_gets_no_cluster_pages_and_sees_the_refusal(browser: Br
         page.goto(appliance.url + "/nodes")
         expect(page.get_by_role("alert")).to_contain_text("403")
         page.screenshot(path=shots / "viewer-refused.png")
+        # A viewer sees no button it cannot use: no create, upload or allocate on any page.
+        for path, heading in (("/vms", "VMs"), ("/containers", "Containers"), ("/volumes", "Volumes"),
+                              ("/images", "Images"), ("/routers", "Routers"), ("/floating-ips", "Floating IPs")):
+            page.goto(appliance.url + path)
+            expect(page.get_by_role("heading", name=heading, level=1)).to_be_visible()
+            expect(page.get_by_role("alert")).to_have_count(0)
+            expect(page.locator("main button.primary, main button.danger, .page-header button")).to_have_count(0)
+        page.screenshot(path=shots / "viewer-images.png")
     finally:
         browser.clear_cookies()
 
