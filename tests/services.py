@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def process_started(pid: int) -> str | None:
@@ -132,3 +133,35 @@ def redis_server() -> Iterator[str]:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def metrics_store(settings: Any) -> Iterator[str]:
+    """This node's Prometheus (Debian's) as the appliance configures it for ``settings``
+    (``appliance.timeseries.store``), registered where the API looks for it; yields its URL."""
+    import httpx
+
+    from appliance.timeseries import store
+
+    store.prepare(settings)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(store.argv(settings, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus ({settings.prometheus_binary}) did not start")
+            time.sleep(0.1)
+        store.write_private(store.state_file(settings), f'{{"url": "{url}", "pid": {proc.pid}}}')
+        yield url
+    finally:
+        store.state_file(settings).unlink(missing_ok=True)
+        proc.terminate()
+        proc.wait(10)

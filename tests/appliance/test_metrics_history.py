@@ -14,10 +14,14 @@ import pytest
 from appliance.agent import sampler
 from appliance.api.metrics import agent_samples
 from appliance.cli.metrics import latest, show
+from appliance.db.engine import session_scope
 from appliance.errors import Unavailable
+from appliance.services import nodes
 from appliance.timeseries import series, store
+from tests.services import metrics_store
 
 from .conftest import Api
+from .test_resources import INVENTORY
 
 pytestmark = pytest.mark.functional
 
@@ -84,3 +88,17 @@ def test_the_samplers_exposition_has_sample_timestamps() -> None:
     text = sampler.exposition(sampler.families("node-a", 1700000000.0, counters, [])).decode()
     assert 'cairn_node_cpus{node="node-a"}' in text
     assert "1700000000000" in text  # Prometheus keeps the agent's sample time, not the scrape's
+
+
+def test_every_history_query_runs_on_a_real_prometheus(api_sqlite: Api) -> None:
+    api = api_sqlite
+    with session_scope(api.settings.resolved_database_url) as session:
+        nodes.register(session, "node-a", INVENTORY, {"cpu": 16, "memory_bytes": 1 << 30})
+    with metrics_store(api.settings):
+        for path, count in (("/api/v1/nodes/node-a/metrics", len(series.NODE)),
+                            ("/api/v1/nodes/node-a/metrics?range=week", len(series.NODE))):
+            r = api.client.get(path, headers=api.admin)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["series"]) == count and all(s["points"] == [] for s in body["series"])
+            assert body["end"] - body["start"] in (3600, 7 * 86400)

@@ -14,7 +14,7 @@ from schemathesis.checks import not_a_server_error
 
 from appliance.db.engine import session_scope
 from appliance.services import nodes
-from tests.services import free_port
+from tests.services import free_port, metrics_store
 
 from .conftest import Api, build_api
 from .test_resources import INVENTORY
@@ -32,7 +32,8 @@ def fuzz_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     api = next(gen)
     with session_scope(api.settings.resolved_database_url) as session:
         nodes.register(session, "node-1", INVENTORY, {"cpu": 16, "memory_bytes": 1 << 30})
-    yield api
+    with metrics_store(api.settings):  # the history routes query it (fuzzed names reach PromQL)
+        yield api
     gen.close()
 
 
