@@ -17,7 +17,8 @@ TARGET = "cairn.target"
 # Named as the supervisor names its programs; in the supervisor's start order.
 UNITS = {"etcd": "cairn-etcd.service", "redis": "cairn-redis.service", "sentinel": "cairn-sentinel.service",
          "patroni": "cairn-patroni.service", "ceph": "cairn-ceph.service", "storage": "cairn-storage.service",
-         "api": "cairn-api.service", "worker": "cairn-worker.service", "agent": "cairn-agent.service"}
+         "api": "cairn-api.service", "worker": "cairn-worker.service", "agent": "cairn-agent.service",
+         "prometheus": "cairn-prometheus.service"}
 
 
 class UnitError(Exception):

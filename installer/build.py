@@ -57,7 +57,7 @@ MIRRORS = (
 # Debian services whose packages the image carries for Cairn to run its own way (cluster
 # formation configures and starts them); enabled as shipped, each would start unconfigured.
 DISABLED_UNITS = ("redis-server.service", "redis-sentinel.service", "postgresql.service", "etcd.service",
-                  "patroni.service")
+                  "patroni.service", "prometheus.service")
 # Kernel modules a server appliance never loads: sound cards, TV tuners and webcams.
 DROPPED_MODULES = ("kernel/sound", "kernel/drivers/media")
 KEEP = {"base": 2, "wheels": 2, "venv": 2, "layer": 3, "iso": 2}
