@@ -26,8 +26,8 @@ from .test_resources import INVENTORY
 pytestmark = pytest.mark.functional
 
 
-def test_the_scrape_token_opens_metrics_and_nothing_else(api_sqlite: Api) -> None:
-    api = api_sqlite
+def test_the_scrape_token_opens_metrics_and_nothing_else(module_api_sqlite: Api) -> None:
+    api = module_api_sqlite
     token = store.scrape_token(api.settings)
     assert token == store.scrape_token(api.settings)  # kept: every scrape uses the same one
     assert (api.settings.secrets_dir / "metrics-scrape").stat().st_mode & 0o077 == 0
@@ -40,8 +40,8 @@ def test_the_scrape_token_opens_metrics_and_nothing_else(api_sqlite: Api) -> Non
     assert api.client.get("/metrics", headers=viewer).status_code == 403
 
 
-def test_metrics_serves_the_agents_samples_while_they_are_fresh(api_sqlite: Api) -> None:
-    api = api_sqlite
+def test_metrics_serves_the_agents_samples_while_they_are_fresh(module_api_sqlite: Api) -> None:
+    api = module_api_sqlite
     path = api.settings.metrics_file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('# TYPE cairn_node_cpus gauge\ncairn_node_cpus{node="node-a"} 2.0 1700000000000\n')
@@ -54,8 +54,8 @@ def test_metrics_serves_the_agents_samples_while_they_are_fresh(api_sqlite: Api)
     assert "cairn_node_cpus" not in api.client.get("/metrics", headers=api.admin).text
 
 
-def test_history_routes_explain_a_missing_store_and_refuse_unknown_ranges(api_sqlite: Api) -> None:
-    api = api_sqlite
+def test_history_routes_explain_a_missing_store_and_refuse_unknown_ranges(module_api_sqlite: Api) -> None:
+    api = module_api_sqlite
     r = api.client.get("/api/v1/pools/no-such-pool/metrics", headers=api.admin)
     assert r.status_code == 404
     r = api.client.get("/api/v1/nodes/node-a/metrics", params={"range": "year"}, headers=api.admin)
@@ -90,8 +90,8 @@ def test_the_samplers_exposition_has_sample_timestamps() -> None:
     assert "1700000000000" in text  # Prometheus keeps the agent's sample time, not the scrape's
 
 
-def test_every_history_query_runs_on_a_real_prometheus(api_sqlite: Api) -> None:
-    api = api_sqlite
+def test_every_history_query_runs_on_a_real_prometheus(module_api_sqlite: Api) -> None:
+    api = module_api_sqlite
     with session_scope(api.settings.resolved_database_url) as session:
         nodes.register(session, "node-a", INVENTORY, {"cpu": 16, "memory_bytes": 1 << 30})
     with metrics_store(api.settings):

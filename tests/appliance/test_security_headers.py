@@ -25,8 +25,8 @@ def directives(csp: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/no-such-route", "/", "/vms/web"])
-def test_every_answer_carries_the_security_headers(api_sqlite: Api, path: str) -> None:
-    r = api_sqlite.client.get(path)
+def test_every_answer_carries_the_security_headers(module_api_sqlite: Api, path: str) -> None:
+    r = module_api_sqlite.client.get(path)
     csp = directives(r.headers["content-security-policy"])
     assert csp["script-src"] == ["'self'"]
     assert "'unsafe-inline'" not in csp["script-src"] and "'unsafe-eval'" not in csp["script-src"]
@@ -38,9 +38,9 @@ def test_every_answer_carries_the_security_headers(api_sqlite: Api, path: str) -
     assert r.headers["strict-transport-security"].startswith("max-age=")  # the test client speaks https
 
 
-def test_the_docs_page_runs_only_its_own_nonced_script(api_sqlite: Api) -> None:
-    first = api_sqlite.client.get("/api/v1/docs")
-    second = api_sqlite.client.get("/api/v1/docs")
+def test_the_docs_page_runs_only_its_own_nonced_script(module_api_sqlite: Api) -> None:
+    first = module_api_sqlite.client.get("/api/v1/docs")
+    second = module_api_sqlite.client.get("/api/v1/docs")
     assert first.status_code == 200
     nonces = []
     for r in (first, second):
@@ -53,10 +53,11 @@ def test_the_docs_page_runs_only_its_own_nonced_script(api_sqlite: Api) -> None:
     assert nonces[0] != nonces[1] and len(nonces[0]) >= 16
 
 
-def test_sign_out_clears_the_cookies_with_their_flags(api_sqlite: Api) -> None:
-    r = api_sqlite.client.post("/api/v1/auth/login", json={"username": "admin", "password": api_sqlite.admin_password})
+def test_sign_out_clears_the_cookies_with_their_flags(module_api_sqlite: Api) -> None:
+    api = module_api_sqlite
+    r = api.client.post("/api/v1/auth/login", json={"username": "admin", "password": api.admin_password})
     csrf = r.json()["csrf_token"]
-    r = api_sqlite.client.post("/api/v1/auth/logout", headers={"X-CSRF-Token": csrf})
+    r = api.client.post("/api/v1/auth/logout", headers={"X-CSRF-Token": csrf})
     assert r.status_code == 204
     cleared = {c.split("=", 1)[0]: c.lower() for c in r.headers.get_list("set-cookie")}
     assert {"cairn_session", "cairn_csrf"} <= set(cleared)
