@@ -266,7 +266,7 @@ def test_a_project_viewer_gets_no_cluster_pages_and_sees_the_refusal(browser: Br
             expect(page.get_by_role("heading", name=heading, level=1)).to_be_visible()
             expect(page.get_by_role("alert")).to_have_count(0)
             expect(page.locator("main button.primary, main button.danger, .page-header button")).to_have_count(0)
-        page.screenshot(path=shots / "viewer-images.png")
+        page.screenshot(path=shots / "viewer-floating-ips.png")  # the last page of the loop
     finally:
         browser.clear_cookies()
 
