@@ -52,21 +52,43 @@ class LabCluster:
     def wait_healthy(self, timeout: float = 300) -> dict[str, Any]:
         return ops.wait_healthy(self.lab, timeout)
 
-    def writer(self, node: str, prefix: str, interval: float = 0.2, seconds: float = 60) -> subprocess.Popen[str]:
-        """The write probe (appliance.lab.writer) running inside ``node``."""
+    def popen(self, node: str, argv: list[str], stderr: int | None = None) -> subprocess.Popen[str]:
+        """A program started inside ``node`` (its namespaces and cgroup), its stdout piped
+        (``stderr=subprocess.STDOUT``: its stderr too)."""
         pid = ops.boot_pid(self.lab, node)
         assert pid is not None, f"{node} is not running"
         cg = self.lab.node_cgroup(node)
-        return subprocess.Popen(
-            ["nsenter", f"--target={pid}", "--net", "--mount", "--uts", "--", sys.executable, "-m",
-             "appliance.lab.writer", "--prefix", prefix, "--interval", str(interval), "--seconds", str(seconds)],
-            stdout=subprocess.PIPE, text=True, env=ops.node_env(), preexec_fn=host.in_cgroup(cg))
+        return subprocess.Popen(["nsenter", f"--target={pid}", "--net", "--mount", "--uts", "--", *argv],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=ops.node_env(),
+                                preexec_fn=host.in_cgroup(cg))
+
+    def writer(self, node: str, prefix: str, interval: float = 0.2, seconds: float = 60) -> subprocess.Popen[str]:
+        """The write probe (appliance.lab.writer) running inside ``node``."""
+        return self.popen(node, [sys.executable, "-m", "appliance.lab.writer", "--prefix", prefix,
+                                 "--interval", str(interval), "--seconds", str(seconds)])
 
     @staticmethod
     def writes(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
         """Every attempt the writer printed (it has ended)."""
         out, _ = proc.communicate(timeout=120)
         return [json.loads(line) for line in out.splitlines() if line.strip() and "summary" not in line]
+
+
+def wait_for(what: str, fn: Any, seconds: float = 120, every: float = 1.0) -> Any:
+    """``fn()``'s first true value, tried every ``every`` seconds (an exception counts as
+    not yet: a node answers 503 while the database fails over)."""
+    deadline = time.monotonic() + seconds
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except Exception as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}; last: {last!r}")
 
 
 def leftovers(lab: Lab) -> list[str]:
