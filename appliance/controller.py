@@ -42,16 +42,24 @@ class ControllerThread(threading.Thread):
 
     def run(self) -> None:
         election = None
+        manager = None
         cfg = self.settings.cluster
         if cfg is not None:
             from appliance.cluster.election import Election
             from appliance.cluster.etcd import Etcd
+            from appliance.hamanager import HaManager
 
             election = Election(Etcd.for_node(cfg, self.settings.pki_dir, timeout=2), "controller",
                                 identity=f"{cfg.node}:{os.getpid()}")
+            manager = HaManager(self.settings)
         while not self.stopped.wait(self.settings.controller_interval):
             if election is not None and not election.campaign():
                 continue
+            if manager is not None:  # first: a lost node's HA instances wait for nothing else
+                try:
+                    manager.run_once()
+                except Exception:
+                    log.exception("HA manager pass failed")
             try:
                 run_once(self.settings)
             except Exception:

@@ -128,3 +128,18 @@ def _fetch(store: ObjectBackend, digest: str, path: Path) -> None:
         raise ImageFileMissing(f"{path}: the copy in the cluster's store does not match sha256 {digest}")
     tmp.replace(path)
     log.info("image file copied from the cluster", extra={"path": str(path), "sha256": digest})
+
+
+def discard(settings: Settings, digest: str) -> None:
+    """Remove a file from the cluster's store (an upload once imported)."""
+    url = store_url(settings)
+    if url is None:
+        return
+    store = _store(url)
+    try:
+        chunks = int(json.loads(store.get(f"blob/{digest}"))["chunks"])
+    except ObjectNotFound:
+        return
+    store.delete(f"blob/{digest}")
+    for i in range(chunks):
+        store.delete(f"blob/{digest}/{i}")

@@ -212,9 +212,13 @@ def run_agent(argv: list[str] | None = None) -> None:
     from appliance.agent.storage import StorageReconciler
 
     agent = Agent(settings)
+    liveness = None
     if settings.cluster is not None:
         from appliance.agent.cluster import ClusterReconciler
+        from appliance.agent.liveness import Liveness
 
+        liveness = Liveness(settings)
+        liveness.start()  # before anything else: the lease is the node's life in the cluster
         agent.register_reconciler("cluster", ClusterReconciler(settings))
     # Storage before instances: a VM's disks are NBD exports of this node's pools.
     agent.register_reconciler("storage", StorageReconciler(settings), kinds=("storage-pool", "vm"))
@@ -223,6 +227,7 @@ def run_agent(argv: list[str] | None = None) -> None:
     agent.register_reconciler("network", net, kinds=("network", "subnet", "port", "security-group", "vm",
                                                      "container", "router", "floating-ip"))
     instances = InstanceReconciler(settings, DriverSet(settings))
+    instances.liveness = liveness
     agent.register_reconciler("instances", instances, kinds=("vm", "container"))
     sampler = Sampler(settings, lambda: agent.document, lambda: instances.drivers)
     sampler.start()
@@ -233,6 +238,8 @@ def run_agent(argv: list[str] | None = None) -> None:
     finally:
         sampler.stop()
         net.stop()
+        if liveness is not None:
+            liveness.stop()
 
 
 def run_storage(argv: list[str] | None = None) -> None:
@@ -307,9 +314,26 @@ def run_prometheus(argv: list[str] | None = None) -> None:
 
 def libvirt_node(settings: Settings) -> LibvirtNode:
     """The embedded node's own libvirtd (in a private mount namespace under data_dir)."""
-    from compute.libvirt_node import LibvirtNode
+    from compute.libvirt_node import LibvirtNode, TlsListen
 
-    return LibvirtNode(settings.data_dir / "libvirt", settings.node_name)
+    tls = None
+    if settings.cluster is not None:  # peers migrate VMs to it: TLS with the node's certificate
+        tls = TlsListen(settings.cluster.address, libvirt_pki(settings))
+    return LibvirtNode(settings.data_dir / "libvirt", settings.node_name, tls)
+
+
+def libvirt_pki(settings: Settings) -> Path:
+    """libvirt's view of the node's certificate (its file names), from the node's PKI."""
+    import shutil
+
+    d = settings.pki_dir / "libvirt"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for src, names in (("ca.crt", ("cacert.pem",)), ("server.crt", ("servercert.pem", "clientcert.pem")),
+                       ("server.key", ("serverkey.pem", "clientkey.pem"))):
+        for name in names:
+            shutil.copyfile(settings.pki_dir / src, d / name)
+            os.chmod(d / name, 0o600)
+    return d
 
 
 def run_libvirt(argv: list[str] | None = None) -> None:

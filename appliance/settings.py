@@ -114,6 +114,15 @@ class Settings(BaseSettings):
     metrics_retention: str = "8d"
     prometheus_binary: str = "/usr/bin/prometheus"
     prometheus_port: int = 0  # on 127.0.0.1; 0 = a free port picked at start
+    # HA: the node's etcd lease (its liveness as the cluster sees it) and the watchdog that
+    # resets the node before that lease can expire elsewhere (armed only while it runs HA
+    # workloads). watchdog_timeout must stay well under ha_lease_ttl.
+    # An etcd leader election (2 s election timeout, longer on loaded shared cores) stalls
+    # renewals for a few seconds: the watchdog must outlast that, and still reset the node
+    # well before its lease (counted from the same renewal) can expire elsewhere.
+    ha_lease_ttl: int = 12
+    watchdog_device: Path = Path("/dev/watchdog")
+    watchdog_timeout: int = 8
     # Changes when the node (re)boots; a lab node gets a new one from the lab at each start.
     boot_id: str = Field(default_factory=_boot_id)
 

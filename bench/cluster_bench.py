@@ -103,7 +103,7 @@ def failover_round(lab: LabCluster, i: int) -> dict[str, Any]:
     writes = lab.writes(writer)
     after = [w for w in writes if w["ok"] and w["wall"] > killed]
     acked = {w["name"] for w in writes if w["ok"]}
-    names = {p["name"] for p in lab.cairn(survivor, "get", "projects", "--limit", "5000")}
+    names = {p["name"] for p in lab.cairn(survivor, "get", "projects")}
     lost = sorted(acked - names)
     ops.heal(lab.dir)
     lab.wait_healthy(timeout=300)

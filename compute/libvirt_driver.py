@@ -324,8 +324,10 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
         except libvirt.libvirtError as e:
             raise _wrap(e, f"restoring VM {name!r} from {path}")
 
-    def migrate(self, name: str, destination: str) -> MigrationResult:
-        """Live-migrate peer-to-peer to the libvirtd at ``destination`` (its URI); disks must be shared."""
+    def migrate(self, name: str, destination: str, destination_host: str | None = None) -> MigrationResult:
+        """Live-migrate peer-to-peer to the libvirtd at ``destination`` (its URI); disks must be
+        shared. The memory stream goes to ``destination_host`` (the target's migration
+        address; default this driver's ``migration_host``, right when both share a host)."""
         dom = self._dom(name)
         if self.power_state(name) is not PowerState.RUNNING:
             raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: only a running VM can be migrated")
@@ -333,9 +335,10 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML:
                                      dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)}
-        if self.migration_host:
-            params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{self.migration_host}"
-            params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = self.migration_host
+        host = destination_host or self.migration_host
+        if host:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{host}"
+            params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = host
         if self.migration_max_downtime_ms:
             dom.migrateSetMaxDowntime(self.migration_max_downtime_ms, 0)
         t0 = time.monotonic()

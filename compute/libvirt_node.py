@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -35,7 +36,7 @@ SUPERVISOR = r"""
 set -e
 {mounts}
 virtlogd -p /run/libvirt/virtlogd.pid & V=$!
-libvirtd -p /run/libvirt/libvirtd.pid & L=$!
+libvirtd {listen}-p /run/libvirt/libvirtd.pid & L=$!
 trap 'kill -TERM $L $V 2>/dev/null; wait $L; wait $V; exit 0' TERM INT
 set +e
 wait $L
@@ -57,12 +58,28 @@ def _silence_libvirt_stderr() -> None:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
+@dataclass(frozen=True)
+class TlsListen:
+    """libvirtd listening for peers (live migration) with TLS: its address, and a folder
+    holding ``cacert.pem``, ``servercert.pem``/``serverkey.pem`` (this node) and
+    ``clientcert.pem``/``clientkey.pem`` (used when it connects to a peer: the URI's
+    ``pkipath``)."""
+
+    address: str
+    pki: Path
+
+    def uri(self) -> str:
+        """How peers reach this libvirtd."""
+        return f"qemu+tls://{self.address}/system?pkipath={self.pki}"
+
+
 class LibvirtNode:
     """One libvirtd "node" whose state lives under ``base / name``."""
 
-    def __init__(self, base: Path, name: str) -> None:
+    def __init__(self, base: Path, name: str, tls: TlsListen | None = None) -> None:
         self.name = name
         self.dir = Path(base) / name
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,6 +98,11 @@ class LibvirtNode:
             with (etc / "libvirtd.conf").open("a") as f:
                 f.write(f'\nhost_uuid = "{uuid.uuid4()}"\nlog_level = 3\n'
                         'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+                if self.tls is not None:
+                    p = self.tls.pki
+                    f.write(f'listen_tls = 1\nlisten_tcp = 0\nlisten_addr = "{self.tls.address}"\n'
+                            f'key_file = "{p}/serverkey.pem"\ncert_file = "{p}/servercert.pem"\n'
+                            f'ca_file = "{p}/cacert.pem"\n')
             with (etc / "qemu.conf").open("a") as f:
                 f.write(QEMU_CONF)
         # libvirtd resolves its build-time default user 'libvirt-qemu' before reading qemu.conf;
@@ -103,7 +125,8 @@ class LibvirtNode:
         mounts += "".join(f"\nmount --bind {self.dir / db} /etc/{db}" for db in ("passwd", "group"))
         out = (self.dir / "daemons.out").open("wb")
         self._proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c", SUPERVISOR.format(mounts=mounts)],
+            ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c",
+             SUPERVISOR.format(mounts=mounts, listen="--listen " if self.tls is not None else "")],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         out.close()

@@ -6,6 +6,11 @@ user with no internet access can boot a VM and a container right away.
 The guest's init understands kernel command line options:
 ``cairn.ip=A.B.C.D/NN`` (static address on eth0, else DHCP with udhcpc),
 ``cairn.ping=A.B.C.D`` (ping it and print ``PING-OK`` / ``PING-FAIL``),
+``cairn.counter=DEV`` (append ``CTR <boot id> <n>`` records of 64 bytes to /dev/DEV
+about five times a second, each one flushed, continuing after the last record found on
+the disk: the proof that two copies of a guest never write at once),
+``cairn.pingloop=A.B.C.D`` (ping it forever, printing ``PL <uptime> ok|fail`` about
+twice a second: a heartbeat over the network that survives a live migration),
 ``cairn.disktest=1`` (print the first bytes of /dev/vda, then write
 ``CAIRN-GUEST-WROTE`` at offset 1 MiB), ``cairn.peek=DEV:OFFSET:LEN`` (print
 those bytes of /dev/DEV), ``cairn.gw=A.B.C.D`` (default route). It prints
@@ -76,6 +81,18 @@ if [ "$(arg cairn.disktest)" = 1 ] && [ -b /dev/vda ]; then
   printf 'CAIRN-GUEST-WROTE' | dd of=/dev/vda bs=1 seek=1048576 conv=notrunc,fsync 2>/dev/null && sync
   say "VDA-WRITTEN"
 fi
+CT=$(arg cairn.counter)  # DEV: append "CTR <boot> <n>" records, 64 bytes each, from offset 64
+if [ -n "$CT" ] && [ -b "/dev/$CT" ]; then
+  ( B=$(cut -c1-8 /proc/sys/kernel/random/boot_id); n=0; last=""
+    while r=$(dd if=/dev/$CT bs=64 skip=$((n+1)) count=1 2>/dev/null | tr -d '\\000\\n'); [ -n "$r" ]; do
+      n=$((n+1)); last="$r"; done
+    say "CTR-RESUME $n $last"
+    while true; do n=$((n+1))
+      if printf '%-63s\\n' "CTR $B $n" | dd of=/dev/$CT bs=64 seek=$n conv=notrunc,fsync 2>/dev/null; then
+        [ $((n % 10)) = 0 ] && say "CTR $B $n"
+      else say "CTR-WRITE-FAIL $n"; fi
+      sleep 0.2; done ) &
+fi
 PEEK=$(arg cairn.peek)  # DEV:OFFSET:LEN
 if [ -n "$PEEK" ]; then
   IFS=: read pdev poff plen <<EOP
@@ -88,11 +105,18 @@ if ip link set eth0 up 2>/dev/null; then
   say "ETH0: $(cat /sys/class/net/eth0/address)"
   IP=$(arg cairn.ip)
   if [ -n "$IP" ]; then ip addr add "$IP" dev eth0 && say "IP: eth0 $IP"
-  else udhcpc -i eth0 -t 6 -T 1 -n -q -s /usr/share/udhcpc/default.script >/dev/null 2>&1 || say "IP: no lease"; fi
+  else  # as a real guest: keep asking in the background when the first tries go unanswered
+    udhcpc -i eth0 -t 6 -T 1 -A 2 -b -s /usr/share/udhcpc/default.script >/dev/null 2>&1
+    ip -4 addr show dev eth0 | grep -q inet || say "IP: no lease yet (still asking)"; fi
   P=$(arg cairn.ping)
   if [ -n "$P" ]; then
     ( ok=0; for i in $(seq 60); do ping -c 1 -W 1 "$P" >/dev/null 2>&1 && { ok=1; break; }; sleep 0.5; done
       [ $ok = 1 ] && say "PING-OK $P" || say "PING-FAIL $P" ) &
+  fi
+  PL=$(arg cairn.pingloop)
+  if [ -n "$PL" ]; then
+    ( while true; do if ping -c 1 -W 1 "$PL" >/dev/null 2>&1; then r=ok; else r=fail; fi
+        say "PL $(cut -d' ' -f1 /proc/uptime) $r"; sleep 0.5; done ) &
   fi
 fi
 GW=$(arg cairn.gw)

@@ -103,6 +103,10 @@ def leftovers(lab: Lab) -> list[str]:
 
 @pytest.fixture(scope="session")
 def lab_cluster() -> Iterator[LabCluster]:
+    reuse = os.environ.get("CAIRN_TEST_LAB_DIR")
+    if reuse:  # development: a lab you brought up (`cairn lab up --dir D`) and take down yourself
+        yield LabCluster(Path(reuse))
+        return
     d = Path(tempfile.mkdtemp(prefix="cairn-lab-"))
     lab: Lab | None = None
     try:

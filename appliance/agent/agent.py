@@ -116,6 +116,12 @@ class Agent:
         # How peers reach this node's hypervisor (live migration targets).
         inventory["libvirt_uri"] = self.settings.libvirt_uri
         inventory["migration_host"] = self.settings.migration_host
+        cluster = self.settings.cluster
+        if cluster is not None:  # peers reach its libvirtd over TLS on the cluster network
+            inventory["migration_uri"] = (f"qemu+tls://{cluster.address}/system"
+                                          f"?pkipath={self.settings.pki_dir / 'libvirt'}")
+            inventory["migration_host"] = cluster.address
+        inventory["boot_id"] = self.settings.boot_id
         inventory["underlay"] = inv.underlay(self.settings.underlay_interface)
         # what tenant subnets must not overlap: every network of the host's own interfaces,
         # the external segment and the storage address

@@ -119,6 +119,7 @@ class InstanceReconciler:
         self.backoff: dict[str, tuple[float, float, float]] = {}  # id -> (next start, delay, last start)
         self.power: dict[str, str] = {}  # id -> power state last observed here (newer than any document)
         self.crashes: dict[str, int] = {}  # id -> crashes seen and not yet reported
+        self.liveness: Any = None  # a cluster node's Liveness: HA instances start only while it is fresh
 
     def __call__(self, agent: Any, report: Any) -> None:
         if agent.document is not None:
@@ -131,8 +132,11 @@ class InstanceReconciler:
         self.pinned = {cpu for i in doc.instances if self.power.get(i.id, i.observed.power_state) != "nostate"
                        for cpu in self.pins.get(i.id, i.observed.pinned_cpus)}
         observed: dict[str, dict[str, Any]] = {}
+        if self.liveness is not None:  # the watchdog guards this node while HA workloads run here
+            self.liveness.want_armed = any(i.ha and i.power in ("running", "paused") for i in doc.instances)
         if fresh:  # a cached document may predate a VM that arrived by live migration
             self.remove_orphans({i.domain for i in doc.instances} | set(doc.moving), report)
+            self.prepare_arrivals(doc, report)
         for inst in doc.instances:
             driver = self.drivers.get(inst.kind)
             if driver is None or inst.migrating:
@@ -156,6 +160,32 @@ class InstanceReconciler:
         except Exception as exc:  # the database went away during the pass
             report.errors.append(f"instances: reporting failed: {exc.__class__.__name__}: {str(exc)[:300]}")
 
+    def prepare_arrivals(self, doc: NodeDocument, report: Any) -> None:
+        """A VM migrating here needs its folder (serial log, console sockets), its seed ISO
+        and its image's files (QEMU here opens them) before its QEMU starts here; the
+        migration waits for this node to say it is ready."""
+        from appliance.services import instances as instance_service
+
+        for domain in doc.moving:
+            (self.settings.instances_dir / domain).mkdir(parents=True, exist_ok=True)
+        incoming = {i.id: i for i in doc.incoming}
+        for iid in doc.arriving:
+            with session_scope(self.settings.resolved_database_url) as session:
+                row = session.get(Instance, iid)
+                if row is None or ((row.status or {}).get("migration") or {}).get("ready_on") == doc.node:
+                    continue
+                if iid in incoming:
+                    try:
+                        self.stage(incoming[iid])
+                    except InstanceNotFound as exc:
+                        report.errors.append(f"instance {iid}: cannot receive its migration: {exc}")
+                        continue
+                def ready(cur: dict[str, Any], me: str = doc.node) -> dict[str, Any]:
+                    return {"migration": {**(cur.get("migration") or {}), "ready_on": me}}
+
+                instance_service.KINDS[row.kind].write_status(session, row, ready)
+            report.actions.append(f"instance {iid}: ready to receive its migration")
+
     def remove_orphans(self, wanted: set[str], report: Any) -> None:
         """Instances this node runs that the database no longer places here (deleted
         while the node was away, or moved to another node) are removed."""
@@ -176,6 +206,11 @@ class InstanceReconciler:
             if present:
                 driver.delete(name)
             return {"power_state": "nostate", "removed": True}
+        cut_off = inst.ha and self.liveness is not None and not self.liveness.fresh()
+        if cut_off and want == "running" and (not present or driver.power_state(name) is not PowerState.RUNNING):
+            # cut off from the cluster: the HA manager may be starting it elsewhere
+            raise ComputeError(f"HA {inst.kind} not started: this node holds no fresh cluster lease "
+                               f"({self.liveness.error or 'not renewed yet'})")
         if not present:
             driver.define(self.build(inst, virt))
         state = driver.power_state(name)
@@ -206,7 +241,9 @@ class InstanceReconciler:
         return {"power_state": str(state), "domain": name, "consoles": consoles, "reboots_done": inst.reboots,
                 "error": None, "pinned_cpus": pinned, **seen}
 
-    def build(self, inst: InstanceDoc, virt: str) -> VmSpec | ContainerSpec:
+    def stage(self, inst: InstanceDoc) -> str | None:
+        """The files an instance's process opens on this node: its image's files, its
+        folder and (VMs with cloud-init or NICs) its seed ISO, whose path is returned."""
         image = inst.image
         if image is None:
             raise InstanceNotFound("its image is gone")
@@ -214,9 +251,20 @@ class InstanceReconciler:
             imagefiles.ensure_local(self.settings, image.blobs)
         except imagefiles.ImageFileMissing as exc:
             raise InstanceNotFound(f"image '{image.name}': {exc}")
+        workdir = self.settings.instances_dir / inst.domain
+        workdir.mkdir(parents=True, exist_ok=True)
+        if inst.kind == "vm" and (inst.user_data is not None or inst.nics):
+            return write_seed_iso(CloudInitSeed(instance_id=inst.id, hostname=inst.name,
+                                                user_data=inst.user_data or "#cloud-config\n{}\n"),
+                                  str(workdir / "seed.iso"))
+        return None
+
+    def build(self, inst: InstanceDoc, virt: str) -> VmSpec | ContainerSpec:
+        seed = self.stage(inst)
+        image = inst.image
+        assert image is not None  # stage refused otherwise
         name = inst.domain
         workdir = self.settings.instances_dir / name
-        workdir.mkdir(parents=True, exist_ok=True)
         qos = QosClass(inst.qos_class)
         memory_mib = max(16, inst.memory_bytes // MIB)
         placement = None
@@ -224,10 +272,7 @@ class InstanceReconciler:
             placement = self.pin(inst, int(-(-inst.cpu // 1)))
         if inst.kind == "vm":
             disks = tuple(volume_disk(d) for d in inst.disks)
-            if inst.user_data is not None or inst.nics:
-                seed = write_seed_iso(CloudInitSeed(instance_id=inst.id, hostname=inst.name,
-                                                    user_data=inst.user_data or "#cloud-config\n{}\n"),
-                                      str(workdir / "seed.iso"))
+            if seed is not None:
                 disks += (DiskSpec(FileSource(seed), device="cdrom", readonly=True),)
             nics = tuple(NicSpec(mac=n.mac, bridge=self.names.bridge(n.vni), tap=port_ifname("vm", n.port_id),
                                  mtu=n.mtu) for n in inst.nics)
@@ -236,7 +281,8 @@ class InstanceReconciler:
                 if not image.kernel:
                     raise InstanceNotFound(f"image '{image.name}' has no kernel")
                 kernel_boot = KernelBoot(kernel=image.kernel, initrd=image.initrd,
-                                         cmdline=image.cmdline or "console=ttyS0")
+                                         cmdline=" ".join(filter(None, (image.cmdline or "console=ttyS0",
+                                                                       inst.kernel_args))))
             return VmSpec(
                 disks=disks, nics=nics, name=name, vcpus=int(inst.cpu), memory_mib=memory_mib, uuid=inst.id,
                 consoles=Consoles(serial_log=str(workdir / "serial.log"),

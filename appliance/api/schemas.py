@@ -461,6 +461,8 @@ class InstanceSpecIn(Strict):
     placement_group: Name | None = None
     node_selector: dict[LabelKey, LabelValue] = {}
     user_data: Annotated[str, Field(max_length=65536)] | None = None
+    kernel_args: Annotated[str, Field(max_length=1024, pattern=r"^[ -~]*$",
+                                      description="VMs of a kernel image: added to its kernel command line")] = ""
     ha: bool = False
     power: Literal["running", "stopped"] = "running"
     volumes: Annotated[list[Name], Field(max_length=16, description="existing volumes to attach, in order")] = []

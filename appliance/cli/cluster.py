@@ -166,6 +166,28 @@ def lab_remove(node: str, directory: LabDir = None, output: OutputOpt = Format.t
     emit(_lab(lambda: ops.remove_node(node, directory)), output)
 
 
+@lab_app.command("restart")
+def lab_restart(node: str, directory: LabDir = None, output: OutputOpt = Format.table) -> None:
+    """Reboot a node cleanly (new boot id, the code as checked out now)."""
+    from appliance.lab import ops
+
+    emit(_lab(lambda: ops.restart(node, directory)), output)
+
+
+@lab_app.command("upgrade")
+def lab_upgrade(directory: LabDir = None, only: Annotated[list[str] | None, typer.Option(
+                    "--only", help="these nodes, in this order (default: all)")] = None,
+                output: OutputOpt = Format.table) -> None:
+    """Rolling upgrade: node by node, drain, reboot onto the current code, undrain."""
+    from appliance.lab import ops
+
+    def say(msg: str) -> None:
+        if output != Format.json:
+            err_console.print(f"[bold]==>[/bold] {msg}")
+
+    emit(_lab(lambda: ops.upgrade(directory, only, progress=say)), output)
+
+
 @lab_app.command("status")
 def lab_status(directory: LabDir = None, output: OutputOpt = Format.table) -> None:
     """Each node: running, cable, API URL, memory (PSS) and CPU used."""

@@ -246,6 +246,25 @@ def node_benchmark(name: str, seconds: Annotated[float, typer.Option()] = 6.0, n
         follow(c, task, output)
 
 
+@node_app.command("drain")
+def node_drain(name: str, no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
+    """Maintenance: live-migrate the node's VMs and restart its containers elsewhere (refused,
+    changing nothing, when the other nodes lack room); it then takes no new work."""
+    c = client()
+    task = run(lambda: c.post(f"/nodes/{name}/drain"))
+    if no_wait:
+        emit(task, output)
+    else:
+        follow(c, task, output)
+
+
+@node_app.command("undrain")
+def node_undrain(name: str, output: OutputOpt = Format.table) -> None:
+    """End a node's maintenance: it takes work again."""
+    c = client()
+    emit(run(lambda: c.post(f"/nodes/{name}/undrain")), output)
+
+
 def _set_schedulable(name: str, value: bool, output: Format) -> None:
     c = client()
     node = run(lambda: c.get(f"/nodes/{name}"))
@@ -488,6 +507,10 @@ OnNode = Annotated[str | None, typer.Option("--on", help="run it on this node (a
                                                          "node's cairn.dev/hostname label)")]
 
 
+HaOpt = Annotated[bool, typer.Option("--ha", help="restart it on another node if its node dies (fenced first); "
+                                                "its disks must be on replicated storage")]
+
+
 def _on(node: str | None) -> dict[str, Any]:
     return {"node_selector": {"cairn.dev/hostname": node}} if node else {}
 
@@ -511,12 +534,15 @@ def vm_create(name: str, image: Annotated[str, typer.Option()], cpu: Annotated[i
               secgroup: Annotated[list[str] | None, typer.Option("--secgroup", help="repeatable")] = None,
               volume: Annotated[list[str] | None, typer.Option("--volume", help="attach, repeatable")] = None,
               root_size: Annotated[str | None, typer.Option(help="disk images: grow the root volume")] = None,
-              on: OnNode = None, project: ProjectArg = "default", no_wait: NoWait = False,
-              output: OutputOpt = Format.table) -> None:
+              on: OnNode = None, ha: HaOpt = False,
+              kernel_args: Annotated[str, typer.Option(help="kernel images: added to the kernel command line")] = "",
+              project: ProjectArg = "default", no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
     """Create and start a VM; waits for it to run (progress: schedule → … → start)."""
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
                             "qos_class": qos, "security_groups": secgroup or [], "volumes": volume or [],
-                            **_on(on)}
+                            "ha": ha, **_on(on)}
+    if kernel_args:
+        spec["kernel_args"] = kernel_args
     if root_size:
         spec["root_size"] = root_size
     if group:
@@ -536,14 +562,14 @@ def container_create(ctx: typer.Context, name: str, image: Annotated[str, typer.
                      volume: Annotated[list[str] | None, typer.Option(
                          "--volume", help="VOLUME:PATH[:ext4|xfs][:ro], repeatable: mounted at PATH, "
                                           "formatted (ext4 by default) on first use")] = None,
-                     on: OnNode = None, project: ProjectArg = "default", no_wait: NoWait = False,
-                     output: OutputOpt = Format.table) -> None:
+                     on: OnNode = None, ha: HaOpt = False, project: ProjectArg = "default",
+                     no_wait: NoWait = False, output: OutputOpt = Format.table) -> None:
     """Create and start a container: cairn container create NAME --image IMG -- CMD ARGS..."""
     envs = dict(e.split("=", 1) for e in env or [] if "=" in e)
     spec: dict[str, Any] = {"cpu": cpu, "memory": memory, "image": image, "networks": network or [],
                             "command": list(ctx.args), "env": envs, "tty": tty, "isolation": isolation,
                             "security_groups": secgroup or [], "volumes": [_mount(v) for v in volume or []],
-                            **_on(on)}
+                            "ha": ha, **_on(on)}
     _create_instance("containers", name, project, spec, no_wait, output)
 
 

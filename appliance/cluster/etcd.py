@@ -144,6 +144,11 @@ class Etcd:
         values = self._any(lambda c: c.get(key))
         return values[0].decode() if values else None
 
+    def get_prefix(self, prefix: str) -> dict[str, str]:
+        """Every key under ``prefix`` and its value (a linearizable read)."""
+        found = self._any(lambda c: c.get_prefix(prefix))
+        return {meta["key"].decode(): value.decode() for value, meta in found}
+
     def put(self, key: str, value: str, lease: Lease | None = None) -> None:
         self._any(lambda c: c.put(key, value, lease=lease))
 

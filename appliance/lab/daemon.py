@@ -13,6 +13,7 @@ import ctypes
 import json
 import logging
 import os
+import signal
 import socket
 import socketserver
 import subprocess
@@ -23,11 +24,62 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance.lab.host import in_cgroup
-from appliance.lab.layout import Lab
+from appliance.lab.host import cg_kill, in_cgroup
+from appliance.lab.layout import Lab, watchdog_fifo
 
 log = logging.getLogger("cairn.lab")
 PR_SET_CHILD_SUBREAPER = 36
+
+
+class WatchdogEmulator(threading.Thread):
+    """A lab node's watchdog (this kernel has no softdog): the node's agent writes to a FIFO
+    as it would to /dev/watchdog; opening + writing arms it, ``V`` before closing disarms
+    it, and if it goes unfed for ``timeout`` seconds the node's cgroup is killed, as a
+    reset would. It lives here, outside the node, so a hung or dead node cannot stop it."""
+
+    def __init__(self, daemon: LabDaemon, name: str, fifo: Path, timeout: float) -> None:
+        super().__init__(name=f"watchdog-{name}", daemon=True)
+        self.lab_daemon, self.node, self.fifo, self.timeout = daemon, name, fifo, timeout
+        self.armed = False
+        self.last = 0.0
+        self.last_byte = b""
+        self.fired = 0
+
+    def reset(self) -> None:
+        """The node (re)boots: a new machine starts with its watchdog off."""
+        self.armed, self.last_byte = False, b""
+
+    def run(self) -> None:
+        import select
+
+        self.fifo.parent.mkdir(parents=True, exist_ok=True)
+        if not self.fifo.exists():
+            os.mkfifo(self.fifo, 0o600)
+        fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        while not self.lab_daemon.stopping.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            data = b""
+            if ready:
+                try:
+                    data = os.read(fd, 4096)
+                except BlockingIOError:
+                    data = b""
+                if data:
+                    self.armed, self.last, self.last_byte = True, time.monotonic(), data[-1:]
+                else:  # no writer (closed): a magic close disarms, any other close does not
+                    if self.armed and self.last_byte == b"V":
+                        self.armed = False
+                    time.sleep(0.2)
+            if self.armed and time.monotonic() - self.last > self.timeout:
+                self.armed = False
+                self.fired += 1
+                log.warning("watchdog fired: resetting the node", extra={"node": self.node})
+                with open(self.lab_daemon.lab.path / "watchdog.log", "a") as f:
+                    f.write(f"{time.time():.3f} {self.node} fired after {self.timeout:g} s unfed\n")
+                try:
+                    cg_kill(self.lab_daemon.lab.node_cgroup(self.node))
+                except Exception:
+                    log.exception("watchdog could not kill the node", extra={"node": self.node})
 
 
 class LabDaemon:
@@ -37,6 +89,15 @@ class LabDaemon:
         self.started: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.watchdogs: dict[str, WatchdogEmulator] = {}
+
+    def watchdog(self, name: str) -> WatchdogEmulator:
+        if name not in self.watchdogs:
+            node = self.lab.node(name)
+            dog = WatchdogEmulator(self, name, watchdog_fifo(node.path), self.lab.watchdog_timeout)
+            dog.start()
+            self.watchdogs[name] = dog
+        return self.watchdogs[name]
 
     # -- nodes
     def start(self, name: str, mode: str = "up", member: str | None = None, token: str | None = None,
@@ -49,6 +110,7 @@ class LabDaemon:
                 return {"node": name, "pid": running.pid, "already": True, **self.started[name]}
             cg = self.lab.node_cgroup(name)
             cg.mkdir(parents=True, exist_ok=True)
+            self.watchdog(name).reset()
             boot_id = str(uuid.uuid4())
             argv = ["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "-m", "-u", "--propagation", "private",
                     "--", sys.executable, "-m", "appliance.lab.boot", "--node", name, "--node-dir", node.dir,
@@ -75,6 +137,23 @@ class LabDaemon:
             self.started[name] = {"boot_id": boot_id, "started_at": time.time(), "mode": mode}
             log.info("node started", extra={"node": name, "pid": proc.pid, "mode": mode})
             return {"node": name, "pid": proc.pid, **self.started[name]}
+
+    def stop(self, name: str, timeout: float = 90) -> dict[str, Any]:
+        """Shut a node down cleanly (its boot passes SIGTERM to the supervisor, which stops
+        every program); killed if it takes longer than ``timeout``."""
+        with self.lock:
+            proc = self.boots.get(name)
+        if proc is None or proc.poll() is not None:
+            return {"node": name, "stopped": False}
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+            forced = False
+        except subprocess.TimeoutExpired:
+            cg_kill(self.lab.node_cgroup(name))
+            forced = True
+        cg_kill(self.lab.node_cgroup(name))  # whatever the supervisor left behind
+        return {"node": name, "stopped": True, "forced": forced}
 
     def nodes(self) -> dict[str, Any]:
         with self.lock:
@@ -110,6 +189,10 @@ class LabDaemon:
                               request.get("token"), request.get("osds"))
         if op == "nodes":
             return self.nodes()
+        if op == "stop":
+            return self.stop(request["node"])
+        if op == "watchdogs":
+            return {n: {"armed": d.armed, "fired": d.fired, "timeout": d.timeout} for n, d in self.watchdogs.items()}
         if op == "shutdown":
             self.stopping.set()
             return {"ok": True}

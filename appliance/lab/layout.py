@@ -30,6 +30,11 @@ def lab_dir() -> Path:
     return Path(os.environ.get("CAIRN_LAB_DIR") or DEFAULT_DIR)
 
 
+def watchdog_fifo(node_dir: Path) -> Path:
+    """The FIFO a lab node's agent feeds as its /dev/watchdog (inside: /var/lib/cairn/watchdog)."""
+    return node_dir / "data" / "watchdog"
+
+
 @dataclass
 class LabNode:
     name: str
@@ -63,6 +68,7 @@ class Lab:
     subnet: str
     cgroup: str
     nodes: list[LabNode] = field(default_factory=list)
+    watchdog_timeout: float = 8.0  # the nodes' emulated watchdog (Settings.watchdog_timeout)
 
     @property
     def path(self) -> Path:

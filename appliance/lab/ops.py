@@ -196,7 +196,9 @@ def _write_node_env(node: LabNode) -> None:
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "cairn.env").write_text(
         f"CAIRN_NODE_NAME={node.name}\nCAIRN_UNDERLAY_INTERFACE=eth0\nCAIRN_MIGRATION_HOST={node.address}\n"
-        f"CAIRN_STORAGE_HOST={node.address}\nCAIRN_API_HOST=0.0.0.0\n")
+        f"CAIRN_STORAGE_HOST={node.address}\nCAIRN_API_HOST=0.0.0.0\n"
+        # no softdog here: the lab daemon emulates the watchdog behind a FIFO
+        f"CAIRN_WATCHDOG_DEVICE={NODE_MOUNTS['data']}/watchdog\n")
 
 
 def _start_daemon(lab: Lab) -> None:
@@ -297,6 +299,50 @@ def heal(directory: Path | None = None, wait: bool = True, timeout: float = 300)
         for name in restarted:
             _wait_node(lab, name, timeout)
     return {"reconnected": [n.name for n in lab.nodes], "restarted": restarted}
+
+
+def restart(name: str, directory: Path | None = None, timeout: float = 300) -> dict[str, Any]:
+    """Shut a node down cleanly and boot it again (a reboot: new boot id, the code as it
+    is checked out now)."""
+    lab = Lab.load(directory)
+    lab.node(name)
+    t0 = time.monotonic()
+    stopped = daemon.call(lab, {"op": "stop", "node": name}, timeout=120)
+    _start(lab, name, mode="up")
+    _wait_node(lab, name, timeout)
+    return {"node": name, "forced": stopped.get("forced", False), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def upgrade(directory: Path | None = None, nodes: list[str] | None = None, timeout: float = 900,
+            progress: Progress = _quiet) -> dict[str, Any]:
+    """A rolling upgrade, node by node: drain (VMs live-migrate away), upgrade (here: a
+    reboot onto the code checked out now), undrain, wait until Ready; the guests run
+    throughout. Stops at the first node that fails, leaving it drained."""
+    lab = Lab.load(directory)
+    order = nodes or [n.name for n in lab.nodes]
+    steps = []
+    for name in order:
+        via = next(n.name for n in lab.nodes if n.name != name and boot_pid(lab, n.name) is not None)
+        t0 = time.monotonic()
+        progress(f"{name}: drain (through {via})")
+        task = cairn_in_node(lab, via, "node", "drain", name, timeout=timeout)
+        if task.get("state") != "succeeded":
+            raise LabError(f"draining {name} failed: {task.get('error')}")
+        drained = time.monotonic() - t0
+        phase = cairn_in_node(lab, via, "get", "node", name)["status"].get("phase")
+        progress(f"{name}: upgrade (reboot onto the current code)")
+        restart(name, directory, timeout)
+        progress(f"{name}: undrain")
+        cairn_in_node(lab, via, "node", "undrain", name)
+        deadline = time.monotonic() + 120
+        while cairn_in_node(lab, via, "get", "node", name)["status"].get("phase") != "Ready":
+            if time.monotonic() > deadline:
+                raise LabError(f"{name} is not Ready 120 s after its undrain")
+            time.sleep(1)
+        steps.append({"node": name, "drain_seconds": round(drained, 1), "phase_drained": phase,
+                      "moved": task.get("result", {}).get("moved"),
+                      "total_seconds": round(time.monotonic() - t0, 1)})
+    return {"nodes": steps}
 
 
 def down(directory: Path | None = None) -> dict[str, Any]:

@@ -120,6 +120,8 @@ class InstanceDoc(Doc):
     generation: int
     power: str  # pending | running | stopped | paused | deleted
     migrating: bool = False  # a task acts on it (a migration, a restore of its memory), not the agent
+    ha: bool = False  # restarted elsewhere if this node dies; started only while the node holds its lease
+    kernel_args: str = ""  # added to a kernel image's command line
     cpu: float
     memory_bytes: int
     qos_class: str = "burstable"
@@ -264,6 +266,10 @@ class NodeDocument(Doc):
     virt_type: str = "qemu"
     instances: list[InstanceDoc] = Field(default_factory=list)
     moving: list[str] = Field(default_factory=list)  # domains arriving here by live migration
+    arriving: list[str] = Field(default_factory=list)  # ids of instances migrating to this node
+    # the same instances as documents: the target stages their files (seed ISO, image
+    # files) before the source's QEMU hands over
+    incoming: list[InstanceDoc] = Field(default_factory=list)
     network: NetworkState = Field(default_factory=NetworkState)
     pools: list[PoolDoc] = Field(default_factory=list)
 
@@ -334,12 +340,20 @@ def assemble(rows: ClusterRows, node: str, now: datetime | None = None) -> NodeD
     me = next((n for n in rows.nodes if n.name == node), None)
     if me is None:
         raise NotFound(f"there is no node named '{node}': its agent registers it")
+    arriving = sorted(i.id for i in rows.migrating for c in rows.claims
+                      if c.node_id == me.id and c.workload_id == f"migrating-{i.id}"[:36])
+    images = {(i.project_id, i.name): i for i in rows.images}
     doc = NodeDocument(
         node=node, node_id=me.id,
         virt_type=str((me.status or {}).get("inventory", {}).get("virt_type", "qemu")),
         instances=_instances(rows, me),
         moving=sorted(domain_name(i.id, i.name) for i in rows.migrating),
-        network=_network(rows, node),
+        # a migration reserves room on its target under the id "migrating-<instance id>"
+        arriving=arriving,
+        incoming=[_instance(row, images, {}) for row in sorted(rows.migrating, key=lambda i: i.id)
+                  if row.id in arriving],
+        network=_network(rows, node, {p["network_id"] for i in rows.migrating if i.id in arriving
+                                      for p in (i.status or {}).get("ports", [])}),
         # A Ceph pool is written by every node (each holds the locks of the volumes its
         # instances use: storage/README.md, "Several nodes"); a local one by its node only.
         pools=[_pool(p) for p in sorted(rows.pools, key=lambda p: p.name)
@@ -351,32 +365,35 @@ def assemble(rows: ClusterRows, node: str, now: datetime | None = None) -> NodeD
 def _instances(rows: ClusterRows, me: Node) -> list[InstanceDoc]:
     images = {(i.project_id, i.name): i for i in rows.images}
     cells = {c.workload_id: c.numa_cell for c in rows.claims if c.node_id == me.id}
-    out = []
-    for row in sorted((i for i in rows.instances if i.node_id == me.id), key=lambda i: i.id):
-        spec, status = row.spec or {}, row.status or {}
-        image = images.get((row.project_id, spec.get("image", "")))
-        mounts = {m["volume"]: {"path": m["path"], "fs": m.get("fs", "ext4"), "readonly": bool(m.get("readonly"))}
-                  for m in spec.get("mounts") or []}
-        out.append(InstanceDoc(
-            id=row.id, name=row.name, kind=row.kind, project_id=row.project_id, domain=domain_name(row.id, row.name),
-            generation=row.generation, power=spec.get("power", "running"), migrating=row.task_state in HANDS_OFF,
-            cpu=float(spec.get("cpu", 1)), memory_bytes=int(spec.get("memory_bytes", 0)),
-            qos_class=spec.get("qos_class", "burstable"), isolation=spec.get("isolation", "container"),
-            tty=bool(spec.get("tty", False)), env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
-            command=spec.get("command") or None, user_data=spec.get("user_data"),
-            stop_timeout=float(spec.get("stop_timeout", 30)), reboots=int(spec.get("reboots", 0)),
-            image=_image(image) if image is not None else None,
-            disks=[Disk(volume=d["volume"], export=d["export"], exports=d.get("exports") or {},
-                        **mounts.get(d["volume"], {})) for d in status.get("volumes", [])],
-            nics=[Nic(port_id=p["id"], mac=p["mac"], vni=int(p["vni"]), mtu=p.get("mtu") or None,
-                      ips=[Address(address=ip["address"], prefix=int(ip.get("prefix", 32)),
-                                   gateway=ip.get("gateway")) for ip in p.get("ips", [])])
-                  for p in status.get("ports", [])],
-            numa_cell=cells.get(row.id),
-            observed=Observed(power_state=row.power_state, reboots_done=int(status.get("reboots_done", 0)),
-                              pinned_cpus=list(status.get("pinned_cpus", []))),
-        ))
-    return out
+    return [_instance(row, images, cells)
+            for row in sorted((i for i in rows.instances if i.node_id == me.id), key=lambda i: i.id)]
+
+
+def _instance(row: Instance, images: dict[tuple[str, str], Image], cells: dict[str, int | None]) -> InstanceDoc:
+    spec, status = row.spec or {}, row.status or {}
+    image = images.get((row.project_id, spec.get("image", "")))
+    mounts = {m["volume"]: {"path": m["path"], "fs": m.get("fs", "ext4"), "readonly": bool(m.get("readonly"))}
+              for m in spec.get("mounts") or []}
+    return InstanceDoc(
+        id=row.id, name=row.name, kind=row.kind, project_id=row.project_id, domain=domain_name(row.id, row.name),
+        generation=row.generation, power=spec.get("power", "running"), migrating=row.task_state in HANDS_OFF,
+        ha=bool(spec.get("ha", False)), kernel_args=str(spec.get("kernel_args") or ""),
+        cpu=float(spec.get("cpu", 1)), memory_bytes=int(spec.get("memory_bytes", 0)),
+        qos_class=spec.get("qos_class", "burstable"), isolation=spec.get("isolation", "container"),
+        tty=bool(spec.get("tty", False)), env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
+        command=spec.get("command") or None, user_data=spec.get("user_data"),
+        stop_timeout=float(spec.get("stop_timeout", 30)), reboots=int(spec.get("reboots", 0)),
+        image=_image(image) if image is not None else None,
+        disks=[Disk(volume=d["volume"], export=d["export"], exports=d.get("exports") or {},
+                    **mounts.get(d["volume"], {})) for d in status.get("volumes", [])],
+        nics=[Nic(port_id=p["id"], mac=p["mac"], vni=int(p["vni"]), mtu=p.get("mtu") or None,
+                  ips=[Address(address=ip["address"], prefix=int(ip.get("prefix", 32)),
+                               gateway=ip.get("gateway")) for ip in p.get("ips", [])])
+              for p in status.get("ports", [])],
+        numa_cell=cells.get(row.id),
+        observed=Observed(power_state=row.power_state, reboots_done=int(status.get("reboots_done", 0)),
+                          pinned_cpus=list(status.get("pinned_cpus", []))),
+    )
 
 
 def _image(row: Image) -> ImageRef:
@@ -392,11 +409,12 @@ def _pool(row: StoragePool) -> PoolDoc:
                    nbd_port=spec.get("nbd_port"), phase=status.get("phase"), message=status.get("message"))
 
 
-def _network(rows: ClusterRows, me: str) -> NetworkState:
+def _network(rows: ClusterRows, me: str, arriving: set[str] | frozenset[str] = frozenset()) -> NetworkState:
     """The network reconciler's view: which networks this node carries and homes, the
     security groups of its ports, the routers placed on it. Every node derives the same
     placement (router -> lowest-named node hosting a port of its networks), so a router
-    moves when its ports do."""
+    moves when its ports do. ``arriving``: networks of instances migrating here (their
+    bridges must exist before the guest does)."""
     node_names = {n.id: n.name for n in rows.nodes}
     underlays = []
     for n in sorted(rows.nodes, key=lambda n: n.name):
@@ -436,7 +454,7 @@ def _network(rows: ClusterRows, me: str) -> NetworkState:
             continue
         home = next((n for rid, n in placement.items() if any(s.network_id == net_id for s in routed[rid])),
                     min(nodes_here))
-        if me not in nodes_here and home != me:
+        if me not in nodes_here and home != me and net_id not in arriving:
             continue  # nothing of it on this node
         net_subnets = sorted((s for s in rows.subnets if s.network_id == net_id), key=lambda s: s.name)
         gateways = [f"{s.spec['gateway']}/{ipaddress.ip_network(s.cidr).prefixlen}"

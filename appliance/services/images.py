@@ -91,6 +91,20 @@ def upload_check(db_url: str, principal: Principal, project: str, name: str, poo
         quotas.charge(session, proj.id, volume_bytes=1)  # the real size is charged once it is known
 
 
+def _shared_upload(path: Path, queue: str) -> dict[str, str]:
+    """In a cluster the import may run on another node than the one the upload reached:
+    the file goes into the cluster's image store, the importing node copies it from there."""
+    from appliance import imagefiles
+    from appliance.settings import get_settings
+
+    settings = get_settings()
+    if settings.cluster is None or queue == f"node.{settings.node_name}":
+        return {}
+    digest = imagefiles.publish(settings, [str(path)])[str(path)]
+    path.unlink(missing_ok=True)
+    return {"sha256": digest}
+
+
 def upload_finish(db_url: str, principal: Principal, project: str, name: str, path: Path, fmt: str | None,
                   pool: str | None, storage_class: str = "dedup") -> dict[str, Any]:
     """The upload is on disk: check it with qemu-img (a corrupt or unsupported file is a
@@ -115,9 +129,9 @@ def upload_finish(db_url: str, principal: Principal, project: str, name: str, pa
             spec = {"kind": "vm", "format": "disk", "source_format": info["format"], "volume": vol.name,
                     "volume_id": vol.id, "snapshot": "base", "virtual_size": info["virtual_size"]}
             img = images.create(session, principal, project, name, spec, {"phase": "Importing"})
-            return tasks.create(session, "image.import",
-                                {"image_id": img.id, "volume_id": vol.id, "path": str(path),
-                                 "format": info["format"]},
+            params = {"image_id": img.id, "volume_id": vol.id, "path": str(path), "format": info["format"],
+                      **_shared_upload(path, queue)}
+            return tasks.create(session, "image.import", params,
                                 queue=queue, principal=principal, project_id=proj.id,
                                 resource=("image", img.id, name), max_attempts=1)
     except BaseException:

@@ -12,10 +12,13 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from appliance.db.models import Instance, Node, PlacementGroup, Port
+from appliance.db.models import Instance, Node, PlacementGroup, Port, StoragePool, Volume
 from appliance.errors import Conflict, InvalidInput, NotFound
+from appliance.scheduler.placement import Request
 from appliance.services import groups, images, networks, placement, quotas, redact, tasks
 from appliance.services.auth import project_by_name
+from appliance.services.groups import group_key
+from appliance.services.placement import HOSTNAME_LABEL
 from appliance.services.principal import Principal
 from appliance.services.resources import rowcount
 from appliance.services.scoped import ScopedKind
@@ -111,6 +114,46 @@ def container_mounts(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "volumes": [m["volume"] for m in mounts], "mounts": mounts}
 
 
+def placement_request(session: Session, row: Instance, selector: bool = True, pinned: bool = True) -> Request:
+    """What the scheduler must find room for: the instance's size and QoS, its placement
+    group, and its node selector (``selector=False``: none, for an explicit target;
+    ``pinned=False``: without a pin to one node's name, for a move off that node)."""
+    spec = row.spec or {}
+    group = group_of(session, row)
+    labels = dict(spec.get("node_selector") or {}) if selector else {}
+    if not pinned:
+        labels.pop(HOSTNAME_LABEL, None)
+    return Request(cpus=float(spec["cpu"]), memory_bytes=int(spec["memory_bytes"]),
+                   qos=spec.get("qos_class", "burstable"),
+                   group=group_key(row.project_id, group.name) if group else None,
+                   group_policy=group.spec["policy"] if group else None,
+                   node_selector=tuple(sorted(labels.items())))
+
+
+def check_ha_eligible(session: Session, principal: Principal, project: str, spec: dict[str, Any],
+                      image: Any) -> None:
+    """An HA instance restarts on another node when its node dies: its disks must live on
+    replicated storage, not on a pool kept on one node's own disks."""
+    from appliance.services import volumes
+
+    if not spec.get("ha"):
+        return
+    used = []
+    for vol_name in spec.get("volumes") or []:
+        vol, _ = volumes.volumes.row(session, principal, project, vol_name, "read")
+        used.append((vol_name, vol.pool_id))
+    if image.spec.get("format") == "disk":
+        src = session.get(Volume, image.spec.get("volume_id", ""))
+        if src is not None:
+            used.append((f"the root volume cloned from image '{image.name}'", src.pool_id))
+    for what, pool_id in used:
+        pool = session.get(StoragePool, pool_id)
+        if pool is not None and (pool.spec or {}).get("backend") == "local":
+            raise Conflict(f"an HA instance keeps its disks on replicated storage: {what} is on pool "
+                           f"'{pool.name}', kept on one node's own disks, and would be lost with that node "
+                           "(use a volume of a Ceph pool, or leave ha off)")
+
+
 def create(session: Session, principal: Principal, kind: str, project: str, name: str,
            spec: dict[str, Any]) -> dict[str, Any]:
     """Validate, record the instance (building / scheduling) and its create task."""
@@ -129,6 +172,7 @@ def create(session: Session, principal: Principal, kind: str, project: str, name
     proj = project_by_name(session, principal, project, "write")
     image = images.resolve(session, proj.id, spec["image"], kind)
     check_volumes(session, principal, kind, project, name, spec, image)
+    check_ha_eligible(session, principal, project, spec, image)
     if spec.get("user_data") is not None:
         try:
             validate_user_data(spec["user_data"])

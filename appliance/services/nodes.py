@@ -16,7 +16,10 @@ from appliance.services.principal import Principal
 from appliance.services.resources import check_generation, iso, keyset, page, public, set_condition
 from appliance.version import __version__
 
-PHASES = ("Ready", "NotReady")
+PHASES = ("Ready", "NotReady", "Fenced", "Maintenance")
+# Phases the node's own agent does not end: the HA manager lifts Fenced (after a reboot),
+# an administrator ends Maintenance (undrain).
+HELD = ("Fenced", "Maintenance")
 
 
 def node_public(node: Node) -> dict[str, Any]:
@@ -42,10 +45,11 @@ def register(session: Session, name: str, inventory: dict[str, Any], allocatable
         row.cpu_capacity = float(allocatable["cpu"]) * float(allocatable.get("cpu_ratio", 4.0))
         row.memory_capacity = int(allocatable["memory_bytes"])
         row.heartbeat_at = datetime.now(UTC)
-        row.phase = "Ready"
         row.observed_generation = row.generation
         row.code_version, row.schema_version = __version__, code_schema()
-        set_condition(row, "Ready", True, "AgentRegistered", "the node agent registered and heartbeats")
+        if row.phase not in HELD:
+            row.phase = "Ready"
+            set_condition(row, "Ready", True, "AgentRegistered", "the node agent registered and heartbeats")
 
     statuses.write(session, node, {"inventory": inventory, "allocatable": allocatable}, change=ready,
                    emit=_emit, verb="created" if created else "updated")
@@ -59,7 +63,7 @@ def heartbeat(session: Session, name: str) -> bool:
         return False
     statuses.lock(session, node)  # mark_lost may be turning it NotReady right now
     node.heartbeat_at = datetime.now(UTC)
-    if node.phase != "Ready":
+    if node.phase not in ("Ready", *HELD):
         def resumed(row: Node) -> None:
             row.phase = "Ready"
             set_condition(row, "Ready", True, "HeartbeatResumed", "the node agent heartbeats again")

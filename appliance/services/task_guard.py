@@ -41,7 +41,8 @@ def released(session: Session, task: Task, state: str) -> None:
 
 # The task_state each task kind sets on its resource: the guard clears only its own.
 INSTANCE_STATES = {"instance.create": ("scheduling", "spawning"), "instance.delete": ("deleting",),
-                   "instance.migrate": ("migrating",), "vm.snapshot": ("snapshotting",),
+                   "instance.migrate": ("migrating",), "instance.failover": ("failing-over",),
+                   "vm.snapshot": ("snapshotting",),
                    "vm.snapshot_delete": ("snapshotting",), "vm.restore": ("restoring",)}
 VOLUME_STATES = {"volume.create": "creating", "volume.resize": "resizing", "volume.delete": "deleting",
                  "volume.snapshot": "snapshotting", "volume.snapshot_delete": "snapshotting",
@@ -74,6 +75,9 @@ def _instance(session: Session, task: Task, reason: str) -> None:
         status["migration"] = {"error": reason}
     elif task.name == "instance.action":
         status["error"] = reason
+    elif task.name == "instance.failover":  # its node is gone: nowhere to run it now
+        columns["vm_state"] = "error"
+        status["error"] = f"restarting it after its node was lost failed: {reason}"
 
     def settle(locked: Instance) -> None:  # on the row as it is now, under its lock
         if locked.task_state in own:

@@ -14,6 +14,7 @@ from appliance.db.engine import session_scope
 from appliance.services import nodes
 from appliance.settings import get_settings
 from appliance.tasks import instances as _instances  # noqa: F401  (registers instance.* handlers)
+from appliance.tasks import maintenance as _maintenance  # noqa: F401  (registers node.drain)
 from appliance.tasks import storage as _storage  # noqa: F401  (registers volume.* and image.import)
 from appliance.tasks import vm_snapshots as _vm_snapshots  # noqa: F401  (registers vm.snapshot etc.)
 from appliance.tasks.runner import TaskContext, handler

@@ -13,8 +13,7 @@ from sqlalchemy import select, update
 from appliance.db.engine import session_scope
 from appliance.db.models import Claim, Instance, Network, Node, Project, Subnet, Task, Volume
 from appliance.errors import CairnError
-from appliance.scheduler.placement import Request
-from appliance.services import groups, images, instances, networks, placement, statuses, volumes
+from appliance.services import images, instances, networks, placement, statuses, volumes
 from appliance.services.principal import Principal
 from appliance.settings import get_settings
 from appliance.tasks.runner import TaskContext, handler
@@ -84,10 +83,7 @@ def create(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     ctx.progress(5, "schedule: choosing a node")
     with session_scope(ctx.db_url) as session:
         images.resolve(session, row.project_id, spec["image"], row.kind)
-        req = _request_for(session, row)
-        req = Request(req.cpus, req.memory_bytes, req.qos, req.group, req.group_policy,
-                      tuple(sorted((spec.get("node_selector") or {}).items())))
-        choice = placement.claim(session, row.kind, iid, req)
+        choice = placement.claim(session, row.kind, iid, instances.placement_request(session, row))
         node = session.scalar(select(Node.id).where(Node.name == choice.host))
         live = session.get(Instance, iid)
         assert live is not None
@@ -307,13 +303,15 @@ def container_exec(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
             "stderr": result.stderr[-limit:].decode(errors="replace")}
 
 
-def _request_for(session: Any, row: Instance) -> Request:
-    spec = row.spec
-    group = instances.group_of(session, row)
-    return Request(cpus=float(spec["cpu"]), memory_bytes=int(spec["memory_bytes"]),
-                   qos=spec.get("qos_class", "burstable"),
-                   group=groups.group_key(row.project_id, group.name) if group else None,
-                   group_policy=group.spec["policy"] if group else None)
+def _wait_arrival_ready(ctx: TaskContext, iid: str, to: str, seconds: float = 15.0) -> None:
+    """The target's agent makes the VM's folder there and says so (status.migration.ready_on);
+    on an older agent that never says, go ahead after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ((_load(ctx, iid).status or {}).get("migration") or {}).get("ready_on") == to:
+            return
+        ctx.check()
+        time.sleep(0.2)
 
 
 @handler("instance.migrate")
@@ -324,19 +322,25 @@ def migrate(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     temp_id = f"migrating-{iid}"[:36]  # a failure releases it (services.task_guard)
     ctx.progress(10, f"reserving room on {to}")
     with session_scope(ctx.db_url) as session:
-        placement.claim(session, row.kind, temp_id, _request_for(session, row), only=to)
+        placement.claim(session, row.kind, temp_id, instances.placement_request(session, row, selector=False),
+                        only=to)
         target = session.scalar(select(Node).where(Node.name == to))
         assert target is not None
-        target_id, target_uri = target.id, (target.status or {}).get("inventory", {}).get("libvirt_uri")
+        inventory = (target.status or {}).get("inventory", {})
+        target_id = target.id
+        target_uri = inventory.get("migration_uri") or inventory.get("libvirt_uri")
+        target_host = inventory.get("migration_host")
     result: dict[str, Any] = {"mode": mode, "to": to}
     if mode == "live":
+        ctx.progress(20, f"waiting for {to} to get ready for it")
+        _wait_arrival_ready(ctx, iid, to)
         ctx.progress(30, f"live-migrating to {to}")
         from compute.libvirt_driver import LibvirtDriver
 
         settings = get_settings()
         driver = LibvirtDriver(settings.libvirt_uri, settings.virt_type, settings.migration_host)
         try:
-            moved = driver.migrate(row.status["domain"], target_uri)
+            moved = driver.migrate(row.status["domain"], target_uri, target_host)
         finally:
             driver.close()
         result.update(duration_s=round(moved.duration_s, 3), downtime_ms=moved.downtime_ms)
@@ -353,3 +357,27 @@ def migrate(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     if mode == "restart":
         _wait_power(ctx, iid, "running", 90, f"restart on {to}")
     return result
+
+
+@handler("instance.failover")
+def failover(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Restart an HA instance of a lost node on a survivor. The HA manager queues it only
+    after the lost node was fenced (its storage cut off, its volume locks broken), so the
+    copy started here is the only one that can write."""
+    iid, lost_node = params["instance_id"], params["from"]
+    row = _load(ctx, iid)
+    # if this fails, services.task_guard puts the instance in error with the reason
+    ctx.progress(10, f"fenced {lost_node}: choosing a surviving node")
+    with session_scope(ctx.db_url) as session:
+        placement.release(session, iid)
+        # pinned to the lost node by name: anywhere else will do
+        choice = placement.claim(session, row.kind, iid, instances.placement_request(session, row, pinned=False))
+        node = session.scalar(select(Node.id).where(Node.name == choice.host))
+    ctx.progress(30, f"placed on {choice.host}: its volumes are taken over when it opens them")
+    _update(ctx, iid, node_id=node, status={"node": choice.host, "error": None,
+                                            "failover": {"from": lost_node, "to": choice.host}})
+    ctx.progress(50, f"start on {choice.host}")
+    want = "running" if (row.spec or {}).get("power", "running") == "running" else "shutdown"
+    _wait_power(ctx, iid, want, 70, f"start on {choice.host}")
+    _update(ctx, iid, vm_state="active", task_state=None)
+    return {"from": lost_node, "to": choice.host}

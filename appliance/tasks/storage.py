@@ -157,9 +157,15 @@ def rollback(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
 def import_image(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     """Copy an uploaded raw / qcow2 file into the image's volume, then snapshot it as
     ``base``: new VMs clone ``base`` in O(1)."""
+    from appliance import imagefiles
+
     vol, pool = _load(ctx, params["volume_id"])
     upload = Path(params["path"])
+    settings = get_settings()
     try:
+        if params.get("sha256"):  # uploaded through another node's API
+            ctx.progress(1, "fetching the upload from the cluster's image store")
+            imagefiles.ensure_local(settings, {str(upload): params["sha256"]})
         ctx.progress(2, f"creating a {vol.size}-byte volume")
         with contextlib.suppress(Exception):
             _call(pool, vol, "delete")  # a retried import starts over
@@ -173,6 +179,8 @@ def import_image(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
         _call(pool, vol, "snapshot", snapshot="base")
     finally:  # a failure marks the image and its volume Error (services.task_guard)
         upload.unlink(missing_ok=True)
+        if params.get("sha256"):
+            imagefiles.discard(settings, params["sha256"])
     with session_scope(ctx.db_url) as session:
         row = session.get(Volume, vol.id)
         if row is not None:

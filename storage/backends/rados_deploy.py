@@ -286,6 +286,35 @@ class Admin:
     def blocklist_add(self, addr: str, seconds: int = 3600) -> None:
         self.mon("osd blocklist", blocklistop="add", addr=addr, expire=float(seconds))
 
+    def blocklist_remove(self, addr: str) -> None:
+        """Lift one client's entry (``ip:port/nonce``); an entry already gone is fine."""
+        try:
+            self.mon("osd blocklist", blocklistop="rm", addr=addr)
+        except ClusterError as exc:
+            if "isn't blocklisted" not in str(exc) and "not blocklisted" not in str(exc):
+                raise
+
+    def blocklist_range(self, cidr: str, seconds: int) -> None:
+        """Blocklist every client of an address range (a fenced host: ``<ip>/32``)."""
+        self.mon("osd blocklist", range="range", blocklistop="add", addr=cidr, expire=float(seconds))
+
+    def blocklist_range_remove(self, cidr: str) -> None:
+        try:
+            self.mon("osd blocklist", range="range", blocklistop="rm", addr=cidr)
+        except ClusterError as exc:
+            if "isn't blocklisted" not in str(exc) and "not blocklisted" not in str(exc):
+                raise
+
+    def blocklist(self) -> list[str]:
+        """Blocklisted client addresses and ranges (``1.2.3.4:0/32`` for a range)."""
+        raw = self.mon_raw("osd blocklist ls", format="json").decode()
+        # Pacific prints two JSON arrays back to back: single addresses, then ranges
+        decoder, at, found = json.JSONDecoder(), 0, []
+        while at < len(raw.strip()):
+            part, at = decoder.raw_decode(raw, at)
+            found += [str(e.get("addr") or e.get("range")) if isinstance(e, dict) else str(e) for e in part]
+        return found
+
 
 @dataclass
 class NodeDaemons:

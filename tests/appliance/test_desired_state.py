@@ -184,3 +184,16 @@ def test_a_ceph_pool_is_in_every_nodes_document_a_local_one_in_its_nodes_only() 
     assert [p.name for p in assemble(rows, "n1", NOW).pools] == ["ceph", "default"]
     for node in ("n2", "n3"):  # every node writes the Ceph pool (each owns its instances' volumes)
         assert [p.name for p in assemble(rows, node, NOW).pools] == ["ceph"]
+
+
+def test_the_target_of_a_migration_gets_the_arriving_instance_as_a_document() -> None:
+    rows = cluster()
+    rows.claims.append(Claim(workload_id=f"migrating-{_id('i-bee')}"[:36], node_id=_id("n3"), numa_cell=None,
+                             workload_kind="container", cpu_units=1.0, memory_bytes=64 << 20))
+    n3 = assemble(rows, "n3", NOW)
+    assert n3.arriving == [_id("i-bee")] and n3.instances == []  # not run here yet: staged only
+    assert [(i.id, i.name, i.migrating, i.nics[0].vni) for i in n3.incoming] == [(_id("i-bee"), "bee", True, 200)]
+    assert assemble(rows, "n1", NOW).incoming == [] and assemble(rows, "n2", NOW).incoming == []
+    # its network's bridge is there before the guest arrives (no DHCP here: n1 homes net-b)
+    assert [(n.vni, n.home, n.dhcp) for n in n3.network.networks] == [(200, "n1", None)]
+    assert assemble(cluster(), "n3", NOW).network.networks == []

@@ -91,6 +91,9 @@ def test_a_vm_and_a_container_on_different_nodes_ping_each_other_over_the_overla
                 break
             assert time.monotonic() < deadline, f"the container on n2 never reached the VM on n1: {r.stdout}{r.stderr}"
             time.sleep(2)
+        # the VM's serial console through n3's API (the VM runs on n1: n3 relays to n1's API)
+        seen = lab.run("n3", [sys.executable, "-c", CONSOLE_PEEK, "vms/pinger-vm/console/serial", "HB "], timeout=90)
+        assert seen.returncode == 0 and "HB " in seen.stdout, f"no guest output through n3: {seen.stdout}{seen.stderr}"
     finally:
         lab.cairn_rc("n2", "delete", "container", "pinger-ct")
         lab.cairn_rc("n2", "delete", "vm", "pinger-vm")
@@ -98,6 +101,22 @@ def test_a_vm_and_a_container_on_different_nodes_ping_each_other_over_the_overla
             if lab.cairn_rc("n1", "delete", "network", "ovl").returncode == 0:
                 break
             time.sleep(2)
+
+
+CONSOLE_PEEK = r"""
+import json, ssl, sys, time
+from websockets.sync.client import connect
+cfg = json.load(open("/var/lib/cairn/cli.json"))
+ctx = ssl.create_default_context(cafile=cfg["ca_file"])
+url = cfg["url"].replace("https://", "wss://") + "/api/v1/" + sys.argv[1]
+got = b""
+with connect(url, ssl=ctx, additional_headers={"Authorization": "Bearer " + cfg["token"]}, open_timeout=30) as ws:
+    deadline = time.monotonic() + 60
+    while sys.argv[2].encode() not in got and time.monotonic() < deadline:
+        got += ws.recv(timeout=30)
+print(got.decode(errors="replace")[-500:])
+sys.exit(0 if sys.argv[2].encode() in got else 1)
+"""
 
 
 def _join_attempt(lab: LabCluster, node: str, token: str, timeout: float = 120) -> str:

@@ -36,8 +36,8 @@ class Console:
         self.creds = streams.Credentials(websocket.headers.get("authorization", ""),
                                          websocket.cookies.get(SESSION_COOKIE))
 
-    async def open(self) -> tuple[Principal, str]:
-        """Who may open it, and its socket; both outcomes go to the audit log."""
+    async def open(self) -> tuple[Principal, str, str | None]:
+        """Who may open it, its socket and the node it is on; both outcomes go to the audit log."""
         origin = self.websocket.headers.get("origin")
         host = self.websocket.headers.get("host", "")
         principal = None
@@ -45,13 +45,13 @@ class Console:
             principal = await anyio.to_thread.run_sync(streams.authenticate, self.url, self.creds)
             if "authorization" not in self.websocket.headers and origin and origin.split("://", 1)[-1] != host:
                 raise PermissionDenied("cross-origin console connections are refused")
-            path = await anyio.to_thread.run_sync(consoles.socket_path, self.url, principal, self.kind,
-                                                  self.project, self.name, self.want)
+            path, node = await anyio.to_thread.run_sync(consoles.target, self.url, principal, self.kind,
+                                                        self.project, self.name, self.want)
         except CairnError as exc:
             await self.audit(principal, exc.status, exc.detail)
             raise WebSocketException(status.WS_1008_POLICY_VIOLATION, reason=str(exc.detail)[:120])
         await self.audit(principal, 101, f"{self.want} console opened")
-        return principal, path
+        return principal, path, node
 
     async def audit(self, principal: Principal | None, code: int, detail: str) -> None:
         client = self.websocket.client
@@ -74,15 +74,78 @@ class Console:
 
 
 async def _serve(console: Console, subprotocol: str | None = None) -> None:
-    principal, path = await console.open()
+    principal, path, node = await console.open()
     try:
         slot = console.websocket.app.state.streams.acquire(principal)
     except TooManyRequests as exc:
         raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, reason=exc.detail[:120])
+    settings = console.websocket.app.state.settings
     try:
-        await _pump(console, principal, path, subprotocol)
+        if node and node != settings.node_name and settings.cluster is not None:
+            await _relay(console, principal, node, subprotocol)  # on another node: through its API
+        else:
+            await _pump(console, principal, path, subprotocol)
     finally:
         slot.release()
+
+
+async def _relay(console: Console, principal: Principal, node: str, subprotocol: str | None) -> None:
+    """The console of an instance on another node: the same route on that node's API, over
+    mutual TLS (this node's certificate) with the caller's own credentials, which that
+    node checks again. Bytes flow both ways unchanged."""
+    import ssl
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    websocket = console.websocket
+    settings = websocket.app.state.settings
+    address = next((m.address for m in settings.cluster.members if m.name == node), None)
+    if address is None:
+        raise WebSocketException(status.WS_1011_INTERNAL_ERROR, reason=f"node {node} is not a cluster member")
+    ctx = ssl.create_default_context(cafile=str(settings.pki_dir / "ca.crt"))
+    ctx.load_cert_chain(settings.pki_dir / "server.crt", settings.pki_dir / "server.key")
+    headers = {k: v for k, v in websocket.headers.items() if k in ("authorization", "cookie")}
+    query = f"?{websocket.url.query}" if websocket.url.query else ""
+    uri = f"wss://{address}:{settings.api_port}{websocket.url.path}{query}"
+    try:
+        upstream = await connect(uri, ssl=ctx, additional_headers=headers, open_timeout=10, max_size=None,
+                                 subprotocols=[subprotocol] if subprotocol else None)  # type: ignore[list-item]
+    except Exception as exc:
+        raise WebSocketException(status.WS_1011_INTERNAL_ERROR, reason=f"console on {node} unavailable: {exc}"[:120])
+    await websocket.accept(subprotocol=subprotocol)
+    closing: list[tuple[int, str]] = [(status.WS_1000_NORMAL_CLOSURE, "")]
+
+    async def to_client() -> None:
+        try:
+            async for data in upstream:
+                await websocket.send_bytes(data if isinstance(data, bytes) else data.encode())
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code != 1000:
+                closing.append((exc.rcvd.code, exc.rcvd.reason))
+
+    async def to_node() -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await upstream.send(message.get("bytes") or (message.get("text") or "").encode())
+
+    async def watch() -> None:
+        reason = await console.watch(principal)
+        closing.append((status.WS_1008_POLICY_VIOLATION, reason[:120]))
+
+    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_node()), asyncio.create_task(watch())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for t in tasks:
+            t.cancel()
+        await upstream.close()
+        with contextlib.suppress(Exception):
+            await websocket.close(code=closing[-1][0], reason=closing[-1][1])
 
 
 async def _pump(console: Console, principal: Principal, path: str, subprotocol: str | None) -> None:

@@ -19,14 +19,14 @@ from appliance.api.schemas import (
     ResourceList,
     ResourcePublic,
 )
-from appliance.services import history, nodes
+from appliance.services import history, maintenance, nodes
 
 router = APIRouter(prefix="/nodes", tags=["nodes"])
 
 
 @router.get("", response_model=ResourceList, openapi_extra=access("cluster:read"))
 def list_nodes(session: DbSession, caller: Caller, limit: Limit = 100, cursor: str | None = None,
-               phase: Literal["Ready", "NotReady"] | None = None) -> dict[str, Any]:
+               phase: Literal["Ready", "NotReady", "Fenced", "Maintenance"] | None = None) -> dict[str, Any]:
     items, nxt = nodes.list_(session, caller, limit, cursor, phase)
     return {"items": items, "next_cursor": nxt}
 
@@ -57,6 +57,19 @@ def benchmark_node(name: Name, session: DbSession, caller: Caller,
                    body: BenchmarkRequest | None = None) -> JSONResponse:
     """pveperf-style benchmark (CPU, fsyncs/s, write rate) as a task with progress."""
     return accepted(nodes.benchmark(session, caller, name, (body or BenchmarkRequest()).seconds))
+
+
+@router.post("/{name}/drain", status_code=202, openapi_extra=access("cluster:write"))
+def drain_node(name: Name, session: DbSession, caller: Caller) -> JSONResponse:
+    """Maintenance: VMs live-migrate and containers restart elsewhere, then the node takes
+    no new work. Refused (nothing changed) when the other nodes lack the room."""
+    return accepted(maintenance.drain(session, caller, name))
+
+
+@router.post("/{name}/undrain", response_model=ResourcePublic, openapi_extra=access("cluster:write"))
+def undrain_node(name: Name, session: DbSession, caller: Caller) -> dict[str, Any]:
+    """End maintenance: the node takes work again."""
+    return maintenance.undrain(session, caller, name)
 
 
 @router.post("/{name}/inventory", status_code=202, openapi_extra=access("cluster:write"))

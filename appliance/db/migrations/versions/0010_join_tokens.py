@@ -13,6 +13,7 @@ revision = '0010'
 down_revision = '0009'
 branch_labels = None
 depends_on = None
+compatible_with = '0009'  # additive: code of 0009 runs on it
 
 
 def upgrade() -> None:

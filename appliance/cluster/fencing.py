@@ -1,0 +1,62 @@
+"""Storage fencing of a dead node (DESIGN.md, HA step 2), done by the HA manager before
+anything of that node runs elsewhere:
+
+1. every Ceph client of the node's address is blocklisted (an address range of one host:
+   its storage daemon's dedup writers, the librbd clients of its guests' rbd disks,
+   anything it may still send if it is only half dead);
+2. the node's volume locks are broken and its writers dropped by this node's storage
+   daemon (``fence``: the dedup engine's takeover; storage/README.md), so the new owners
+   replay its journals.
+
+The blocklist stays until the node has rebooted (a new boot id) and comes back: only
+then is it lifted (``unfence``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from appliance.cluster.runtime import ceph_conf_path
+from appliance.settings import Settings
+
+log = logging.getLogger("cairn.cluster.fencing")
+BLOCKLIST_SECONDS = 7 * 24 * 3600  # until lifted: a node that never comes back stays out
+
+
+def fence_storage(settings: Settings, node: str, address: str) -> dict[str, Any]:
+    """Blocklist the node's address, then break its volume locks. Raises if either fails
+    (the caller retries; nothing may start elsewhere before this succeeded)."""
+    from storage.backends.rados_deploy import Admin
+    from storage.control import StorageClient
+
+    with Admin(ceph_conf_path()) as admin:
+        admin.blocklist_range(f"{address}/32", BLOCKLIST_SECONDS)
+    report: dict[str, Any] = {"blocklisted": f"{address}/32"}
+    from storage.errors import InvalidArgument, NotFound
+
+    client = StorageClient(settings.storage_socket, timeout=120)
+    try:
+        report["volumes"] = client.call("fence", node=node)
+    except (InvalidArgument, NotFound) as exc:
+        if "unknown operation" not in str(exc) and "pool ''" not in str(exc):
+            raise
+        # a storage daemon without volume ownership: its pools are each node's own, the
+        # address blocklist is the whole fence
+        report["volumes"] = "no shared-pool writers to fence"
+    log.warning("node fenced", extra={"node": node, "address": address})
+    return report
+
+
+def unfence_storage(address: str) -> None:
+    """Lift the node's blocklist (it rebooted: its old clients are gone for good): the
+    range entry of the fence and the single-client entries of that address that came
+    with it (a volume lock broken by a takeover, librbd breaking an exclusive lock, the
+    mgr's failover), which would otherwise linger for their expiry."""
+    from storage.backends.rados_deploy import Admin
+
+    with Admin(ceph_conf_path()) as admin:
+        admin.blocklist_range_remove(f"{address}/32")
+        for entry in admin.blocklist():
+            if entry.rsplit(":", 1)[0] == address:
+                admin.blocklist_remove(entry)
+    log.warning("node unfenced", extra={"address": address})
