@@ -125,6 +125,7 @@ class DnsmasqSupervisor:
             return False
         self.cfg_path.write_text(config)
         self.stop()
+        _prune_leases(config)
         # dnsmasq logs every DHCP exchange: to a file, never to a pipe nobody drains.
         log_path = self.cfg_path.with_suffix(".log")
         with log_path.open("ab") as log:
@@ -157,6 +158,26 @@ class DnsmasqSupervisor:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def _prune_leases(config: str) -> None:
+    """Drop the leases ``config`` no longer hands out before dnsmasq starts again (it
+    reads its lease file only then): a deleted port's address leased to its old MAC
+    would otherwise be refused to the next port given that address ("not using
+    configured address … because it is leased to …") until the lease expires."""
+    path = next((Path(line.split("=", 1)[1]) for line in config.splitlines()
+                 if line.startswith("dhcp-leasefile=")), None)
+    if path is None or not path.exists():
+        return
+    wanted = set()
+    for line in config.splitlines():
+        if line.startswith("dhcp-host="):
+            mac, *rest = line.split("=", 1)[1].split(",")
+            wanted.update((mac.lower(), field.strip("[]")) for field in rest)
+    kept = [line for line in path.read_text().splitlines()
+            if len(parts := line.split()) < 3 or ":" not in parts[1] or parts[1].count(":") != 5
+            or (parts[1].lower(), parts[2]) in wanted]
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def parse_leases(text: str) -> list[tuple[str, str, str]]:

@@ -60,6 +60,11 @@ def test_udhcpc_on_node2_gets_its_fixed_lease_from_dnsmasq_on_node1_and_names_re
     for n in (1, 2):
         assert reconcile(lab.node(n), node_state(f"n{n}", nodes, [net])).ok
     cfg = sample_config(str(tmp_path / "run"))
+    # a deleted port's lease of the same address to its own MAC (a VM deleted, another given
+    # its address): dnsmasq would refuse the address to the new MAC until that lease expired
+    lease_file = Path(cfg.run_dir) / "net-blue.leases"
+    lease_file.parent.mkdir(parents=True)
+    lease_file.write_text(f"{int(time.time()) + 3600} 02:00:00:00:0a:0a 10.60.0.12 gone-vm *\n")
     sup = DnsmasqSupervisor(lab.node(1), tmp_path / "dnsmasq.conf")
     try:
         assert sup.ensure(build_dnsmasq_config(cfg)) is True
@@ -74,7 +79,6 @@ def test_udhcpc_on_node2_gets_its_fixed_lease_from_dnsmasq_on_node1_and_names_re
         assert time.monotonic() - t0 < 10
         ip, mask, router, mtu, dns = out.read_text().split()
         assert (ip, mask, router, mtu, dns) == ("10.60.0.12", "24", "10.60.0.1", "1450", "10.60.0.1")
-        lease_file = Path(cfg.run_dir) / "net-blue.leases"
         assert ("02:00:00:00:05:02", "10.60.0.12", "vm2") in parse_leases(lease_file.read_text())
         with node_links(ep) as nl:
             nl.addr_add(nl.index("eth0"), "10.60.0.12/24")
