@@ -169,7 +169,7 @@ def _prune_leases(config: str) -> None:
                  if line.startswith("dhcp-leasefile=")), None)
     if path is None or not path.exists():
         return
-    wanted = set()
+    wanted: set[tuple[str, str]] = set()
     for line in config.splitlines():
         if line.startswith("dhcp-host="):
             mac, *rest = line.split("=", 1)[1].split(",")
