@@ -23,6 +23,7 @@ HOST_ONLY = {
     "docker-compose": "the development compose stack",
     "chromium": "console e2e tests",
     "chromium-driver": "console e2e tests",
+    "vncsnapshot": "console e2e tests (a VNC client for the .vv file test)",
     "nodejs": "building the console (the image gets the built assets)",
     "xorriso": "building ISOs",
     "mmdebstrap": "building the image",
