@@ -12,7 +12,8 @@ import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -135,3 +136,82 @@ def install_cluster_pki(pki_dir: Path, ca_crt: bytes, ca_key: bytes, node_crt: b
     with os.fdopen(fd, "wb") as f:
         f.write(ca_key)
     (pki_dir / "server.crt").write_bytes(node_crt)
+
+
+# --------------------------------------------------------------------------- NBD over TCP
+# NBD certificates have a CA of their own: a QEMU process holds its node's NBD client key,
+# and a certificate of the cluster CA would let whoever takes over a QEMU talk to etcd,
+# Patroni or the API as a node. The NBD CA's key is derived from the cluster CA's, so every
+# member computes the same CA with nothing more to distribute; its subject names the
+# cluster CA it comes from.
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _nbd_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_crt, _, _ = ensure(pki_dir)
+    cluster_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), None)
+    assert isinstance(cluster_key, ec.EllipticCurvePrivateKey)
+    secret = cluster_key.private_numbers().private_value.to_bytes(66, "big")
+    derived = HKDF(hashes.SHA256(), 48, salt=None, info=b"cairn nbd ca").derive(secret)
+    key = ec.derive_private_key(int.from_bytes(derived, "big") % (_P256_ORDER - 1) + 1, ec.SECP256R1())
+    cluster = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Cairn NBD CA {fingerprint(ca_crt.read_bytes())[:16]}")])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(int.from_bytes(derived[:16], "big") >> 1)
+        .not_valid_before(cluster.not_valid_before_utc).not_valid_after(cluster.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _nbd_leaf(pki_dir: Path, out: Path, role: str, cn: str, san: list[x509.GeneralName]) -> Path:
+    """(Re)issue ``<role>-cert.pem`` / ``<role>-key.pem`` and ``ca-cert.pem`` in ``out``
+    (QEMU's tls-creds-x509 layout), each replaced atomically."""
+    ca_cert, ca_key = _nbd_ca(pki_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_atomically(out / f"{role}-key.pem", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    _write_atomically(out / f"{role}-cert.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_atomically(out / "ca-cert.pem", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return out
+
+
+def nbd_server_tls(pki_dir: Path, addresses: list[str]) -> Path:
+    """The storage daemon's NBD TLS directory (``pki_dir/nbd``, root only): a server
+    certificate for this node's names and ``addresses``, re-issued at every call."""
+    names, ips = _local_names()
+    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    san += [x509.IPAddress(ipaddress.ip_address(a)) for a in sorted({*ips, *addresses})]
+    return _nbd_leaf(pki_dir, pki_dir / "nbd", "server", f"nbd {names[0]}", san)
+
+
+def nbd_client_tls(pki_dir: Path, out: Path, node: str) -> Path:
+    """This node's NBD client directory for QEMU (``out``): a client certificate only
+    NBD servers of this cluster accept, re-issued at every call."""
+    return _nbd_leaf(pki_dir, out, "client", f"nbd client {node}", [])

@@ -49,7 +49,9 @@ def lock_down(settings: Settings) -> None:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     for d in (settings.data_dir, settings.secrets_dir, settings.uploads_dir, settings.pki_dir):
         if d.is_dir():
-            d.chmod(0o700)
+            # group x on the data directory is the mask of the ACL that lets the VM group
+            # (unprivileged QEMU) search it for its own files: agent/vm_access.py
+            d.chmod(0o700 | (d.stat().st_mode & 0o010 if d == settings.data_dir else 0))
     url = settings.resolved_database_url
     if url.startswith("sqlite:///"):
         db = Path(url.removeprefix("sqlite:///"))
@@ -250,8 +252,13 @@ def run_storage(argv: list[str] | None = None) -> None:
     logs.setup("cairn-storage", settings.log_level)
     from storage.daemon import main as storaged
 
+    tls: list[str] = []
+    if settings.storage_nbd_port:  # NBD over TCP is served with TLS only
+        from appliance.pki import nbd_server_tls
+
+        tls = ["--tls-dir", str(nbd_server_tls(settings.pki_dir, [settings.storage_host]))]
     storaged(["--run-dir", str(settings.storage_run_dir), "--host", settings.storage_host,
-              "--node", settings.node_name, *(argv or [])])
+              "--node", settings.node_name, *tls, *(argv or [])])
 
 
 def run_redis(argv: list[str] | None = None) -> None:
@@ -319,7 +326,8 @@ def libvirt_node(settings: Settings) -> LibvirtNode:
     tls = None
     if settings.cluster is not None:  # peers migrate VMs to it: TLS with the node's certificate
         tls = TlsListen(settings.cluster.address, libvirt_pki(settings))
-    return LibvirtNode(settings.data_dir / "libvirt", settings.node_name, tls)
+    return LibvirtNode(settings.data_dir / "libvirt", settings.node_name, tls, cgroups=settings.libvirt_cgroups,
+                       nbd_tls_dir=settings.nbd_client_dir)
 
 
 def libvirt_pki(settings: Settings) -> Path:

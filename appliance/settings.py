@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     container_driver: str = "crun"
     libvirt_uri: str = "qemu:///system"
     virt_type: str = "auto"  # auto | kvm | qemu
+    # Embedded libvirt: put QEMU in cgroups (cpu, memory, blkio). Off where nodes nest
+    # (test stacks, lab nodes that are cgroups themselves: libvirt would move QEMU out).
+    libvirt_cgroups: bool = False
     # Address other nodes' hypervisors reach this node's for live migration.
     migration_host: str = "127.0.0.1"
     instance_start_timeout: float = 300.0
@@ -226,6 +229,11 @@ class Settings(BaseSettings):
     @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def nbd_client_dir(self) -> Path:
+        """QEMU's certificate for ``nbds://`` disks (NBD over TCP with TLS): appliance/pki.py."""
+        return self.data_dir / "nbd-client"
 
     @property
     def log_dir(self) -> Path:

@@ -47,6 +47,8 @@ def blockdev(source: NbdSource | RbdSource, readonly: bool = False) -> dict[str,
         server = {"type": "unix", "path": sock} if transport == "unix" else \
             {"type": "inet", "host": host, "port": str(port)}
         node = {"driver": "nbd", "server": server, "export": export}
+        if source.tls:  # the --object of tls_object()
+            node["tls-creds"] = "tls0"
     else:
         node = {"driver": "rbd", "pool": source.pool, "image": source.image}
         if source.config:
@@ -54,6 +56,15 @@ def blockdev(source: NbdSource | RbdSource, readonly: bool = False) -> dict[str,
         if source.user:
             node["user"] = source.user
     return {**node, "node-name": "vol", "read-only": readonly, "cache": {"direct": False, "no-flush": False}}
+
+
+def tls_object(source: NbdSource | RbdSource) -> list[str]:
+    """qemu-storage-daemon's ``--object`` for an ``nbds://`` export's client certificate."""
+    if not isinstance(source, NbdSource) or not source.tls:
+        return []
+    if not source.tls_certificates:
+        raise HypervisorError(f"NBD export {source.uri}: TLS needs ?tls-certificates=<client directory>")
+    return ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={source.tls_certificates}"]
 
 
 class FileExport:
@@ -77,7 +88,7 @@ class FileExport:
                   "writable": not self.readonly, "growable": False}
         with open(self.errfile, "wb") as err:
             proc = subprocess.Popen(
-                [QSD, "--blockdev", json.dumps(blockdev(self.source, self.readonly)),
+                [QSD, *tls_object(self.source), "--blockdev", json.dumps(blockdev(self.source, self.readonly)),
                  "--export", json.dumps(export), "--pidfile", str(self.pidfile)],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
         deadline = time.monotonic() + timeout

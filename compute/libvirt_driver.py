@@ -334,7 +334,7 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML:
-                                     dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)}
+                                     _without_dac_label(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))}
         host = destination_host or self.migration_host
         if host:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{host}"
@@ -358,3 +358,13 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
         except libvirt.libvirtError as e:
             log.info("VM %s: no completed-job stats on %s: %s", name, destination, e.get_error_message())
         return MigrationResult(name=name, duration_s=duration, downtime_ms=downtime)
+
+
+def _without_dac_label(xml: str) -> str:
+    """A domain's XML for another node: without its DAC label (``VmSpec.run_as``), whose
+    uid and grants are this node's; the target runs it as its default user."""
+    root = ET.fromstring(xml)
+    for label in root.findall("seclabel"):
+        if label.get("model") == "dac":
+            root.remove(label)
+    return ET.tostring(root, encoding="unicode")

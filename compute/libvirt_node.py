@@ -43,14 +43,25 @@ wait $L
 kill -TERM $V 2>/dev/null; wait $V
 """
 
-QEMU_CONF = """
-# Several nodes share one cgroup tree: don't let them fight over /machine/qemu-ID-NAME.
-cgroup_controllers = [ ]
-user = "root"
-group = "root"
-remember_owner = 0
-security_driver = "none"
-"""
+CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio")
+
+
+def qemu_conf(cgroups: bool = False, nbd_tls_dir: Path | None = None) -> str:
+    """The node's whole qemu.conf (pure). Domains carry their own DAC label (an
+    unprivileged uid:gid, ``VmSpec.run_as``); root stays the default for those that do
+    not. No MAC driver (no LSM on the hosts this runs on; an installed host's system
+    libvirtd adds AppArmor). cgroups: off by default, because libvirt's cgroupfs backend
+    moves QEMU to ``/machine/qemu-ID-NAME`` at the root of every hierarchy, out of the
+    cgroup the node runs in (a lab node's, which it is killed and frozen by; a test's);
+    ``cgroups=True`` is for a node that owns its host: cpu, memory and blkio per domain.
+    ``nbd_tls_dir``: the client certificate QEMU shows to ``nbds://`` disks' servers
+    (``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem``)."""
+    controllers = ", ".join(f'"{c}"' for c in CGROUP_CONTROLLERS) if cgroups else ""
+    tls = f'nbd_tls_x509_cert_dir = "{nbd_tls_dir}"\n' if nbd_tls_dir else ""
+    return ("# cairn (written at every start of the node)\n"
+            f"cgroup_controllers = [ {controllers} ]\n"
+            'user = "root"\ngroup = "root"\ndynamic_ownership = 1\nremember_owner = 0\nsecurity_driver = "none"\n'
+            + tls)
 
 
 def _silence_libvirt_stderr() -> None:
@@ -76,8 +87,11 @@ class TlsListen:
 class LibvirtNode:
     """One libvirtd "node" whose state lives under ``base / name``."""
 
-    def __init__(self, base: Path, name: str, tls: TlsListen | None = None) -> None:
+    def __init__(self, base: Path, name: str, tls: TlsListen | None = None, cgroups: bool = False,
+                 nbd_tls_dir: Path | None = None) -> None:
         self.name = name
+        self.cgroups = cgroups
+        self.nbd_tls_dir = nbd_tls_dir
         self.dir = Path(base) / name
         self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
@@ -90,6 +104,11 @@ class LibvirtNode:
     def _prepare(self) -> None:
         for sub in ("run", "lib", "log", "cache"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        # QEMU running as a domain's own uid opens its files in /var/lib/libvirt/qemu/domain-*
+        # (made its own by libvirt): search, not read, on the way there, as Debian ships it
+        for sub in ("lib", "lib/qemu"):
+            (self.dir / sub).mkdir(exist_ok=True)
+            (self.dir / sub).chmod(0o711)
         etc = self.dir / "etc"
         if not etc.exists():
             shutil.copytree("/etc/libvirt", etc, symlinks=True)
@@ -103,8 +122,9 @@ class LibvirtNode:
                     f.write(f'listen_tls = 1\nlisten_tcp = 0\nlisten_addr = "{self.tls.address}"\n'
                             f'key_file = "{p}/serverkey.pem"\ncert_file = "{p}/servercert.pem"\n'
                             f'ca_file = "{p}/cacert.pem"\n')
-            with (etc / "qemu.conf").open("a") as f:
-                f.write(QEMU_CONF)
+        (etc / "qemu.conf").write_text(qemu_conf(self.cgroups, self.nbd_tls_dir))
+        if self.nbd_tls_dir is not None:  # libvirtd refuses to start without it; the certificates come later
+            self.nbd_tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # libvirtd resolves its build-time default user 'libvirt-qemu' before reading qemu.conf;
         # give the namespace its own passwd/group that have it, leaving the host's files alone
         for db, line in (("passwd", "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin\n"),

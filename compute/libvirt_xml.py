@@ -39,6 +39,8 @@ def _add_disk(devices: ET.Element, disk: DiskSpec, index: int) -> None:
         attrs = {"protocol": "nbd"}
         if export:
             attrs["name"] = export
+        if src.tls:  # the client certificate: the node's nbd_tls_x509_cert_dir
+            attrs["tls"] = "yes"
         s = _sub(el, "source", **attrs)
         if transport == "unix":
             _sub(s, "host", transport="unix", socket=sock)
@@ -143,6 +145,11 @@ def build_domain_xml(spec: VmSpec) -> str:
     _sub(root, "on_crash", "destroy")
     devices = _sub(root, "devices")
     _sub(devices, "emulator", spec.emulator)
+    if spec.run_as is not None:  # after <devices>, as libvirt orders it
+        # relabel="no": libvirt chowns nothing to the domain's ids (it would hand a kernel
+        # shared by several VMs to one of them); what QEMU reads is granted by the caller
+        label = _sub(root, "seclabel", type="static", model="dac", relabel="no")
+        _sub(label, "label", f"+{spec.run_as[0]}:+{spec.run_as[1]}")
     counters = {"disk": 0, "cdrom": 0}
     for disk in spec.disks:
         _add_disk(devices, disk, counters[disk.device])

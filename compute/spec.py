@@ -70,12 +70,25 @@ def check_dev(dev: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class NbdSource:
-    """An NBD export: ``nbd+unix:///export?socket=/path`` or ``nbd://host:port/export``."""
+    """An NBD export: ``nbd+unix:///export?socket=/path``,
+    ``nbds://host:port/export?tls-certificates=/dir`` (TCP with TLS, libnbd's spelling:
+    QEMU's ``tls-creds-x509`` client directory; libvirt domains use the node's, see
+    ``LibvirtNode(nbd_tls_dir=)``) or ``nbd://host:port/export`` (plaintext TCP, for
+    exports on a trusted loopback only)."""
 
     uri: str
 
     def __post_init__(self) -> None:
         self.parts()  # validates
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.uri).scheme in ("nbds", "nbds+tcp")
+
+    @property
+    def tls_certificates(self) -> str | None:
+        """The client directory (``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem``)."""
+        return parse_qs(urlparse(self.uri).query).get("tls-certificates", [None])[0]
 
     def parts(self) -> tuple[str, str, str, int, str]:
         """Return (transport, socket, host, port, export); transport is ``unix`` or ``tcp``."""
@@ -86,15 +99,19 @@ class NbdSource:
             if not sock.startswith("/"):
                 raise InvalidSpec(f"NBD URI {self.uri!r}: needs ?socket=/absolute/path")
             return "unix", sock, "", 0, export
-        if u.scheme in ("nbd", "nbd+tcp"):
+        if u.scheme in ("nbd", "nbd+tcp", "nbds", "nbds+tcp"):
             if not u.hostname:
                 raise InvalidSpec(f"NBD URI {self.uri!r}: needs a host")
             try:
                 port = u.port or 10809
             except ValueError:
                 raise InvalidSpec(f"NBD URI {self.uri!r}: bad port")
+            certs = parse_qs(u.query).get("tls-certificates", [""])[0]
+            if u.query and not (self.tls and certs.startswith("/")):
+                raise InvalidSpec(f"NBD URI {self.uri!r}: the only option is tls-certificates=/absolute/dir, "
+                                  "with nbds://")
             return "tcp", "", u.hostname, port, export
-        raise InvalidSpec(f"NBD URI {self.uri!r}: scheme must be nbd+unix or nbd")
+        raise InvalidSpec(f"NBD URI {self.uri!r}: scheme must be nbd+unix, nbds (TCP with TLS) or nbd")
 
 
 @dataclass(frozen=True)
@@ -264,6 +281,8 @@ class VmSpec:
     uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
     machine: str = "pc"
     emulator: str = "/usr/bin/qemu-system-x86_64"
+    # QEMU's host uid and gid (libvirt's DAC label for this domain); None = the node's default
+    run_as: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -286,6 +305,8 @@ class VmSpec:
             raise InvalidSpec("at most 26 disks")
         if len({n.mac for n in self.nics}) != len(self.nics):
             raise InvalidSpec("NIC MAC addresses must be distinct")
+        if self.run_as is not None and not all(0 < i < 2**32 - 1 for i in self.run_as):
+            raise InvalidSpec(f"run_as {self.run_as}: QEMU runs as an unprivileged uid and gid, not root")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ Control protocol: one JSON object per line each way. Request
 Attached pools are remembered in ``<run-dir>/pools.json`` and re-attached on start, so a
 daemon killed with -9 is back with the same exports as soon as it restarts (the journal
 replay on open makes every acknowledged write visible again).
+
+``grant`` ``{"uid": U, "exports": {"pool": ["volume", ...]}}``: a client of the unix
+sockets whose uid is not root (a VM's unprivileged QEMU) opens only the exports granted to
+its uid (SO_PEERCRED), remembered in ``<run-dir>/grants.json``; ``{"uid": U}`` revokes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from storage.errors import InvalidArgument, NotFound, StorageError
 from storage.maintenance import check_consistency, collect_garbage, scrub
 from storage.nbd import export_uri
 from storage.nbd.server import NbdServer
+from storage.nbd.tls import server_context
 
 log = logging.getLogger("cairn.storaged")
 
@@ -73,12 +78,15 @@ class Attached:
 
 
 class StorageDaemon:
-    def __init__(self, run_dir: Path, host: str = "127.0.0.1", node: str | None = None) -> None:
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1", node: str | None = None,
+                 tls_dir: Path | None = None) -> None:
         self.run_dir = run_dir
         self.host = host
+        self.tls_dir = tls_dir  # server certificate of the TCP exports (storage/nbd/tls.py)
         self.node = node
         self.pools: dict[str, Attached] = {}
         self._state = run_dir / "pools.json"
+        self._grants = run_dir / "grants.json"  # pool -> uid -> exports (see NbdServer.grants)
 
     # ------------------------------------------------------------------ pools
     async def attach(self, name: str, backend: str, chunk_size: int = 65536, port: int | None = None) -> dict[str, Any]:
@@ -88,17 +96,24 @@ class StorageDaemon:
             if (current.config.backend, current.config.port) != (cfg.backend, cfg.port):
                 raise InvalidArgument(f"pool {name!r} is attached with another backend or port: detach it first")
             return self._describe(current)
+        if cfg.port and self.tls_dir is None:
+            raise InvalidArgument(f"pool {name!r}: NBD over TCP (port {cfg.port}) is served with TLS only, and this "
+                                  "storage daemon has no --tls-dir")
+        tls = server_context(self.tls_dir) if cfg.port and self.tls_dir is not None else None
         pool = await asyncio.to_thread(open_pool, backend, cfg.chunk_size, False, self.node)
         server = NbdServer(pool)
         sock = str(self.run_dir / f"nbd-{name}.sock")
         try:
             await server.listen_unix(sock)
-            if cfg.port:
-                await server.listen_tcp(self.host, cfg.port)
+            if tls is not None:
+                await server.listen_tcp(self.host, cfg.port or 0, tls)
         except OSError:
             await server.close()
             pool.close()
             raise
+        with contextlib.suppress(FileNotFoundError, ValueError):  # a restarted daemon's grants
+            saved = json.loads(self._grants.read_text()).get(name, {})
+            server.grants = {int(uid): set(names) for uid, names in saved.items()}
         self.pools[name] = Attached(cfg, pool, server, sock)
         self._save()
         log.info("attached pool %s (%s)", name, backend)
@@ -154,6 +169,25 @@ class StorageDaemon:
             except (StorageError, OSError) as exc:
                 log.error("cannot re-attach pool %s: %s", cfg.get("name"), exc)
 
+    def _grant(self, uid: int, exports: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The exports of each pool a non-root client uid (a VM's unprivileged QEMU) may
+        open on the unix sockets, replacing what it had; none: revoke."""
+        if uid <= 0:
+            raise InvalidArgument("grants are for unprivileged uids (root opens every export)")
+        for pool in exports:
+            self._pool(pool)
+        for name, att in self.pools.items():
+            names = set(exports.get(name, ()))
+            if names:
+                att.server.grants[uid] = names
+            else:
+                att.server.grants.pop(uid, None)
+        tmp = self._grants.with_suffix(".tmp")
+        tmp.write_text(json.dumps({name: {str(u): sorted(n) for u, n in att.server.grants.items()}
+                                   for name, att in self.pools.items()}))
+        os.replace(tmp, self._grants)
+        return {name: sorted(att.server.grants.get(uid, ())) for name, att in self.pools.items()}
+
     # ---------------------------------------------------------------- control
     async def handle(self, req: dict[str, Any]) -> Any:
         op = req.pop("op", None)
@@ -163,6 +197,8 @@ class StorageDaemon:
             return [self._describe(a) for a in self.pools.values()]
         if op == "fence":
             return await self._fence(str(req["node"]), req.get("pool"))
+        if op == "grant":
+            return self._grant(int(req["uid"]), {str(k): list(v) for k, v in dict(req.get("exports") or {}).items()})
         att = self._pool(req.pop("pool", "") or "")
         if op == "detach":
             return await self.detach(att.config.name)
@@ -290,7 +326,7 @@ class StorageDaemon:
 async def serve(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    daemon = StorageDaemon(run_dir, args.host, args.node)
+    daemon = StorageDaemon(run_dir, args.host, args.node, Path(args.tls_dir) if args.tls_dir else None)
     await daemon.restore()
     control = run_dir / "storage.sock"
     with contextlib.suppress(FileNotFoundError):
@@ -316,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-dir", required=True, help="control socket, NBD sockets and pools.json live here")
     ap.add_argument("--host", default="127.0.0.1", help="address of the TCP NBD exports")
     ap.add_argument("--node", help="this node's name in writer registrations and volume locks (default: host name)")
+    ap.add_argument("--tls-dir", help="the TCP exports' TLS: ca-cert.pem (of the clients' certificates), "
+                                      "server-cert.pem, server-key.pem; without it no pool gets a TCP port")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(serve(args))

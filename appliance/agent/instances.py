@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from sqlalchemy import select
 
 from appliance import imagefiles
 from appliance.agent.drivers import DriverSet
+from appliance.agent.vm_access import VmAccess
 from appliance.db.engine import session_scope
 from appliance.db.models import Instance
+from appliance.pki import nbd_client_tls
 from appliance.services import desired_state
 from appliance.services.desired_state import Disk, InstanceDoc, Nic, NodeDocument, port_ifname
 from appliance.services.instances import KINDS
@@ -77,10 +80,11 @@ def _cpulist(path: Path) -> list[int]:
     return cpus
 
 
-def volume_disk(disk: Disk) -> DiskSpec:
+def volume_disk(disk: Disk, nbd_client: Callable[[], Path] | None = None) -> DiskSpec:
     """A volume as a virtio disk; the serial names it inside the guest
     (/dev/disk/by-id/virtio-<volume>). A ``dedup`` volume is its NBD export over the
-    local unix socket when the pool is served on this node, else over TCP; an ``rbd``
+    local unix socket when the pool is served on this node, else over TCP with TLS
+    (``nbds://…?tls-certificates=<nbd_client()>``, the node's NBD client directory); an ``rbd``
     one (export ``rbd:<pool>/<image>:conf=<ceph.conf>``) is opened by QEMU's own RBD
     driver with that ceph.conf: no NBD hop."""
     uri = disk.export
@@ -92,16 +96,20 @@ def volume_disk(disk: Disk) -> DiskSpec:
         return DiskSpec(RbdSource(pool, image, config=conf), serial=serial)
     sock = parse_qs(urlsplit(uri).query).get("socket", [""])[0]
     if sock and not Path(sock).exists() and disk.exports.get("tcp"):
-        uri = str(disk.exports["tcp"])
+        # a storage daemon serves TCP with TLS only (the node's NBD client certificate);
+        # exports recorded by an older version still say nbd://
+        uri = re.sub(r"^nbd(\+tcp)?://", "nbds://", str(disk.exports["tcp"]))
+        if nbd_client is not None:
+            uri += f"?tls-certificates={nbd_client()}"
     return DiskSpec(NbdSource(uri), serial=serial)
 
 
-def block_volume(disk: Disk) -> BlockVolume:
+def block_volume(disk: Disk, nbd_client: Callable[[], Path] | None = None) -> BlockVolume:
     """A volume of a container: the same source a VM's disk has (NBD export or RBD image),
     mounted at its path (a blank one formatted with its filesystem)."""
     if not disk.path:
         raise InvalidSpec(f"volume '{disk.volume}' has no mount path in the container")
-    source = volume_disk(disk)
+    source = volume_disk(disk, nbd_client)
     assert isinstance(source.source, NbdSource | RbdSource)
     return BlockVolume(source.source, disk.path, source.serial or "vol", fs=disk.fs, readonly=disk.readonly)
 
@@ -112,6 +120,8 @@ class InstanceReconciler:
     def __init__(self, settings: Settings, drivers: dict[str, ComputeDriver[Any]] | DriverSet) -> None:
         self.settings = settings
         self.names = HostNames(settings.stack_tag)
+        self.access = VmAccess(settings)
+        self.vm_specs: dict[str, VmSpec] = {}  # what each VM was defined with (to grant before a start)
         self.driver_source = drivers
         self.drivers: dict[str, ComputeDriver[Any]] = drivers if isinstance(drivers, dict) else {}
         self.pinned: set[int] = set()
@@ -194,6 +204,7 @@ class InstanceReconciler:
                 if name not in wanted and ORPHAN.fullmatch(name):
                     log.warning("removing an instance no longer placed here", extra={"instance": name})
                     driver.delete(name)
+                    self._forget(kind, name)
                     report.actions.append(f"{kind} {name}: removed (not placed on this node)")
 
     def converge(self, driver: ComputeDriver[Any], inst: InstanceDoc, virt: str) -> dict[str, Any]:
@@ -205,6 +216,7 @@ class InstanceReconciler:
         if want == "deleted":
             if present:
                 driver.delete(name)
+            self._forget(inst.kind, name)
             return {"power_state": "nostate", "removed": True}
         cut_off = inst.ha and self.liveness is not None and not self.liveness.fresh()
         if cut_off and want == "running" and (not present or driver.power_state(name) is not PowerState.RUNNING):
@@ -226,6 +238,8 @@ class InstanceReconciler:
                 driver.resume(name)
             elif state is not PowerState.RUNNING:
                 if self._may_restart(inst.id, bool(seen)):
+                    if inst.kind == "vm":  # a daemon restart may have taken the VM group's access away
+                        self.access.grant(self.vm_specs.get(name) or self.build(inst, virt))  # type: ignore[arg-type]
                     driver.start(name)
             elif inst.reboots > inst.observed.reboots_done:
                 driver.reboot(name)
@@ -271,7 +285,7 @@ class InstanceReconciler:
         if qos is QosClass.GUARANTEED:
             placement = self.pin(inst, int(-(-inst.cpu // 1)))
         if inst.kind == "vm":
-            disks = tuple(volume_disk(d) for d in inst.disks)
+            disks = tuple(volume_disk(d, self._nbd_client) for d in inst.disks)
             if seed is not None:
                 disks += (DiskSpec(FileSource(seed), device="cdrom", readonly=True),)
             nics = tuple(NicSpec(mac=n.mac, bridge=self.names.bridge(n.vni), tap=port_ifname("vm", n.port_id),
@@ -283,12 +297,16 @@ class InstanceReconciler:
                 kernel_boot = KernelBoot(kernel=image.kernel, initrd=image.initrd,
                                          cmdline=" ".join(filter(None, (image.cmdline or "console=ttyS0",
                                                                        inst.kernel_args))))
-            return VmSpec(
+            spec = VmSpec(
                 disks=disks, nics=nics, name=name, vcpus=int(inst.cpu), memory_mib=memory_mib, uuid=inst.id,
                 consoles=Consoles(serial_log=str(workdir / "serial.log"),
                                   serial_socket=str(workdir / "serial.sock"), vnc_socket=str(workdir / "vnc.sock")),
                 kernel_boot=kernel_boot, qos_class=qos, placement=placement, virt_type=VirtType(self._virt(virt)),
+                run_as=self.access.label(workdir),
             )
+            self.access.grant(spec)
+            self.vm_specs[name] = spec
+            return spec
         if not image.archive:
             raise InstanceNotFound(f"image '{image.name}' has no OCI archive")
         command = tuple(inst.command or image.command or ["/bin/sh"])
@@ -296,8 +314,18 @@ class InstanceReconciler:
             name=name, image=image.archive, command=command, vcpus=inst.cpu,
             memory_mib=max(4, memory_mib), qos_class=qos, env=tuple(sorted(inst.env.items())), tty=inst.tty,
             hostname=inst.name, isolation=inst.isolation, nics=tuple(self._container_nic(n) for n in inst.nics),
-            block_volumes=tuple(block_volume(d) for d in inst.disks),
+            block_volumes=tuple(block_volume(d, self._nbd_client) for d in inst.disks),
         )
+
+    def _nbd_client(self) -> Path:
+        """This node's NBD client certificate (for ``nbds://`` volumes), issued afresh."""
+        return nbd_client_tls(self.settings.pki_dir, self.settings.nbd_client_dir, self.settings.node_name)
+
+    def _forget(self, kind: str, name: str) -> None:
+        """A VM removed from this node gives its uid back."""
+        if kind == "vm":
+            self.vm_specs.pop(name, None)
+            self.access.release(self.settings.instances_dir / name)
 
     def _may_restart(self, iid: str, crashed: bool) -> bool:
         """Crash-looping instances are restarted with a growing delay (1 s … 60 s), as

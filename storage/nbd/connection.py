@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
+import struct
 from typing import TYPE_CHECKING, Any
 
 from storage.chunks import RAW
@@ -39,8 +41,11 @@ class Connection(asyncio.BufferedProtocol):
     MAX_TASKS = 64
     SMALL_PAYLOAD = 256 << 10  # larger write payloads get their own buffer
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, tls: ssl.SSLContext | None = None) -> None:
         self.server = server
+        self.tls = tls  # this listener serves only over TLS (NBD_OPT_STARTTLS first)
+        self.peer_uid: int | None = None  # a unix socket's client uid (None: TCP)
+        self.encrypted = False
         self.transport: Any = None
         self.sock: socket.socket | None = None
         self.vol: Volume | None = None
@@ -62,6 +67,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:  # who connected (SO_PEERCRED)
+            with contextlib.suppress(OSError):
+                _pid, self.peer_uid, _gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                                 struct.calcsize("iII")))
         self.session = asyncio.get_running_loop().create_task(self.server.session(self))
 
     # ------------------------------------------------------------------ handshake
@@ -77,13 +87,27 @@ class Connection(asyncio.BufferedProtocol):
         self.start += n
         return data
 
+    async def start_tls(self) -> None:
+        """Upgrade the connection (after the server acknowledged NBD_OPT_STARTTLS): from
+        now on the transport is the TLS one, and the client must have shown a certificate
+        of the listener's CA."""
+        assert self.tls is not None
+        if self.end != self.start:  # the client sent more before our reply: not TLS
+            raise ConnectionError("data before the TLS handshake")
+        loop = asyncio.get_running_loop()
+        self.transport = await loop.start_tls(self.transport, self, self.tls, server_side=True,
+                                              ssl_handshake_timeout=10)
+        self.encrypted = True
+
     def begin(self, vol: Volume | None, name: str) -> None:
         """Enter the transmission phase on ``vol`` (None: wait for its lock first)."""
         self.name = name
         self.vol = vol
         self.transmitting = True
         self.transport.set_write_buffer_limits(high=8 << 20)
-        sock = self.transport.get_extra_info("socket")
+        # the raw socket of a TLS connection is never written to (the sends below bypass
+        # the transport)
+        sock = None if self.encrypted else self.transport.get_extra_info("socket")
         if sock is not None:
             # Our own handle on the connection for scatter-gather sends (same open file).
             with contextlib.suppress(OSError):

@@ -31,9 +31,11 @@ import ctypes
 import logging
 import os
 import signal
+import ssl
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from storage import cluster
@@ -42,6 +44,7 @@ from storage.errors import BackendError, ConflictError, InvalidArgument, ObjectN
 from storage.nbd import protocol as p
 from storage.nbd.connection import Connection
 from storage.nbd.reads import ReadPath
+from storage.nbd.tls import server_context
 
 log = logging.getLogger("cairn.nbd")
 MAX_GROUPS = 16  # group commits in flight
@@ -94,6 +97,9 @@ class NbdServer:
         self.held: set[str] = set()  # volumes taken by a control request (kept while idle)
         self.last_end: dict[str, int] = {}
         self.fenced = ""  # why the cluster fenced this writer ("" while serving)
+        # exports a non-root client uid of the unix socket may open (an unprivileged QEMU:
+        # its VM's disks); root, and TCP clients (TLS certificates), are not limited
+        self.grants: dict[int, set[str]] = {}
         self._touched: dict[str, float] = {}  # volume -> when its last unsaved write came
         self.last_write = time.monotonic()
 
@@ -106,10 +112,12 @@ class NbdServer:
         self._servers.append(await loop.create_unix_server(lambda: Connection(self), path=path))
         self._start_maintaining()
 
-    async def listen_tcp(self, host: str, port: int) -> None:
-        """Accept connections on TCP."""
+    async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext) -> None:
+        """Accept connections on TCP, served only after the client upgraded to TLS
+        (``NBD_OPT_STARTTLS``) with a certificate ``tls`` accepts (storage/nbd/tls.py):
+        an NBD export on a network is never plaintext."""
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_server(lambda: Connection(self), host, port))
+        self._servers.append(await loop.create_server(lambda: Connection(self, tls), host, port))
         self._start_maintaining()
 
     def _start_maintaining(self) -> None:
@@ -130,9 +138,13 @@ class NbdServer:
                 self.pool.log.commit(sync=True)
         self.pool.close(abandon=bool(self.fenced))
 
-    def export_names(self) -> list[str]:
-        """Names offered to clients."""
-        return self.exports if self.exports is not None else self.pool.list_volumes()
+    def export_names(self, uid: int | None = None) -> list[str]:
+        """Names offered to clients (to a non-root unix client: only those granted to it)."""
+        names = self.exports if self.exports is not None else self.pool.list_volumes()
+        if uid:
+            allowed = self.grants.get(uid, set())
+            return [n for n in names if n in allowed]
+        return names
 
     # ----------------------------------------------------------------- ownership
     def take(self, name: str, takeover: bool = False) -> Volume:
@@ -321,10 +333,10 @@ class NbdServer:
                  | p.TF_CAN_MULTI_CONN | p.TF_SEND_CACHE)
         return flags | (p.TF_READ_ONLY if self.read_only else 0)
 
-    def _name(self, name: str) -> str | None:
+    def _name(self, name: str, uid: int | None) -> str | None:
         if self.fenced:
             return None
-        names = self.export_names()
+        names = self.export_names(uid)
         if name == "" and len(names) == 1:
             name = names[0]
         return name if name in names else None
@@ -358,8 +370,22 @@ class NbdServer:
             if magic != p.IHAVEOPT or length > 65536:
                 raise Disconnect("bad option")
             data = await conn.readexactly(length) if length else b""
+            if conn.tls is not None and not conn.encrypted:
+                # before TLS: nothing but STARTTLS (or ABORT); EXPORT_NAME has no error reply
+                if opt == p.OPT_STARTTLS and not data:
+                    reply(opt, p.REP_ACK)
+                    await conn.start_tls()
+                    continue
+                if opt == p.OPT_EXPORT_NAME:
+                    raise Disconnect("EXPORT_NAME before TLS")
+                if opt != p.OPT_ABORT:
+                    reply(opt, p.REP_ERR_TLS_REQD, b"this server requires TLS (NBD_OPT_STARTTLS)")
+                    continue
+            elif opt == p.OPT_STARTTLS:
+                reply(opt, p.REP_ERR_INVALID if conn.encrypted else p.REP_ERR_POLICY)
+                continue
             if opt == p.OPT_EXPORT_NAME:
-                name = self._name(data.decode(errors="replace"))
+                name = self._name(data.decode(errors="replace"), conn.peer_uid)
                 size = None if name is None else self._size(name)
                 if name is None or size is None:
                     raise Disconnect("unknown export")
@@ -370,7 +396,7 @@ class NbdServer:
                 reply(opt, p.REP_ACK)
                 return None
             if opt == p.OPT_LIST:
-                for export in self.export_names():
+                for export in self.export_names(conn.peer_uid):
                     raw = export.encode()
                     reply(opt, p.REP_SERVER, struct.pack(">I", len(raw)) + raw)
                 reply(opt, p.REP_ACK)
@@ -382,7 +408,7 @@ class NbdServer:
                 asked = data[4 : 4 + nlen].decode(errors="replace")
                 (nreq,) = struct.unpack_from(">H", data, 4 + nlen)
                 requests = struct.unpack_from(f">{nreq}H", data, 6 + nlen)
-                name = self._name(asked)
+                name = self._name(asked, conn.peer_uid)
                 size = None if name is None else self._size(name)
                 if name is None or size is None:
                     reply(opt, p.REP_ERR_UNKNOWN, f"no export {asked!r}".encode())
@@ -492,7 +518,7 @@ async def serve(args: argparse.Namespace) -> None:
         await server.listen_unix(args.socket)
     if args.listen:
         host, _, port = args.listen.rpartition(":")
-        await server.listen_tcp(host or "127.0.0.1", int(port))
+        await server.listen_tcp(host or "127.0.0.1", int(port), server_context(Path(args.tls_dir)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -511,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--pool-dir", help="local pool directory")
     src.add_argument("--backend", help="backend URL (local:///dir or rados://pool/ns?conf=...)")
     ap.add_argument("--socket", help="unix socket path")
-    ap.add_argument("--listen", help="TCP host:port")
+    ap.add_argument("--listen", help="TCP host:port (with --tls-dir: TCP is served over TLS only)")
+    ap.add_argument("--tls-dir", help="ca-cert.pem, server-cert.pem, server-key.pem (QEMU's tls-creds-x509 layout)")
     ap.add_argument("--export", action="append", help="export only this volume (repeatable)")
     ap.add_argument("--create", action="append", metavar="NAME:SIZE", help="create the volume if missing")
     ap.add_argument("--chunk-size", type=int, default=65536)
@@ -521,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not args.socket and not args.listen:
         ap.error("give --socket and/or --listen")
+    if args.listen and not args.tls_dir:
+        ap.error("--listen needs --tls-dir: NBD over TCP is served with TLS only")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(serve(args))
 

@@ -365,6 +365,50 @@ def test_a_containers_volume_rolls_back_moves_to_a_vm_and_the_vm_resumes_from_a_
     stack.cairn("volume", "delete", "cdata")
 
 
+def test_nbd_over_tcp_is_tls_only_and_a_vm_uses_it(stack: Stack) -> None:
+    """The attack: a plaintext NBD client on the storage network opens the node's TCP
+    export (the storage daemon serves it when CAIRN_STORAGE_NBD_PORT is set): refused,
+    TLS required. A VM whose pool has no unix socket on its node (another node's pool)
+    gets the ``nbds://`` export: its unprivileged QEMU upgrades to TLS with the node's
+    NBD client certificate, and the guest reads and writes the volume."""
+    port = int(stack.env["CAIRN_STORAGE_NBD_PORT"])
+    vol = stack.cairn("volume", "create", "tdata", "--size", "8MiB")
+    tcp = vol["status"]["exports"]["tcp"]
+    assert tcp == f"nbds://127.0.0.1:{port}/{vol['id']}", tcp
+    r = subprocess.run(["qemu-img", "info", tcp.replace("nbds://", "nbd://")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "TLS" in r.stderr, f"plaintext NBD was served: {r.stdout}{r.stderr}"
+    qemu_io(vol["status"]["export"], "write -P 0x54 0 16")  # 'T' x 16, what the guest prints first
+    sock = Path(stack.env["CAIRN_DATA_DIR"]) / "run" / "storage" / "nbd-default.sock"
+    hidden = sock.with_name("nbd-default.sock.hidden")
+    sock.rename(hidden)  # as on a node that does not serve this pool
+    try:
+        stack.cairn("image", "import-test-guest")
+        stack.cairn("vm", "create", "t1", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB",
+                    "--volume", "tdata")
+        booted(stack, "t1")
+    finally:
+        hidden.rename(sock)
+    domain = stack.cairn("vm", "get", "t1")["status"]["domain"]
+    argv = next(Path(f"/proc/{pid}/cmdline").read_bytes() for pid in os.listdir("/proc") if pid.isdigit()
+                and f"guest={domain}".encode() in _cmdline(pid))
+    assert b"tls-creds-x509" in argv and f'"port":"{port}"'.encode() in argv and b"nbd-default.sock" not in argv
+    assert "TTTTTTTTTTTTTTTT" in serial(stack, "t1", "dd if=/dev/vda bs=16 count=1 2>/dev/null; echo; echo x-$((4+2))",
+                                         "x-6")
+    serial(stack, "t1", "printf OVER-TLS | dd of=/dev/vda bs=1 seek=4096 conv=notrunc,fsync 2>/dev/null; "
+                        "echo wrote-$((40+2))", "wrote-42")
+    stack.cairn("vm", "delete", "t1")
+    assert "4f 56 45 52 2d 54 4c 53" in qemu_io(vol["status"]["export"], "read -v 4096 8")  # OVER-TLS
+    stack.cairn("volume", "delete", "tdata")
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_up_with_ceph_serves_a_replicated_pool_for_dedup_and_rbd_volumes(stack: Stack) -> None:
     """Last in this module: from here on the appliance also runs Ceph (1 mon, 1 mgr, 3 OSDs)."""
     stack.cairn("up", "--ceph")  # on a running appliance: the supervisor adds the ceph program

@@ -69,8 +69,18 @@ def guest() -> TestGuest:
 
 
 @pytest.fixture(scope="session")
-def libvirt_node(workdir: Path) -> Iterator[LibvirtNode]:
-    node = LibvirtNode(workdir / "nodes", "node-a")
+def nbd_pki(workdir: Path) -> tuple[Path, Path]:
+    """The appliance's NBD certificates: (pki dir to issue server certificates from,
+    the client directory node-a's QEMU shows to ``nbds://`` exports)."""
+    from appliance.pki import nbd_client_tls
+
+    pki = workdir / "pki"
+    return pki, nbd_client_tls(pki, workdir / "nbd-client", "node-a")
+
+
+@pytest.fixture(scope="session")
+def libvirt_node(workdir: Path, nbd_pki: tuple[Path, Path]) -> Iterator[LibvirtNode]:
+    node = LibvirtNode(workdir / "nodes", "node-a", nbd_tls_dir=nbd_pki[1])
     node.start()
     yield node
     node.stop()

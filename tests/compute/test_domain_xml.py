@@ -111,6 +111,8 @@ CASES: dict[str, VmSpec] = {
         vcpus=1, qos_class=QosClass.GUARANTEED, placement=Placement(host_cpus=(1,), numa_nodes=(1,)),
     ),
     "burstable_q35_custom_emulator": vm(qos_class=QosClass.BURSTABLE, machine="q35", emulator="/opt/qemu"),
+    "unprivileged_dac_label": vm(run_as=(16777216, 16842752)),
+    "nbd_tls_disk": vm(disks=(DiskSpec(NbdSource("nbds://10.0.0.5:10809/vol-3"), serial="vol-3"),)),
 }
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +64,45 @@ def test_vm_reads_the_bytes_its_nbd_disk_serves_and_its_writes_reach_the_export(
         assert data[1024 * 1024: 1024 * 1024 + 17] == b"CAIRN-GUEST-WROTE"
     finally:
         vm_driver.delete(spec.name)
+
+
+def test_vm_disk_over_nbd_with_tls(vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec],
+                                   nbd_pki: tuple[Path, Path], workdir: Path, prefix: str) -> None:
+    """An ``nbds://`` disk: QEMU upgrades to TLS with the node's client certificate
+    (libvirt's nbd_tls_x509_cert_dir) and the guest reads and writes cairn-nbd's TCP
+    export, which serves nothing in plaintext."""
+    from appliance.pki import nbd_server_tls
+
+    pki, client = nbd_pki
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready = workdir / f"{prefix}-tls-ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "storage.nbd.server", "--pool-dir", str(workdir / f"{prefix}-tls-pool"),
+         "--create", "t:16MiB", "--listen", f"127.0.0.1:{port}", "--tls-dir", str(nbd_server_tls(pki, ["127.0.0.1"])),
+         "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    opts = ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={client}",
+            "--image-opts", f"driver=nbd,host=127.0.0.1,port={port},export=t,tls-creds=tls0"]
+    spec = dataclasses.replace(make_vm_spec("nbdtls", cmdline="cairn.disktest=1"),
+                               disks=(DiskSpec(NbdSource(f"nbds://127.0.0.1:{port}/t")),))
+    try:
+        for _ in range(500):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert ready.exists(), proc.stderr.read() if proc.stderr else b""
+        subprocess.run(["qemu-io", "-c", "write -P 0x4e 0 16", *opts], check=True, capture_output=True)
+        vm_driver.spawn(spec)
+        wait_for_console(lambda: vm_driver.console_log(spec.name), b"VDA-WRITTEN")
+        assert b"VDA: NNNNNNNNNNNNNNNN" in vm_driver.console_log(spec.name)
+        vm_driver.stop(spec.name, timeout=0.5)
+        out = subprocess.run(["qemu-io", "-c", "read -v 1M 17", *opts], check=True, capture_output=True, text=True)
+        assert "CAIRN.GUEST.WROT" in out.stdout, out.stdout  # qemu-io -v: the hex dump's text column
+    finally:
+        vm_driver.delete(spec.name)
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_reboot_restarts_the_guest_and_the_serial_log_shows_a_second_boot(

@@ -60,12 +60,14 @@ def backend(backend_url: str) -> Iterator[ObjectBackend]:
 class NbdDaemon:
     """A ``cairn-nbd`` child process serving a pool on a unix socket (and optionally TCP)."""
 
-    def __init__(self, backend: str, workdir: Path, create: list[str], listen: str | None = None) -> None:
+    def __init__(self, backend: str, workdir: Path, create: list[str], listen: str | None = None,
+                 tls_dir: Path | None = None) -> None:
         self.backend = backend
         self.workdir = workdir
         self.socket = str(workdir / f"nbd-{uuid.uuid4().hex[:8]}.sock")
         self.create = create
         self.listen = listen
+        self.tls_dir = tls_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "nbd.log"
 
@@ -78,6 +80,8 @@ class NbdDaemon:
             argv += ["--create", c]
         if self.listen:
             argv += ["--listen", self.listen]
+        if self.tls_dir:
+            argv += ["--tls-dir", str(self.tls_dir)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
         deadline = time.monotonic() + 60
@@ -124,8 +128,9 @@ def nbd_daemons(tmp_path: Path) -> Iterator[Callable[..., NbdDaemon]]:
     """Factory of started cairn-nbd daemons; every one is killed at teardown."""
     started: list[NbdDaemon] = []
 
-    def factory(backend: str | None = None, create: list[str] | None = None, listen: str | None = None) -> NbdDaemon:
-        d = NbdDaemon(backend or f"local://{tmp_path / 'pool'}", tmp_path, create or [], listen)
+    def factory(backend: str | None = None, create: list[str] | None = None, listen: str | None = None,
+                tls_dir: Path | None = None) -> NbdDaemon:
+        d = NbdDaemon(backend or f"local://{tmp_path / 'pool'}", tmp_path, create or [], listen, tls_dir)
         started.append(d)
         return d.start()
 

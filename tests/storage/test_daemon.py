@@ -4,6 +4,7 @@ while QEMU's own tools read and write the same volumes over its NBD exports."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ def test_errors_come_back_as_the_library_exceptions(daemon: Daemon, tmp_path: Pa
         c.call("create", pool="p1", volume="w", size=1 << 20, **{"class": "rbd"})  # not a Ceph pool
     with pytest.raises(InvalidArgument):
         c.call("frobnicate", pool="p1")
+    with pytest.raises(InvalidArgument, match="TLS only"):  # a daemon without --tls-dir opens no TCP port
+        c.call("attach", name="p2", backend=f"local://{tmp_path}/pool2", port=10809)
     assert c.call("info", pool="p1", volume="v")["size"] == 1 << 20  # nothing changed
 
 
@@ -103,3 +106,34 @@ def test_rbd_class_volumes_live_in_the_same_ceph_pool(daemon: Daemon, ceph: Ceph
 def test_a_client_without_a_daemon_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="not answering"):
         StorageClient(tmp_path / "nothing.sock").call("pools")
+
+
+def test_an_unprivileged_client_opens_only_the_exports_granted_to_its_uid(daemon: Daemon, tmp_path: Path) -> None:
+    """The attack: a VM's QEMU (an unprivileged uid that may connect to the pool's socket)
+    opens another VM's volume. Only root and the exports granted to its uid are served."""
+    c = daemon.client
+    c.call("attach", name="p1", backend=f"local://{tmp_path}/pool")
+    for vol in ("mine", "theirs"):
+        c.call("create", pool="p1", volume=vol, size=1 << 20)
+    os.chmod(daemon.socket("p1"), 0o666)  # what the agent's ACL gives the VM group
+    uid = (1 << 31) + (1 << 24)  # above 2**31, as the registry hands out (SO_PEERCRED ids are unsigned)
+
+    def info(volume: str) -> subprocess.CompletedProcess[str]:  # as the uid, from inside the run dir
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
+                               "qemu-img", "info", f"nbd+unix:///{volume}?socket=nbd-p1.sock"],
+                              cwd=daemon.run_dir, capture_output=True, text=True, timeout=60)
+
+    assert info("mine").returncode != 0 and info("theirs").returncode != 0  # nothing granted yet
+    assert c.call("grant", uid=uid, exports={"p1": ["mine"]}) == {"p1": ["mine"]}
+    assert info("mine").returncode == 0, info("mine").stderr
+    refused = info("theirs")
+    assert refused.returncode != 0 and "theirs" in refused.stderr, refused
+    assert "virtual size: 1 MiB" in run_tool("qemu-img", "info", c.call("export", pool="p1", volume="theirs")["unix"])
+    daemon.kill()  # grants survive a restart of the daemon
+    daemon.start()
+    os.chmod(daemon.socket("p1"), 0o666)
+    assert info("mine").returncode == 0 and info("theirs").returncode != 0
+    c.call("grant", uid=uid, exports={})  # revoked (the VM was deleted)
+    assert info("mine").returncode != 0
+    with pytest.raises(InvalidArgument):
+        c.call("grant", uid=0, exports={"p1": ["theirs"]})

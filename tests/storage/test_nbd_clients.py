@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,15 +92,6 @@ def test_fio_nbd_engine_verifies_random_writes_over_two_connections(nbd_daemons:
     result = json.loads(out[out.index("{"):])
     assert all(job["error"] == 0 for job in result["jobs"])
     assert sum(job["write"]["total_ios"] for job in result["jobs"]) == 2 * 8192
-
-
-def test_tcp_listener_serves_qemu_img(nbd_daemons: Callable[..., NbdDaemon]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nbd_daemons(create=["t:2MiB"], listen=f"127.0.0.1:{port}")
-    info = json.loads(run_tool("qemu-img", "info", "--output=json", f"nbd://127.0.0.1:{port}/t"))
-    assert info["virtual-size"] == 2 * MiB
 
 
 def test_serving_a_100_gib_volume_keeps_rss_bounded(nbd_daemons: Callable[..., NbdDaemon]) -> None:
