@@ -1,8 +1,10 @@
 """Storage across the lab's nodes (issue 13, item 7): every node's storage daemon writes
 the shared Ceph pool straight from RADOS; identical data from several nodes is stored
 once and GC and scrub run while nodes write; a volume whose storage daemon died mid-write
-is taken over from another node, every flushed write intact; a VM boots from an ``rbd``
-root volume on another node than the one that uploaded it, and snapshots."""
+is taken over from another node, every flushed write intact; a VM's volume follows its
+live migration and is taken over from its partitioned node, every flush intact, the cut-off
+node's late writes refused; a VM boots from an ``rbd`` root volume on another node than the
+one that uploaded it, and snapshots."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from appliance.lab import ops
+from tests.cluster.test_ha import counter_records, victim_for
 from tests.lab_cluster import LabCluster, wait_for
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
@@ -66,6 +70,34 @@ def owner(lab: LabCluster, via: str, volume: str) -> str | None:
 def serial_text(lab: LabCluster, node: str, domain: str) -> str:
     log = lab.lab.node(node).data_dir / "instances" / domain / "serial.log"
     return log.read_text(errors="replace") if log.exists() else ""
+
+
+def acknowledged(text: str) -> list[tuple[str, int]]:
+    """The counter guest's ``CTR <boot> <n>`` lines: printed only after record n's
+    ``dd conv=fsync`` returned (the flush reached the storage daemon and was acknowledged)."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "CTR" and parts[2].isdigit():
+            out.append((parts[1], int(parts[2])))
+    return out
+
+
+class Clock:
+    """Where a long lab test spends its time (printed with -s)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        now = time.monotonic()
+        print(f"[{now - self.t0:6.1f} s, +{now - self.last:5.1f}] {what}", flush=True)
+        self.last = now
+
+
+def delete_volume(lab: LabCluster, via: str, name: str) -> None:
+    wait_for(f"volume {name} deleted", lambda: lab.cairn_rc(via, "volume", "delete", name).returncode == 0
+             or "no volume" in lab.cairn_rc(via, "volume", "get", name).stderr, 120, every=2)
 
 
 # --- dedup across nodes, GC and scrub while two nodes write ---------------------------------
@@ -152,7 +184,105 @@ def test_the_same_data_from_three_nodes_is_stored_once_and_gc_and_scrub_lose_not
         storaged_calls(lab, "n1", *[{"op": "delete", "pool": "ceph", "volume": v} for v in names], lenient=True)
 
 
-# --- takeover after a storage daemon dies mid-write --------------------------------------
+# --- one owner; handover with a live migration; a partitioned owner fenced ------------------
+
+def read_head(lab: LabCluster, node: str, uri: str) -> bytes:
+    """The first MiB of a volume's export, read through ``node``'s storage daemon (no
+    control plane: it may be failing over while a node rejoins)."""
+    out = f"/tmp/cairn-head-{os.getpid()}.raw"
+    try:
+        r = lab.run(node, ["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, out], timeout=300)
+        assert r.returncode == 0, r.stderr
+        with open(out, "rb") as f:
+            return f.read(MiB)
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def on_disk(raw: bytes, n: int) -> str:
+    return raw[64 * n:64 * n + 64].rstrip(b"\0\n ").decode(errors="replace")
+
+
+def test_a_vm_volume_follows_its_live_migration_and_is_taken_over_from_a_partitioned_owner_every_flush_intact(
+        lab_cluster: LabCluster) -> None:
+    """A counter guest on node A writes its volume (each record flushed, every tenth
+    acknowledged on its serial console); live-migrated to B it writes on, the lock
+    following it; B is cut off, fenced and its volume taken over by C: every record B's
+    guest saw flushed is there, and what B's guest writes once B is back is refused."""
+    lab, lap = lab_cluster, Clock()
+    ceph_pool_ready(lab)
+    victim, survivor = victim_for(lab)
+    start = next(n for n in NODES if n not in (victim, survivor))
+    vol = lab.cairn(survivor, "volume", "create", "xv", "--size", "64MiB", "--pool", "ceph", timeout=300)
+    uri, vid = vol["status"]["export"], vol["id"]
+    lab.cairn(survivor, "image", "import-test-guest", timeout=600)
+    try:
+        # written through two nodes' daemons and read through the third: one pool in RADOS
+        qemu_io(lab, start, uri, "write -P 0x42 8M 2M")
+        qemu_io(lab, survivor, uri, "write -P 0x43 10M 2M", "read -P 0x42 8M 2M")
+        qemu_io(lab, victim, uri, "read -P 0x42 8M 2M", "read -P 0x43 10M 2M")
+        lap("volume written and read on three nodes")
+        vm = lab.cairn(survivor, "vm", "create", "xvm", "--image", "tiny-guest", "--memory", "128MiB",
+                       "--volume", "xv", "--on", start, "--kernel-args", "cairn.counter=vda", timeout=600)
+        assert vm["status"]["node"] == start
+        dom = vm["status"]["domain"]
+        wait_for("the guest counting on its volume", lambda: acknowledged(serial_text(lab, start, dom)), 120)
+        wait_for(f"{start} to own the volume its VM writes", lambda: owner(lab, victim, "xv") == start, 60)
+        second = lab.cairn_rc(victim, "vm", "create", "xvm2", "--image", "tiny-guest", "--memory", "128MiB",
+                              "--volume", "xv", "--on", victim)
+        assert second.returncode != 0 and f"owned by node '{start}'" in second.stdout + second.stderr, second
+        lap("owner seen, second attach refused")
+
+        before = max(n for _, n in acknowledged(serial_text(lab, start, dom)))
+        lab.cairn(survivor, "vm", "migrate", "xvm", "--to", victim, timeout=600)
+        assert lab.cairn(survivor, "vm", "get", "xvm")["status"]["node"] == victim
+        wait_for(f"the lock to follow the VM to {victim}", lambda: owner(lab, survivor, "xv") == victim, 90)
+        seen = storaged(lab, survivor, "owner", pool="ceph", volume=vid)
+        assert seen["node"] == victim and seen["alive"] == "alive", seen
+        wait_for("the guest writing again on its new node", lambda: max(
+            [n for _, n in acknowledged(serial_text(lab, victim, dom))] or [0]) >= before + 20, 90)
+        # Known gap (see storage/README.md, Handover): libvirt activates the destination's
+        # disk before the source QEMU exits, so the destination waits for the lock until
+        # the standby wait (60 s) ends and the guest's first write there fails once.
+        failed = [ln for ln in serial_text(lab, victim, dom).splitlines() if ln.startswith("CTR-WRITE-FAIL")]
+        lap(f"migrated, the lock followed, writing again (from record {before}); writes failed: {failed}")
+
+        ops.partition(victim, lab.dir)  # the owner is cut off, its guest writing on
+        acked = acknowledged(serial_text(lab, start, dom) + serial_text(lab, victim, dom))
+        t0 = time.monotonic()
+        fenced = storaged(lab, survivor, "fence", node=victim)["ceph"]  # what the HA manager does first
+        assert vid in fenced["volumes"] and fenced["blocklisted"], fenced
+        t1 = time.monotonic()
+        storaged(lab, survivor, "take", pool="ceph", volume=vid)  # lock break + journal replay
+        t2 = time.monotonic()
+        qemu_io(lab, survivor, uri, "read -P 0x42 8M 2M", "read -P 0x43 10M 2M")
+        print(f"\ntakeover of a partitioned owner's volume: fence {t1 - t0:.2f} s, take (lock break + replay) "
+              f"{t2 - t1:.2f} s, first read {time.monotonic() - t2:.2f} s (CLI round trips included)")
+        assert storaged(lab, start, "owner", pool="ceph", volume=vid)["node"] == survivor
+        taken = read_head(lab, survivor, uri)
+        boots = {boot for boot, _ in acked}
+        assert len(boots) == 1, f"one guest, live-migrated, wrote every record: {boots}"
+        lost = [n for boot, n in acked if on_disk(taken, n) != f"CTR {boot} {n}"]
+        assert not lost, f"flushed records lost in the takeover: {lost}"
+        assert len(counter_records(taken)) >= before  # no hole before the migration
+        lap(f"fenced and taken over: all {acked[-1][1]} flushed records there")
+
+        ops.heal(lab.dir)  # the cut-off node is back: its guest's writes reach Ceph, which refuses them
+        wait_for("the fenced owner's guest told its writes failed", lambda: serial_text(lab, victim, dom).count(
+            "CTR-WRITE-FAIL") > len(failed), 120)
+        assert read_head(lab, survivor, uri) == taken, "a late write of the fenced owner was merged"
+        wait_for("the VM stopped", lambda: lab.cairn_rc(survivor, "vm", "stop", "xvm", timeout=300).returncode == 0,
+                 180, every=5)
+        lap("healed; late writes refused, nothing merged")
+        storaged(lab, survivor, "release", pool="ceph", volume=vid)
+    finally:
+        ops.heal(lab.dir)
+        lab.wait_healthy(timeout=300)
+        for name in ("xvm", "xvm2"):
+            lab.cairn_rc(survivor, "delete", "vm", name)
+        delete_volume(lab, survivor, "xv")
+        lap("cleaned up")
+
 
 def test_a_storage_daemon_killed_mid_write_is_taken_over_from_another_node_every_flushed_write_intact(
         lab_cluster: LabCluster) -> None:
