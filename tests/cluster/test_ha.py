@@ -16,25 +16,10 @@ from typing import Any
 import pytest
 
 from appliance.lab import daemon, ops
-from tests.lab_cluster import LabCluster
+from tests.lab_cluster import LabCluster, wait_for
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 NODES = ("n1", "n2", "n3")
-
-
-def wait_for(what: str, fn: Any, seconds: float = 120, every: float = 1.0) -> Any:
-    deadline = time.monotonic() + seconds
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except Exception as exc:  # a node answering 503 while the database fails over
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}; last: {last!r}")
 
 
 def instance(lab: LabCluster, kind: str, name: str, via: str) -> dict[str, Any]:
