@@ -59,8 +59,10 @@ def make_world(api: Api) -> str:
 @pytest.fixture(scope="module")
 def world(module_api: Api) -> Iterator[tuple[Api, str]]:
     patch = pytest.MonkeyPatch()
-    patch.setattr("appliance.tasks.runner.get_settings", lambda: module_api.settings)
-    patch.setattr("appliance.tasks.instances.get_settings", lambda: module_api.settings)
+    # every task module this file runs asks its settings here: never the process default
+    # (/var/lib/cairn), which would reach a running appliance's storage daemon
+    for module in ("runner", "instances", "storage", "vm_snapshots"):
+        patch.setattr(f"appliance.tasks.{module}.get_settings", lambda: module_api.settings)
     module_api.settings.task_heartbeat_interval = 0.3
     yield module_api, make_world(module_api)
     patch.undo()
