@@ -9,8 +9,9 @@
 
     .venv/bin/python bench/ha_bench.py [--rounds 5] [--vms 4]
 
-Writes bench/ha_bench.result.json. The lease TTL and watchdog timeout are the shipped
-defaults (appliance/settings.py)."""
+Writes bench/ha_bench.result.json (after each phase, so a later failure keeps what was
+measured); CAIRN_BENCH_KEEP_LAB=1 keeps the lab of a failed run for diagnosis. The lease
+TTL and watchdog timeout are the shipped defaults (appliance/settings.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.lab import ops  # noqa: E402
+from appliance.lab import daemon, ops  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
 from compute.testguest import MARKER  # noqa: E402
 from tests.lab_cluster import LabCluster  # noqa: E402
@@ -70,7 +71,7 @@ def timeline(lab: LabCluster, via: str, victim: str, vm: str, since: float) -> l
                 ev["object"].get("resource", {}).get("name") == vm:
             msg = ev["object"]["progress"]["message"]
             out.append((round(t - since, 2), f"failover task: {ev['object']['state']}: {msg}"))
-    first = {}  # each step once, when it first happened
+    first: dict[str, float] = {}  # each step once, when it first happened
     for t, what in out:
         first.setdefault(what, t)
     return sorted((t, what) for what, t in first.items())
@@ -83,7 +84,7 @@ def failover_round(lab: LabCluster, i: int, how: str) -> dict[str, Any]:
                    timeout=600)
     domain = vm["status"]["domain"]
     deadline = time.monotonic() + 60
-    while not ops.daemon.call(lab.lab, {"op": "watchdogs"}).get(victim, {}).get("armed"):
+    while not daemon.call(lab.lab, {"op": "watchdogs"}).get(victim, {}).get("armed"):
         assert time.monotonic() < deadline, "watchdog never armed"
         time.sleep(0.5)
     t0 = time.time()
@@ -125,6 +126,8 @@ def main() -> None:
     result: dict[str, Any] = {"lease_ttl": defaults.ha_lease_ttl, "watchdog_timeout": defaults.watchdog_timeout,
                               "machine_load_at_start": [round(x, 2) for x in os.getloadavg()]}
     d = Path(tempfile.mkdtemp(prefix="cairn-lab-habench-"))
+    out = ROOT / "bench" / "ha_bench.result.json"
+    failed = True
     try:
         ops.up(3, d, osd_size=4 << 30, timeout=900, progress=lambda m: print(f"==> {m}", file=sys.stderr))
         lab = LabCluster(d)
@@ -136,11 +139,16 @@ def main() -> None:
                            "rounds": rounds}
             print(f"{how}: {result[how]['median_seconds']} s median, {result[how]['worst_seconds']} s worst",
                   file=sys.stderr)
+            out.write_text(json.dumps(result, indent=1) + "\n")  # what is measured survives a later failure
         result["drain"] = drain(lab, args.vms)
         result["machine_load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        failed = False
     finally:
-        ops.down(d)
-    (ROOT / "bench" / "ha_bench.result.json").write_text(json.dumps(result, indent=1) + "\n")
+        if failed and os.environ.get("CAIRN_BENCH_KEEP_LAB") == "1":
+            print(f"the lab stays for diagnosis: cairn lab down --dir {d}", file=sys.stderr)
+        else:
+            ops.down(d)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 
