@@ -129,7 +129,10 @@ class VmAccess:
             if path in paths and path.exists():
                 _acl(path, gid, paths[path])
             for parent in path.parents:
-                st = parent.stat()
+                try:
+                    st = parent.stat()
+                except FileNotFoundError:  # not there (yet): nothing to open a way into
+                    continue
                 # a VM's own directory stays its own: the group gets no way into it
                 if not st.st_mode & stat.S_IXOTH and (spec.run_as is None or st.st_uid != spec.run_as[0]):
                     _acl(parent, gid, "x")
@@ -151,9 +154,21 @@ def _acl(path: Path, gid: int, perms: str) -> None:
 
 
 def _keyrings(conf: Path) -> list[Path]:
+    """The keyrings a Ceph *client* reads: ``keyring`` of [global], [client] and
+    [client.*] sections, without metavariables ($id, $cluster: the daemons' own)."""
     try:
         lines = conf.read_text().splitlines()
     except OSError:
         return []
-    return [Path(v.strip()) for k, _, v in (line.partition("=") for line in lines)
-            if k.strip() == "keyring" and v.strip().startswith("/")]
+    out, section = [], "global"
+    for line in lines:
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if (key.strip() == "keyring" and value.startswith("/") and "$" not in value
+                and (section in ("global", "client") or section.startswith("client."))):
+            out.append(Path(value))
+    return out
