@@ -123,7 +123,9 @@ def check_one_copy_counted(lab: LabCluster, via: str, name: str, vol: str, targe
     disk, and the disk shows the old copy never wrote once the new one had begun."""
     resumed = wait_for("the new copy resuming its count", lambda: [
         ln for p in (lab.lab.node(target).data_dir / "instances").glob(f"cairn-{name}-*/serial.log")
-        for ln in p.read_text(errors="replace").splitlines() if ln.startswith("CTR-RESUME")], 120)
+        # the serial shell's cursor query (ESC[6n) may share the line: find the record in it
+        for ln in p.read_text(errors="replace").splitlines() if "CTR-RESUME" in ln], 120)
+    resumed = [ln[ln.index("CTR-RESUME"):] for ln in resumed]
     assert int(resumed[-1].split()[1]) > 0, f"the new copy saw an empty disk: {resumed}"
     time.sleep(3)  # it counts on
     lab.cairn(via, "vm", "stop", name, timeout=300)
