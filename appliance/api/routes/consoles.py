@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect, WebSocketException, status
@@ -125,27 +126,10 @@ async def _relay(console: Console, principal: Principal, node: str, subprotocol:
                 closing.append((exc.rcvd.code, exc.rcvd.reason))
 
     async def to_node() -> None:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            await upstream.send(message.get("bytes") or (message.get("text") or "").encode())
+        async for data in _from_client(websocket):
+            await upstream.send(data)
 
-    async def watch() -> None:
-        reason = await console.watch(principal)
-        closing.append((status.WS_1008_POLICY_VIOLATION, reason[:120]))
-
-    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_node()), asyncio.create_task(watch())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        for t in tasks:
-            t.cancel()
-        await upstream.close()
-        with contextlib.suppress(Exception):
-            await websocket.close(code=closing[-1][0], reason=closing[-1][1])
+    await _pump_both(console, principal, closing, to_client, to_node, upstream.close)
 
 
 async def _pump(console: Console, principal: Principal, path: str, subprotocol: str | None) -> None:
@@ -162,19 +146,36 @@ async def _pump(console: Console, principal: Principal, path: str, subprotocol: 
             await websocket.send_bytes(data)
 
     async def to_console() -> None:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            data = message.get("bytes") or (message.get("text") or "").encode()
+        async for data in _from_client(websocket):
             writer.write(data)
             await writer.drain()
 
+    async def close() -> None:
+        writer.close()
+
+    await _pump_both(console, principal, closing, to_client, to_console, close)
+
+
+async def _from_client(websocket: WebSocket) -> AsyncIterator[bytes]:
+    """The bytes the browser sends (binary or text frames) until it disconnects."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        yield message.get("bytes") or (message.get("text") or "").encode()
+
+
+async def _pump_both(console: Console, principal: Principal, closing: list[tuple[int, str]],
+                     to_client: Callable[[], Coroutine[Any, Any, None]],
+                     to_peer: Callable[[], Coroutine[Any, Any, None]],
+                     close_peer: Callable[[], Awaitable[None]]) -> None:
+    """Run both directions and the re-authorization watch until one ends; then close the
+    peer and the browser's websocket with the last reason recorded in ``closing``."""
     async def watch() -> None:
         reason = await console.watch(principal)
         closing.append((status.WS_1008_POLICY_VIOLATION, reason[:120]))
 
-    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_console()), asyncio.create_task(watch())]
+    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_peer()), asyncio.create_task(watch())]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     except WebSocketDisconnect:
@@ -182,9 +183,9 @@ async def _pump(console: Console, principal: Principal, path: str, subprotocol: 
     finally:
         for t in tasks:
             t.cancel()
-        writer.close()
+        await close_peer()
         with contextlib.suppress(Exception):
-            await websocket.close(code=closing[-1][0], reason=closing[-1][1])
+            await console.websocket.close(code=closing[-1][0], reason=closing[-1][1])
 
 
 @router.websocket("/vms/{name}/console/{console}")
