@@ -27,24 +27,30 @@ def fence_storage(settings: Settings, node: str, address: str) -> dict[str, Any]
     """Blocklist the node's address, then break its volume locks. Raises if either fails
     (the caller retries; nothing may start elsewhere before this succeeded)."""
     from storage.backends.rados_deploy import Admin
-    from storage.control import StorageClient
 
     with Admin(ceph_conf_path()) as admin:
         admin.blocklist_range(f"{address}/32", BLOCKLIST_SECONDS)
-    report: dict[str, Any] = {"blocklisted": f"{address}/32"}
+    report: dict[str, Any] = {"blocklisted": f"{address}/32", "volumes": fence_writers(settings, node)}
+    log.warning("node fenced", extra={"node": node, "address": address})
+    return report
+
+
+def fence_writers(settings: Settings, node: str) -> Any:
+    """This node's storage daemon breaks ``node``'s volume locks and drops its writers'
+    registrations (each writer's RADOS client blocklisted), so garbage collection stops
+    waiting for them and the volumes' next owners replay their journals. Idempotent."""
+    from storage.control import StorageClient
     from storage.errors import InvalidArgument, NotFound
 
     client = StorageClient(settings.storage_socket, timeout=120)
     try:
-        report["volumes"] = client.call("fence", node=node)
+        return client.call("fence", node=node)
     except (InvalidArgument, NotFound) as exc:
         if "unknown operation" not in str(exc) and "pool ''" not in str(exc):
             raise
         # a storage daemon without volume ownership: its pools are each node's own, the
         # address blocklist is the whole fence
-        report["volumes"] = "no shared-pool writers to fence"
-    log.warning("node fenced", extra={"node": node, "address": address})
-    return report
+        return "no shared-pool writers to fence"
 
 
 def unfence_storage(address: str) -> None:

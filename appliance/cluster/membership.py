@@ -108,6 +108,7 @@ def evict(settings: Settings, name: str) -> dict[str, Any]:
     (pools shrink to the hosts left, at most 3), the sentinels' memory of its Redis.
     Patroni forgets a member whose key expired by itself. Idempotent."""
     from appliance.cluster.config import CEPH_POOL, REDIS_MASTER_NAME
+    from appliance.cluster.fencing import fence_writers
     from storage.backends.rados_deploy import Admin
 
     cfg = settings.cluster
@@ -137,4 +138,7 @@ def evict(settings: Settings, name: str) -> dict[str, Any]:
     for address in cfg.member_addresses():
         sentinel_says(cfg, address, "RESET", REDIS_MASTER_NAME)
     done["redis"] = "sentinels reset"
+    # its dedup writers would hold garbage collection back (it waits for every registered
+    # writer's acknowledgement) and its volume locks would wait for a takeover
+    done["storage"] = fence_writers(settings, name)
     return done
