@@ -15,6 +15,9 @@ class VirtualNetwork:
     vni: int
     ports: Mapping[str, Sequence[Port]]
     gateways: Mapping[str, Sequence[str]] | None = None  # node -> ("10.0.0.1/24",)
+    # nodes that carry the network with no port of their own yet (a live migration's target:
+    # the guest's tap needs the bridge before its QEMU starts there)
+    carriers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,11 @@ def node_state(node: str, nodes: Mapping[str, NodeUnderlay], networks: Sequence[
     for net in networks:
         gws = tuple((net.gateways or {}).get(node, ()))
         local = tuple(net.ports.get(node, ()))
-        if not local and not gws:
+        if not local and not gws and node not in net.carriers:
             continue
         members = sorted(
-            n for n in nodes if n != node and (net.ports.get(n) or (net.gateways or {}).get(n))
+            n for n in nodes
+            if n != node and (net.ports.get(n) or (net.gateways or {}).get(n) or n in net.carriers)
         )
         remote = tuple(
             RemotePort(p.mac, nodes[n].ip) for n in members for p in net.ports.get(n, ())

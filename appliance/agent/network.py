@@ -75,8 +75,8 @@ class NetworkReconciler:
         underlays = {u.node: NodeUnderlay(u.ifname, u.ip, u.mtu) for u in net.underlays}
         if me not in underlays:
             return  # registered before underlay reporting: the next registration fills it in
-        virtual = [VirtualNetwork(vni=n.vni, ports=self._ports(n), gateways={n.home: tuple(n.gateways)})
-                   for n in net.networks]
+        virtual = [VirtualNetwork(vni=n.vni, ports=self._ports(n), gateways={n.home: tuple(n.gateways)},
+                                  carriers=frozenset(n.carriers)) for n in net.networks]
         desired = node_state(me, underlays, virtual)
         self._assign_zones(desired, net)
         result = reconcile(self.netns, desired, self.state_dir, self.names)

@@ -183,6 +183,7 @@ class NetworkDoc(Doc):
     gateways: list[str] = Field(default_factory=list)  # "10.0.0.1/24" on the home node's bridge
     ports: list[PortDoc] = Field(default_factory=list)  # every node's ports
     dhcp: Dhcp | None = None  # only in the home node's document
+    carriers: list[str] = Field(default_factory=list)  # this node, when a guest migrates here
 
 
 class Rule(Doc):
@@ -463,7 +464,8 @@ def _network(rows: ClusterRows, me: str, arriving: set[str] | frozenset[str] = f
         if home == me:
             dhcp = Dhcp(subnets=[DhcpSubnetDoc(cidr=s.cidr, gateway=s.spec.get("gateway")) for s in net_subnets],
                         hosts=[DhcpHostDoc(mac=p.mac, ips=p.ips, name=p.name) for p in net_ports])
-        docs.append(NetworkDoc(id=net_id, vni=net.vni, home=home, gateways=gateways, ports=net_ports, dhcp=dhcp))
+        docs.append(NetworkDoc(id=net_id, vni=net.vni, home=home, gateways=gateways, ports=net_ports, dhcp=dhcp,
+                               carriers=[me] if net_id in arriving and me not in nodes_here else []))
     docs.sort(key=lambda n: n.vni)
     carried = {n.vni for n in docs}
     local = [p for n in docs for p in n.ports if p.node == me]

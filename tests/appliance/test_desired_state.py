@@ -195,5 +195,5 @@ def test_the_target_of_a_migration_gets_the_arriving_instance_as_a_document() ->
     assert [(i.id, i.name, i.migrating, i.nics[0].vni) for i in n3.incoming] == [(_id("i-bee"), "bee", True, 200)]
     assert assemble(rows, "n1", NOW).incoming == [] and assemble(rows, "n2", NOW).incoming == []
     # its network's bridge is there before the guest arrives (no DHCP here: n1 homes net-b)
-    assert [(n.vni, n.home, n.dhcp) for n in n3.network.networks] == [(200, "n1", None)]
+    assert [(n.vni, n.home, n.dhcp, n.carriers) for n in n3.network.networks] == [(200, "n1", None, ["n3"])]
     assert assemble(cluster(), "n3", NOW).network.networks == []

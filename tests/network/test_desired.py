@@ -29,6 +29,17 @@ def test_node_state_lists_other_members_and_their_port_macs_only() -> None:
     assert node_state("n3", NODES, nets).networks[0].remote_vteps == ()
 
 
+def test_a_migration_target_carries_the_network_before_it_has_a_port_there() -> None:
+    """Without a port on n3 the network would be left out, and the arriving guest's QEMU
+    fails on its missing bridge ("Cannot get interface MTU on cbr<vni>")."""
+    net = VirtualNetwork(10, {"n1": [p(1)]}, carriers=frozenset({"n3"}))
+    (att,) = node_state("n3", NODES, [net]).networks
+    assert att.ports == () and att.remote_vteps == ("192.0.2.1",)
+    assert att.remote_ports == (RemotePort(p(1).mac, "192.0.2.1"),)
+    assert node_state("n2", NODES, [net]).networks == ()
+    assert node_state("n1", NODES, [net]).networks[0].remote_vteps == ("192.0.2.3",)
+
+
 def test_state_survives_a_json_round_trip() -> None:
     s = node_state("n2", NODES, [VirtualNetwork(10, {"n1": [p(1, ("a",))], "n2": [p(2, ("a", "b"))]},
                                                  gateways={"n2": ["10.0.0.254/24"]})])
