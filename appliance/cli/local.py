@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from appliance import pki, supervisor, units
@@ -141,7 +142,11 @@ def _summary(settings: Settings, started: bool, phase: str) -> dict[str, Any]:
 
 
 def wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
+    """Until this node is Ready; a node drained for maintenance stays Maintenance until its
+    undrain, so for it a heartbeat of its agent after the wait began is enough (a rolling
+    upgrade reboots drained nodes)."""
     deadline = time.monotonic() + timeout
+    since = datetime.now(UTC)
     client = Client()
     phase, last_error = "Unknown", ""
     status = err_console.status("waiting for the API and the node agent") if not quiet else None
@@ -152,7 +157,7 @@ def wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
             try:
                 node = client.get(f"/nodes/{settings.node_name}")
                 phase = str(node["status"].get("phase", "Unknown"))
-                if phase == "Ready":
+                if phase == "Ready" or (phase == "Maintenance" and _beat_since(node, since)):
                     return phase
             except ApiError as exc:
                 last_error = exc.detail
@@ -162,6 +167,14 @@ def wait_ready(settings: Settings, timeout: float, quiet: bool) -> str:
             status.stop()
     raise SystemExit(f"the appliance did not become Ready within {timeout:g} s (last: {phase}; "
                      f"{last_error}); see the logs in {settings.log_dir}")
+
+
+def _beat_since(node: dict[str, Any], since: datetime) -> bool:
+    beat = node["status"].get("last_heartbeat")
+    try:
+        return bool(beat) and datetime.fromisoformat(str(beat).replace("Z", "+00:00")) > since
+    except ValueError:
+        return False
 
 
 def down() -> dict[str, Any]:
