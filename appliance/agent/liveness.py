@@ -47,7 +47,7 @@ class Liveness(threading.Thread):
         self.last_renewal = 0.0
         self.lease: Any = None
         self.error = ""
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def fresh(self) -> bool:
         """Whether the node renewed its lease recently enough to act as a live member
@@ -87,15 +87,15 @@ class Liveness(threading.Thread):
                 log.error("HA workloads run here but the watchdog cannot be armed", extra={"error": str(exc)})
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             started = time.monotonic()
             self.step()
-            self._stop.wait(max(0.05, RENEW_EVERY - (time.monotonic() - started)))
+            self._stopping.wait(max(0.05, RENEW_EVERY - (time.monotonic() - started)))
 
     def stop(self) -> None:
         """A clean stop (the agent shuts down on purpose: `cairn down`, a restart): disarm.
         The lease is not given back: a restarted agent takes a new one before it expires,
         and a node that stays down is fenced once it has."""
-        self._stop.set()
+        self._stopping.set()
         if self.watchdog.armed:
             self.watchdog.disarm()
