@@ -153,10 +153,17 @@ class _Pass:
             nl.set_link(br.index, state="up")
             changed.append(f"up {brn}")
         want, have = _desired_fdb(net), (fdb.get(vx.index, set()) if ok_vx else set())
+        # A unicast MAC has one remote: one that moved (a live migration) loses its old
+        # remote first (the kernel ignores an append to an existing unicast entry). The
+        # flood list (the all-zero MAC) gains its new members before it loses old ones.
+        gone = sorted(have - want, key=lambda e: e[0] == ZERO_MAC)
+        for mac, dst in [e for e in gone if e[0] != ZERO_MAC]:
+            nl.fdb_del(vx.index, mac, dst)
+            changed.append(f"fdb {vxn} removed {mac} -> {dst}")
         for mac, dst in sorted(want - have):
             nl.fdb_add(vx.index, mac, dst)
             changed.append(f"fdb {vxn} {mac} -> {dst}")
-        for mac, dst in sorted(have - want):
+        for mac, dst in [e for e in gone if e[0] == ZERO_MAC]:
             nl.fdb_del(vx.index, mac, dst)
             changed.append(f"fdb {vxn} removed {mac} -> {dst}")
         have_addr, want_addr = nl.addresses(br.index), set(net.gateway)

@@ -126,6 +126,26 @@ def test_reconcile_is_idempotent_and_repairs_a_deleted_bridge_and_fdb_entry(lab:
     assert wait_ping(e1, "10.40.0.2")
 
 
+def test_a_port_that_moves_to_another_node_is_reached_there(lab: Lab) -> None:
+    """A live migration: the guest's MAC leaves n2 for n3 (which carried the network
+    before the guest arrived). n1's forwarding entry for that MAC must point at n3 now
+    (an append left the old remote in place, and removing it dropped the MAC)."""
+    moving = port(2, 500, "10.60.0.2")
+    ports = {"n1": [port(1, 500, "10.60.0.1")], "n2": [moving]}
+    e1 = lab.endpoint(1, "m1", ports["n1"][0], "10.60.0.1/24")
+    e2 = lab.endpoint(2, "m2", moving, "10.60.0.2/24")
+    apply_all(lab, [VirtualNetwork(500, ports, carriers=frozenset({"n3"}))])
+    assert wait_ping(e1, "10.60.0.2")
+    with node_links(e2) as nl:  # the guest is paused on n2 and resumes on n3
+        nl.set_link(nl.index("eth0"), state="down")
+    lab.endpoint(3, "m3", moving, "10.60.0.2/24")  # its tap: the same name on the new node
+    apply_all(lab, [VirtualNetwork(500, {"n1": ports["n1"], "n3": [moving]})])
+    with node_links(lab.node(1)) as nl:
+        fdb = nl.fdb_entries(nl.index(vxlan_name(500)))
+    assert (moving.mac, lab.vtep(3)) in fdb and (moving.mac, lab.vtep(2)) not in fdb, fdb
+    assert wait_ping(e1, "10.60.0.2")
+
+
 def test_a_failing_pass_rolls_back_to_the_last_good_state(lab: Lab, tmp_path: object) -> None:
     nodes = underlays(lab)
     good = node_state("n3", nodes, [VirtualNetwork(400, {"n3": [port(3, 400, "10.50.0.3")]})])
