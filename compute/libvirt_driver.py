@@ -324,17 +324,23 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
         except libvirt.libvirtError as e:
             raise _wrap(e, f"restoring VM {name!r} from {path}")
 
-    def migrate(self, name: str, destination: str, destination_host: str | None = None) -> MigrationResult:
+    def migrate(self, name: str, destination: str, destination_host: str | None = None,
+                run_as: tuple[int, int] | None = None, paths: dict[str, str] | None = None) -> MigrationResult:
         """Live-migrate peer-to-peer to the libvirtd at ``destination`` (its URI); disks must be
         shared. The memory stream goes to ``destination_host`` (the target's migration
-        address; default this driver's ``migration_host``, right when both share a host)."""
+        address; default this driver's ``migration_host``, right when both share a host).
+        ``run_as``: the uid:gid the target gave the guest (its DAC label there; the
+        source's uid means nothing on another node); None runs it as the target's default.
+        ``paths``: directory prefixes of this node -> the target's (console sockets, serial
+        log, seed ISO of a node whose data directory is elsewhere)."""
         dom = self._dom(name)
         if self.power_state(name) is not PowerState.RUNNING:
             raise InvalidPowerState(f"VM {name!r} is {self.power_state(name)}: only a running VM can be migrated")
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML:
-                                     _without_dac_label(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))}
+                                     _xml_for_target(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE),
+                                                     run_as, paths or {})}
         host = destination_host or self.migration_host
         if host:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{host}"
@@ -360,11 +366,21 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
         return MigrationResult(name=name, duration_s=duration, downtime_ms=downtime)
 
 
-def _without_dac_label(xml: str) -> str:
-    """A domain's XML for another node: without its DAC label (``VmSpec.run_as``), whose
-    uid and grants are this node's; the target runs it as its default user."""
+def _xml_for_target(xml: str, run_as: tuple[int, int] | None, paths: dict[str, str]) -> str:
+    """A domain's XML for another node: its DAC label (``VmSpec.run_as``) is this node's
+    uid, so it is replaced by the one the target allocated (and granted access to), or
+    dropped (the target's default user) when the target gave none; file paths under a
+    directory of ``paths`` are moved to the target's."""
     root = ET.fromstring(xml)
+    for element in root.iter():
+        for key, value in element.attrib.items():
+            for mine, theirs in paths.items():
+                if value == mine or value.startswith(mine.rstrip("/") + "/"):
+                    element.set(key, theirs.rstrip("/") + value[len(mine.rstrip("/")):])
     for label in root.findall("seclabel"):
         if label.get("model") == "dac":
             root.remove(label)
+    if run_as is not None:
+        label = ET.SubElement(root, "seclabel", type="static", model="dac", relabel="no")
+        ET.SubElement(label, "label").text = f"+{run_as[0]}:+{run_as[1]}"
     return ET.tostring(root, encoding="unicode")

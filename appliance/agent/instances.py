@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -58,6 +59,7 @@ log = logging.getLogger("cairn.agent.instances")
 MIB = 1 << 20
 BACKOFF_MAX = 60.0
 BACKOFF_RESET = 120.0  # running this long counts as stable again
+LEFT_LOG_SECONDS = 24 * 3600.0  # a departed VM's serial log stays this long on its old node
 ORPHAN = re.compile(r"cairn-[a-z0-9][a-z0-9-]*-[0-9a-f]{8}")  # what domain_name() makes
 
 
@@ -184,14 +186,23 @@ class InstanceReconciler:
                 row = session.get(Instance, iid)
                 if row is None or ((row.status or {}).get("migration") or {}).get("ready_on") == doc.node:
                     continue
+                run_as: list[int] | None = None
                 if iid in incoming:
                     try:
-                        self.stage(incoming[iid])
-                    except InstanceNotFound as exc:
+                        if incoming[iid].kind == "vm":  # its uid here, granted its files and volumes
+                            spec = self.build(incoming[iid], doc.virt_type)
+                            run_as = list(spec.run_as) if isinstance(spec, VmSpec) and spec.run_as else None
+                        else:
+                            self.stage(incoming[iid])
+                    except ComputeError as exc:
                         report.errors.append(f"instance {iid}: cannot receive its migration: {exc}")
                         continue
-                def ready(cur: dict[str, Any], me: str = doc.node) -> dict[str, Any]:
-                    return {"migration": {**(cur.get("migration") or {}), "ready_on": me}}
+
+                def ready(cur: dict[str, Any], me: str = doc.node, uid: list[int] | None = run_as) -> dict[str, Any]:
+                    # data_dir: where this node keeps the guest's files (its console paths
+                    # there; the source rewrites its own prefix in the guest's XML)
+                    return {"migration": {**(cur.get("migration") or {}), "ready_on": me, "run_as": uid,
+                                          "data_dir": str(self.settings.data_dir)}}
 
                 instance_service.KINDS[row.kind].write_status(session, row, ready)
             report.actions.append(f"instance {iid}: ready to receive its migration")
@@ -206,6 +217,38 @@ class InstanceReconciler:
                     driver.delete(name)
                     self._forget(kind, name)
                     report.actions.append(f"{kind} {name}: removed (not placed on this node)")
+        self._remove_left_folders(wanted, report)
+
+    def _remove_left_folders(self, wanted: set[str], report: Any) -> None:
+        """The folder of a VM that left by live migration (libvirt undefined it here, so no
+        driver lists it) or was deleted while this node was away: its uid is given back
+        and its files removed, except the serial log (the guest's console history up to
+        its move), kept for ``LEFT_LOG_SECONDS`` after its last line."""
+        root = self.settings.instances_dir
+        if not root.is_dir():
+            return
+        defined = {n for d in self.drivers.values() for n in d.list_instances()}
+        for folder in root.iterdir():
+            name = folder.name
+            if not folder.is_dir() or not ORPHAN.fullmatch(name) or name in wanted or name in defined:
+                continue
+            self._forget("vm", name)
+            log_file = folder / "serial.log"
+            try:
+                keep = time.time() - log_file.stat().st_mtime < LEFT_LOG_SECONDS
+            except OSError:
+                keep = False
+            if not keep:
+                shutil.rmtree(folder, ignore_errors=True)
+                report.actions.append(f"{name}: folder removed (the instance is not on this node)")
+                continue
+            for entry in folder.iterdir():
+                if entry.name == "serial.log":
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def converge(self, driver: ComputeDriver[Any], inst: InstanceDoc, virt: str) -> dict[str, Any]:
         name = inst.domain

@@ -5,6 +5,7 @@ lifecycle actions. Workers only change desired state and wait; the node agent ac
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -303,15 +304,28 @@ def container_exec(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
             "stderr": result.stderr[-limit:].decode(errors="replace")}
 
 
-def _wait_arrival_ready(ctx: TaskContext, iid: str, to: str, seconds: float = 15.0) -> None:
-    """The target's agent makes the VM's folder there and says so (status.migration.ready_on);
-    on an older agent that never says, go ahead after ``seconds``."""
+@dataclass
+class _Arrival:
+    """What the target's agent said when it got ready for a guest."""
+
+    run_as: tuple[int, int] | None = None  # the guest's uid:gid there
+    data_dir: str | None = None  # its data directory (where the guest's folder is)
+
+
+def _wait_arrival_ready(ctx: TaskContext, iid: str, to: str, seconds: float = 15.0) -> _Arrival:
+    """The target's agent makes the VM's folder there, gives it a uid of its own with
+    access to its files and volumes, and says so (status.migration: ready_on, run_as,
+    data_dir); on an older agent that never says, go ahead after ``seconds`` (as the
+    target's default user, with this node's paths)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if ((_load(ctx, iid).status or {}).get("migration") or {}).get("ready_on") == to:
-            return
+        migration = (_load(ctx, iid).status or {}).get("migration") or {}
+        if migration.get("ready_on") == to:
+            run_as = migration.get("run_as")
+            return _Arrival((int(run_as[0]), int(run_as[1])) if run_as else None, migration.get("data_dir"))
         ctx.check()
         time.sleep(0.2)
+    return _Arrival()
 
 
 @handler("instance.migrate")
@@ -333,17 +347,21 @@ def migrate(ctx: TaskContext, params: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"mode": mode, "to": to}
     if mode == "live":
         ctx.progress(20, f"waiting for {to} to get ready for it")
-        _wait_arrival_ready(ctx, iid, to)
+        arrival = _wait_arrival_ready(ctx, iid, to)
         ctx.progress(30, f"live-migrating to {to}")
         from compute.libvirt_driver import LibvirtDriver
 
         settings = get_settings()
+        here = str(settings.data_dir)
+        paths = {here: arrival.data_dir} if arrival.data_dir and arrival.data_dir != here else {}
         driver = LibvirtDriver(settings.libvirt_uri, settings.virt_type, settings.migration_host)
         try:
-            moved = driver.migrate(row.status["domain"], target_uri, target_host)
+            moved = driver.migrate(row.status["domain"], target_uri, target_host, run_as=arrival.run_as,
+                                   paths=paths)
         finally:
             driver.close()
-        result.update(duration_s=round(moved.duration_s, 3), downtime_ms=moved.downtime_ms)
+        result.update(duration_s=round(moved.duration_s, 3), downtime_ms=moved.downtime_ms,
+                      run_as=list(arrival.run_as) if arrival.run_as else None)
     ctx.progress(80, "moving the reservation and the record")
     with session_scope(ctx.db_url) as session:  # one transaction: the claim moves with the record
         placement.release(session, iid)

@@ -4,6 +4,7 @@ guest staying alive: its serial heartbeat goes on after the move."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -83,6 +84,18 @@ def run(url: str, settings: Settings, monkeypatch: Any, fn: Any, *args: Any) -> 
         return {"state": row.state, "error": row.error, "result": row.result}
 
 
+def qemu_uid(domain: str) -> int:
+    """The real uid of the QEMU process running ``domain``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu" in cmdline and f"guest={domain},".encode() in cmdline:
+            return int((proc / "status").read_text().split("Uid:")[1].split()[0])
+    raise AssertionError(f"no QEMU process runs {domain}")
+
+
 def heartbeats(log: Path) -> int:
     found = re.findall(rb"HB (\d+)", log.read_bytes()) if log.exists() else []
     return max((int(n) for n in found), default=0)
@@ -109,11 +122,22 @@ def test_live_migration_keeps_the_guest_running(pair: tuple[Node2, Node2, str], 
     assert moved["state"] == "succeeded", moved["error"]
     assert moved["result"]["mode"] == "live" and moved["result"]["duration_s"] > 0
     assert name in b.driver.list_instances() and name not in a.driver.list_instances()
+    # on b its console files are in b's folder (b's data directory is elsewhere)
+    log_b = b.settings.instances_dir / name / "serial.log"
     deadline = time.monotonic() + 30
-    while heartbeats(log) < before + 3:  # the same guest keeps counting: it was never rebooted
+    while heartbeats(log_b) < before + 3:  # the same guest keeps counting: it was never rebooted
         assert time.monotonic() < deadline, "the guest stopped after the migration"
         time.sleep(0.2)
-    assert b"CAIRN-GUEST-UP" in log.read_bytes() and log.read_bytes().count(b"CAIRN-GUEST-UP") == 1
+    assert log.read_bytes().count(b"CAIRN-GUEST-UP") == 1 and b"CAIRN-GUEST-UP" not in log_b.read_bytes()
+    # b runs it as an unprivileged uid of b's own, granted b's files (not a's uid, not root)
+    qemu = qemu_uid(name)
+    label = json.loads((b.settings.instances_dir / name / "dac.json").read_text())
+    assert qemu == label["uid"] != 0 and moved["result"]["run_as"] == [label["uid"], label["gid"]]
+    deadline = time.monotonic() + 10
+    while (a.settings.instances_dir / name / "dac.json").exists():  # a gave its uid back
+        assert time.monotonic() < deadline, "the old node kept the guest's uid"
+        time.sleep(0.2)
+    assert log.exists()  # its console history up to the move stays there for a while
     with session_scope(url) as session:
         row = session.query(Instance).filter_by(name="mover").one()
         node_b = session.query(Node).filter_by(name="mig-b").one()
