@@ -86,6 +86,15 @@ class IdRanges:
                     return ID_BASE + slot * ID_SIZE
         raise HypervisorError("every container id range of this host is taken")
 
+    def holds(self, owner: Path, base: int) -> bool:
+        """Is ``base`` the first id of a range claimed for ``owner``?"""
+        if base < ID_BASE or (base - ID_BASE) % ID_SIZE or (base - ID_BASE) // ID_SIZE >= SLOTS:
+            return False
+        try:
+            return self._slot_file((base - ID_BASE) // ID_SIZE).read_text().strip() == self._key(owner)
+        except FileNotFoundError:
+            return False
+
     def release(self, owner: Path, base: int) -> None:
         """Give a range back (only while ``owner`` still holds it)."""
         path = self._slot_file((base - ID_BASE) // ID_SIZE)

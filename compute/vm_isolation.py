@@ -14,6 +14,16 @@ would be. Same spec, same bridge (the NIC's MAC/IP come from the container's por
 so the same security groups apply to its tap), same console shapes as other
 containers.
 
+Given a :class:`GuestAccess` (the appliance's agent gives its ``VmAccess``), each
+microVM's QEMU runs as an unprivileged uid of its own (``VmSpec.run_as``), as plain VMs
+do: the uid comes from the host's id registry, QEMU's own directory
+(``guests/<name>``: the agent channel's socket, the serial log) is that uid's, the
+kernel, initrd and block volumes are granted before each start, and the uid goes back
+when the container is deleted. The container's own directory (root filesystem, its
+environment in ``process.json``/``config.bin``, the exec sockets) stays root's, 0700:
+QEMU never opens it. virtiofsd, which libvirt starts per microVM to serve the root
+filesystem, stays root (see compute/README.md, "VM confinement").
+
 This module drives any VM driver (libvirt, or the fake one) through the driver
 interface; it never imports libvirt itself.
 """
@@ -28,6 +38,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from compute import block_volumes
 from compute.driver import ComputeDriver, ConsoleEndpoint, ExecResult, InstanceStats, NodeResources
@@ -55,12 +66,28 @@ GUEST_OVERHEAD_MIB = 96  # the guest kernel + init on top of the container's own
 PIDS_LIMIT = 4096  # as for plain containers (compute.oci_bundle)
 
 
+class GuestAccess(Protocol):
+    """Who a microVM's QEMU runs as, and what it is let reach (``appliance.agent.vm_access.VmAccess``)."""
+
+    def label(self, workdir: Path) -> tuple[int, int]:
+        """An unprivileged (uid, gid) of the guest's own; ``workdir`` made its own."""
+
+    def grant(self, spec: VmSpec) -> None:
+        """Let ``spec.run_as`` reach the files, sockets and volumes ``spec`` names."""
+
+    def release(self, workdir: Path) -> None:
+        """Give the deleted guest's uid back."""
+
+
 def _paths(state_dir: Path, name: str) -> dict[str, Path]:
     d = Path(state_dir) / "containers" / name
+    guest = Path(state_dir) / "guests" / name  # QEMU's own (its uid's); the container's directory is root's
+    # a microVM defined before QEMU had a directory of its own keeps its old paths until it is defined again
+    q = d if (d / "spec.json").exists() and not guest.is_dir() else guest
     return {"dir": d, "spec": d / "spec.json", "process": d / "process.json", "config": d / "config.bin",
-            "log": d / "console.log", "serial": d / "serial.log", "rootfs": d / "rootfs", "volumes": d / "volumes",
-            "agent": socket_path(d / "agent.sock"), "exec": socket_path(d / "exec.sock"),
-            "tty": socket_path(d / "tty.sock")}
+            "log": d / "console.log", "rootfs": d / "rootfs", "volumes": d / "volumes",
+            "guest": guest, "serial": q / "serial.log", "agent": socket_path(q / "agent.sock"),
+            "exec": socket_path(d / "exec.sock"), "tty": socket_path(d / "tty.sock")}
 
 
 def exec_in(state_dir: Path, name: str, argv: list[str], tty: bool = False, timeout: float = 60.0) -> ExecResult:
@@ -80,15 +107,19 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
     kind = "container"
 
     def __init__(self, vms: ComputeDriver[VmSpec], state_dir: Path, kernel: str, initrd: str,
-                 images: ImageStore | None = None, boot_timeout: float = 120.0) -> None:
+                 images: ImageStore | None = None, boot_timeout: float = 120.0,
+                 access: GuestAccess | None = None) -> None:
         self.vms = vms
         self.state_dir = Path(state_dir)
         self.kernel, self.initrd = kernel, initrd
         self.images = images or ImageStore(self.state_dir / "images")
         self.boot_timeout = boot_timeout
+        self.access = access  # None: QEMU runs as the hypervisor's default user (root)
         self._links: dict[str, AgentLink] = {}
         self._lock = threading.Lock()
         (self.state_dir / "containers").mkdir(parents=True, exist_ok=True)
+        # root's only: the containers' environment and root filesystems (no guest's QEMU enters)
+        (self.state_dir / "containers").chmod(0o700)
 
     def _paths(self, name: str) -> dict[str, Path]:
         return _paths(self.state_dir, name)
@@ -103,8 +134,8 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
         """The VM driver's node."""
         return self.vms.resources()
 
-    def vm_spec(self, spec: ContainerSpec, rootfs: Path) -> VmSpec:
-        """The guest that runs ``spec`` (pure apart from the paths it is given)."""
+    def vm_spec(self, spec: ContainerSpec, rootfs: Path, run_as: tuple[int, int] | None = None) -> VmSpec:
+        """The guest that runs ``spec``, its QEMU as ``run_as`` (pure apart from the paths it is given)."""
         if len(spec.nics) > 1:
             raise InvalidSpec("isolation: vm supports one NIC")
         if spec.volumes or spec.io_limits:
@@ -122,8 +153,18 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
             disks=tuple(DiskSpec(v.source, readonly=v.readonly, serial=v.serial) for v in spec.block_volumes),
             filesystems=(FilesystemShare(str(rootfs), "rootfs"),),
             channels=(ChannelSpec(PORT_NAME, str(p["agent"])),),
-            consoles=Consoles(serial_log=str(p["serial"]), vnc=False),
+            consoles=Consoles(serial_log=str(p["serial"]), vnc=False), run_as=run_as,
         )
+
+    def _guest(self, name: str, spec: ContainerSpec | None = None) -> VmSpec | None:
+        """The guest of ``name`` with its QEMU's uid, granted what it opens (None without
+        an access or for a microVM defined before QEMU had a directory of its own)."""
+        p = self._paths(name)
+        if self.access is None or (spec is None and not p["guest"].is_dir()):
+            return None
+        vm = self.vm_spec(spec or self._spec(name), p["rootfs"], self.access.label(p["guest"]))
+        self.access.grant(vm)
+        return vm
 
     def config(self, spec: ContainerSpec, env: dict[str, str], cwd: str, filesystems: dict[str, str]) -> bytes:
         """What the guest agent needs to run the container: the main process, limits, mounts (pure)."""
@@ -150,9 +191,10 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
             env, cwd = process_env(spec, image.config), process_cwd(spec, image.config)
             p["process"].write_text(json.dumps({"env": env, "cwd": cwd}))
             p["config"].write_bytes(self.config(spec, env, cwd, filesystems))
-            self.vms.define(self.vm_spec(spec, p["rootfs"]))
+            p["guest"].mkdir(parents=True, exist_ok=True)
+            self.vms.define(self._guest(spec.name, spec) or self.vm_spec(spec, p["rootfs"]))
         except BaseException:
-            shutil.rmtree(p["dir"], ignore_errors=True)
+            self._forget(spec.name)
             raise
         p["spec"].write_text(json.dumps(container_spec_to_dict(spec)))
 
@@ -188,6 +230,7 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
             self._link(name)
             return
         self._unlink(name)
+        self._guest(name)  # grants again: the storage daemon's sockets are new after its restart
         self.vms.start(name)
         link = self._link(name)
         if not link.main_started.wait(self.boot_timeout) or link.main_pid is None:
@@ -245,10 +288,17 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
         """Delete the guest and the container's root filesystem (idempotent)."""
         self._unlink(name)
         self.vms.delete(name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Remove the container's files and give its QEMU's uid back."""
         p = self._paths(name)
         for sock in ("agent", "exec", "tty"):
             p[sock].unlink(missing_ok=True)  # a stand-in may live outside the directory
+        if self.access is not None:
+            self.access.release(p["guest"])
         shutil.rmtree(p["dir"], ignore_errors=True)
+        shutil.rmtree(p["guest"], ignore_errors=True)
 
     def power_state(self, name: str) -> PowerState:
         """The guest's power state; a running guest gets its agent link back if this process lost it."""

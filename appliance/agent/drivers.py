@@ -41,12 +41,15 @@ class DriverSet:
         vms = self._drivers.get("vm")
         if vms is None:
             return plain
+        from appliance.agent.vm_access import VmAccess
         from compute.container_router import ContainerRouter
         from compute.testguest import ensure_test_guest
         from compute.vm_isolation import VmIsolatedContainerDriver
 
         guest = ensure_test_guest(self.settings.data_dir / "cache" / "testguest")
-        isolated = VmIsolatedContainerDriver(vms, self.settings.data_dir / "microvms", guest.kernel, guest.initrd)
+        # each microVM's QEMU an unprivileged uid of its own, as plain VMs (agent/vm_access.py)
+        isolated = VmIsolatedContainerDriver(vms, self.settings.data_dir / "microvms", guest.kernel, guest.initrd,
+                                             access=VmAccess(self.settings))
         return ContainerRouter(plain, isolated)
 
     def get(self) -> dict[str, ComputeDriver[Any]]:

@@ -68,14 +68,26 @@ class VmAccess:
             self._gid = self.ranges.claim(self.settings.instances_dir)
         return self._gid
 
+    def _recorded(self, workdir: Path) -> int | None:
+        """The uid the label file names, if the host's registry says it is this VM's (the
+        file lies in the VM's own directory: its QEMU may rewrite it, e.g. to another VM's uid)."""
+        try:
+            uid = int(json.loads((workdir / LABEL_FILE).read_text())["uid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return uid if self.ranges.holds(workdir, uid) else None
+
     def label(self, workdir: Path) -> tuple[int, int]:
         """The VM's uid and the VM group, its directory made its own."""
         workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            uid = int(json.loads((workdir / LABEL_FILE).read_text())["uid"])
-        except (OSError, ValueError, KeyError):
+        uid = self._recorded(workdir)
+        if uid is None:
             uid = self.ranges.claim(workdir)
-            (workdir / LABEL_FILE).write_text(json.dumps({"uid": uid, "gid": self.gid}))
+            (workdir / LABEL_FILE).unlink(missing_ok=True)
+            # QEMU's own directory: a new file, never through a link its QEMU may have put there
+            fd = os.open(workdir / LABEL_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"uid": uid, "gid": self.gid}))
         os.chown(workdir, uid, self.gid)
         workdir.chmod(0o700)
         return uid, self.gid
@@ -85,9 +97,8 @@ class VmAccess:
         Once only: the label goes with it, so a later call (the document lists a deleted
         instance for a while) cannot revoke what a new VM given the same uid was granted."""
         label = workdir / LABEL_FILE
-        try:
-            uid = int(json.loads(label.read_text())["uid"])
-        except (OSError, ValueError, KeyError):
+        uid = self._recorded(workdir)
+        if uid is None:
             return
         try:
             StorageClient(self.settings.storage_socket, timeout=30).call("grant", uid=uid, exports={})
@@ -125,6 +136,7 @@ class VmAccess:
         # the VM's own directory (consoles' sockets, serial log): only the way to it
         consoles = spec.consoles
         ways = [Path(p) for p in (consoles.serial_log, consoles.serial_socket, consoles.vnc_socket) if p]
+        ways += [Path(c.socket) for c in spec.channels]  # a microVM's agent channel
         for path in [*paths, *ways]:
             if path in paths and path.exists():
                 _acl(path, gid, paths[path])

@@ -707,6 +707,14 @@ def qemu_of(domain_prefix: str) -> tuple[int, int, int]:
     raise AssertionError(f"no QEMU runs {domain_prefix}")
 
 
+def qemu_runs(domain_prefix: str) -> bool:
+    try:
+        qemu_of(domain_prefix)
+    except (AssertionError, OSError):
+        return False
+    return True
+
+
 def test_each_vm_runs_as_its_own_unprivileged_user(stack: Stack, intruders: Intruders) -> None:
     """The attack: whoever takes over a guest's QEMU (a device emulation bug) acts as its
     process. That is an unprivileged uid of its own, not root: it reads none of the
@@ -747,6 +755,67 @@ def test_each_vm_runs_as_its_own_unprivileged_user(stack: Stack, intruders: Intr
         stack.cairn("vm", "delete", "vprobe2", check=False)
         for vol in ("vp2-own", "vp2-theirs"):
             stack.cairn("volume", "delete", vol, check=False)
+
+
+def test_each_vm_isolated_container_runs_its_qemu_as_an_unprivileged_user_of_its_own(
+        stack: Stack, intruders: Intruders) -> None:
+    """The attack: a tenant of an ``isolation: vm`` container runs its own kernel, so a
+    device emulation bug hands it the microVM's QEMU. That process is an unprivileged uid
+    of its own (no VM's, no other microVM's, no container's), it reads none of the node's
+    secrets nor another container's environment or volume, signals no other QEMU; the
+    container still works, and its uid goes back to the host's registry when it is deleted."""
+    from compute.oci_idmap import DEFAULT_REGISTRY, ID_BASE, ID_SIZE
+
+    export = stack.cairn("volume", "create", "isodac-vol", "--size", "64MiB")["status"]["export"]
+    domains = {}
+    for name, options in (("isodac1", ("--env", "TOKEN=mine", "--volume", "isodac-vol:/srv/data")),
+                          ("isodac2", ("--env", "TOKEN=theirs-s3cret"))):
+        made = create_container(stack, name, "--isolation", "vm", *options,
+                                command=("sh", "-c", "echo up-$((6*7)); exec sleep 100000"))
+        assert made["status"]["power_state"] == "running", made["status"]
+        domains[name] = f"cairn-{name}-{made['id'][:8]}"
+    try:
+        _, vm_uid, _ = qemu_of(f"cairn-vprobe-{intruders_id(stack, 'vprobe')}")
+        _, uid1, gid1 = qemu_of(domains["isodac1"])
+        pid2, uid2, gid2 = qemu_of(domains["isodac2"])
+        assert uid1 >= ID_BASE and uid2 >= ID_BASE and len({uid1, uid2, vm_uid}) == 3 and gid1 == gid2 != 0, \
+            (uid1, uid2, vm_uid, gid1, gid2)
+        _, out = in_container(stack, intruders.container, "cat /proc/self/uid_map")
+        assert int(out.split()[1]) not in (uid1, uid2), f"a container's ids hold a microVM's uid: {out}"
+        # still a working container, its agent reached through the unprivileged QEMU
+        code, out = in_container(stack, "isodac1", "echo $TOKEN $((6*7)); echo kept > /srv/data/f; sync; "
+                                                   "cat /srv/data/f; ls /")
+        assert code == 0 and out.startswith("mine 42\nkept\n") and "bin" in out.split(), out
+        wait_for(lambda: "up-42" in stack.cairn("container", "console", "isodac1")["console"], 30, "its output")
+        data = Path(stack.env["CAIRN_DATA_DIR"])
+        theirs = data / "microvms" / "containers" / domains["isodac2"]
+        assert (theirs / "process.json").exists() and (theirs / "config.bin").exists()
+        def as_qemu(uid: int) -> list[str]:
+            return ["setpriv", f"--reuid={uid}", f"--regid={gid1}", "--clear-groups", "--"]
+
+        for uid in (uid1, vm_uid):  # neither another microVM's QEMU nor a plain VM's
+            for secret in (Path("/etc/shadow"), data / "secrets" / "admin-password", data / "cairn.db",
+                           data / "pki" / "ca.key", theirs / "process.json", theirs / "config.bin",
+                           theirs / "rootfs" / "bin" / "sh"):
+                r = subprocess.run([*as_qemu(uid), "cat", str(secret)], capture_output=True, text=True)
+                assert r.returncode != 0 and "Permission denied" in r.stderr, (uid, secret, r.returncode, r.stderr)
+        # the storage daemon's socket serves the microVM's QEMU its own volume, no other QEMU
+        for uid, opens in ((uid1, True), (uid2, False), (vm_uid, False)):
+            r = subprocess.run([*as_qemu(uid), "qemu-img", "info", export], capture_output=True, text=True, timeout=60)
+            assert ("virtual size" in r.stdout) == opens, (uid, opens, r.stdout, r.stderr)
+        r = subprocess.run([*as_qemu(uid1), "kill", "-0", str(pid2)], capture_output=True, text=True)
+        assert r.returncode != 0, f"a microVM's QEMU may signal another's: {r.stderr}"
+    finally:
+        stack.cairn("container", "delete", "isodac1", check=False)
+    # deleted: its QEMU is gone and its uid is no longer claimed in the host's registry
+    wait_for(lambda: not qemu_runs(domains["isodac1"]), 30, "its QEMU to end")
+    slot = DEFAULT_REGISTRY / f"slot-{(uid1 - ID_BASE) // ID_SIZE}"
+    held = slot.read_text() if slot.exists() else ""
+    assert domains["isodac1"] not in held, f"the deleted container still holds uid {uid1}: {held}"
+    r = subprocess.run([*as_qemu(uid1), "qemu-img", "info", export], capture_output=True, text=True, timeout=60)
+    assert "virtual size" not in r.stdout, f"uid {uid1} still opens the deleted container's volume"
+    stack.cairn("container", "delete", "isodac2", check=False)
+    stack.cairn("volume", "delete", "isodac-vol", check=False)
 
 
 def intruders_id(s: Stack, vm: str) -> str:
