@@ -19,6 +19,13 @@ each start:
   ``g:<vm gid>:x`` (``lock_down`` keeps that ACL's mask when it makes the directory
   private again).
 
+The microVMs of ``isolation: vm`` containers get the same (``compute.vm_isolation``
+takes this as its ``GuestAccess``): their directory holds the agent channel's socket.
+
+The label file (``dac.json``) lies in the VM's own directory, which its QEMU may rewrite
+(e.g. to another VM's uid): it is believed only when the registry's slot for that uid
+names this VM's directory.
+
 The storage daemon serves a non-root client of its unix sockets only the exports granted
 to its uid (SO_PEERCRED; ``grant`` here before each start, revoked on delete): a QEMU
 opens its own VM's volumes and no other.
