@@ -87,13 +87,15 @@ class IdRanges:
         raise HypervisorError("every container id range of this host is taken")
 
     def holds(self, owner: Path, base: int) -> bool:
-        """Is ``base`` the first id of a range claimed for ``owner``?"""
+        """Is ``base`` the first id of a range claimed for ``owner`` (a claim of this scope
+        made before claims named their scope counts)?"""
         if base < ID_BASE or (base - ID_BASE) % ID_SIZE or (base - ID_BASE) // ID_SIZE >= SLOTS:
             return False
         try:
-            return self._slot_file((base - ID_BASE) // ID_SIZE).read_text().strip() == self._key(owner)
+            holder = self._slot_file((base - ID_BASE) // ID_SIZE).read_text().strip()
         except FileNotFoundError:
             return False
+        return holder in (self._key(owner), str(owner.resolve()))
 
     def release(self, owner: Path, base: int) -> None:
         """Give a range back (only while ``owner`` still holds it)."""
