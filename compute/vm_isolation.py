@@ -16,13 +16,14 @@ containers.
 
 Given a :class:`GuestAccess` (the appliance's agent gives its ``VmAccess``), each
 microVM's QEMU runs as an unprivileged uid of its own (``VmSpec.run_as``), as plain VMs
-do: the uid comes from the host's id registry, QEMU's own directory
-(``guests/<name>``: the agent channel's socket, the serial log) is that uid's, the
-kernel, initrd and block volumes are granted before each start, and the uid goes back
-when the container is deleted. The container's own directory (root filesystem, its
-environment in ``process.json``/``config.bin``, the exec sockets) stays root's, 0700:
-QEMU never opens it. virtiofsd, which libvirt starts per microVM to serve the root
-filesystem, stays root (see compute/README.md, "VM confinement").
+do: the uid comes from the host's id registry (``guests/<name>`` is that uid's and holds
+only its label), the kernel, initrd and block volumes are granted before each start, and
+the uid goes back when the container is deleted. QEMU opens nothing in the container's own
+directory (root's, 0700: root filesystem, environment in ``process.json``/``config.bin``,
+sockets, logs): libvirt binds the agent channel's socket and virtlogd opens the serial
+log, and both hand QEMU a descriptor, so no root process ever opens a path QEMU could
+have replaced. virtiofsd, which libvirt starts per microVM to serve the root filesystem,
+stays root (see compute/README.md, "VM confinement").
 
 This module drives any VM driver (libvirt, or the fake one) through the driver
 interface; it never imports libvirt itself.
@@ -81,13 +82,11 @@ class GuestAccess(Protocol):
 
 def _paths(state_dir: Path, name: str) -> dict[str, Path]:
     d = Path(state_dir) / "containers" / name
-    guest = Path(state_dir) / "guests" / name  # QEMU's own (its uid's); the container's directory is root's
-    # a microVM defined before QEMU had a directory of its own keeps its old paths until it is defined again
-    q = d if (d / "spec.json").exists() and not guest.is_dir() else guest
     return {"dir": d, "spec": d / "spec.json", "process": d / "process.json", "config": d / "config.bin",
-            "log": d / "console.log", "rootfs": d / "rootfs", "volumes": d / "volumes",
-            "guest": guest, "serial": q / "serial.log", "agent": socket_path(q / "agent.sock"),
-            "exec": socket_path(d / "exec.sock"), "tty": socket_path(d / "tty.sock")}
+            "log": d / "console.log", "serial": d / "serial.log", "rootfs": d / "rootfs", "volumes": d / "volumes",
+            "agent": socket_path(d / "agent.sock"), "exec": socket_path(d / "exec.sock"),
+            "tty": socket_path(d / "tty.sock"),
+            "guest": Path(state_dir) / "guests" / name}  # its QEMU's uid's: only that uid's label
 
 
 def exec_in(state_dir: Path, name: str, argv: list[str], tty: bool = False, timeout: float = 60.0) -> ExecResult:
@@ -158,7 +157,7 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
 
     def _guest(self, name: str, spec: ContainerSpec | None = None) -> VmSpec | None:
         """The guest of ``name`` with its QEMU's uid, granted what it opens (None without
-        an access or for a microVM defined before QEMU had a directory of its own)."""
+        an access, or for a microVM defined before its QEMU had a uid of its own)."""
         p = self._paths(name)
         if self.access is None or (spec is None and not p["guest"].is_dir()):
             return None

@@ -20,7 +20,7 @@ each start:
   private again).
 
 The microVMs of ``isolation: vm`` containers get the same (``compute.vm_isolation``
-takes this as its ``GuestAccess``): their directory holds the agent channel's socket.
+takes this as its ``GuestAccess``); their own directory holds only the label.
 
 The label file (``dac.json``) lies in the VM's own directory, which its QEMU may rewrite
 (e.g. to another VM's uid): it is believed only when the registry's slot for that uid
@@ -141,9 +141,10 @@ class VmAccess:
         if spec.run_as is not None:
             self._grant_exports(spec.run_as[0], exports)
         # the VM's own directory (consoles' sockets, serial log): only the way to it
+        # (not the serial log nor a channel's socket: virtlogd and libvirt, root, open them and
+        # hand QEMU a descriptor; a microVM's are in its container's directory, root's only)
         consoles = spec.consoles
-        ways = [Path(p) for p in (consoles.serial_log, consoles.serial_socket, consoles.vnc_socket) if p]
-        ways += [Path(c.socket) for c in spec.channels]  # a microVM's agent channel
+        ways = [Path(p) for p in (consoles.serial_socket, consoles.vnc_socket) if p]
         for path in [*paths, *ways]:
             if path in paths and path.exists():
                 _acl(path, gid, paths[path])

@@ -762,8 +762,9 @@ def test_each_vm_isolated_container_runs_its_qemu_as_an_unprivileged_user_of_its
     """The attack: a tenant of an ``isolation: vm`` container runs its own kernel, so a
     device emulation bug hands it the microVM's QEMU. That process is an unprivileged uid
     of its own (no VM's, no other microVM's, no container's), it reads none of the node's
-    secrets nor another container's environment or volume, signals no other QEMU; the
-    container still works, and its uid goes back to the host's registry when it is deleted."""
+    secrets nor another container's environment or volume, plants no link where a root
+    process opens its log or sockets, signals no other QEMU; the container still works,
+    and its uid goes back to the host's registry when it is deleted."""
     from compute.oci_idmap import DEFAULT_REGISTRY, ID_BASE, ID_SIZE
 
     export = stack.cairn("volume", "create", "isodac-vol", "--size", "64MiB")["status"]["export"]
@@ -803,6 +804,11 @@ def test_each_vm_isolated_container_runs_its_qemu_as_an_unprivileged_user_of_its
         for uid, opens in ((uid1, True), (uid2, False), (vm_uid, False)):
             r = subprocess.run([*as_qemu(uid), "qemu-img", "info", export], capture_output=True, text=True, timeout=60)
             assert ("virtual size" in r.stdout) == opens, (uid, opens, r.stdout, r.stderr)
+        # nor may it put a link where a root process (libvirt, virtlogd) opens its sockets and logs
+        ours = data / "microvms" / "containers" / domains["isodac1"]
+        for path in (ours / "serial.log", ours / "agent.sock", ours / "console.log"):
+            r = subprocess.run([*as_qemu(uid1), "ln", "-sf", "/etc/shadow", str(path)], capture_output=True, text=True)
+            assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r.stderr)
         r = subprocess.run([*as_qemu(uid1), "kill", "-0", str(pid2)], capture_output=True, text=True)
         assert r.returncode != 0, f"a microVM's QEMU may signal another's: {r.stderr}"
     finally:
