@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pycdlib
@@ -100,10 +101,13 @@ def read_seed_iso(data: bytes) -> dict[str, str]:
 
 
 def write_seed_iso(seed: CloudInitSeed, path: str) -> str:
-    """Build the seed ISO for ``seed`` and write it to ``path`` (atomically); return ``path``."""
+    """Build the seed ISO for ``seed`` and write it to ``path`` (atomically); return ``path``.
+    ``path`` may lie in a directory an unprivileged QEMU owns: the file is written new,
+    never through a link left in its place (it would make root write to a host file)."""
     data = build_seed_iso(seed)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    Path(tmp).unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
         f.write(data)
     os.replace(tmp, path)
     return path

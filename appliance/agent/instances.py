@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from appliance import imagefiles
 from appliance.agent.drivers import DriverSet
-from appliance.agent.vm_access import VmAccess
+from appliance.agent.vm_access import VmAccess, fresh_log
 from appliance.db.engine import session_scope
 from appliance.db.models import Instance
 from appliance.pki import nbd_client_tls
@@ -310,6 +310,7 @@ class InstanceReconciler:
             raise InstanceNotFound(f"image '{image.name}': {exc}")
         workdir = self.settings.instances_dir / inst.domain
         workdir.mkdir(parents=True, exist_ok=True)
+        fresh_log(workdir / "serial.log")  # a migration's destination QEMU: virtlogd opens it too
         if inst.kind == "vm" and (inst.user_data is not None or inst.nics):
             return write_seed_iso(CloudInitSeed(instance_id=inst.id, hostname=inst.name,
                                                 user_data=inst.user_data or "#cloud-config\n{}\n"),

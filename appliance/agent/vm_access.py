@@ -117,6 +117,7 @@ class VmAccess:
     def grant(self, spec: VmSpec) -> None:
         """Let the VM group reach what ``spec`` names (see the module docstring)."""
         gid = self.gid
+        fresh_log(Path(spec.consoles.serial_log))
         paths: dict[Path, str] = {}
         exports: dict[str, list[str]] = {}  # pool -> volumes this VM's uid may open on the unix sockets
         if spec.kernel_boot is not None:
@@ -165,6 +166,20 @@ class VmAccess:
         except StorageError as exc:
             if exports:  # without the grant QEMU cannot open its disks
                 raise HypervisorError(f"the storage daemon did not grant the VM its volumes: {exc}") from exc
+
+
+def fresh_log(path: Path) -> None:
+    """A VM's serial log lies in the directory its QEMU owns, and virtlogd (root) opens it by
+    that path at the next start: whatever is there that is not root's own plain file (a link
+    to a host file QEMU left, a hard link) goes first (no QEMU of the VM runs meanwhile:
+    libvirt ended it, and its sandbox lets it spawn nothing)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_nlink != 1:
+        log.warning("removing what a VM's QEMU left in place of its serial log", extra={"path": str(path)})
+        path.unlink()
 
 
 def _acl(path: Path, gid: int, perms: str) -> None:

@@ -824,6 +824,32 @@ def test_each_vm_isolated_container_runs_its_qemu_as_an_unprivileged_user_of_its
     stack.cairn("volume", "delete", "isodac-vol", check=False)
 
 
+def test_a_vms_qemu_makes_no_root_process_write_through_a_link_in_its_directory(
+        stack: Stack, tmp_path: Path) -> None:
+    """The attack: a VM's QEMU owns its directory, and virtlogd, root, opens the serial log
+    in it by its path at every start. QEMU replaces the log with a link to a host file (it
+    could name /etc/passwd) and waits for the next start: the guest's console output would
+    land in that file. The link is removed before the start; the host file is untouched."""
+    stack.cairn("image", "import-test-guest")
+    vm = stack.cairn("vm", "create", "vlink", "--image", "tiny-guest", "--cpu", "1", "--memory", "128MiB")
+    domain = f"cairn-vlink-{vm['id'][:8]}"
+    victim = tmp_path / "host-file"
+    victim.write_text("root's own\n")
+    victim.chmod(0o600)
+    try:
+        _, uid, gid = qemu_of(domain)
+        serial = Path(stack.env["CAIRN_DATA_DIR"]) / "instances" / domain / "serial.log"
+        r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", "sh", "-c",
+                            f"rm -f {serial} && ln -s {victim} {serial}"], capture_output=True, text=True)
+        assert r.returncode == 0 and serial.is_symlink(), r.stderr  # its own directory: it may
+        stack.cairn("vm", "stop", "vlink")
+        stack.cairn("vm", "start", "vlink")
+        wait_for(lambda: "Linux version" in stack.cairn("vm", "console", "vlink")["console"], 60, "its boot")
+        assert victim.read_text() == "root's own\n" and not serial.is_symlink()
+    finally:
+        stack.cairn("vm", "delete", "vlink", check=False)
+
+
 def intruders_id(s: Stack, vm: str) -> str:
     return str(s.cairn("vm", "get", vm)["id"])[:8]
 

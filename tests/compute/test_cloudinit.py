@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from compute.cloudinit import CloudInitSeed, build_seed_iso, read_seed_iso
+from compute.cloudinit import CloudInitSeed, build_seed_iso, read_seed_iso, write_seed_iso
 from compute.errors import InvalidCloudInit
 
 pytestmark = pytest.mark.unit
@@ -20,6 +22,20 @@ def test_seed_iso_carries_user_meta_and_network_documents() -> None:
     assert files["user-data"] == seed.user_data
     assert "instance-id: i-1" in files["meta-data"] and "local-hostname: vm1" in files["meta-data"]
     assert files["network-config"] == NETCFG
+
+
+def test_the_seed_iso_is_written_through_no_link_left_in_its_place(tmp_path: Path) -> None:
+    """The seed lies in the directory its VM's QEMU owns: links it left at the file's or the
+    temporary file's name do not make the writer (root) write to the files they name."""
+    host_file = tmp_path / "host-file"
+    host_file.write_text("root's own\n")
+    seed = tmp_path / "vm" / "seed.iso"
+    seed.parent.mkdir()
+    for name in ("seed.iso", "seed.iso.tmp"):
+        (seed.parent / name).symlink_to(host_file)
+    assert write_seed_iso(CloudInitSeed("i-3", "vm3"), str(seed)) == str(seed)
+    assert host_file.read_bytes() == b"root's own\n" and not seed.is_symlink()
+    assert set(read_seed_iso(seed.read_bytes())) == {"user-data", "meta-data"}
 
 
 def test_seed_iso_without_network_config_has_two_files() -> None:
