@@ -190,7 +190,6 @@ class VmIsolatedContainerDriver(ComputeDriver[ContainerSpec]):
             env, cwd = process_env(spec, image.config), process_cwd(spec, image.config)
             p["process"].write_text(json.dumps({"env": env, "cwd": cwd}))
             p["config"].write_bytes(self.config(spec, env, cwd, filesystems))
-            p["guest"].mkdir(parents=True, exist_ok=True)
             self.vms.define(self._guest(spec.name, spec) or self.vm_spec(spec, p["rootfs"]))
         except BaseException:
             self._forget(spec.name)
