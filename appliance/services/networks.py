@@ -232,8 +232,12 @@ def ensure_default_group(session: Session, principal: Principal, project: str) -
     rules = [{"id": uuid.uuid4().hex[:8], "direction": d, "protocol": "any", "ethertype": e,
               **({"remote_group": DEFAULT_GROUP} if d == "ingress" else {})}
              for d in ("ingress", "egress") for e in ("ipv4", "ipv6")]
-    secgroups.create(session, principal, project, DEFAULT_GROUP,
-                     {"description": "members reach each other; everything out", "rules": rules})
+    try:
+        with session.begin_nested():  # a concurrent first port of the project may make it first
+            secgroups.create(session, principal, project, DEFAULT_GROUP,
+                             {"description": "members reach each other; everything out", "rules": rules})
+    except (Conflict, IntegrityError):
+        pass  # it exists now: the other request's group is the same group
 
 def create_secgroup(session: Session, principal: Principal, project: str, name: str,
                     description: str) -> dict[str, Any]:
