@@ -279,7 +279,7 @@ def test_a_vm_volume_follows_its_live_migration_and_is_taken_over_from_a_partiti
             return r.returncode == 0
 
         try:
-            wait_for("the VM stopped", stopped, 180, every=5)
+            wait_for("the VM stopped", stopped, 300, every=5)  # a healed node under load can be slow
         except AssertionError as exc:
             raise AssertionError(f"{exc}; the last answers of `vm stop`: {stops[-2:]}") from None
         lap("healed; late writes refused, nothing merged")
