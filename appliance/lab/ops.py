@@ -228,13 +228,26 @@ def cluster_view(lab: Lab, via: str | None = None) -> dict[str, Any]:
     raise LabError(f"no running node answered `cairn cluster status`: {last}")
 
 
+# Ceph health checks that say nothing about the data and come from the lab being three
+# nodes on one shared host: OSD heartbeat pings between node namespaces slower than 1 s
+# while the host's cores are busy (Ceph averages them over minutes, so they outlast a
+# partition by a while). Everything else (PGs, OSDs down, mons, clock skew) still counts.
+LAB_TOLERATED_CHECKS = frozenset({"OSD_SLOW_PING_TIME_BACK", "OSD_SLOW_PING_TIME_FRONT"})
+
+
+def ceph_healthy(ceph: dict[str, Any]) -> bool:
+    health = ceph.get("health")
+    return health == "HEALTH_OK" or (health == "HEALTH_WARN" and bool(ceph.get("checks"))
+                                     and set(ceph["checks"]) <= LAB_TOLERATED_CHECKS)
+
+
 def healthy(view: dict[str, Any], expect: int) -> bool:
     members = view.get("members", [])
     voters = [m for m in members if "etcd" in m["roles"] and "etcd-learner" not in m["roles"]]
     return bool(view.get("quorum") and len(voters) == expect and all(m["ready"] for m in members)
             and view.get("database", {}).get("primary") is not None
             and sum(1 for m in members if "database-sync-standby" in m["roles"]) >= (1 if expect > 1 else 0)
-            and view.get("ceph", {}).get("health") == "HEALTH_OK")
+            and ceph_healthy(view.get("ceph", {})))
 
 
 def wait_healthy(lab: Lab, timeout: float = 300, expect: int | None = None) -> dict[str, Any]:
