@@ -16,6 +16,10 @@ writer is known dead when it ran on this host and its process is gone, or when i
 deregistered; a writer on another host whose heartbeat is older than ``DEAD_AFTER`` is
 only *suspect*: the caller (the HA manager, an operator) decides, with ``takeover``.
 
+A writer that needs a volume a live writer holds asks for it (:class:`LockRequest`,
+pointer ``lockreq/<volume>``): the holder gives it up once it is idle there (live
+migration's handover, storage/nbd/handover.py).
+
 :func:`fence_node` is what the HA manager calls for a node it declared dead.
 """
 
@@ -33,6 +37,9 @@ from storage.errors import BackendError, ConflictError, InvalidArgument
 
 WRITERS = "writers/"
 GC_STATE = "gc"
+LOCK_REQUESTS = "lockreq/"
+REQUEST_REFRESH = 1.0  # seconds between rewrites of a waiting writer's lock request
+REQUEST_STALE = 5.0  # seconds a lock request may stay unchanged before its holder drops it
 DEAD_AFTER = 30.0  # seconds without a heartbeat before a remote writer is suspect
 HEARTBEAT = 5.0  # seconds between heartbeats (Pool.sync)
 BLOCKLIST_SECONDS = 24 * 3600.0
@@ -265,6 +272,69 @@ def fence_node(backend: ObjectBackend, node: str, me: WriterInfo | None = None,
         deregister(backend, who.writer)
         report.writers.append(who.writer)
     return report
+
+
+# ------------------------------------------------------------------ lock requests
+def lock_request_name(volume: str) -> str:
+    """The pointer where writers ask for a volume's lock."""
+    return LOCK_REQUESTS + volume
+
+
+@dataclass
+class LockRequest:
+    """A writer asking for a volume another writer holds (pointer ``lockreq/<volume>``,
+    beside the head): RBD's cooperative exclusive lock. The holder's NBD server lets the
+    volume go (checkpoint + unlock) once its connections to it are idle; the requester
+    rewrites its request every ``REQUEST_REFRESH`` seconds while it waits and removes it
+    once it holds the lock. A holder drops a request whose writer is dead or that did not
+    change for ``REQUEST_STALE`` seconds, and lets go at most once per request value."""
+
+    who: WriterInfo
+    at: float
+
+    def encode(self) -> bytes:
+        """The pointer's value: the requester's owner record and when it asked."""
+        return json.dumps({**json.loads(self.who.owner_record()), "at": self.at}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> LockRequest:
+        """Inverse of :meth:`encode`."""
+        return cls(WriterInfo.decode(raw), float(json.loads(raw).get("at", 0.0)))
+
+
+def lock_request(backend: ObjectBackend, volume: str) -> tuple[LockRequest | None, bytes | None]:
+    """The pending request for a volume's lock (None) and its raw value."""
+    raw = backend.get_pointer(lock_request_name(volume))
+    if raw is None:
+        return None, None
+    try:
+        return LockRequest.decode(raw), raw
+    except (ValueError, TypeError, KeyError):
+        return None, raw  # not ours to read: dropped like a stale one
+
+
+def request_lock(backend: ObjectBackend, volume: str, me: WriterInfo, mine: bytes | None,
+                 holder: str | None = None) -> bytes | None:
+    """Post (or refresh) this writer's request for a volume's lock. Another live-looking
+    writer's request stands (the holder lets go for it as well; whoever locks first
+    wins and the other asks again); a request of the holder itself is replaced. Returns
+    the request now in place if it is this writer's, else ``mine`` unchanged."""
+    name = lock_request_name(volume)
+    found = backend.get_pointer(name)
+    if found is not None and found != mine:
+        try:
+            other = LockRequest.decode(found).who.writer
+        except (ValueError, TypeError, KeyError):
+            other = ""
+        if other and other not in (me.writer, holder):
+            return mine
+    raw = LockRequest(me, time.time()).encode()
+    return raw if backend.cas_pointer(name, found, raw) else mine
+
+
+def drop_lock_request(backend: ObjectBackend, volume: str, raw: bytes) -> None:
+    """Remove a request if it is still ``raw`` (granted, withdrawn, or stale)."""
+    backend.cas_pointer(lock_request_name(volume), raw, None)
 
 
 # ------------------------------------------------------------------ GC state

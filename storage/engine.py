@@ -36,6 +36,7 @@ from storage.errors import (
     NotFound,
     ObjectNotFound,
     OwnedElsewhere,
+    StorageError,
 )
 from storage.log import LogPosition, SegmentLog, parse_segment
 from storage.volume import CHECKPOINT_BYTES, MAX_EXTENTS, Volume, VolumeRecord, check_name
@@ -283,14 +284,15 @@ class Pool:
         self._open[name] = vol
         return vol
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, checkpoint: bool = True) -> None:
         """Checkpoint an open volume and give its lock back (live migration's source does
-        this; the destination's open then finds nothing to replay)."""
+        this; the destination's open then finds nothing to replay). ``checkpoint=False``:
+        the caller just checkpointed it."""
         vol = self._open.pop(name, None)
         if vol is None:
             return
         try:
-            if not self.readonly and not vol.released:
+            if not self.readonly and not vol.released and checkpoint:
                 vol.checkpoint()
         finally:
             vol.released = True
@@ -320,6 +322,10 @@ class Pool:
                 raise ConflictError(f"volume {name!r} changed while deleting it")
             vol.released = True
             self._open.pop(name, None)
+        with contextlib.suppress(StorageError):  # a request for it (storage/nbd/handover.py)
+            raw = self.backend.get_pointer(cluster.lock_request_name(name))
+            if raw is not None:
+                cluster.drop_lock_request(self.backend, name, raw)
 
     def snapshot(self, name: str, snap: str) -> None:
         """Keep the current root under ``snap``: O(1) whatever the size."""

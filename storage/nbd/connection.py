@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 from storage.chunks import RAW
@@ -34,8 +35,9 @@ class Connection(asyncio.BufferedProtocol):
     extending an uncached patch) run as tasks, at most ``MAX_TASKS`` (then reading
     pauses), and so does FLUSH (it waits for the writes before it). Replies larger than
     the socket takes at once pause reading too, so a slow reader cannot make us buffer
-    without bound. A connection to a volume another writer still owns (the destination
-    of a live migration) waits for the lock before its first request is served.
+    without bound. A connection to a volume another writer holds (the destination of a
+    live migration, or a connection whose volume was handed over) asks for the lock with
+    its next request and waits for it (storage/nbd/handover.py); meanwhile it is idle.
     """
 
     MAX_TASKS = 64
@@ -60,6 +62,9 @@ class Connection(asyncio.BufferedProtocol):
         self.payload_got = 0
         self.payload_req: tuple[int, int, int, int] | None = None  # flags, handle, offset, length
         self.tasks: set[asyncio.Task[None]] = set()
+        self.deferred = 0  # write / flush replies waiting for their group commit
+        self.direct = 0  # direct reads in flight (:meth:`_direct_read`)
+        self.last_request = 0.0  # time.monotonic() of the last request parsed
         self.paused_for_tasks = self.paused_for_writes = False
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -125,19 +130,30 @@ class Connection(asyncio.BufferedProtocol):
             self.start, self.end = 0, len(rest)
         self._process()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a request is in flight, or received and not served yet."""
+        return bool(self.tasks or self.deferred or self.direct or self.payload is not None
+                    or self.end > self.start)
+
     def _acquire(self) -> None:
-        """Pause until the server holds the volume's lock (started once)."""
+        """Pause until the server holds the volume's lock (once at a time)."""
         if self._acquiring is not None:
             return
         self.transport.pause_reading()
 
         async def wait() -> None:
             try:
-                self.vol = await self.server.acquire(self.name)
+                vol = await self.server.acquire(self.name)
+                while vol.released:  # handed over again before we ran
+                    vol = await self.server.acquire(self.name)
             except StorageError as exc:
                 log.warning("export %s: %s", self.name, exc)
                 self._close()
                 return
+            finally:
+                self._acquiring = None
+            self.vol = vol
             if not self.paused_for_tasks and not self.paused_for_writes and not self.transport.is_closing():
                 self.transport.resume_reading()
             self._process()
@@ -242,11 +258,13 @@ class Connection(asyncio.BufferedProtocol):
         if not self.transmitting:
             return
         if self.vol is None:
-            self._acquire()
+            if self.end > self.start:  # a request to serve: now the volume is needed here
+                self._acquire()
             return
         buf = self.buf
         while self.payload is None and self.end - self.start >= 28 and not self.transport.is_closing():
             magic, flags, cmd, handle, offset, length = p.REQUEST.unpack_from(buf, self.start)
+            self.last_request = time.monotonic()
             if magic != p.REQUEST_MAGIC:
                 self._close()
                 return
@@ -348,6 +366,7 @@ class Connection(asyncio.BufferedProtocol):
             return False
 
         def landed(data: bytes | None, exc: BaseException | None) -> None:
+            self.direct -= 1
             if exc is not None or data is None or len(data) != n:
                 self._spawn(self.server.read_task(vol, self, handle, offset, length, False))
                 return
@@ -361,6 +380,7 @@ class Connection(asyncio.BufferedProtocol):
                 log.exception("read failed")
                 self.transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
 
+        self.direct += 1
         self.server.reads.read_cb(loc.segment, loc.offset + start, n, landed)
         return True
 

@@ -52,6 +52,10 @@ class ReadPath:
         while self.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.01)
 
+    def forget(self, volume: str) -> None:
+        """A volume this server no longer holds: its read-ahead starts afresh."""
+        self._ahead.pop(volume, None)
+
     def _aio_read(self, seg: str, offset: int, length: int) -> asyncio.Future[bytes]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()

@@ -7,9 +7,11 @@ see each other's writes), unix socket and TCP. Connections: storage/nbd/connecti
 backend reads: storage/nbd/reads.py.
 
 Ownership: the server holds a volume's lock while a connection uses it (or a control
-request took it) and gives it back, checkpointed, when the last one closes, so a live
-migration's destination (whose connection waits for the lock before its first request)
-takes over as soon as the source's QEMU lets go.
+request took it) and gives it back, checkpointed, when the last one closes, or when
+another writer asks for it and its connections are idle (they stay open and ask for it
+back with their next request): storage/nbd/handover.py. That is how a live migration's
+destination takes the volume over at the switchover while the source QEMU still holds
+its connection.
 
 Group commit: writes are staged in the engine as requests arrive and all writes staged
 during one event-loop pass are journaled together; only then are they acknowledged.
@@ -43,6 +45,7 @@ from storage.engine import CHECKPOINT_BYTES, Pool, Volume, open_pool
 from storage.errors import BackendError, ConflictError, InvalidArgument, ObjectNotFound, OwnedElsewhere, StorageError
 from storage.nbd import protocol as p
 from storage.nbd.connection import Connection
+from storage.nbd.handover import Handover
 from storage.nbd.reads import ReadPath
 from storage.nbd.tls import server_context
 
@@ -52,7 +55,6 @@ GROUP_BYTES = 2 << 20  # with two groups in flight, a new one waits until it has
 MAINTAIN_EVERY = 1.0  # seconds between rounds of cluster duties
 REFRESH_EVERY = 5.0  # seconds between looks at other writers' new index objects
 CHECKPOINT_AFTER = 30.0  # seconds a volume may keep unsaved writes (bounds a takeover's replay)
-STANDBY_WAIT = 60.0  # seconds a connection waits for a volume's lock held by another writer
 IDLE_SEAL = 30.0  # seconds without writes before this writer seals its segments (GC may then merge copies)
 
 
@@ -92,8 +94,9 @@ class NbdServer:
         self._scheduled = False
         self._servers: list[asyncio.Server] = []
         self._maintainer: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.connections = 0
-        self.users: dict[str, set[Connection]] = {}  # open volume -> connections using it
+        self.users: dict[str, set[Connection]] = {}  # export -> its connections (holding its lock or not)
         self.held: set[str] = set()  # volumes taken by a control request (kept while idle)
         self.last_end: dict[str, int] = {}
         self.fenced = ""  # why the cluster fenced this writer ("" while serving)
@@ -102,6 +105,7 @@ class NbdServer:
         self.grants: dict[int, set[str]] = {}
         self._touched: dict[str, float] = {}  # volume -> when its last unsaved write came
         self.last_write = time.monotonic()
+        self.handover = Handover(self)
 
     # ----------------------------------------------------------------- lifecycle
     async def listen_unix(self, path: str) -> None:
@@ -123,15 +127,17 @@ class NbdServer:
     def _start_maintaining(self) -> None:
         if self._maintainer is None and not self.pool.readonly:
             self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
+            self._watcher = asyncio.get_running_loop().create_task(self.handover.watch())
 
     async def close(self) -> None:
         """Stop listening, journal what is staged, checkpoint and release the volumes."""
         for s in self._servers:
             s.close()
-        if self._maintainer is not None:
-            self._maintainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._maintainer
+        for task in (self._maintainer, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self.reads.drain()
         if not self.fenced:
             with contextlib.suppress(StorageError):
@@ -155,31 +161,33 @@ class NbdServer:
 
     def release(self, name: str, force: bool = False) -> int:
         """Give a volume's lock back (checkpointed). With connections still using it:
-        ``ConflictError``, or with ``force`` they are closed first. Returns how many."""
+        ``ConflictError``, or with ``force`` they are closed first. Returns how many.
+        (Connections to a volume another writer holds now hold nothing here.)"""
         self.held.discard(name)
         users = self.users.get(name, set())
         if users and not force:
+            if name not in {v.name for v in self.pool.open_volumes()}:
+                return 0
             raise ConflictError(f"volume {name!r} is in use by {len(users)} NBD connection(s): "
                                 "stop its user first (or force)")
         for conn in list(users):
             conn.transport.close()
         self.users.pop(name, None)
+        self.forget(name)
+        self.handover.forget(name)
         self.pool.release(name)
         return len(users)
 
     async def acquire(self, name: str) -> Volume:
-        """The volume, once its lock is ours (waits while another writer holds it)."""
-        deadline = time.monotonic() + STANDBY_WAIT
-        while True:
-            try:
-                return self.pool.open_volume(name)
-            except OwnedElsewhere:
-                if time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.05)
+        """The volume, once its lock is ours: asks its holder for it and waits (up to
+        ``STANDBY_WAIT``) while another live writer holds it (storage/nbd/handover.py)."""
+        return await self.handover.acquire(name)
 
-    def _use(self, conn: Connection, vol: Volume) -> None:
-        self.users.setdefault(vol.name, set()).add(conn)
+    def forget(self, name: str) -> None:
+        """Drop what this server keeps about a volume it no longer holds."""
+        self._touched.pop(name, None)
+        self.last_end.pop(name, None)
+        self.reads.forget(name)
 
     def _unuse(self, conn: Connection) -> None:
         users = self.users.get(conn.name)
@@ -188,6 +196,8 @@ class NbdServer:
         users.discard(conn)
         if not users and conn.name not in self.held:
             del self.users[conn.name]
+            self.handover.forget(conn.name)
+            self.forget(conn.name)
             try:
                 self.pool.release(conn.name)
             except StorageError as exc:
@@ -258,6 +268,7 @@ class NbdServer:
     # ----------------------------------------------------------------- group commit
     def defer_reply(self, conn: Any, reply: bytes, sync: bool) -> None:
         """Send ``reply`` once everything staged so far landed (synced with ``sync``)."""
+        conn.deferred += 1
         self._waiting.append((conn, reply))
         self._sync |= sync
         self.schedule()
@@ -291,6 +302,7 @@ class NbdServer:
             log.error("journal commit failed: %s", exc)
             error = p.EIO
         for writer, reply in waiting:
+            writer.deferred -= 1
             if writer.is_closing():
                 continue
             if error:
@@ -349,14 +361,13 @@ class NbdServer:
 
     def _open(self, conn: Connection, name: str) -> Volume | None:
         """The volume for a connection that chose it; None while another writer holds
-        its lock (the connection waits for it: :meth:`acquire`)."""
+        its lock (the connection asks for it with its first request: :meth:`acquire`)."""
+        self.users.setdefault(name, set()).add(conn)
         try:
-            vol = self.pool.open_volume(name)
+            return self.pool.open_volume(name)
         except OwnedElsewhere as exc:
-            log.info("export %s: waiting for its lock (%s)", name, exc)
+            log.info("export %s: held elsewhere until a request needs it (%s)", name, exc)
             return None
-        self._use(conn, vol)
-        return vol
 
     async def _handshake(self, conn: Connection) -> tuple[Volume | None, str] | None:
         conn.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))

@@ -1,0 +1,224 @@
+"""Handover of a dedup volume between two nodes' storage daemons on one Ceph pool: RBD's
+cooperative exclusive lock (storage/README.md, "Handover"). A connection that needs a
+volume another writer holds posts a lock request beside its head; the holder lets the
+volume go (checkpointed) once its own connections to it are idle and keeps them open;
+their next request takes it back the same way. A dead holder is taken over as before,
+and a dead requester's request does not make the holder give anything up."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from storage import cluster
+from storage.backends import open_backend
+from storage.backends.rados_cluster import CephCluster
+from tests.storage.conftest import Daemon
+from tests.storage.nbd_client import NbdClient, NbdClientError
+
+pytestmark = pytest.mark.functional
+MiB = 1 << 20
+BLOCK = 4096
+SIZE = 16 * MiB
+SLOTS = 1024  # a writer's records go round the first 4 MiB
+
+
+def _nodes(storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> tuple[str, Daemon, Daemon]:
+    url = ceph.backend_url(f"h-{uuid.uuid4().hex[:10]}")
+    a, b = storage_daemons("n1"), storage_daemons("n2")
+    for d in (a, b):
+        d.client.call("attach", name="p", backend=url)
+    a.client.call("create", pool="p", volume="v", size=SIZE)
+    return url, a, b
+
+
+def _record(tag: str, n: int) -> bytes:
+    return f"{tag} {n}\n".encode().ljust(BLOCK, b".")
+
+
+def _owner(d: Daemon) -> str | None:
+    got = d.client.call("owner", pool="p", volume="v")
+    return None if got is None else str(got["node"])
+
+
+def _request(url: str) -> bytes | None:
+    backend = open_backend(url)
+    try:
+        return backend.get_pointer(cluster.LOCK_REQUESTS + "v")
+    finally:
+        backend.close()
+
+
+class _Writer(threading.Thread):
+    """Writes numbered records round a 4 MiB range as fast as its node acknowledges them
+    (one in flight, like a busy guest); ``acked`` maps offset -> the last acknowledged."""
+
+    def __init__(self, client: NbdClient, tag: str) -> None:
+        super().__init__(daemon=True)
+        self.client, self.tag = client, tag
+        self.acked: dict[int, bytes] = {}
+        self.count = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                off = (self.count % SLOTS) * BLOCK
+                data = _record(self.tag, self.count)
+                self.client.write(off, data)
+                self.acked[off] = data
+                self.count += 1
+        except (NbdClientError, OSError) as exc:
+            self.error = exc
+
+
+def _check(client: NbdClient, expected: dict[int, bytes]) -> None:
+    whole = client.read(0, 8 * MiB)
+    lost = [off for off, data in expected.items() if whole[off : off + BLOCK] != data]
+    assert not lost, f"{len(lost)} acknowledged writes lost, first at {lost[0]}: {whole[lost[0]:lost[0] + 32]!r}"
+
+
+def test_the_lock_goes_back_and_forth_between_two_nodes_connections_staying_open(
+        storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
+    url, a, b = _nodes(storage_daemons, ceph)
+    ca = NbdClient(a.socket("p"), "v")  # takes the free lock
+    cb = NbdClient(b.socket("p"), "v")  # accepted, idle: asks for nothing yet
+    expected: dict[int, bytes] = {}
+    shared = 8 * MiB - BLOCK  # both write it in turn: each must read the other's last write
+    last = bytes(BLOCK)
+    waits = []
+    for turn in range(6):
+        client, node, tag = (ca, a, "A") if turn % 2 == 0 else (cb, b, "B")
+        t0 = time.monotonic()
+        assert client.read(shared, BLOCK) == last  # the other node's write, not a stale cache
+        waits.append(time.monotonic() - t0)
+        for i in range(40):
+            off = ((turn * 40 + i) % SLOTS) * BLOCK
+            expected[off] = _record(f"{tag}{turn}", i)
+            client.write(off, expected[off])
+        last = _record(f"shared {tag}", turn)
+        client.write(shared, last)
+        expected[shared] = last
+        assert _owner(a) == node.node
+        assert a.client.call("owned", pool="p") == (["v"] if node is a else [])
+    print(f"\nhandover waits (first request on the other node): {', '.join(f'{w:.2f}' for w in waits)} s")
+    assert max(waits[1:]) < 3.0, waits
+    for client in (ca, cb):  # both connections stayed open; everything acknowledged is there
+        _check(client, expected)
+    ca.close()
+    cb.close()
+    assert _request(url) is None  # the requester removed its request once it held the lock
+    assert b.client.call("check", pool="p") == []
+
+
+def test_a_live_migrations_switchover_hands_the_volume_over_at_once_and_the_first_write_succeeds(
+        storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
+    """What libvirt does: the destination QEMU connects while the source still writes
+    (its connection stays open until the migration ended); the source stops (paused for
+    the switchover) and the destination writes at once."""
+    _url, a, b = _nodes(storage_daemons, ceph)
+    src = NbdClient(a.socket("p"), "v")
+    writer = _Writer(src, "src")
+    writer.start()
+    while writer.count < 50:
+        assert writer.is_alive(), writer.error
+        time.sleep(0.01)
+    dst = NbdClient(b.socket("p"), "v")  # the destination's disk, opened and idle
+    before = writer.count
+    time.sleep(1.0)
+    assert writer.count > before + 10 and writer.error is None  # the source writes on undisturbed
+    assert _owner(b) == "n1"
+    writer.stop.set()  # the switchover: the source is paused, its connection open
+    writer.join(10)
+    assert writer.error is None, writer.error
+    t0 = time.monotonic()
+    dst.write(5 * MiB, _record("dst", 0))  # the guest's first write on the destination
+    took = time.monotonic() - t0
+    print(f"\nhandover at the switchover: the destination's first write took {took:.2f} s")
+    assert took < 3.0, took
+    assert _owner(a) == "n2" and a.client.call("owned", pool="p") == []
+    expected = {**writer.acked, 5 * MiB: _record("dst", 0)}
+    _check(dst, expected)
+    dst.close()
+    src.close()  # libvirt ends the source QEMU
+
+
+def test_a_holder_killed_while_a_request_waits_is_taken_over_with_every_acknowledged_write(
+        storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
+    url, a, b = _nodes(storage_daemons, ceph)
+    src = NbdClient(a.socket("p"), "v")
+    writer = _Writer(src, "src")
+    writer.start()
+    while writer.count < 50:
+        time.sleep(0.01)
+    dst = NbdClient(b.socket("p"), "v")
+    result: dict[str, object] = {}
+
+    def first_write() -> None:
+        try:
+            dst.write(5 * MiB, _record("dst", 0))
+            result["took"] = time.monotonic() - t0
+        except (NbdClientError, OSError) as exc:
+            result["error"] = exc
+
+    t0 = time.monotonic()
+    waiter = threading.Thread(target=first_write)
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while _request(url) is None:  # posted; the holder's client is never idle: no handover
+        assert time.monotonic() < deadline, "no lock request posted"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert waiter.is_alive() and writer.error is None
+    a.kill()  # kill -9 of the holder while the request waits
+    t_kill = time.monotonic()
+    writer.join(10)
+    waiter.join(30)
+    assert "error" not in result, result
+    print(f"\ntakeover of a killed holder by the waiting request: {time.monotonic() - t_kill:.2f} s after the kill")
+    assert _owner(b) == "n2"
+    acked = dict(writer.acked)
+    _check(dst, {**acked, 5 * MiB: _record("dst", 0)})
+    assert _request(url) is None
+    dst.close()
+    src.close()
+
+
+def test_a_dead_requesters_request_is_dropped_and_the_holder_keeps_its_volume(
+        storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
+    url, a, b = _nodes(storage_daemons, ceph)
+    src = NbdClient(a.socket("p"), "v")
+    writer = _Writer(src, "src")
+    writer.start()
+    while writer.count < 20:
+        time.sleep(0.01)
+    dst = NbdClient(b.socket("p"), "v")
+    def ask() -> None:
+        with contextlib.suppress(NbdClientError, OSError):  # its node is killed below
+            dst.write(0, _record("dst", 0))
+
+    threading.Thread(target=ask, daemon=True).start()  # waits for the lock
+    deadline = time.monotonic() + 5
+    while _request(url) is None:
+        assert time.monotonic() < deadline, "no lock request posted"
+        time.sleep(0.05)
+    b.kill()  # the requester dies before it got the volume
+    writer.stop.set()  # the holder's client goes idle: nobody alive asked for the volume
+    writer.join(10)
+    deadline = time.monotonic() + 5
+    while _request(url) is not None:
+        assert time.monotonic() < deadline, "the dead requester's request was not dropped"
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    src.write(BLOCK, _record("again", 0))
+    assert time.monotonic() - t0 < 1.0
+    time.sleep(1.0)  # idle again: no request left to give the volume up for
+    assert _owner(a) == "n1" and a.client.call("owned", pool="p") == ["v"]
+    _check(src, {**writer.acked, BLOCK: _record("again", 0)})
+    src.close()
