@@ -78,6 +78,24 @@ class _Writer(threading.Thread):
             self.error = exc
 
 
+def _writing(d: Daemon, writes: int) -> tuple[NbdClient, _Writer]:
+    """A client of ``d`` writing continuously, once it got ``writes`` acknowledged."""
+    src = NbdClient(d.socket("p"), "v")
+    writer = _Writer(src, "src")
+    writer.start()
+    while writer.count < writes:
+        assert writer.is_alive(), writer.error
+        time.sleep(0.01)
+    return src, writer
+
+
+def _wait_for_request(url: str) -> None:
+    deadline = time.monotonic() + 5
+    while _request(url) is None:
+        assert time.monotonic() < deadline, "no lock request posted"
+        time.sleep(0.05)
+
+
 def _check(client: NbdClient, expected: dict[int, bytes]) -> None:
     whole = client.read(0, 8 * MiB)
     lost = [off for off, data in expected.items() if whole[off : off + BLOCK] != data]
@@ -123,12 +141,7 @@ def test_a_live_migrations_switchover_hands_the_volume_over_at_once_and_the_firs
     (its connection stays open until the migration ended); the source stops (paused for
     the switchover) and the destination writes at once."""
     _url, a, b = _nodes(storage_daemons, ceph)
-    src = NbdClient(a.socket("p"), "v")
-    writer = _Writer(src, "src")
-    writer.start()
-    while writer.count < 50:
-        assert writer.is_alive(), writer.error
-        time.sleep(0.01)
+    src, writer = _writing(a, 50)
     dst = NbdClient(b.socket("p"), "v")  # the destination's disk, opened and idle
     before = writer.count
     time.sleep(1.0)
@@ -152,29 +165,20 @@ def test_a_live_migrations_switchover_hands_the_volume_over_at_once_and_the_firs
 def test_a_holder_killed_while_a_request_waits_is_taken_over_with_every_acknowledged_write(
         storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
     url, a, b = _nodes(storage_daemons, ceph)
-    src = NbdClient(a.socket("p"), "v")
-    writer = _Writer(src, "src")
-    writer.start()
-    while writer.count < 50:
-        time.sleep(0.01)
+    src, writer = _writing(a, 50)
     dst = NbdClient(b.socket("p"), "v")
     result: dict[str, object] = {}
 
     def first_write() -> None:
         try:
             dst.write(5 * MiB, _record("dst", 0))
-            result["took"] = time.monotonic() - t0
         except (NbdClientError, OSError) as exc:
             result["error"] = exc
 
-    t0 = time.monotonic()
     waiter = threading.Thread(target=first_write)
     waiter.start()
-    deadline = time.monotonic() + 5
-    while _request(url) is None:  # posted; the holder's client is never idle: no handover
-        assert time.monotonic() < deadline, "no lock request posted"
-        time.sleep(0.05)
-    time.sleep(0.5)
+    _wait_for_request(url)
+    time.sleep(0.5)  # the holder's client is never idle: no handover
     assert waiter.is_alive() and writer.error is None
     a.kill()  # kill -9 of the holder while the request waits
     t_kill = time.monotonic()
@@ -193,21 +197,15 @@ def test_a_holder_killed_while_a_request_waits_is_taken_over_with_every_acknowle
 def test_a_dead_requesters_request_is_dropped_and_the_holder_keeps_its_volume(
         storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
     url, a, b = _nodes(storage_daemons, ceph)
-    src = NbdClient(a.socket("p"), "v")
-    writer = _Writer(src, "src")
-    writer.start()
-    while writer.count < 20:
-        time.sleep(0.01)
+    src, writer = _writing(a, 20)
     dst = NbdClient(b.socket("p"), "v")
+
     def ask() -> None:
         with contextlib.suppress(NbdClientError, OSError):  # its node is killed below
             dst.write(0, _record("dst", 0))
 
     threading.Thread(target=ask, daemon=True).start()  # waits for the lock
-    deadline = time.monotonic() + 5
-    while _request(url) is None:
-        assert time.monotonic() < deadline, "no lock request posted"
-        time.sleep(0.05)
+    _wait_for_request(url)
     b.kill()  # the requester dies before it got the volume
     writer.stop.set()  # the holder's client goes idle: nobody alive asked for the volume
     writer.join(10)
