@@ -8,6 +8,10 @@ and a dead requester's request does not make the holder give anything up."""
 from __future__ import annotations
 
 import contextlib
+import queue
+import re
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -26,6 +30,47 @@ MiB = 1 << 20
 BLOCK = 4096
 SIZE = 16 * MiB
 SLOTS = 1024  # a writer's records go round the first 4 MiB
+
+
+class QemuIo:
+    """An interactive ``qemu-io`` on an export: QEMU's own NBD client, one connection
+    kept open across commands (as a VM's disk). One command at a time (qemu-io takes one
+    line per wake-up of its input), each a read or a write."""
+
+    DONE = re.compile(r"(wrote|read) \d+/\d+ bytes|failed|rror")
+
+    def __init__(self, uri: str) -> None:
+        if shutil.which("qemu-io") is None:
+            pytest.fail("qemu-io is not installed (see tools/packages.txt)")
+        self.proc = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "raw", uri], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def run(self, command: str, timeout: float = 90) -> str:
+        """Run a read or write command; its result line (``wrote ...``, ``read ...`` or
+        the error)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.lines.get(timeout=timeout)
+            assert line, "qemu-io ended"
+            if self.DONE.search(line):
+                if "failed" not in line and "rror" not in line:
+                    self.lines.get(timeout=timeout)  # its statistics line
+                return line
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 def _nodes(storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> tuple[str, Daemon, Daemon]:
@@ -220,3 +265,41 @@ def test_a_dead_requesters_request_is_dropped_and_the_holder_keeps_its_volume(
     assert _owner(a) == "n1" and a.client.call("owned", pool="p") == ["v"]
     _check(src, {**writer.acked, BLOCK: _record("again", 0)})
     src.close()
+
+
+def test_qemu_clients_hand_the_volume_over_at_the_switchover_and_back(
+        storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
+    """The same with QEMU's NBD client on both sides; then the migration fails and the
+    source, resumed, writes again: it takes the volume back."""
+    _url, a, b = _nodes(storage_daemons, ceph)
+    src = QemuIo(a.client.call("export", pool="p", volume="v")["unix"])
+    dst: QemuIo | None = None
+    try:
+        for i in range(20):
+            assert "wrote" in src.run(f"write -P {i + 1} {i * 64}k 64k")
+        dst = QemuIo(b.client.call("export", pool="p", volume="v")["unix"])  # opened, idle
+        t0 = time.monotonic()
+        for i in range(20, 40):  # the source writes on, undisturbed
+            assert "wrote" in src.run(f"write -P {i + 1} {i * 64}k 64k")
+        assert time.monotonic() - t0 < 10 and _owner(a) == "n1"
+        assert "wrote" in src.run("write -f -P 41 2560k 4k")  # FUA: durable, as the source's flush at the switchover
+        t0 = time.monotonic()
+        out = dst.run("write -P 0x77 4M 64k")
+        took = time.monotonic() - t0
+        print(f"\nqemu-io: the destination's first write after the switchover took {took:.2f} s")
+        assert "wrote" in out and took < 3.0, out
+        assert _owner(a) == "n2"
+        assert "read 4096/4096" in dst.run("read -P 41 2560k 4k")
+        for i in range(40):
+            out = dst.run(f"read -P {i + 1} {i * 64}k 64k")
+            assert "read 65536/65536" in out and "failed" not in out, out
+        t0 = time.monotonic()
+        out = src.run("read -P 0x77 4M 64k")  # the migration failed: the source resumes
+        assert "read 65536/65536" in out and "failed" not in out, out
+        assert "wrote" in src.run("write -P 0x78 4M 4k")
+        print(f"qemu-io: the source took the volume back in {time.monotonic() - t0:.2f} s")
+        assert _owner(a) == "n1"
+    finally:
+        src.close()
+        if dst is not None:
+            dst.close()
