@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from storage import cluster
 from storage.engine import Volume
-from storage.errors import OwnedElsewhere, StorageError
+from storage.errors import ConflictError, OwnedElsewhere, StorageError
 
 if TYPE_CHECKING:
     from storage.nbd.server import NbdServer
@@ -70,9 +70,14 @@ class Handover:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._wait_for_lock(name))
             self._acquiring[name] = task
-            task.add_done_callback(lambda t: self._acquiring.pop(name, None) if self._acquiring.get(name) is t
-                                   else None)
+            task.add_done_callback(lambda t: self._waited(name, t))
         return await asyncio.shield(task)
+
+    def _waited(self, name: str, task: asyncio.Task[Volume]) -> None:
+        if self._acquiring.get(name) is task:
+            del self._acquiring[name]
+        if not task.cancelled():
+            task.exception()  # retrieved: the connections that waited for it report it
 
     async def _wait_for_lock(self, name: str) -> Volume:
         pool = self.pool
@@ -83,11 +88,16 @@ class Handover:
         try:
             while True:
                 try:
-                    return pool.open_volume(name)
+                    vol = pool.open_volume(name)
                 except OwnedElsewhere as exc:
                     if time.monotonic() > deadline:
                         raise
                     holder = str(exc.owner.get("writer") or "")
+                else:
+                    if self.server.users.get(name) or name in self.server.held:
+                        return vol
+                    pool.release(name)  # every connection that needed it went away meanwhile
+                    raise ConflictError(f"volume {name!r}: no connection needs it any more")
                 if me is not None and time.monotonic() - posted > cluster.REQUEST_REFRESH:
                     mine = await asyncio.to_thread(cluster.request_lock, pool.backend, name, me, mine, holder)
                     posted = time.monotonic()
@@ -215,7 +225,10 @@ class Handover:
         log.info("volume %s: handed over on request (%.0f ms)", name, (time.monotonic() - t0) * 1000)
 
     def forget(self, name: str) -> None:
-        """A volume none of our connections uses any more."""
+        """A volume none of our connections uses any more (stop asking for it)."""
+        task = self._acquiring.get(name)
+        if task is not None:
+            task.cancel()
         self.wanted.pop(name, None)
         self._seen.pop(name, None)
         self._honored.pop(name, None)

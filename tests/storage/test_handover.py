@@ -303,3 +303,26 @@ def test_qemu_clients_hand_the_volume_over_at_the_switchover_and_back(
         src.close()
         if dst is not None:
             dst.close()
+
+
+def test_a_requester_killed_once_it_holds_the_volume_is_taken_over_by_the_former_holder(
+        storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
+    url, a, b = _nodes(storage_daemons, ceph)
+    src, writer = _writing(a, 30)
+    dst = NbdClient(b.socket("p"), "v")
+    writer.stop.set()
+    writer.join(10)
+    expected = dict(writer.acked)
+    for i in range(30):  # the handover, then acknowledged writes on the new holder
+        expected[6 * MiB + i * BLOCK] = _record("dst", i)
+        dst.write(6 * MiB + i * BLOCK, expected[6 * MiB + i * BLOCK])
+    b.kill()  # kill -9 of the new holder: its writes are journaled, not checkpointed
+    t0 = time.monotonic()
+    src.write(7 * MiB, _record("back", 0))  # the old holder's connection asks again: a takeover
+    print(f"\nthe former holder took a killed requester's volume back in {time.monotonic() - t0:.2f} s")
+    expected[7 * MiB] = _record("back", 0)
+    assert _owner(a) == "n1"
+    _check(src, expected)
+    assert _request(url) is None
+    src.close()
+    assert a.client.call("check", pool="p") == []
