@@ -134,6 +134,15 @@ def _writing(d: Daemon, writes: int) -> tuple[NbdClient, _Writer]:
     return src, writer
 
 
+def _migrating(storage_daemons: Callable[[str], Daemon], ceph: CephCluster,
+               writes: int) -> tuple[str, Daemon, Daemon, NbdClient, _Writer, NbdClient]:
+    """Node 1's client writing continuously (``writes`` acknowledged), node 2's client
+    connected to the same volume, idle: a live migration before its switchover."""
+    url, a, b = _nodes(storage_daemons, ceph)
+    src, writer = _writing(a, writes)
+    return url, a, b, src, writer, NbdClient(b.socket("p"), "v")
+
+
 def _wait_for_request(url: str) -> None:
     deadline = time.monotonic() + 5
     while _request(url) is None:
@@ -185,9 +194,7 @@ def test_a_live_migrations_switchover_hands_the_volume_over_at_once_and_the_firs
     """What libvirt does: the destination QEMU connects while the source still writes
     (its connection stays open until the migration ended); the source stops (paused for
     the switchover) and the destination writes at once."""
-    _url, a, b = _nodes(storage_daemons, ceph)
-    src, writer = _writing(a, 50)
-    dst = NbdClient(b.socket("p"), "v")  # the destination's disk, opened and idle
+    _url, a, b, src, writer, dst = _migrating(storage_daemons, ceph, 50)  # the destination's disk: open, idle
     before = writer.count
     time.sleep(1.0)
     assert writer.count > before + 10 and writer.error is None  # the source writes on undisturbed
@@ -209,9 +216,7 @@ def test_a_live_migrations_switchover_hands_the_volume_over_at_once_and_the_firs
 
 def test_a_holder_killed_while_a_request_waits_is_taken_over_with_every_acknowledged_write(
         storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
-    url, a, b = _nodes(storage_daemons, ceph)
-    src, writer = _writing(a, 50)
-    dst = NbdClient(b.socket("p"), "v")
+    url, a, b, src, writer, dst = _migrating(storage_daemons, ceph, 50)
     result: dict[str, object] = {}
 
     def first_write() -> None:
@@ -241,9 +246,7 @@ def test_a_holder_killed_while_a_request_waits_is_taken_over_with_every_acknowle
 
 def test_a_dead_requesters_request_is_dropped_and_the_holder_keeps_its_volume(
         storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
-    url, a, b = _nodes(storage_daemons, ceph)
-    src, writer = _writing(a, 20)
-    dst = NbdClient(b.socket("p"), "v")
+    url, a, b, src, writer, dst = _migrating(storage_daemons, ceph, 20)
 
     def ask() -> None:
         with contextlib.suppress(NbdClientError, OSError):  # its node is killed below
@@ -307,9 +310,7 @@ def test_qemu_clients_hand_the_volume_over_at_the_switchover_and_back(
 
 def test_a_requester_killed_once_it_holds_the_volume_is_taken_over_by_the_former_holder(
         storage_daemons: Callable[[str], Daemon], ceph: CephCluster) -> None:
-    url, a, b = _nodes(storage_daemons, ceph)
-    src, writer = _writing(a, 30)
-    dst = NbdClient(b.socket("p"), "v")
+    url, a, b, src, writer, dst = _migrating(storage_daemons, ceph, 30)
     writer.stop.set()
     writer.join(10)
     expected = dict(writer.acked)
