@@ -222,3 +222,29 @@ def test_a_heartbeat_that_landed_after_its_client_timed_out_is_not_taken_for_a_f
     with pytest.raises(BackendError, match="fenced"):
         p1.acknowledge()
     p1.close()
+
+
+@pytest.mark.unit
+def test_a_lock_request_stands_for_its_writer_until_granted_and_replaces_only_the_holders(tmp_path: Path) -> None:
+    """The cooperative lock's requests (storage/nbd/handover.py): one per volume, the
+    first live requester's stands, the holder's own is replaced, a drop removes only the
+    value it saw."""
+    p1, p2, p3 = _pools(tmp_path, 3)
+    assert p1.me and p2.me and p3.me
+    mine = cluster.request_lock(p2.backend, "v", p2.me, None, holder=p1.me.writer)
+    req, raw = cluster.lock_request(p1.backend, "v")
+    assert raw == mine and req is not None and req.who.node == "n2" and req.who.writer == p2.me.writer
+    assert cluster.request_lock(p3.backend, "v", p3.me, None, holder=p1.me.writer) is None  # n2's stands
+    time.sleep(0.01)
+    again = cluster.request_lock(p2.backend, "v", p2.me, mine, holder=p1.me.writer)  # the refresh
+    assert again is not None and again != mine and cluster.lock_request(p1.backend, "v")[1] == again
+    cluster.drop_lock_request(p1.backend, "v", mine)  # a stale look: the refreshed request stays
+    assert cluster.lock_request(p1.backend, "v")[1] == again
+    cluster.drop_lock_request(p2.backend, "v", again)  # granted: its writer removes it
+    assert cluster.lock_request(p1.backend, "v") == (None, None)
+    held = cluster.request_lock(p1.backend, "v", p1.me, None)  # a request of the writer now holding it...
+    assert held is not None
+    assert cluster.request_lock(p3.backend, "v", p3.me, None, holder=p1.me.writer) is not None  # ...is replaced
+    assert cluster.lock_request(p1.backend, "v")[0].who.node == "n3"  # type: ignore[union-attr]
+    for p in (p1, p2, p3):
+        p.close()
