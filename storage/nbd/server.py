@@ -199,7 +199,9 @@ class NbdServer:
             self.handover.forget(conn.name)
             self.forget(conn.name)
             try:
-                self.pool.release(conn.name)
+                if conn.name in {v.name for v in self.pool.open_volumes()}:
+                    self.pool.release(conn.name)
+                    log.info("volume %s: released (its last connection closed)", conn.name)
             except StorageError as exc:
                 log.warning("releasing volume %s: %s", conn.name, exc)
 

@@ -275,17 +275,16 @@ def test_a_vm_volume_follows_its_live_migration_and_is_taken_over_from_a_partiti
         wait_for("the fenced owner's guest told its writes failed", lambda: serial_text(lab, victim, dom).count(
             "CTR-WRITE-FAIL") > len(failed), 120)
         assert read_head(lab, survivor, uri) == taken, "a late write of the fenced owner was merged"
-        stops: list[str] = []
 
         def stopped() -> bool:
-            r = lab.cairn_rc(survivor, "vm", "stop", "xvm", timeout=300)
-            stops.append((r.stderr or r.stdout).strip()[-500:])
-            return r.returncode == 0
+            """Stop the VM (again): a stop whose CLI lost its answer in the database's
+            failover after the partition may have stopped it already."""
+            if lab.cairn(survivor, "vm", "get", "xvm")["status"].get("vm_state") == "stopped":
+                return True
+            lab.cairn_rc(survivor, "vm", "stop", "xvm", timeout=300)
+            return False
 
-        try:
-            wait_for("the VM stopped", stopped, 300, every=5)  # a healed node under load can be slow
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; the last answers of `vm stop`: {stops[-2:]}") from None
+        wait_for("the VM stopped", stopped, 300, every=5)  # a healed node under load can be slow
         lap("healed; late writes refused, nothing merged")
         storaged(lab, survivor, "release", pool="ceph", volume=vid)
     finally:
