@@ -70,6 +70,7 @@ def run_split() -> int:
         raise
     print(f"\n{'=' * 30} the lab cluster's session ({LAB_TESTS}) {'=' * 30}", flush=True)
     sys.stdout.write(log.read_text(errors="replace"))
+    log.unlink(missing_ok=True)  # printed: nothing of the run stays in /tmp
     print(f"\nsessions: everything else exit {main_code}, the lab cluster's tests exit {lab_code}")
     return main_code or lab_code
 

@@ -373,8 +373,10 @@ class NodeDaemons:
                  timeout=300)
             (d / "spec").write_text(spec + "\n")
             have.append(osd_id)
-        for osd_id in have:
-            self._spawn(f"osd.{osd_id}", "ceph-osd", "-i", str(osd_id))
+        for osd_id in have:  # those not running (a second ceph-osd of one id would be orphaned here)
+            running = self.procs.get(f"osd.{osd_id}")
+            if running is None or running.poll() is not None:
+                self._spawn(f"osd.{osd_id}", "ceph-osd", "-i", str(osd_id))
         return have
 
     def exited(self) -> list[str]:

@@ -93,5 +93,11 @@ def test_an_osd_on_a_block_device_comes_up_and_a_restart_makes_no_second(tmp_pat
                 proc.wait(30)
             assert sorted(daemons.ensure_osds(admin, ["file:1073741824", loop_device])) == sorted(both)
             assert _osds_up(admin, 2) == {"osds": 2, "up": 2}
+            # a running OSD is not started twice (the second would be nobody's to stop)
+            pids = {k: p.pid for k, p in daemons.procs.items()}
+            daemons.ensure_osds(admin, [loop_device, "file:1073741824"])
+            assert {k: p.pid for k, p in daemons.procs.items()} == pids
     finally:
         daemons.stop()
+    left = subprocess.run(["pgrep", "-f", str(node.conf)], capture_output=True, text=True).stdout.split()
+    assert not left, f"ceph daemons of this test still run: {left}"
