@@ -210,6 +210,7 @@ class InstanceReconciler:
     def remove_orphans(self, wanted: set[str], report: Any) -> None:
         """Instances this node runs that the database no longer places here (deleted
         while the node was away, or moved to another node) are removed."""
+        kept: set[str] = set()  # what the drivers still run here after this
         for kind, driver in self.drivers.items():
             for name in driver.list_instances():
                 if name not in wanted and ORPHAN.fullmatch(name):
@@ -217,7 +218,9 @@ class InstanceReconciler:
                     driver.delete(name)
                     self._forget(kind, name)
                     report.actions.append(f"{kind} {name}: removed (not placed on this node)")
-        self._remove_left_folders(wanted, report)
+                else:
+                    kept.add(name)
+        self._remove_left_folders(wanted | kept, report)
 
     def _remove_left_folders(self, wanted: set[str], report: Any) -> None:
         """The folder of a VM that left by live migration (libvirt undefined it here, so no
@@ -227,10 +230,9 @@ class InstanceReconciler:
         root = self.settings.instances_dir
         if not root.is_dir():
             return
-        defined = {n for d in self.drivers.values() for n in d.list_instances()}
         for folder in root.iterdir():
             name = folder.name
-            if not folder.is_dir() or not ORPHAN.fullmatch(name) or name in wanted or name in defined:
+            if not folder.is_dir() or not ORPHAN.fullmatch(name) or name in wanted:
                 continue
             self._forget("vm", name)
             log_file = folder / "serial.log"
