@@ -28,6 +28,7 @@ from appliance.settings import Settings
 log = logging.getLogger("cairn.agent.liveness")
 KEY_PREFIX = "/cairn/nodes/"
 RENEW_EVERY = 1.0
+SLOW_STEP = 2.0
 
 
 def node_key(name: str) -> str:
@@ -47,6 +48,7 @@ class Liveness(threading.Thread):
         self.last_renewal = 0.0
         self.lease: Any = None
         self.error = ""
+        self.failing = False  # renewals fail (logged once when it starts and once when it ends)
         self._stopping = threading.Event()
 
     def fresh(self) -> bool:
@@ -68,10 +70,17 @@ class Liveness(threading.Thread):
                 log.info("node lease taken", extra={"ttl": self.settings.ha_lease_ttl,
                                                      "boot_id": self.settings.boot_id})
         except Exception as exc:  # etcd out of reach: do not feed the watchdog
+            if not self.failing:
+                self.failing = True
+                log.warning("lease renewal failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             self.error = f"{type(exc).__name__}: {exc}"
             return False
+        now = time.monotonic()
+        if self.failing:
+            self.failing = False
+            log.warning("lease renewed again", extra={"unrenewed_seconds": round(now - self.last_renewal, 2)})
         self.error = ""
-        self.last_renewal = time.monotonic()
+        self.last_renewal = now
         return True
 
     def step(self) -> None:
@@ -90,6 +99,9 @@ class Liveness(threading.Thread):
         while not self._stopping.is_set():
             started = time.monotonic()
             self.step()
+            took = time.monotonic() - started
+            if took > SLOW_STEP:  # the watchdog went unfed that long: say so (a loaded host, a slow etcd)
+                log.warning("slow lease renewal", extra={"seconds": round(took, 2), "error": self.error})
             self._stopping.wait(max(0.05, RENEW_EVERY - (time.monotonic() - started)))
 
     def stop(self) -> None:

@@ -192,9 +192,10 @@ def down() -> dict[str, Any]:
         _remove_overlay(settings)
         return {"stopped": True, "units": units.TARGET, "containers_stopped": stopped}
     pid = supervisor.running_pid(settings)
-    if pid is None:  # containers (and their volumes' mounts) of a crashed appliance still go
-        return {"stopped": False, "message": "the appliance is not running",
-                "containers_stopped": _stop_containers(settings)}
+    if pid is None:  # the containers (and their volumes' mounts) and overlay of a crashed appliance still go
+        stopped = _stop_containers(settings)
+        _remove_overlay(settings)
+        return {"stopped": False, "message": "the appliance is not running", "containers_stopped": stopped}
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
     forced = False

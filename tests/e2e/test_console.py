@@ -22,8 +22,12 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Page, Playwright, expect
 
+from appliance.settings import Settings
+from network.model import HostNames
 from tests.e2e.browser import launch, sign_in
 from tests.services import free_port, redis_server
+
+CAIRN = [sys.executable, "-m", "appliance.cli.main"]
 
 pytestmark = pytest.mark.e2e
 
@@ -117,6 +121,12 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
                 yield Appliance(url, password, node, logs, api)
         finally:
             _stop(procs)
+            # what the agent made on the host (its stack's nftables tables, bridges) goes with it
+            subprocess.run([*CAIRN, "down", "--output", "json"], env=env, capture_output=True, timeout=120,
+                           check=False)
+            names = HostNames(Settings(data_dir=data).stack_tag)
+            tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+            assert names.sg_table not in tables.split(), f"`cairn down` left {names.sg_table}: {tables}"
 
 
 @pytest.fixture(scope="module")
