@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     sup = subprocess.Popen([sys.executable, "-m", "appliance.supervisor"], stdin=subprocess.DEVNULL,
                            stdout=log, stderr=log)
     log.close()
-    booted.write_text(f"{os.getpid()} {settings.boot_id}\n")  # the lab waits for this (or for our exit)
+    tmp = booted.with_suffix(".tmp")  # whole or absent: the lab reads it while it waits
+    tmp.write_text(f"{os.getpid()} {settings.boot_id}\n")
+    os.replace(tmp, booted)  # the lab waits for this (or for our exit)
 
     def forward(signum: int, _frame: object) -> None:
         if sup.poll() is None:

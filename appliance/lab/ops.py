@@ -92,7 +92,7 @@ def _wait_node(lab: Lab, name: str, timeout: float) -> dict[str, Any]:
     booted = lab.node(name).path / "booted"
     while True:
         pid = boot_pid(lab, name)
-        if pid is not None and booted.exists() and booted.read_text().split()[0] == str(pid):
+        if pid is not None and booted.exists() and booted.read_text().split()[:1] == [str(pid)]:
             break  # formed or joined, and its supervisor runs
         if pid is None or time.monotonic() > deadline:
             raise LabError(f"node {name} did not boot: {_tail(lab.node(name).path / 'boot.log')}")
