@@ -9,12 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from appliance.db.engine import session_scope
 from appliance.services import audit, events, nodes, tasks
 from appliance.settings import Settings
 
+if TYPE_CHECKING:
+    from appliance.cluster.election import Election
+
 log = logging.getLogger("cairn.controller")
+KEEP_EVERY = 1.0  # seconds between refreshes of the controller's leader key (its TTL: 10 s)
 
 
 def run_once(settings: Settings) -> dict[str, list[str]]:
@@ -52,12 +57,17 @@ class ControllerThread(threading.Thread):
             election = Election(Etcd.for_node(cfg, self.settings.pki_dir, timeout=2), "controller",
                                 identity=f"{cfg.node}:{os.getpid()}")
             manager = HaManager(self.settings)
+            # the leader key is kept by a thread of its own: a slow pass (a fence waiting
+            # for Ceph) never lets it lapse while this one still acts
+            keeper = threading.Thread(target=self._keep, args=(election,), name="cairn-controller-election",
+                                      daemon=True)
+            keeper.start()
         while not self.stopped.wait(self.settings.controller_interval):
-            if election is not None and not election.campaign():
+            if election is not None and not election.is_leader():
                 continue
             if manager is not None:  # first: a lost node's HA instances wait for nothing else
                 try:
-                    manager.run_once()
+                    manager.run_once(election.is_leader if election is not None else lambda: True)
                 except Exception:
                     log.exception("HA manager pass failed")
             try:
@@ -65,7 +75,13 @@ class ControllerThread(threading.Thread):
             except Exception:
                 log.exception("controller pass failed")
         if election is not None:
+            keeper.join(timeout=10)  # no campaign may take the key back after this resign
             election.resign()
+
+    def _keep(self, election: Election) -> None:
+        while not self.stopped.is_set():
+            election.campaign()
+            self.stopped.wait(KEEP_EVERY)
 
     def stop(self) -> None:
         self.stopped.set()

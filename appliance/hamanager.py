@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from appliance.agent.liveness import KEY_PREFIX
@@ -43,7 +44,9 @@ class HaManager:
                 continue
         return out
 
-    def run_once(self) -> dict[str, list[str]]:
+    def run_once(self, leading: Callable[[], bool] = lambda: True) -> dict[str, list[str]]:
+        """One pass. ``leading`` answers whether this manager still holds the leader key:
+        checked before each step that acts (a fence can outlast the key's lease)."""
         done: dict[str, list[str]] = {"fenced": [], "lost": [], "unfenced": [], "failovers": []}
         alive = self.alive()  # raises when etcd has no quorum from here: then nothing is decided
         url = self.settings.resolved_database_url
@@ -57,11 +60,15 @@ class HaManager:
         with session_scope(url, readonly=True) as session:
             lost = ha.lost(session, alive)
         for item in lost:
+            if not leading():
+                break
             started = time.monotonic()
             report = None
             if item.ha:
                 # fence before anything restarts; a failure here leaves everything as it is
                 report = fencing.fence_storage(self.settings, item.name, item.address)
+                if not leading():  # the new leader fences again (idempotent) and records it
+                    break
             with session_scope(url) as session:
                 done["failovers"] += ha.record_lost(session, item, bool(item.ha), report)
             done["fenced" if item.ha else "lost"].append(item.name)

@@ -90,9 +90,12 @@ def lost(session: Session, alive: dict[str, dict[str, Any]]) -> list[LostNode]:
 
 def record_lost(session: Session, item: LostNode, fenced: bool, report: dict[str, Any] | None = None) -> list[str]:
     """The node is lost (and fenced if it ran HA instances): record it, put its non-HA
-    instances in error, queue a failover task for each HA instance. Returns the task ids."""
-    node = session.scalar(select(Node).where(Node.name == item.name))
-    if node is None:
+    instances in error, queue a failover task for each HA instance. Returns the task ids
+    (none if this loss of the node is recorded already)."""
+    # the row lock makes this once per loss even if two managers overlap (a leader change
+    # in the middle of a slow fence): the second one finds the loss recorded and does nothing
+    node = session.scalar(select(Node).where(Node.name == item.name).with_for_update())
+    if node is None or _ha_state(node).get("lost_boot_id") == item.boot_id or node.phase == "Fenced":
         return []
     now = datetime.now(UTC).isoformat()
 

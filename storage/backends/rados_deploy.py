@@ -74,6 +74,13 @@ mon_warn_on_pool_no_redundancy = false
 mon_data_avail_warn = 2
 mon_data_avail_crit = 1
 mon_osd_down_out_interval = 120
+# a dead or cut-off node's OSD is marked down 8 s after its last heartbeat. The mons judge
+# by this grace too, so it is global (set for the OSDs only, the mons kept their 20 s: a
+# cut-off node's OSD went down 23-25 s after the cut, and the HA fence waited for it), and
+# not stretched by the OSD's history of going down (mon_osd_adjust_heartbeat_grace)
+osd_heartbeat_interval = 1
+osd_heartbeat_grace = 8
+mon_osd_adjust_heartbeat_grace = false
 mgr_initial_modules = iostat
 ms_bind_ipv4 = true
 
@@ -103,8 +110,6 @@ bluestore_block_size = {node.osd_size}
 bluestore_cache_autotune = false
 bluestore_cache_size = {node.osd_memory_mib << 20}
 crush_location = root=default host={node.name}
-osd_heartbeat_interval = 1
-osd_heartbeat_grace = 8
 
 [client]
 keyring = {node.admin_keyring}
