@@ -196,7 +196,7 @@ class StorageDaemon:
         if op == "pools":
             return [self._describe(a) for a in self.pools.values()]
         if op == "fence":
-            return await self._fence(str(req["node"]), req.get("pool"))
+            return await self._fence(str(req["node"]), req.get("pool"), [str(r) for r in req.get("blocklisted") or ()])
         if op == "grant":
             return self._grant(int(req["uid"]), {str(k): list(v) for k, v in dict(req.get("exports") or {}).items()})
         att = self._pool(req.pop("pool", "") or "")
@@ -274,13 +274,14 @@ class StorageDaemon:
         finally:
             pool.close()
 
-    async def _fence(self, node: str, pool: str | None) -> dict[str, Any]:
-        """Fence ``node`` in every attached Ceph pool (or one): see storage/cluster.py."""
+    async def _fence(self, node: str, pool: str | None, blocklisted: list[str]) -> dict[str, Any]:
+        """Fence ``node`` in every attached Ceph pool (or one): see storage/cluster.py.
+        ``blocklisted``: address ranges the caller blocklisted already."""
         if node == self.node:
             raise InvalidArgument(f"node {node!r} is this node: a node does not fence itself")
         out: dict[str, Any] = {}
         for att in [self._pool(pool)] if pool else list(self.pools.values()):
-            report = await asyncio.to_thread(att.pool.fence_node, node)
+            report = await asyncio.to_thread(att.pool.fence_node, node, blocklisted)
             out[att.config.name] = asdict(report)
         return out
 

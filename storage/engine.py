@@ -20,7 +20,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,9 +198,9 @@ class Pool:
         return {**who.public(), "alive": alive.state, "reason": alive.reason,
                 "self": self.me is not None and who.writer == self.me.writer}
 
-    def fence_node(self, node: str) -> cluster.FenceReport:
+    def fence_node(self, node: str, blocklisted: Sequence[str] = ()) -> cluster.FenceReport:
         """Fence every writer of ``node`` and free its volumes (storage/cluster.py)."""
-        return cluster.fence_node(self.backend, node, self.me)
+        return cluster.fence_node(self.backend, node, self.me, blocklisted=blocklisted)
 
     # ------------------------------------------------------------ pointers
     def _record(self, name: str) -> tuple[VolumeRecord, bytes]:

@@ -30,21 +30,23 @@ def fence_storage(settings: Settings, node: str, address: str) -> dict[str, Any]
 
     with Admin(ceph_conf_path()) as admin:
         admin.blocklist_range(f"{address}/32", BLOCKLIST_SECONDS)
-    report: dict[str, Any] = {"blocklisted": f"{address}/32", "volumes": fence_writers(settings, node)}
+    report: dict[str, Any] = {"blocklisted": f"{address}/32",
+                              "volumes": fence_writers(settings, node, blocklisted=[f"{address}/32"])}
     log.warning("node fenced", extra={"node": node, "address": address})
     return report
 
 
-def fence_writers(settings: Settings, node: str) -> Any:
+def fence_writers(settings: Settings, node: str, blocklisted: list[str] | None = None) -> Any:
     """This node's storage daemon breaks ``node``'s volume locks and drops its writers'
-    registrations (each writer's RADOS client blocklisted), so garbage collection stops
-    waiting for them and the volumes' next owners replay their journals. Idempotent."""
+    registrations (each writer's RADOS client blocklisted, unless one of the address
+    ranges in ``blocklisted`` covers it already), so garbage collection stops waiting for
+    them and the volumes' next owners replay their journals. Idempotent."""
     from storage.control import StorageClient
     from storage.errors import InvalidArgument, NotFound
 
     client = StorageClient(settings.storage_socket, timeout=120)
     try:
-        return client.call("fence", node=node)
+        return client.call("fence", node=node, blocklisted=blocklisted or [])
     except (InvalidArgument, NotFound) as exc:
         if "unknown operation" not in str(exc) and "pool ''" not in str(exc):
             raise

@@ -248,3 +248,19 @@ def test_a_lock_request_stands_for_its_writer_until_granted_and_replaces_only_th
     assert cluster.lock_request(p1.backend, "v")[0].who.node == "n3"  # type: ignore[union-attr]
     for p in (p1, p2, p3):
         p.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("addr", "ranges", "covered"), [
+    ("172.29.0.13:0/3912345", ["172.29.0.13/32"], True),
+    ("172.29.0.13:6801/12", ["172.29.0.0/24"], True),
+    ("172.29.0.14:0/3912345", ["172.29.0.13/32"], False),
+    ("172.29.0.13:0/1", [], False),
+    ("[fd00::5]:0/77", ["fd00::5/128"], True),
+    ("not-an-address", ["172.29.0.13/32"], False),
+])
+def test_a_writer_whose_host_range_is_blocklisted_needs_no_entry_of_its_own(
+        addr: str, ranges: list[str], covered: bool) -> None:
+    from storage.cluster import covered_by
+
+    assert covered_by(addr, ranges) is covered
