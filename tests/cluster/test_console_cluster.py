@@ -10,10 +10,12 @@ there); it talks to whichever member a step needs. Screenshots go to tests/artif
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
@@ -24,6 +26,7 @@ from tests.lab_cluster import LabCluster, wait_for
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow, pytest.mark.e2e]
 NODES = ("n1", "n2", "n3")
+T = TypeVar("T")
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts"
 SLOW_MS = 120_000  # a drain or a failover, on three nodes sharing two cores
 
@@ -67,6 +70,13 @@ def page(browser: BrowserContext) -> Iterator[Page]:
     p.close()
 
 
+def outside_loop(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """Run a lab call in a thread of its own: Playwright's sync API keeps an asyncio loop
+    running in this one, and pyroute2 (the lab's cable checks) turns asynchronous there."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kw).result()
+
+
 def member(lab: LabCluster, name: str) -> Member:
     password = (lab.lab.node("n1").data_dir / "secrets" / "admin-password").read_text().strip()
     return Member(lab.lab.node(name).api_url, password)
@@ -89,7 +99,7 @@ def row_of(page: Page, node: str) -> Any:
 
 
 def test_the_cluster_page_shows_every_member_its_roles_quorum_and_ceph(page: Page, lab: LabCluster) -> None:
-    view = lab.view()
+    view = outside_loop(lab.view)
     open_cluster_page(page, lab, "n2")
     health = page.get_by_test_id("cluster-health")
     expect(health).to_contain_text("Quorum")
@@ -131,7 +141,7 @@ def test_a_node_is_drained_and_undrained_from_the_cluster_page(page: Page, lab: 
 
 def test_an_ha_vm_made_in_the_console_fails_over_and_the_page_draws_the_timeline(
         page: Page, lab: LabCluster) -> None:
-    view = lab.view()
+    view = outside_loop(lab.view)
     busy = {view["database"]["primary"], view["etcd"]["leader"]}
     victim = next(n for n in reversed(NODES) if n not in busy)  # its loss costs no database failover
     survivor = next(n for n in NODES if n != victim)
@@ -153,6 +163,10 @@ def test_an_ha_vm_made_in_the_console_fails_over_and_the_page_draws_the_timeline
     wait_for("the watchdog armed on the victim",
              lambda: daemon.call(lab.lab, {"op": "watchdogs"}).get(victim, {}).get("armed"), 60)
     open_cluster_page(page, lab, survivor)
+    seen: list[str] = []
+    page.on("response", lambda r: seen.append(f"{time.time():.1f} {r.status} {r.url}") if "tasks" in r.url else None)
+    page.on("console", lambda m: seen.append(f"{time.time():.1f} console {m.text}"))
+    print(f"kill at {time.time():.1f}")
     ops.kill(victim, lab.dir)
     try:
         timeline = page.get_by_test_id("failover-timeline")
@@ -165,10 +179,11 @@ def test_an_ha_vm_made_in_the_console_fails_over_and_the_page_draws_the_timeline
         moved = lab.cairn(survivor, "get", "vm", "ui-ha")
         assert moved["status"]["node"] not in (victim, None) and moved["status"]["failover"]["from"] == victim
     finally:
-        ops.heal(lab.dir)
+        print("\n".join(seen))
+        outside_loop(ops.heal, lab.dir)
     wait_for(f"{victim} Ready again", lambda: lab.cairn(survivor, "get", "node", victim)["status"]["phase"] == "Ready",
              180)
     expect(row_of(page, victim)).to_contain_text("Ready", timeout=SLOW_MS)
     expect(page.get_by_test_id("failover-timeline")).to_contain_text(f"node {victim} unfenced", timeout=SLOW_MS)
     lab.cairn_rc(survivor, "delete", "vm", "ui-ha")
-    lab.wait_healthy(timeout=300)
+    outside_loop(lab.wait_healthy, timeout=300)

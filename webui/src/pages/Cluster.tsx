@@ -105,6 +105,10 @@ export function Cluster({ user }: { user: Me }) {
   useLive(["node", "cluster"], () => { setEvents(recent.slice()); refresh(); });
   useLive(["task"], (e) => { if (e.name === "instance.failover") failovers.reload(); });
   usePoll(view.reload, 15000);
+  // while a node is down or fenced a failover may be under way: its tasks are fetched again
+  // every few seconds too, so the timeline never waits on one missed event
+  const unsettled = nodes.items.some((n) => !["Ready", "Maintenance"].includes(n.status.phase ?? ""));
+  usePoll(() => { if (unsettled) failovers.reload(); }, 3000);
   const now = useTick();
   const v = view.data;
   const byName = new Map(nodes.items.map((n) => [n.name, n]));
