@@ -49,10 +49,10 @@ CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio")
 def qemu_conf(cgroups: bool = False, nbd_tls_dir: Path | None = None) -> str:
     """The node's whole qemu.conf (pure). Domains carry their own DAC label (an
     unprivileged uid:gid, ``VmSpec.run_as``); root stays the default for those that do
-    not. No MAC driver (no LSM on the hosts this runs on; an installed host's system
-    libvirtd adds AppArmor). cgroups: off by default, because libvirt's cgroupfs backend
-    moves QEMU to ``/machine/qemu-ID-NAME`` at the root of every hierarchy, out of the
-    cgroup the node runs in (a lab node's, which it is killed and frozen by; a test's);
+    not. No MAC driver (no MAC LSM on the hosts this runs on; an installed node runs
+    Debian's system libvirtd instead, see compute/README.md). cgroups: off by default,
+    because libvirt's cgroupfs backend moves QEMU to ``/machine/qemu-ID-NAME`` at the root
+    of every hierarchy, out of the cgroup the node runs in (a lab node's, which it is killed and frozen by; a test's);
     ``cgroups=True`` is for a node that owns its host: cpu, memory and blkio per domain.
     ``nbd_tls_dir``: the client certificate QEMU shows to ``nbds://`` disks' servers
     (``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem``)."""

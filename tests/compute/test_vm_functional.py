@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 import subprocess
@@ -304,3 +305,53 @@ def test_saved_memory_state_restores_the_same_running_guest(
         vm_driver.delete(spec.name)
         state.unlink(missing_ok=True)
         snapshot.unlink(missing_ok=True)
+
+
+def _cgroups_of(pid: int) -> dict[str, str]:
+    """controller -> path, from /proc/<pid>/cgroup (cgroup v1 lines; co-mounted ones split)."""
+    out: dict[str, str] = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            out[controller] = path
+    return out
+
+
+def test_with_cgroups_on_each_guest_has_a_cgroup_of_its_own_removed_with_it(
+    workdir: Path, make_vm_spec: Callable[..., VmSpec]
+) -> None:
+    """Issue 11 item 5: a node that owns its host (``LibvirtNode(cgroups=True)``; an
+    installed node's system libvirtd does the same with Debian's qemu.conf) puts each
+    guest's QEMU in a cgroup of its own per controller, ``/machine/qemu-ID-NAME…``,
+    not in the cgroup of whoever started it, and removes it with the domain."""
+    node = LibvirtNode(workdir / "nodes", "node-cg", cgroups=True)
+    spec = make_vm_spec("cgroup")
+    driver: LibvirtDriver | None = None
+    try:
+        node.start()
+        driver = LibvirtDriver(node.uri, virt_type="auto")
+        driver.spawn(spec)
+        pid = int((node.dir / "run" / "qemu" / f"{spec.name}.pid").read_text())
+        mine, its = _cgroups_of(os.getpid()), _cgroups_of(pid)
+        own = re.compile(rf"/machine/qemu-\d+-{re.escape(spec.name)}\.libvirt-qemu(/emulator)?")
+        dirs = {}
+        for controller in ("cpu", "memory", "blkio"):  # cpuacct stays at / on a host that mounts it apart
+            assert own.fullmatch(its[controller]), (controller, its)
+            assert its[controller] != mine[controller]
+            dirs[controller] = Path("/sys/fs/cgroup", controller, its[controller].lstrip("/"))
+            assert str(pid) in (dirs[controller] / "cgroup.procs").read_text().split(), dirs[controller]
+        # a cgroup of its own: no process but this QEMU's in it
+        assert (dirs["memory"] / "cgroup.procs").read_text().split() == [str(pid)]
+        assert (dirs["memory"] / "memory.limit_in_bytes").exists()
+        wait_for_console(lambda: driver.console_log(spec.name) if driver else b"", MARKER.encode())
+        driver.delete(spec.name)
+        deadline = time.monotonic() + 10
+        while any(d.exists() for d in dirs.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [str(d) for d in dirs.values() if d.exists()] == [], "the deleted guest's cgroups are left"
+    finally:
+        if driver is not None:
+            if spec.name in driver.list_instances():
+                driver.delete(spec.name)
+            driver.close()
+        node.stop()
