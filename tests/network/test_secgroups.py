@@ -196,6 +196,60 @@ def test_guests_reach_no_node_service_and_vxlan_is_taken_only_from_member_nodes(
             sock.close()
 
 
+@pytest.mark.functional
+def test_a_guest_injects_no_frame_by_sending_vxlan_to_its_node(lab: Lab) -> None:
+    """The attack: a guest sends VXLAN (UDP 4789) to its own node, through its gateway and
+    to the node's underlay address, carrying a frame for its own network (posing as a port
+    of another node) and for another tenant's network on the same node. Decapsulated, it
+    would inject frames into any network of its node. All are dropped; the same frames from
+    a member node arrive (so they are sound)."""
+    guest = Port("g", "02:00:00:00:09:63", ("10.63.0.10",), ("open",), "tp963-1")
+    peer = Port("p", "02:00:00:00:09:64", ("10.63.0.20",), ("open",), "tp963-2")
+    victim = Port("v", "02:00:00:00:09:65", ("10.64.0.10",), ("open",), "tp964-1")
+    other = Port("o", "02:00:00:00:09:66", ("10.64.0.20",), ("open",), "tp964-2")
+    nets = [VirtualNetwork(963, {"n1": [guest], "n2": [peer]}, {"n1": ["10.63.0.1/24"]}),
+            VirtualNetwork(964, {"n1": [victim], "n2": [other]}, {"n1": ["10.64.0.1/24"]})]
+    nodes = {f"n{n}": NodeUnderlay("ul0", lab.vtep(n)) for n in (1, 2)}
+    ep = lab.endpoint(1, "vg", guest, "10.63.0.10/24", gw="10.63.0.1")
+    lab.endpoint(2, "vp", peer, "10.63.0.20/24")
+    vic = lab.endpoint(1, "vv", victim, "10.64.0.10/24", gw="10.64.0.1")
+    lab.endpoint(2, "vo", other, "10.64.0.20/24")
+    groups = {"open": SecurityGroup("open", (SecurityGroupRule("ingress"), SecurityGroupRule("egress")))}
+    for n in (1, 2):
+        state = node_state(f"n{n}", nodes, nets)
+        assert reconcile(lab.node(n), state).ok
+        apply_ruleset(lab.node(n), build_ruleset(state.networks, groups, {}))
+    assert wait_ping(ep, "10.63.0.20") and wait_ping(vic, "10.64.0.20")
+    frames = {  # (VNI, frame's destination port, its forged sender) -> the socket it would reach
+        "into another tenant's network": (964, victim, other, vic),
+        "into its own network as another node's port": (963, guest, peer, ep),
+    }
+    receivers = {}
+    try:
+        for what, (_, dst, _, ns) in frames.items():
+            receivers[what] = socket_in_netns(ns, socket.AF_INET, socket.SOCK_DGRAM)
+            receivers[what].bind((dst.ips[0], 9960))
+        sender = socket_in_netns(ep, socket.AF_INET, socket.SOCK_DGRAM)
+        injected = []
+        for what, (vni, dst, src, _) in frames.items():
+            for node_address in ("10.63.0.1", lab.vtep(1)):
+                sender.sendto(vxlan_packet(vni, dst.mac, src.mac, src.ips[0], dst.ips[0], 9960, b"forged"),
+                              (node_address, 4789))
+                if udp_received(receivers[what]) is not None:
+                    injected.append(f"{what} (sent to {node_address})")
+        sender.close()
+        assert injected == [], f"a guest injected frames through its node's VXLAN port: {injected}"
+        member = socket_in_netns(lab.node(2), socket.AF_INET, socket.SOCK_DGRAM)
+        for what, (vni, dst, src, _) in frames.items():
+            member.sendto(vxlan_packet(vni, dst.mac, src.mac, src.ips[0], dst.ips[0], 9960, b"member"),
+                          (lab.vtep(1), 4789))
+            assert udp_received(receivers[what], 3) == b"member", what
+        member.close()
+    finally:
+        for sock in receivers.values():
+            sock.close()
+
+
 OPEN = SecurityGroup("open", tuple(SecurityGroupRule(d, ethertype=e) for d in ("ingress", "egress")
                                    for e in ("ipv4", "ipv6")))
 ETH_P_ALL = 3
