@@ -44,10 +44,12 @@ class Postgres:
     """A private PostgreSQL (initdb in a temp dir, run as the postgres user) that a test
     may stop and start again (a database that goes away, as in a failover)."""
 
-    def __init__(self, durable: bool = False) -> None:
+    def __init__(self, durable: bool = False, listen: str = "127.0.0.1") -> None:
         """``durable``: a commit survives a crash of the server (synchronous_commit=on, as
-        in production); the suite's default trades that for speed."""
+        in production); the suite's default trades that for speed. ``listen``: its
+        listen_addresses (``*``: every address, as a cluster node's)."""
         self.durable = durable
+        self.listen = listen
         self.bindir = _pg_bin()
         pg = pwd.getpwnam("postgres")
         self.root = Path(tempfile.mkdtemp(prefix="cairn-pg-"))
@@ -66,7 +68,7 @@ class Postgres:
             raise RuntimeError(f"initdb failed: {r.stderr}")
 
     def start(self) -> None:
-        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+        opts = (f"-p {self.port} -k {self.root} -c listen_addresses='{self.listen}' -c fsync=off "
                 f"-c synchronous_commit={'on' if self.durable else 'off'}")
         r = self._as_pg(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
                         str(self.root / "log"), "-w", "start")
@@ -83,9 +85,9 @@ class Postgres:
 
 
 @contextmanager
-def postgres(durable: bool = False) -> Iterator[Postgres]:
+def postgres(durable: bool = False, listen: str = "127.0.0.1") -> Iterator[Postgres]:
     """A started private PostgreSQL, always removed."""
-    server = Postgres(durable)
+    server = Postgres(durable, listen)
     try:
         server.init()
         server.start()
@@ -112,14 +114,18 @@ def create_pg_database(server: str, name: str) -> str:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """Yields ``unix://<socket>`` of a private redis-server."""
+def redis_server(listen: str | None = None) -> Iterator[str]:
+    """Yields ``unix://<socket>`` of a private redis-server; with ``listen`` (an address,
+    ``0.0.0.0``: every one, as a cluster node's) it also serves TCP there and yields
+    ``redis://<listen>:<port>``."""
     exe = shutil.which("redis-server")
     if not exe:
         raise RuntimeError("redis-server is not installed (apt package 'redis-server'): run ./bootstrap.sh test")
     root = Path(tempfile.mkdtemp(prefix="cairn-redis-"))
     sock = root / "redis.sock"
-    proc = subprocess.Popen([exe, "--port", "0", "--unixsocket", str(sock), "--dir", str(root),
+    port = free_port() if listen else 0
+    tcp = ["--bind", listen, "--protected-mode", "no"] if listen else []
+    proc = subprocess.Popen([exe, "--port", str(port), *tcp, "--unixsocket", str(sock), "--dir", str(root),
                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -128,7 +134,7 @@ def redis_server() -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.02)
-        yield f"unix://{sock}"
+        yield f"redis://{listen}:{port}" if listen else f"unix://{sock}"
     finally:
         proc.terminate()
         proc.wait(10)

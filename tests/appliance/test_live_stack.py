@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from appliance.db import migrate
 from appliance.settings import Settings
 from appliance.version import __version__
 from network.model import HostNames
-from tests.services import free_port, process_started
+from tests.services import free_port, postgres, process_started, redis_server
 
 pytestmark = pytest.mark.functional
 CAIRN = [sys.executable, "-m", "appliance.cli.main"]
@@ -170,7 +171,8 @@ def beside_a_neighbour(neighbour: Stack) -> Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sweep_stale_stacks()
-    s = Stack(tmp_path_factory.mktemp("stack"))
+    # the API on every address, as an installed node's (test_guests_reach_no_node_service)
+    s = Stack(tmp_path_factory.mktemp("stack"), CAIRN_API_HOST="0.0.0.0")
     try:
         info = s.cairn("up")
         assert info["phase"] == "Ready"
@@ -638,29 +640,98 @@ def in_vm(s: Stack, name: str, script: str, timeout: float = 60) -> str:
     return seen.decode(errors="replace")
 
 
-def test_guests_reach_no_node_service(stack: Stack, intruders: Intruders) -> None:
-    """The attack: from inside a VM and a container, connect to services of the node
-    (the API, Redis, PostgreSQL, NBD over TCP listen on the node's addresses; a listener
-    on every address stands in for them) through the gateway and the node's own address.
-    All are refused; DNS from the network's dnsmasq still answers."""
+@contextmanager
+def node_services(tmp: Path, host_ip: str) -> Iterator[dict[str, int]]:
+    """The programs an installed node runs besides the API: Redis, PostgreSQL and an NBD
+    export over TLS (cairn's NBD server), listening on every address, as a cluster
+    node's listen on its cluster and storage addresses. Yields name -> port."""
+    from appliance.pki import nbd_server_tls
+
+    with ExitStack() as running:
+        redis = running.enter_context(redis_server("0.0.0.0"))
+        pg = running.enter_context(postgres(listen="*"))
+        port, ready = free_port(), tmp / "nbd-ready"
+        nbd = subprocess.Popen(
+            [sys.executable, "-m", "storage.nbd.server", "--pool-dir", str(tmp / "pool"), "--create", "t:1MiB",
+             "--listen", f"0.0.0.0:{port}", "--tls-dir", str(nbd_server_tls(tmp / "pki", [host_ip])),
+             "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        running.callback(nbd.wait, 30)
+        running.callback(nbd.terminate)
+        wait_for(lambda: ready.exists() or nbd.poll() is not None, 30, "the NBD server")
+        assert ready.exists(), "the NBD server did not start"
+        yield {"Redis": int(redis.rsplit(":", 1)[1]), "PostgreSQL": pg.port, "NBD over TLS": port}
+
+
+def probe_answers(text: str) -> dict[str, str]:
+    """``address:port`` -> what nc printed, from the output of the probes' script."""
+    parts = re.split(r"PR:(\S+?)\r?\n", text)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_guests_reach_no_node_service(stack: Stack, intruders: Intruders, neighbour: Stack, tmp_path: Path) -> None:
+    """The attack: from inside a VM and a container, connect to the node's services, each
+    the real program listening on every address as on an installed node: the API, Redis,
+    PostgreSQL and NBD over TLS, through the gateway and through the node's own address.
+    Each answers the host itself (so a refusal is the filter's), and both guests are
+    refused. And the container's tenant sends the node VXLAN (UDP 4789) carrying a frame
+    for its own network and for the neighbour stack's: the node decapsulates neither.
+    DNS from the network's dnsmasq still answers."""
+    from compute.oci_driver import OciDriver
+    from tests.network.test_secgroups import vxlan_packet
+
     host_ip = subprocess.run(["ip", "-4", "-o", "route", "get", "192.0.2.1"], capture_output=True,
                              text=True).stdout.split(" src ")[1].split()[0]
-    service = socket.create_server(("0.0.0.0", 0))
-    port = service.getsockname()[1]
-    service.settimeout(0.1)
-    targets = [(intruders.gateway, port), (host_ip, port), (intruders.gateway, stack.port),
-               (intruders.gateway, int(stack.env["CAIRN_STORAGE_NBD_PORT"]))]
+    with node_services(tmp_path, host_ip) as ports:
+        services = {"the API": stack.port, **ports}
+        targets = [(name, address, port) for name, port in services.items()
+                   for address in (intruders.gateway, host_ip)]
+        for _, address, port in targets:
+            socket.create_connection((address, port), timeout=5).close()  # it is there, for the host
+        script = "; ".join(f"echo P''R:{address}:{port}; timeout 3 nc -w 2 {address} {port} </dev/null 2>&1"
+                           for _, address, port in targets)  # connected: no refusal, killed at 3 s
+        leaks = []
+        for guest, out in (("container", in_container(stack, intruders.container, script)[1]),
+                           ("VM", in_vm(stack, intruders.vm, script, timeout=120))):
+            answers = probe_answers(out)
+            assert len(answers) == len(targets), out[-1000:]
+            leaks += [f"the {guest} reached {name} at {address}:{port}" for name, address, port in targets
+                      if "Connection refused" not in answers[f"{address}:{port}"]]
+
+    wall = stack.cairn("network", "get", "wall")["status"]["vni"]
+    home = neighbour.cairn("network", "get", "home")["status"]["vni"]
+    bridges = {stack.names.bridge(wall): wall, neighbour.names.bridge(home): home}
+    forged = bytes.fromhex("02dead000b0b")  # the inner frames' source MAC
+    datagrams = [vxlan_packet(vni, "ff:ff:ff:ff:ff:ff", forged.hex(":"), intruders.container_ip, "255.255.255.255",
+                              9, b"forged-by-a-tenant").hex() for vni in bridges.values()]
+    send = ("import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for d in sys.argv[3:]:\n    for a in sys.argv[1:3]:\n        s.sendto(bytes.fromhex(d), (a, 4789))\n")
+    domain = stack.cairn("container", "get", intruders.container)["status"]["domain"]
+    pid = OciDriver(stack.root / "data" / "containers", host_prefix=Settings(data_dir=stack.root / "data").host_prefix
+                    ).pid(domain)
+    seen: dict[str, list[bytes]] = {bridge: [] for bridge in bridges}
+    sniffers = {bridge: socket.socket(socket.AF_PACKET, socket.SOCK_RAW) for bridge in bridges}
     try:
-        for address, p in targets:
-            probe = f"timeout 5 nc -w 3 {address} {p} </dev/null"  # connected = no refusal, killed at 5 s
-            _, out = in_container(stack, intruders.container, probe)
-            assert "Connection refused" in out, f"the container reached {address}:{p}: {out}"
-            out = in_vm(stack, intruders.vm, probe)
-            assert "Connection refused" in out, f"the VM reached {address}:{p}: {out[-300:]}"
-        with pytest.raises(TimeoutError):
-            service.accept()
+        for bridge, sniff in sniffers.items():
+            sniff.bind((bridge, 3))  # ETH_P_ALL
+            sniff.settimeout(0.05)
+        r = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", send, intruders.gateway,
+                            host_ip, *datagrams], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr  # sent from the container's network namespace, as its tenant would
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            for bridge, sniff in sniffers.items():
+                try:
+                    seen[bridge].append(sniff.recv(65535))
+                except TimeoutError:
+                    pass
     finally:
-        service.close()
+        for sniff in sniffers.values():
+            sniff.close()
+    assert any(b"forged-by-a-tenant" in f and f[6:12] != forged for f in seen[stack.names.bridge(wall)]), \
+        "the sniffer on the container's bridge did not even see its datagrams"
+    leaks += [f"the container's VXLAN reached VNI {vni} ({bridge})" for bridge, vni in bridges.items()
+              if any(f[6:12] == forged for f in seen[bridge])]
+    assert leaks == [], "\n".join(leaks)
     _, out = in_container(stack, intruders.container, f"nslookup -type=a {intruders.vm} {intruders.gateway}")
     assert f"Address: {intruders.vm_ip}" in out, out
 
