@@ -146,8 +146,11 @@ class EchoConsole:
     @staticmethod
     def echo(conn: socket.socket) -> None:
         with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass  # the API hung up mid-echo (a console it closed)
 
 
 def test_a_console_closes_when_its_token_is_revoked(world: Api, tmp_path: Path) -> None:
@@ -177,3 +180,36 @@ def test_a_console_closes_when_its_token_is_revoked(world: Api, tmp_path: Path) 
     opened = api.client.get("/api/v1/audit", params={"user": "oscar"}, headers=api.admin).json()["items"]
     assert any(a["action"] == "WEBSOCKET serial-unix console" and a["status"] == 101 and
                a["object"] == {"kind": "vm", "name": "ws-vm", "project": "default"} for a in opened)
+
+
+@pytest.mark.parametrize(("user", "how", "reason"), [
+    ("cora", "removed from the project", "was removed from project 'default'"),
+    ("dell", "deleted", "unknown or was revoked"),
+])
+def test_a_console_closes_when_its_user_leaves_the_project_or_is_deleted(world: Api, tmp_path: Path, user: str,
+                                                                         how: str, reason: str) -> None:
+    api = world
+    console = EchoConsole(tmp_path / "serial.sock")
+    vm = f"ws-{user}"
+    with session_scope(api.settings.resolved_database_url) as session:
+        project = session.scalar(select(Project).where(Project.name == "default"))
+        assert project is not None
+        session.add(Instance(name=vm, kind="vm", project_id=project.id, vm_state="active",
+                             spec={"cpu": 1, "memory_bytes": 1 << 26, "image": "x"},
+                             status={"consoles": [{"kind": "serial-unix", "path": str(console.path)}]}))
+    headers = api.headers_for(user, project="default", role="operator")
+    try:
+        with api.client.websocket_connect(f"/api/v1/vms/{vm}/console/serial", headers=headers) as ws:
+            ws.send_bytes(b"ping")
+            assert ws.receive_bytes() == b"ping"
+            path = f"/api/v1/projects/default/members/{user}" if how != "deleted" else f"/api/v1/users/{user}"
+            assert api.client.delete(path, headers=api.admin).status_code == 204
+            started = time.monotonic()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                while time.monotonic() - started < 5:
+                    ws.send_bytes(b"still there?")  # the user types on
+                    ws.receive_bytes()
+            assert time.monotonic() - started < 3
+        assert closed.value.code == 1008 and reason in closed.value.reason, closed.value.reason
+    finally:
+        console.server.close()
