@@ -740,7 +740,8 @@ ESCAPES = {  # what a tenant tries inside a container, and the shell to try it
     "a new user namespace": "unshare -U true",
     "a device node": "mknod /tmp/mem c 1 1",
     "a cgroup mount (for release_agent)": "mkdir -p /tmp/cg && mount -t cgroup -o rdma cgroup /tmp/cg",
-    "writing a release_agent": "echo /x > /sys/fs/cgroup/release_agent",
+    "writing a release_agent": "for f in /sys/fs/cgroup/release_agent /sys/fs/cgroup/*/release_agent "
+                               "/tmp/cg/release_agent; do [ -e $f ] && echo /x > $f && exit 0; done; exit 1",
     "a tmpfs mount": "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m",
     "writing to /sys": "echo 1 > /sys/kernel/profiling",
     "reading /proc/kcore": "test -s /proc/kcore && head -c 1 /proc/kcore | wc -c | grep -q 1",
