@@ -132,13 +132,6 @@ def patroni_config(cfg: ClusterConfig, paths: NodePaths) -> str:
             },
             "parameters": {"unix_socket_directories": str(paths.pg_run)},
             "pg_hba": hba,
-            # A replica that replayed WAL its old primary streamed past the point where the
-            # new primary was promoted (WAL no client was told was committed: the sync standby
-            # had not confirmed it) can no longer follow: rewind it, or, when pg_rewind cannot,
-            # rebuild it from the primary. Seen on the lab: such a replica stayed down, and once
-            # the other standby was cut off too, strict synchronous mode held every commit.
-            "remove_data_directory_on_rewind_failure": True,
-            "remove_data_directory_on_diverged_timelines": True,
         },
     }
     return yaml.safe_dump(doc, sort_keys=False)
