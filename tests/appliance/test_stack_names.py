@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,11 @@ def test_a_second_stack_with_a_live_stacks_tag_is_refused(tmp_path: Path, monkey
         (tmp_path / "stacks" / "same.json").write_text(
             json.dumps({"data_dir": str(mine.data_dir.resolve()), "pid": live.pid}))
         assert supervisor.stack_conflict(mine) is None  # its own claim
-        problem = supervisor.stack_conflict(other)
+        deadline = time.monotonic() + 10  # the stand-in's /proc entry, however slow its start
+        while (problem := supervisor.stack_conflict(other)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cmdline = Path(f"/proc/{live.pid}/cmdline").read_bytes() if live.poll() is None else b"(exited)"
+        assert problem, f"no conflict seen; the live stand-in {live.pid}: {cmdline!r}"
         assert problem and str(mine.data_dir.resolve()) in problem and "CAIRN_STACK_ID" in problem
     finally:
         live.kill()

@@ -407,7 +407,7 @@ def test_a_volume_created_in_the_dialog_takes_a_snapshot_and_is_deleted(page: Pa
     page.get_by_role("dialog", name=f"Delete volume {VOLUME}?").get_by_role("button", name="Delete").click()
     expect(page).to_have_url(f"{stack.url}/volumes")
     wait_for(lambda: not stack.api.get("/volumes").json()["items"], 60, "the volume to be deleted")
-    expect(page.get_by_text("No volumes yet.")).to_be_visible()
+    expect(page.get_by_text("No volumes yet.")).to_be_visible(timeout=30_000)  # the list follows the events
 
 
 # --- issue 16: history graphs, console keys and paste, .vv files, storage and network pages ---
