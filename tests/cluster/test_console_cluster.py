@@ -141,9 +141,13 @@ def test_a_node_is_drained_and_undrained_from_the_cluster_page(page: Page, lab: 
 
 def test_an_ha_vm_made_in_the_console_fails_over_and_the_page_draws_the_timeline(
         page: Page, lab: LabCluster) -> None:
+    # the victim is the database's asynchronous replica: its loss costs no database failover
+    # and holds no commit (losing the sync standby holds every commit until Patroni names
+    # another, which it cannot while that other replica has diverged: issue HA, bug 3)
     view = outside_loop(lab.view)
-    busy = {view["database"]["primary"], view["etcd"]["leader"]}
-    victim = next(n for n in reversed(NODES) if n not in busy)  # its loss costs no database failover
+    roles = {m["name"]: set(m["roles"]) for m in view["members"]}
+    calm = [n for n in reversed(NODES) if not roles[n] & {"database-primary", "database-sync-standby"}]
+    victim = next((n for n in calm if "etcd-leader" not in roles[n]), calm[0])
     survivor = next(n for n in NODES if n != victim)
     sign_in(page, member(lab, survivor), "/vms")
     page.get_by_role("button", name="Create VM").first.click()
