@@ -182,7 +182,7 @@ def test_an_ha_vm_made_in_the_console_fails_over_and_the_page_draws_the_timeline
         timeline = page.get_by_test_id("failover-timeline")
         expect(timeline).to_contain_text(f"node {victim} lost", timeout=SLOW_MS)
         expect(timeline).to_contain_text(f"node {victim} fenced")
-        expect(started).to_have_count(before[0] + 1)
+        expect(started).to_have_count(before[0] + 1, timeout=SLOW_MS)  # the fence's commit may wait on Patroni
         expect(done).to_have_count(before[1] + 1, timeout=SLOW_MS)
         expect(row_of(page, victim)).to_contain_text("Fenced")
         shot(page, "lab-cluster-failover.png")
