@@ -53,7 +53,18 @@ class MigrationResult:
 class InstanceStats:
     """What a running instance has used: counters since it started (they fall back to
     zero when it restarts) and its memory now. Network directions are the instance's:
-    ``net_rx_bytes`` is what it received."""
+    ``net_rx_bytes`` is what it received.
+
+    Memory comes in two figures. ``memory_bytes`` is what the instance holds on the host:
+    a VM's QEMU process resident set (guest RAM it has touched, plus QEMU's own memory and,
+    under TCG, its translated-code cache, so it can exceed the memory the guest was given),
+    a container's cgroup working set. ``memory_used_bytes`` is what the instance itself
+    has in use: for a VM, what its guest reports through the virtio balloon's statistics
+    (its MemTotal less its MemAvailable, as ``free`` counts "used": page cache the guest
+    can drop is not in use), None when the guest reports nothing (no balloon driver, or
+    not yet);
+    for a container, its cgroup working set again (the host and the container see the
+    same pages)."""
 
     cpu_seconds: float
     memory_bytes: int  # resident on the host
@@ -63,6 +74,7 @@ class InstanceStats:
     disk_write_bytes: int = 0
     disk_read_ops: int = 0
     disk_write_ops: int = 0
+    memory_used_bytes: int | None = None  # in use inside the instance (see above)
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,9 @@ class FakeDriver(ComputeDriver[SpecT]):
         return [ConsoleEndpoint(kind="log", path=f"/fake/{name}.log")]
 
     def stats(self) -> dict[str, InstanceStats]:
-        """Running instances: all their memory, and one CPU second per boot."""
-        return {name: InstanceStats(cpu_seconds=float(inst.boots), memory_bytes=inst.spec.memory_mib << 20)
+        """Running instances: all their memory (on the host and in use), one CPU second per boot."""
+        return {name: InstanceStats(cpu_seconds=float(inst.boots), memory_bytes=inst.spec.memory_mib << 20,
+                                    memory_used_bytes=inst.spec.memory_mib << 20)
                 for name, inst in self._instances.items() if inst.state is PowerState.RUNNING}
 
     def migrate(self, name: str, destination: str) -> MigrationResult:

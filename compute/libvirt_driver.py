@@ -21,7 +21,7 @@ from compute.errors import (
     InsufficientResources,
     InvalidPowerState,
 )
-from compute.libvirt_xml import build_domain_xml, build_memory_snapshot_xml
+from compute.libvirt_xml import BALLOON_STATS_PERIOD_S, build_domain_xml, build_memory_snapshot_xml
 from compute.spec import FileSource, PowerState, VirtType, VmSpec
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,37 @@ STATES = {
 }
 
 
-def stats_from_record(record: dict[str, Any]) -> InstanceStats:
+# the guest's balloon statistics are older than this: its driver stopped reporting (QEMU
+# keeps the last figures across a guest reboot, into an OS that may have no driver)
+BALLOON_STATS_STALE_S = 6 * BALLOON_STATS_PERIOD_S
+
+
+def guest_memory_used(record: dict[str, Any], now: float) -> int | None:
+    """Bytes in use inside the guest from its balloon statistics (KiB in the record):
+    ``balloon.available`` (the guest's MemTotal) less ``balloon.usable`` (its
+    MemAvailable), what ``free`` counts as used and the node graph shows too; guests
+    whose driver does not report MemAvailable (Linux before 4.6): MemTotal less MemFree
+    (``balloon.unused``) less the page cache (``balloon.disk_caches``) when reported.
+    None when the guest reports nothing (libvirt leaves out what QEMU has not received)
+    or reported last over :data:`BALLOON_STATS_STALE_S` ago."""
+    total = record.get("balloon.available")
+    updated = record.get("balloon.last-update")
+    if total is None or updated is None or now - int(updated) > BALLOON_STATS_STALE_S:
+        return None
+    if "balloon.usable" in record:
+        free = int(record["balloon.usable"])
+    elif "balloon.unused" in record:
+        free = int(record["balloon.unused"]) + int(record.get("balloon.disk_caches", 0))
+    else:
+        return None
+    return max(0, int(total) - free) * 1024
+
+
+def stats_from_record(record: dict[str, Any], now: float | None = None) -> InstanceStats:
     """One domain's ``virConnectGetAllDomainStats`` record as InstanceStats (libvirt
-    reports interface counters from the guest's side already)."""
+    reports interface counters from the guest's side already): ``memory_bytes`` is
+    QEMU's resident set on the host, ``memory_used_bytes`` the guest's own figure
+    (:func:`guest_memory_used`). ``now``: the time to judge the guest's report by."""
 
     def total(group: str, key: str) -> int:
         return sum(int(record.get(f"{group}.{i}.{key}", 0)) for i in range(int(record.get(f"{group}.count", 0))))
@@ -48,6 +76,7 @@ def stats_from_record(record: dict[str, Any]) -> InstanceStats:
     memory_kib = record.get("balloon.rss") or record.get("balloon.current") or 0
     return InstanceStats(
         cpu_seconds=int(record.get("cpu.time", 0)) / 1e9, memory_bytes=int(memory_kib) * 1024,
+        memory_used_bytes=guest_memory_used(record, time.time() if now is None else now),
         net_rx_bytes=total("net", "rx.bytes"), net_tx_bytes=total("net", "tx.bytes"),
         disk_read_bytes=total("block", "rd.bytes"), disk_write_bytes=total("block", "wr.bytes"),
         disk_read_ops=total("block", "rd.reqs"), disk_write_ops=total("block", "wr.reqs"),
@@ -238,7 +267,8 @@ class LibvirtDriver(ComputeDriver[VmSpec]):
             records = self._conn.getAllDomainStats(wanted, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)
         except libvirt.libvirtError as e:
             raise _wrap(e, "reading domain statistics")
-        return {dom.name(): stats_from_record(record) for dom, record in records}
+        now = time.time()
+        return {dom.name(): stats_from_record(record, now) for dom, record in records}
 
     def _xml(self, dom: libvirt.virDomain) -> ET.Element:
         return ET.fromstring(dom.XMLDesc(0))

@@ -11,6 +11,9 @@ import xml.etree.ElementTree as ET
 from compute.spec import DiskSpec, FileSource, NbdSource, QosClass, RbdSource, VirtType, VmSpec
 
 DISK_BUSES = {"disk": ("vd", "virtio"), "cdrom": ("sd", "sata")}
+# seconds between the guest's memory reports over the virtio balloon (the agent samples
+# every 10 s by default); the balloon itself is never inflated: memory == currentMemory
+BALLOON_STATS_PERIOD_S = 10
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -192,7 +195,10 @@ def build_domain_xml(spec: VmSpec) -> str:
             g = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=c.vnc_listen)
             _sub(g, "listen", type="address", address=c.vnc_listen)
         _sub(devices, "video").append(ET.Element("model", type="cirrus", vram="16384", heads="1"))
-    _sub(devices, "memballoon", model="none")
+    # a balloon device for its statistics: a guest with the driver reports the memory it
+    # uses, which QEMU's resident set on the host cannot tell (see InstanceStats)
+    balloon = _sub(devices, "memballoon", model="virtio")
+    _sub(balloon, "stats", period=str(BALLOON_STATS_PERIOD_S))
     ET.indent(root, space="  ")
     return ET.tostring(root, encoding="unicode") + "\n"
 

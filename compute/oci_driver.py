@@ -99,34 +99,37 @@ def _blkio_v1(path: Path) -> tuple[int, int]:
 def cgroup_stats(root: Path, group: str) -> InstanceStats | None:
     """CPU, memory and block I/O of cgroup ``group`` (e.g. ``/cairn/web``), from the v1
     controllers when they are mounted (hybrid hosts: crun uses those), else v2; None when
-    the group does not exist (the container does not run)."""
+    the group does not exist (the container does not run). Memory is the working set
+    (charged memory less inactive page cache, as ``docker stats`` and cAdvisor count it),
+    both what the container uses and what it holds on the host."""
     group = group.strip("/")
     if (root / "cpuacct").is_dir():
         cpu = root / "cpuacct" / group
         if not cpu.is_dir():
             return None
         mem = root / "memory" / group
-        stat = dict(line.split() for line in _lines(mem / "memory.stat") if len(line.split()) == 2)
+        stat = _keyed(mem / "memory.stat")
         used = max(0, _read_int(mem / "memory.usage_in_bytes") - int(stat.get("total_inactive_file", 0)))
         blk = root / "blkio" / group
         rbytes, wbytes = _blkio_v1(blk / "blkio.throttle.io_service_bytes")
         rops, wops = _blkio_v1(blk / "blkio.throttle.io_serviced")
         return InstanceStats(cpu_seconds=_read_int(cpu / "cpuacct.usage") / 1e9, memory_bytes=used,
-                             disk_read_bytes=rbytes, disk_write_bytes=wbytes, disk_read_ops=rops,
-                             disk_write_ops=wops)
+                             memory_used_bytes=used, disk_read_bytes=rbytes, disk_write_bytes=wbytes,
+                             disk_read_ops=rops, disk_write_ops=wops)
     d = root / group
     if not (d / "cgroup.procs").exists():
         return None
-    cpu_stat = dict(line.split() for line in _lines(d / "cpu.stat") if len(line.split()) == 2)
+    cpu_stat = _keyed(d / "cpu.stat")
+    used = max(0, _read_int(d / "memory.current") - int(_keyed(d / "memory.stat").get("inactive_file", 0)))
     io = {"rbytes": 0, "wbytes": 0, "rios": 0, "wios": 0}
     for line in _lines(d / "io.stat"):
         for field in line.split()[1:]:
             key, _, value = field.partition("=")
             if key in io and value.isdigit():
                 io[key] += int(value)
-    return InstanceStats(cpu_seconds=int(cpu_stat.get("usage_usec", 0)) / 1e6,
-                         memory_bytes=_read_int(d / "memory.current"), disk_read_bytes=io["rbytes"],
-                         disk_write_bytes=io["wbytes"], disk_read_ops=io["rios"], disk_write_ops=io["wios"])
+    return InstanceStats(cpu_seconds=int(cpu_stat.get("usage_usec", 0)) / 1e6, memory_bytes=used,
+                         memory_used_bytes=used, disk_read_bytes=io["rbytes"], disk_write_bytes=io["wbytes"],
+                         disk_read_ops=io["rios"], disk_write_ops=io["wios"])
 
 
 def _lines(path: Path) -> list[str]:
@@ -134,6 +137,11 @@ def _lines(path: Path) -> list[str]:
         return path.read_text().splitlines()
     except OSError:
         return []
+
+
+def _keyed(path: Path) -> dict[str, str]:
+    """A cgroup file of ``key value`` lines (``memory.stat``, ``cpu.stat``) as a dict."""
+    return dict(line.split() for line in _lines(path) if len(line.split()) == 2)
 
 
 

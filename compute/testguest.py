@@ -15,7 +15,8 @@ twice a second: a heartbeat over the network that survives a live migration),
 ``CAIRN-GUEST-WROTE`` at offset 1 MiB), ``cairn.peek=DEV:OFFSET:LEN`` (print
 those bytes of /dev/DEV), ``cairn.gw=A.B.C.D`` (default route). It prints
 :data:`MARKER` on the serial console first thing, then a heartbeat ``HB n UPTIME``
-line every second, and runs a shell on the serial console. Ctrl-Alt-Del on its keyboard
+line every second, and runs a shell on the serial console. It loads the virtio balloon
+driver, so it reports the memory it uses to the host (the history graphs' "guest used"). Ctrl-Alt-Del on its keyboard
 (a VNC viewer's) reboots it at once (``kernel.ctrl-alt-del=1``: init is a plain shell
 that would ignore the signal).
 
@@ -46,7 +47,8 @@ from compute.errors import ImageNotFound
 MARKER = "CAIRN-GUEST-UP"
 MODULES = [
     "drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
-    "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk",
+    "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/virtio/virtio_balloon",
+    "drivers/block/virtio_blk",
     "net/core/failover", "drivers/net/net_failover", "drivers/net/virtio_net", "fs/fuse/fuse", "fs/fuse/virtiofs",
     "drivers/char/virtio_console",
 ]

@@ -112,7 +112,14 @@ def families(node: str, at: float, counters: NodeCounters,
     vcpus = gauge("cairn_instance_vcpus", "vCPUs (VMs) or CPU limit (containers) of the instance", labels)
     cpu = counter("cairn_instance_cpu_seconds", "CPU seconds the instance used since it started", labels)
     mem = gauge("cairn_instance_memory_bytes", "Memory the instance was given", labels)
-    used = gauge("cairn_instance_memory_used_bytes", "Memory the instance holds on the host", labels)
+    used = gauge("cairn_instance_memory_used_bytes",
+                 "Memory in use inside the instance: a VM's guest MemTotal less MemAvailable as its virtio "
+                 "balloon driver reports them (no sample when the guest reports nothing), a container's "
+                 "cgroup working set", labels)
+    host = gauge("cairn_instance_memory_host_bytes",
+                 "Memory the instance holds on the host: a VM's QEMU resident set (guest RAM it touched plus "
+                 "QEMU's own memory and TCG code cache, so it may exceed the memory given), a container's "
+                 "cgroup working set", labels)
     io = [(counter(f"cairn_instance_{name}", f"{doc} since the instance started", labels), attr)
           for name, doc, attr in COUNTERS]
     for inst, st in rows:
@@ -120,7 +127,9 @@ def families(node: str, at: float, counters: NodeCounters,
         vcpus.add_metric(values, inst.cpu, timestamp=at)
         cpu.add_metric(values, st.cpu_seconds, timestamp=at)
         mem.add_metric(values, inst.memory_bytes, timestamp=at)
-        used.add_metric(values, st.memory_bytes, timestamp=at)
+        host.add_metric(values, st.memory_bytes, timestamp=at)
+        if st.memory_used_bytes is not None:
+            used.add_metric(values, st.memory_used_bytes, timestamp=at)
         for fam, attr in io:
             fam.add_metric(values, getattr(st, attr), timestamp=at)
     return out

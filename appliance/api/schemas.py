@@ -578,10 +578,15 @@ MetricsRange = Literal["hour", "day", "week"]
 
 class Series(Open):
     name: str = Field(description="cpu, memory, memory_total, net_in, net_out, disk_read, disk_write, "
-                                  "disk_read_iops, disk_write_iops; pools: logical_bytes, stored_bytes, "
-                                  "dedup_ratio, compression_ratio")
+                                  "disk_read_iops, disk_write_iops; instances also memory_host; pools: "
+                                  "logical_bytes, stored_bytes, dedup_ratio, compression_ratio. An "
+                                  "instance's memory is what it uses inside (a VM's guest reports it "
+                                  "through its virtio balloon driver: no points without one), memory_host "
+                                  "what it holds on the host (a VM's QEMU process, which includes QEMU's "
+                                  "own memory), memory_total what it was given")
     unit: str = Field(description="percent (of the node's CPUs, or of the instance's vCPUs), bytes, "
                                   "bytes/s, ops/s or ratio")
+    label: str = Field("", description="what the series is, for people, where its name is not enough")
     points: list[tuple[float, float]] = Field(description="[unix time, value], oldest first; gaps where "
                                                           "nothing was sampled")
 

@@ -17,11 +17,12 @@ RangeOpt = Annotated[str, typer.Option("--range", help="hour, day or week")]
 
 
 def latest(history: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each series' newest point: name, value, unit, time (None when nothing was sampled)."""
+    """Each series' newest point: name, value, unit, time (None when nothing was sampled)
+    and what the series is."""
     out = []
     for s in history.get("series", []):
         t, v = s["points"][-1] if s["points"] else (None, None)
-        out.append({"name": s["name"], "value": v, "unit": s["unit"], "time": t})
+        out.append({"name": s["name"], "value": v, "unit": s["unit"], "time": t, "label": s.get("label", "")})
     return out
 
 
@@ -50,11 +51,11 @@ def _print(path: str, span: str, output: Format, **params: str) -> None:
         emit(history, output)
         return
     table = Table(box=None, header_style="bold")
-    for header in ("SERIES", "LATEST", "AT"):
+    for header in ("SERIES", "LATEST", "AT", "WHAT"):
         table.add_column(header)
     for row in latest(history):
         at = datetime.fromtimestamp(row["time"]).strftime("%H:%M:%S") if row["time"] else "-"
-        table.add_row(row["name"], show(row["value"], row["unit"]), at)
+        table.add_row(row["name"], show(row["value"], row["unit"]), at, row["label"])
     console.print(table)
 
 
@@ -68,7 +69,8 @@ def register(node_app: typer.Typer, vm_app: typer.Typer, container_app: typer.Ty
     @vm_app.command("metrics")
     def vm_metrics(name: str, project: ProjectArg = "default", span: RangeOpt = "hour",
                    output: OutputOpt = Format.table) -> None:
-        """Latest CPU, memory, network and disk figures of a VM."""
+        """Latest CPU, memory, network and disk figures of a VM (memory: what its guest uses, when
+        it reports it; memory_host: what its QEMU process holds on the host)."""
         _print(f"/vms/{quote(name)}/metrics", span, output, project=project)
 
     @container_app.command("metrics")

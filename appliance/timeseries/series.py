@@ -26,6 +26,7 @@ class SeriesDef:
     name: str
     unit: str  # percent | bytes | bytes/s | ops/s | ratio
     query: str  # with {sel} (the label selector), {w} (the window) and {by} (the grouping label)
+    label: str = ""  # what the series is, for people (the CLI prints it); "" = the name says it
 
 
 def _rate(metric: str) -> str:
@@ -49,16 +50,23 @@ def _io(prefix: str) -> list[SeriesDef]:
 
 NODE = [
     SeriesDef("cpu", "percent", f"100 * {_rate('cairn_node_cpu_busy_seconds_total')} / {_gauge('cairn_node_cpus')}"),
-    SeriesDef("memory", "bytes", _gauge("cairn_node_memory_used_bytes")),
-    SeriesDef("memory_total", "bytes", _gauge("cairn_node_memory_bytes")),
+    SeriesDef("memory", "bytes", _gauge("cairn_node_memory_used_bytes"), "in use (total less available)"),
+    SeriesDef("memory_total", "bytes", _gauge("cairn_node_memory_bytes"), "the node's memory"),
     *_io("cairn_node"),
 ]
-# CPU of an instance: percent of its vCPUs (or of its CPU limit), as Proxmox shows it
+# CPU of an instance: percent of its vCPUs (or of its CPU limit), as Proxmox shows it.
+# Memory as Proxmox shows it too: what the guest itself uses when it reports it (no points
+# when a VM's guest has no balloon driver), and apart from it what the instance holds on
+# the host, which for a VM includes QEMU's own memory (see compute.driver.InstanceStats)
 INSTANCE = [
     SeriesDef("cpu", "percent",
-              f"100 * {_rate('cairn_instance_cpu_seconds_total')} / {_gauge('cairn_instance_vcpus')}"),
-    SeriesDef("memory", "bytes", _gauge("cairn_instance_memory_used_bytes")),
-    SeriesDef("memory_total", "bytes", _gauge("cairn_instance_memory_bytes")),
+              f"100 * {_rate('cairn_instance_cpu_seconds_total')} / {_gauge('cairn_instance_vcpus')}",
+              "percent of its vCPUs (a container: of its CPU limit)"),
+    SeriesDef("memory", "bytes", _gauge("cairn_instance_memory_used_bytes"),
+              "in use inside (a VM: what its guest reports; none without a balloon driver)"),
+    SeriesDef("memory_host", "bytes", _gauge("cairn_instance_memory_host_bytes"),
+              "resident on the host (a VM: its QEMU process, guest RAM plus QEMU's own)"),
+    SeriesDef("memory_total", "bytes", _gauge("cairn_instance_memory_bytes"), "given to the instance"),
     *_io("cairn_instance"),
 ]
 POOL = [
@@ -116,5 +124,6 @@ def history(url: str | None, defs: list[SeriesDef], labels: dict[str, str], by: 
             if r.status_code != 200 or body.get("status") != "success":
                 raise Unavailable(f"the metrics store refused a query ({r.status_code}): "
                                   f"{body.get('error', r.text[:200])}")
-            series.append({"name": d.name, "unit": d.unit, "points": _points(body["data"]["result"])})
+            series.append({"name": d.name, "unit": d.unit, "label": d.label,
+                           "points": _points(body["data"]["result"])})
     return {"range": span, "start": start, "end": end, "step": step, "series": series}

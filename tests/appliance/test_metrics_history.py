@@ -10,6 +10,7 @@ import os
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.agent import sampler
 from appliance.api.metrics import agent_samples
@@ -17,7 +18,9 @@ from appliance.cli.metrics import latest, show
 from appliance.db.engine import session_scope
 from appliance.errors import Unavailable
 from appliance.services import nodes
+from appliance.services.desired_state import InstanceDoc
 from appliance.timeseries import series, store
+from compute.driver import InstanceStats
 from tests.services import metrics_store
 
 from .conftest import Api
@@ -80,6 +83,9 @@ def test_cli_prints_each_series_latest_value() -> None:
                           {"name": "disk_read", "unit": "bytes/s", "points": []}]}
     rows = latest(history)
     assert [(r["name"], r["value"]) for r in rows] == [("cpu", 12.345), ("net_in", 1536.0), ("disk_read", None)]
+    labelled = latest({"series": [{"name": "memory_host", "unit": "bytes", "label": "resident on the host",
+                                   "points": [[2, 1024.0]]}]})
+    assert labelled[0]["label"] == "resident on the host" and rows[0]["label"] == ""
     assert [show(r["value"], r["unit"]) for r in rows] == ["12.3 %", "1.5 KiB/s", "-"]
 
 
@@ -88,6 +94,41 @@ def test_the_samplers_exposition_has_sample_timestamps() -> None:
     text = sampler.exposition(sampler.families("node-a", 1700000000.0, counters, [])).decode()
     assert 'cairn_node_cpus{node="node-a"}' in text
     assert "1700000000000" in text  # Prometheus keeps the agent's sample time, not the scrape's
+
+
+def _instance(name: str, kind: str = "vm") -> InstanceDoc:
+    return InstanceDoc(id=f"id-{name}", name=name, kind=kind, project_id="p", domain=f"d-{name}", generation=1,
+                       power="running", cpu=1.0, memory_bytes=256 << 20)
+
+
+def test_the_sampler_exports_guest_used_and_host_resident_memory_apart() -> None:
+    """A VM whose guest reports its memory has both figures; one whose guest reports
+    nothing has no "used" sample (not its host figure under that name), only the host's."""
+    rows = [(_instance("talks"), InstanceStats(cpu_seconds=1.0, memory_bytes=350 << 20, memory_used_bytes=60 << 20)),
+            (_instance("silent"), InstanceStats(cpu_seconds=1.0, memory_bytes=300 << 20)),
+            (_instance("box", "container"), InstanceStats(cpu_seconds=1.0, memory_bytes=9 << 20,
+                                                          memory_used_bytes=9 << 20))]
+    text = sampler.exposition(sampler.families("node-a", 1700000000.0, sampler.node_counters(), rows)).decode()
+    found = {f.name: f for f in text_string_to_metric_families(text)}
+    used = {s.labels["name"]: s.value for s in found["cairn_instance_memory_used_bytes"].samples}
+    host = {s.labels["name"]: s.value for s in found["cairn_instance_memory_host_bytes"].samples}
+    given = {s.labels["name"]: s.value for s in found["cairn_instance_memory_bytes"].samples}
+    assert used == {"talks": 60 << 20, "box": 9 << 20}
+    assert host == {"talks": 350 << 20, "silent": 300 << 20, "box": 9 << 20}
+    assert given == {"talks": 256 << 20, "silent": 256 << 20, "box": 256 << 20}
+    assert "balloon" in found["cairn_instance_memory_used_bytes"].documentation
+    assert "resident set" in found["cairn_instance_memory_host_bytes"].documentation
+
+
+def test_an_instances_memory_series_are_guest_used_host_resident_and_given() -> None:
+    defs = {d.name: d for d in series.INSTANCE}
+    assert {"memory", "memory_host", "memory_total"} <= set(defs)  # the names the API documents, and the host's
+    q = {n: series.promql(defs[n], {"id": "i"}, "id", 30) for n in ("memory", "memory_host", "memory_total")}
+    assert q["memory"] == 'max by (id) (avg_over_time(cairn_instance_memory_used_bytes{id="i"}[30s]))'
+    assert "cairn_instance_memory_host_bytes" in q["memory_host"]
+    assert "cairn_instance_memory_bytes{" in q["memory_total"]
+    assert "host" in defs["memory_host"].label and "guest" in defs["memory"].label
+    assert "memory_host" not in {d.name for d in series.NODE}  # a node's graphs are unchanged
 
 
 def test_every_history_query_runs_on_a_real_prometheus(module_api_sqlite: Api) -> None:
@@ -102,3 +143,8 @@ def test_every_history_query_runs_on_a_real_prometheus(module_api_sqlite: Api) -
             body = r.json()
             assert len(body["series"]) == count and all(s["points"] == [] for s in body["series"])
             assert body["end"] - body["start"] in (3600, 7 * 86400)
+        # an instance's queries (the route needs an instance in the database: asked directly)
+        body = series.history(store.store_url(api.settings), series.INSTANCE, {"id": "no-such-id"}, "id", "hour",
+                              api.settings.metrics_interval)
+        assert [s["name"] for s in body["series"]] == [d.name for d in series.INSTANCE]
+        assert all(s["points"] == [] for s in body["series"])

@@ -123,6 +123,34 @@ def test_reboot_restarts_the_guest_and_the_serial_log_shows_a_second_boot(
         vm_driver.delete(spec.name)
 
 
+def test_a_guest_with_the_balloon_driver_reports_its_used_memory_and_one_without_reports_none(
+    vm_driver: LibvirtDriver, make_vm_spec: Callable[..., VmSpec]
+) -> None:
+    """The domain's virtio balloon (statistics every 10 s): the tiny guest loads its driver
+    and reports the memory it uses, less than it was given; a guest whose kernel refuses
+    the driver reports nothing (libvirt leaves the figures out). Both have QEMU's resident
+    set on the host."""
+    talks = make_vm_spec("balloon", memory_mib=256)
+    silent = make_vm_spec("noballoon", "module_blacklist=virtio_balloon", memory_mib=256)
+    try:
+        for spec in (talks, silent):
+            vm_driver.spawn(spec)
+        for spec in (talks, silent):
+            wait_for_console(lambda: vm_driver.console_log(spec.name), b"HB 1 ")  # noqa: B023 (called at once)
+        assert b"blacklisted" in vm_driver.console_log(silent.name)
+        deadline = time.monotonic() + 60
+        while (stats := vm_driver.stats())[talks.name].memory_used_bytes is None:
+            assert time.monotonic() < deadline, "the guest with the balloon driver never reported its memory"
+            time.sleep(1)
+        used = stats[talks.name].memory_used_bytes
+        assert used is not None and 4 << 20 < used < 256 << 20, used
+        assert stats[silent.name].memory_used_bytes is None  # booted with it, had as long to report
+        assert stats[talks.name].memory_bytes > 16 << 20 and stats[silent.name].memory_bytes > 16 << 20
+    finally:
+        for spec in (talks, silent):
+            vm_driver.delete(spec.name)
+
+
 def test_live_migration_between_two_nodes_keeps_the_guest_running(
     vm_driver: LibvirtDriver, libvirt_node_b: LibvirtNode, make_vm_spec: Callable[..., VmSpec], nbd_export: str
 ) -> None:

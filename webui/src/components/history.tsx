@@ -27,13 +27,25 @@ interface Chart {
   binary?: boolean;
 }
 
-const COMPUTE: Chart[] = [
+/** CPU, memory (its lines differ: see MEMORY), network and disks of a node or an instance. */
+const compute = (memory: [string, string, string][]): Chart[] => [
   { title: "CPU", lines: [["cpu", "CPU", "var(--info)"]], format: percent, floor: 100 },
-  { title: "Memory", lines: [["memory", "used", "var(--info)"], ["memory_total", "total", "var(--muted-fill)"]], format: bytes, floor: 1 << 20, binary: true },
+  { title: "Memory", lines: memory, format: bytes, floor: 1 << 20, binary: true },
   { title: "Network", lines: [["net_in", "in", "var(--ok)"], ["net_out", "out", "var(--info)"]], format: rate, floor: 1024, binary: true },
   { title: "Disk throughput", lines: [["disk_read", "read", "var(--ok)"], ["disk_write", "write", "var(--warn)"]], format: rate, floor: 1024, binary: true },
   { title: "Disk IOPS", lines: [["disk_read_iops", "read", "var(--ok)"], ["disk_write_iops", "write", "var(--warn)"]], format: ops, floor: 1 },
 ];
+/** A node: in use (total less available) against its memory. An instance: what it uses
+ * inside (a VM's guest reports it through its balloon driver, else the line is empty), what
+ * it holds on the host (a VM's QEMU process: guest RAM plus QEMU's own memory, which can
+ * exceed what the guest was given) and what it was given. */
+const MEMORY: Record<"node" | "vm" | "container", [string, string, string][]> = {
+  node: [["memory", "used", "var(--info)"], ["memory_total", "total", "var(--muted-fill)"]],
+  vm: [["memory", "guest used", "var(--info)"], ["memory_host", "host resident", "var(--warn)"],
+    ["memory_total", "total", "var(--muted-fill)"]],
+  container: [["memory", "used", "var(--info)"], ["memory_host", "host resident", "var(--warn)"],
+    ["memory_total", "total", "var(--muted-fill)"]],
+};
 const POOL: Chart[] = [
   { title: "Space", lines: [["logical_bytes", "logical", "var(--info)"], ["stored_bytes", "stored", "var(--ok)"]], format: bytes,
     floor: 1 << 20, binary: true },
@@ -42,7 +54,7 @@ const POOL: Chart[] = [
 ];
 
 /** `path`: the object's API path ("nodes/n1", "vms/web?project=default"). */
-export function History({ path, what }: { path: string; what: "compute" | "pool" }) {
+export function History({ path, what }: { path: string; what: "node" | "vm" | "container" | "pool" }) {
   const [range, setRange] = useState<Range>("hour");
   const [base, query = ""] = path.split("?");
   const params = Object.fromEntries(new URLSearchParams(query));
@@ -64,7 +76,7 @@ export function History({ path, what }: { path: string; what: "compute" | "pool"
       {!m && data.loading && <Loading what="the graphs" />}
       {m && (
         <div class="graphs">
-          {(what === "pool" ? POOL : COMPUTE).map((c) => {
+          {(what === "pool" ? POOL : compute(MEMORY[what])).map((c) => {
             const lines: Line[] = c.lines.map(([name, label, color]) => ({ label, color, points: byName.get(name)?.points ?? [] }));
             return <LineChart key={c.title} title={c.title} lines={lines} start={m.start} end={m.end} step={m.step}
               format={c.format} floor={c.floor} binary={c.binary} />;

@@ -360,7 +360,7 @@ export function InstanceDetail({ info, name, project, tab, user }: {
               </dl>
             </section>
           </div>
-          <History path={instancePath(info, name, project)} what="compute" />
+          <History path={instancePath(info, name, project)} what={info.kind} />
           {info.kind === "container" && (i.spec.mounts?.length ?? 0) > 0 && (
             <section class="section" aria-labelledby="mounts-h">
               <h2 id="mounts-h">Volumes</h2>

@@ -144,7 +144,7 @@ export function NodeDetail({ name, user }: { name: string; user: Me | null }) {
           <CapacityBars nodes={[n]} />
         </section>
       </div>
-      <History path={path} what="compute" />
+      <History path={path} what="node" />
       <section class="section" aria-labelledby="disks-h">
         <h2 id="disks-h">Disks</h2>
         {inv.disks?.length ? (
