@@ -75,6 +75,7 @@ class Volume:
         self._stream_key = int.from_bytes(self.id[:4], "big")
         self._last_patch = self._last_base = ZERO_HASH
         self.released = False  # the lock went to another writer (or was given back)
+        self.generation = 0  # bumped by every change of the block map (readers in flight check it)
         start = LogPosition.from_json(record.log)
         if start is not None:
             for blk, h in pool.log.replay(self.id, start):
@@ -271,6 +272,7 @@ class Volume:
         blk, boff = divmod(offset, self.block)
         entries: list[tuple[int, bytes, bytes]] = []
         log = self.pool.log
+        self.generation += 1
         log.sticky = log.pick_stream(self._stream_key + (offset >> 22), length)
         try:
             self._apply_blocks(blk, boff, view, length, entries)
@@ -376,6 +378,7 @@ class Volume:
         if size < self.record.size and size % self.block:
             tail = size % self.block
             self._apply(size, None, min(self.block - tail, self.record.size - size))
+        self.generation += 1
         self.map.resize(self._nblocks(size))
         self.record.size = size
         self.checkpoint()
@@ -383,6 +386,7 @@ class Volume:
     def set_root(self, root: bytes, size: int) -> None:
         """Replace the head by another version (rollback)."""
         self.pool.log.commit()
+        self.generation += 1
         self.map = BlockMap(root, self._nblocks(size), self.pool.chunks.get)
         new = VolumeRecord(**{**self.record.__dict__})
         new.root, new.size = root.hex(), size

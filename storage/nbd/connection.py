@@ -24,6 +24,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("cairn.nbd")
 
 
+class ReplyBatch:
+    """Replies gathered during one pass over completions (a group commit, a batch of
+    backend reads landing): each connection sends them with one write at the end
+    instead of one system call per reply."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pending: list[Connection] = []
+
+    def begin(self) -> bool:
+        """Start gathering (False if a batch is already open: its owner ends it)."""
+        if self.active:
+            return False
+        self.active = True
+        return True
+
+    def end(self) -> None:
+        """Send what each connection gathered."""
+        self.active = False
+        pending, self.pending = self.pending, []
+        for conn in pending:
+            conn.write_gathered()
+
+
 class Connection(asyncio.BufferedProtocol):
     """One NBD connection: the handshake, then the transmission phase.
 
@@ -62,6 +86,7 @@ class Connection(asyncio.BufferedProtocol):
         self.payload_got = 0
         self.payload_req: tuple[int, int, int, int] | None = None  # flags, handle, offset, length
         self.tasks: set[asyncio.Task[None]] = set()
+        self.out: list[bytes | bytearray] = []  # replies gathered while a ReplyBatch is active
         self.deferred = 0  # write / flush replies waiting for their group commit
         self.direct = 0  # direct reads in flight (:meth:`_direct_read`)
         self.last_request = 0.0  # time.monotonic() of the last request parsed
@@ -162,7 +187,22 @@ class Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ replies
     def write(self, data: bytes | bytearray) -> None:
+        """Send bytes; while the server gathers the replies of a pass of completions
+        (:class:`ReplyBatch`), they are kept and sent with one write at its end. (NBD
+        replies may come in any order; each write holds whole replies.)"""
+        batch = self.server.replies
+        if batch.active:
+            if not self.out:
+                batch.pending.append(self)
+            self.out.append(data)
+            return
         self.transport.write(data)
+
+    def write_gathered(self) -> None:
+        """Send the replies gathered during a batch, in one write."""
+        out, self.out = self.out, []
+        if out and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def is_closing(self) -> bool:
         return bool(self.transport.is_closing())
@@ -179,7 +219,7 @@ class Connection(asyncio.BufferedProtocol):
         if length < 65536 or self.sock is None or transport.get_write_buffer_size():
             out = vol.read_into(offset, length, extra, 16)
             p.REPLY.pack_into(out, 0, p.SIMPLE_REPLY_MAGIC, 0, handle)
-            transport.write(out)
+            self.write(out)
             return
         parts = [p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), *vol.read_views(offset, length, extra)]
         try:
@@ -323,10 +363,7 @@ class Connection(asyncio.BufferedProtocol):
         assert vol is not None
         if cmd == p.CMD_READ:
             if offset >= 0 and offset + length <= vol.size and length <= p.MAX_REQUEST:
-                sequential = length >= (128 << 10) or server.last_end.get(vol.name) == offset
-                server.last_end[vol.name] = offset + length
-                if sequential:
-                    server.reads.read_ahead(vol, offset + length)
+                sequential = server.reads.note_read(vol, offset, length)
                 needs = vol.read_needs(offset, length)
                 if not needs:
                     try:
@@ -365,13 +402,20 @@ class Connection(asyncio.BufferedProtocol):
         if loc is None or loc.flags != RAW or not 0 <= n <= SMALL_READ or self.server.reads.being_read(loc):
             return False
 
+        generation = vol.generation
+
         def landed(data: bytes | None, exc: BaseException | None) -> None:
             self.direct -= 1
             if exc is not None or data is None or len(data) != n:
                 self._spawn(self.server.read_task(vol, self, handle, offset, length, False))
                 return
+            unchanged = vol.generation == generation and self.vol is vol and not vol.released
+            if unchanged and n == length:  # the whole request was that range: reply with it
+                if not self.transport.is_closing():
+                    self.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle) + data)
+                return
             extra = {h: (start, data)}
-            if vol.read_needs(offset, length, extra):  # the map changed meanwhile
+            if not unchanged and vol.read_needs(offset, length, extra):  # the map changed meanwhile
                 self._spawn(self.server.read_task(vol, self, handle, offset, length, False))
                 return
             try:

@@ -1,11 +1,12 @@
 """The NBD server's backend reads: asynchronous, merged, deduplicated, read ahead.
 
 What a request lacks in memory is read with the backend's asynchronous reads (librados
-aio), neighbouring chunks of a segment in one read, a small read of an uncompressed
-chunk as just its bytes, and a sequential read with read-ahead to the end of the
-chunk's 4 MiB segment region (chunks of a sequential write are laid out contiguously
-there) plus ``AHEAD`` bytes of the volume. Concurrent requests wait for a read already
-in flight instead of issuing their own.
+aio, completions handed to the event loop in batches): neighbouring chunks of a segment
+in one read of at most ``PIECE``, a small read of an uncompressed chunk as just its
+bytes. A sequential reader gets a read-ahead window of the volume that grows with its
+run (up to ``AHEAD``; chunks of a sequential write lie contiguously in their segment, so
+that is a few large reads). Concurrent requests wait for a read already in flight
+instead of issuing their own.
 """
 
 from __future__ import annotations
@@ -13,32 +14,50 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from storage.aio import ReadCallback
 from storage.chunks import RAW, ChunkCodec
 from storage.engine import Pool, Volume
 from storage.errors import CorruptionError
-from storage.log import CHUNK_HEAD, CHUNK_RECORDS, HEADER, MAP_RECORDS, Location
+from storage.log import Location
+
+if TYPE_CHECKING:
+    from storage.nbd.connection import ReplyBatch
 
 log = logging.getLogger("cairn.nbd")
-READAHEAD = (4 << 20) + (256 << 10)  # a sequential read fetches a whole 4 MiB segment region (+ record headers)
-AHEAD = 32 << 20  # a sequential reader gets this much of the volume read ahead of it
+AHEAD = 32 << 20  # the most a sequential reader gets read ahead of it
+MIN_AHEAD = 256 << 10  # its first read-ahead window
+PIECE = 1 << 20  # backend reads of neighbouring chunks stop at this size
+LARGE_READ = 128 << 10  # a request this large fetches whole chunks
 SMALL_READ = 16 << 10  # up to this, a read of an uncompressed chunk fetches just its bytes
-_REC_OVERHEAD = HEADER.size + CHUNK_HEAD.size
+
+
+@dataclass
+class _Run:
+    """A volume's sequential reader: where its next request would start, how much it
+    read in a row, and how far ahead of it reads were issued."""
+
+    next: int
+    length: int
+    ahead: int
 
 
 class ReadPath:
     """Backend reads of one pool for the NBD server (all on the event loop's thread)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, replies: ReplyBatch | None = None) -> None:
         self.pool = pool
+        self.replies = replies  # replies sent by completions go out together
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Segment ranges being read: (start, end, future) per segment.
         self._reading: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {}
-        self._ahead: dict[str, int] = {}  # volume read-ahead issued up to here
+        self._runs: dict[str, _Run] = {}  # volume -> its sequential reader
         self.background: set[asyncio.Task[None]] = set()
         self._codec = ChunkCodec()
-        self._completed: collections.deque[tuple[Any, bytes | None, BaseException | None]] = collections.deque()
+        self._completed: collections.deque[tuple[ReadCallback, bytes | None, BaseException | None]] = (
+            collections.deque())
         self._wake_pending = False
         self.in_flight = 0
 
@@ -54,30 +73,21 @@ class ReadPath:
 
     def forget(self, volume: str) -> None:
         """A volume this server no longer holds: its read-ahead starts afresh."""
-        self._ahead.pop(volume, None)
+        self._runs.pop(volume, None)
 
-    def _aio_read(self, seg: str, offset: int, length: int) -> asyncio.Future[bytes]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        # asyncio.get_running_loop() makes a getpid() system call each time
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def read_cb(self, seg: str, offset: int, length: int, cb: ReadCallback) -> None:
+        """Read a range of a segment (librados aio); ``cb(data, exc)`` runs on the loop."""
+        loop = self._get_loop()
 
         def done(data: bytes | None, exc: BaseException | None) -> None:  # on a backend thread
             # Completions are handed over in batches: one loop wake-up for all of those
             # that arrive while the loop is busy.
-            self._completed.append((fut, data, exc))
-            if not self._wake_pending:
-                self._wake_pending = True
-                loop.call_soon_threadsafe(self.settle_completed)
-
-        self.in_flight += 1
-        self.pool.log.read_async(seg, offset, length, done)
-        return fut
-
-    def read_cb(self, seg: str, offset: int, length: int,
-                     cb: Callable[[bytes | None, BaseException | None], None]) -> None:
-        """Like :meth:`_aio_read`, calling ``cb(data, exc)`` on the loop instead."""
-        loop = asyncio.get_running_loop()
-
-        def done(data: bytes | None, exc: BaseException | None) -> None:  # on a backend thread
             self._completed.append((cb, data, exc))
             if not self._wake_pending:
                 self._wake_pending = True
@@ -88,40 +98,61 @@ class ReadPath:
 
     def settle_completed(self) -> None:
         self._wake_pending = False
+        gathering = self.replies is not None and self.replies.begin()
+        try:
+            self._settle()
+        finally:
+            if gathering:
+                assert self.replies is not None
+                self.replies.end()
+
+    def _settle(self) -> None:
         completed = self._completed
         while completed:
-            fut, data, exc = completed.popleft()
+            cb, data, exc = completed.popleft()
             self.in_flight -= 1
-            if not isinstance(fut, asyncio.Future):
-                try:
-                    fut(data, exc)
-                except Exception:
-                    log.exception("read completion failed")
-                continue
-            if fut.done():
-                continue
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(data or b"")
+            try:
+                cb(data, exc)
+            except Exception:
+                log.exception("read completion failed")
 
-    def read_ahead(self, vol: Volume, start: int) -> None:
-        """After a sequential read ending at ``start``, bring the next ``AHEAD`` bytes of
-        the volume into the cache in the background (each range is looked at once)."""
-        done_until = self._ahead.get(vol.name, 0)
-        if done_until > start + AHEAD // 2:
-            return  # far enough ahead already
-        if done_until < start or done_until > start + AHEAD:
-            done_until = start  # a new sequential run
-        end = min(vol.size, start + AHEAD)
-        if end <= done_until:
-            return
-        self._ahead[vol.name] = end
-        needs = vol.read_needs(done_until, end - done_until)
-        if needs:
-            task = asyncio.get_running_loop().create_task(self.fetch(needs, {}, True))
+    def note_read(self, vol: Volume, offset: int, length: int) -> bool:
+        """Follow a volume's sequential reader (call for every read request) and keep
+        its read-ahead going. Returns whether the request continues a sequential run
+        (or is large): then it fetches whole chunks.
+
+        The window grows with the run like the kernel's (four times what the run read
+        so far, from ``MIN_AHEAD`` up to ``AHEAD``), so a single read, or a short file,
+        costs no read-ahead, and it is refilled a quarter at a time in backend reads of
+        at most ``PIECE``: many short reads in flight, spread over the placement groups,
+        rather than a few long ones whose first byte comes only with their last.
+        """
+        end = offset + length
+        run = self._runs.get(vol.name)
+        if run is None or offset != run.next:
+            self._runs[vol.name] = _Run(end, length, end)
+            return length >= LARGE_READ
+        run.next = end
+        run.length += length
+        window = min(AHEAD, max(MIN_AHEAD, 4 * run.length))
+        ahead = max(run.ahead, end)
+        stop = min(vol.size, end + window)
+        if stop - ahead >= window // 4 or (stop == vol.size and stop > ahead):
+            run.ahead = stop
+            task = self._get_loop().create_task(self._read_ahead(vol, ahead, stop))
             self.background.add(task)
             task.add_done_callback(self._background_done)
+        else:
+            run.ahead = ahead
+        return True
+
+    async def _read_ahead(self, vol: Volume, start: int, stop: int) -> None:
+        # A patch not in memory hides its base: a second round fetches those.
+        for _ in range(2):
+            needs = vol.read_needs(start, stop - start)
+            if not needs:
+                return
+            await self.fetch(needs, {}, True)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self.background.discard(task)
@@ -134,13 +165,16 @@ class ReadPath:
                 return fut
         return None
 
-    async def fetch(self, needs: list[tuple[bytes, int, int]], extra: dict[bytes, tuple[int, bytes]],
-                     sequential: bool) -> None:
+    def fetch(self, needs: list[tuple[bytes, int, int]], extra: dict[bytes, tuple[int, bytes]],
+              whole: bool) -> asyncio.Future[Any]:
         """Bring what ``needs`` lists into the chunk cache (whole chunks) or ``extra``
-        (small ranges of uncompressed chunks), with as few backend reads as possible."""
+        (small ranges of uncompressed chunks, unless ``whole``), with as few backend reads
+        as possible: neighbours in a segment in one read of at most ``PIECE``. The reads
+        are registered at once, so requests that come later wait for them instead of
+        reading again. Returns what to await."""
         index = self.pool.log.index
         waits: list[asyncio.Future[Any]] = []
-        whole: dict[str, list[tuple[Location, bytes]]] = {}
+        runs: dict[str, list[tuple[Location, bytes]]] = {}
         seen: set[bytes] = set()
         for h, start, n in needs:
             loc = index.get(h)
@@ -150,11 +184,12 @@ class ReadPath:
             fut = self.being_read(loc)
             if fut is not None:
                 waits.append(fut)
-            elif 0 <= n <= SMALL_READ and loc.flags == RAW and not sequential:
-                waits.append(asyncio.ensure_future(self._fetch_range(h, loc, start, n, extra)))
+            elif 0 <= n <= SMALL_READ and loc.flags == RAW and not whole:
+                waits.append(self._fetch_range(h, loc, start, n, extra))
             else:
-                whole.setdefault(loc.segment, []).append((loc, h))
-        for seg, items in whole.items():
+                runs.setdefault(loc.segment, []).append((loc, h))
+        loop = self._get_loop()
+        for seg, items in runs.items():
             items.sort(key=lambda m: m[0].offset)
             i = 0
             while i < len(items):
@@ -162,47 +197,61 @@ class ReadPath:
                 end = first.offset + first.length
                 j = i + 1
                 while (j < len(items) and 0 <= items[j][0].offset - end < 65536
-                       and items[j][0].offset + items[j][0].length - first.offset < (8 << 20)):
+                       and items[j][0].offset + items[j][0].length - first.offset <= PIECE):
                     end = max(end, items[j][0].offset + items[j][0].length)
                     j += 1
-                start = first.offset - _REC_OVERHEAD
-                stop = max(end, start + READAHEAD) if sequential else end
-                # Registered now, before any other request runs: they wait for this read.
-                entry = (start, stop, asyncio.get_running_loop().create_future())
+                entry = (first.offset, end, loop.create_future())
                 self._reading.setdefault(seg, []).append(entry)
-                waits.append(asyncio.ensure_future(self._fetch_run(seg, entry, end, items[i:j])))
+                waits.append(self._fetch_run(seg, entry, items[i:j]))
                 i = j
-        if waits:
-            await asyncio.gather(*waits)
+        return asyncio.gather(*waits)
 
-    async def _fetch_range(self, h: bytes, loc: Location, start: int, n: int,
-                           extra: dict[bytes, tuple[int, bytes]]) -> None:
-        data = await self._aio_read(loc.segment, loc.offset + start, n)
-        if len(data) == n:
-            extra[h] = (start, data)
+    def _fetch_range(self, h: bytes, loc: Location, start: int, n: int,
+                     extra: dict[bytes, tuple[int, bytes]]) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = self._get_loop().create_future()
 
-    async def _fetch_run(self, seg: str, entry: tuple[int, int, asyncio.Future[None]], end: int,
-                         items: list[tuple[Location, bytes]]) -> None:
-        """Read ``[start, stop)`` of a segment (``entry``, registered in ``_reading``): the
-        chunks in ``items`` (ending at ``end``), then, as read-ahead, the records after them."""
+        def landed(data: bytes | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                done.set_exception(exc)
+                return
+            if data is not None and len(data) == n:
+                extra[h] = (start, data)
+            done.set_result(None)
+
+        self.read_cb(loc.segment, loc.offset + start, n, landed)
+        return done
+
+    def _fetch_run(self, seg: str, entry: tuple[int, int, asyncio.Future[None]],
+                   items: list[tuple[Location, bytes]]) -> asyncio.Future[None]:
+        """Read ``[start, stop)`` of a segment (``entry``, registered in ``_reading``):
+        the chunks in ``items``."""
         start, stop, marker = entry
-        try:
-            blob = await self._aio_read(seg, start, stop - start)
-        finally:
+        done: asyncio.Future[None] = self._get_loop().create_future()
+
+        def landed(blob: bytes | None, exc: BaseException | None) -> None:
             ranges = self._reading[seg]
             ranges.remove(entry)
             if not ranges:
                 del self._reading[seg]
             marker.set_result(None)
-        chunks = self.pool.chunks
-        view = memoryview(blob)
-        for loc, h in items:
-            at = loc.offset - start
-            if at + loc.length > len(blob):
-                raise CorruptionError(f"chunk {h.hex()} truncated in {seg}")
-            chunks.remember(h, self._decoded(view, at, at + loc.length, loc.flags, loc.raw_length))
-        if stop > end:
-            self._readahead(seg, start, view, end - start)
+            try:
+                if exc is not None:
+                    raise exc
+                assert blob is not None
+                chunks = self.pool.chunks
+                view = memoryview(blob)
+                for loc, h in items:
+                    at = loc.offset - start
+                    if at + loc.length > len(blob):
+                        raise CorruptionError(f"chunk {h.hex()} truncated in {seg}")
+                    chunks.remember(h, self._decoded(view, at, at + loc.length, loc.flags, loc.raw_length))
+            except BaseException as error:  # handed to the waiting request
+                done.set_exception(error)
+                return
+            done.set_result(None)
+
+        self.read_cb(seg, start, stop - start, landed)
+        return done
 
     def _decoded(self, view: memoryview, at: int, end: int, flags: int, raw_length: int) -> bytes:
         """A chunk's bytes out of a segment read. An uncompressed data block is kept as a
@@ -211,25 +260,3 @@ class ReadPath:
         if flags == RAW and raw_length == self.pool.chunk_size and end - at == raw_length:
             return view[at:end]  # type: ignore[return-value]
         return self._codec.decode(flags, bytes(view[at:end]), raw_length)
-
-    def _readahead(self, seg: str, start: int, view: memoryview, pos: int) -> None:
-        """Cache the chunk records of ``view`` (segment bytes from ``start``) from ``pos``
-        on, trusting only those the index places exactly there."""
-        index = self.pool.log.index
-        chunks = self.pool.chunks
-        size = len(view)
-        while pos + _REC_OVERHEAD <= size:
-            length, _crc, rtype = HEADER.unpack_from(view, pos)
-            body = pos + HEADER.size
-            if body + length > size:
-                return
-            if rtype in CHUNK_RECORDS:
-                h, flags, raw = CHUNK_HEAD.unpack_from(view, body)
-                at = body + CHUNK_HEAD.size
-                loc = index.get(h)
-                if (loc is not None and loc.segment == seg and loc.offset == start + at
-                        and loc.length == body + length - at and not chunks.has(h)):
-                    chunks.remember(h, self._decoded(view, at, body + length, flags, raw))
-            elif rtype not in MAP_RECORDS:
-                return
-            pos = body + length

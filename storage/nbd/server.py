@@ -44,7 +44,7 @@ from storage import cluster
 from storage.engine import CHECKPOINT_BYTES, Pool, Volume, open_pool
 from storage.errors import BackendError, ConflictError, InvalidArgument, ObjectNotFound, OwnedElsewhere, StorageError
 from storage.nbd import protocol as p
-from storage.nbd.connection import Connection
+from storage.nbd.connection import Connection, ReplyBatch
 from storage.nbd.handover import Handover
 from storage.nbd.reads import ReadPath
 from storage.nbd.tls import server_context
@@ -88,7 +88,8 @@ class NbdServer:
         self.pool = pool
         self.exports = exports
         self.read_only = read_only
-        self.reads = ReadPath(pool)
+        self.replies = ReplyBatch()
+        self.reads = ReadPath(pool, self.replies)
         self._waiting: list[tuple[Any, bytes]] = []
         self._sync = False
         self._scheduled = False
@@ -98,7 +99,6 @@ class NbdServer:
         self.connections = 0
         self.users: dict[str, set[Connection]] = {}  # export -> its connections (holding its lock or not)
         self.held: set[str] = set()  # volumes taken by a control request (kept while idle)
-        self.last_end: dict[str, int] = {}
         self.fenced = ""  # why the cluster fenced this writer ("" while serving)
         # exports a non-root client uid of the unix socket may open (an unprivileged QEMU:
         # its VM's disks); root, and TCP clients (TLS certificates), are not limited
@@ -186,7 +186,6 @@ class NbdServer:
     def forget(self, name: str) -> None:
         """Drop what this server keeps about a volume it no longer holds."""
         self._touched.pop(name, None)
-        self.last_end.pop(name, None)
         self.reads.forget(name)
 
     def _unuse(self, conn: Connection) -> None:
@@ -298,6 +297,14 @@ class NbdServer:
         future.add_done_callback(lambda f: self._committed(f, waiting))
 
     def _committed(self, future: asyncio.Future[None], waiting: list[tuple[Any, bytes]]) -> None:
+        gathering = self.replies.begin()
+        try:
+            self._acknowledge(future, waiting)
+        finally:
+            if gathering:
+                self.replies.end()
+
+    def _acknowledge(self, future: asyncio.Future[None], waiting: list[tuple[Any, bytes]]) -> None:
         error = 0
         exc = future.exception()
         if exc is not None:
