@@ -87,6 +87,22 @@ class BlockMap:
             shard = self._shard(s)
         return bytes(shard[i * _H : (i + 1) * _H])
 
+    def get_range(self, first: int, count: int) -> list[bytes]:
+        """The chunk hashes of ``count`` blocks from ``first`` (one slice per shard)."""
+        out: list[bytes] = []
+        blk, end = first, first + count
+        while blk < end:
+            s, i = divmod(blk, SHARD_ENTRIES)
+            take = min(end - blk, SHARD_ENTRIES - i)
+            shard = self._loaded.get(s)
+            if shard is None and self.shards[s] == ZERO_HASH:
+                out += [ZERO_HASH] * take
+            else:
+                raw = bytes((shard if shard is not None else self._shard(s))[i * _H : (i + take) * _H])
+                out += [raw[k : k + _H] for k in range(0, take * _H, _H)]
+            blk += take
+        return out
+
     def set(self, blk: int, h: bytes) -> None:
         """Point a block at a chunk (or the zero hash)."""
         s, i = divmod(blk, SHARD_ENTRIES)

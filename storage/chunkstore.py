@@ -106,6 +106,12 @@ class ChunkStore:
         self._remember(h, data)
         return data
 
+    def cached_block(self, h: bytes) -> bytes | None:
+        """A full data block's bytes if they are in the cache (patches never have the
+        chunk size, so this needs no index lookup), else None."""
+        data = self._cache.get(h)
+        return data if data is not None and len(data) == self.chunk_size else None
+
     def get(self, h: bytes) -> bytes:
         """The chunk's bytes (verified against its hash when read from the backend)."""
         data = self._cache.get(h)

@@ -100,7 +100,7 @@ class Volume:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of ``[offset, offset+length)``; holes read as zeros."""
         self._check_range(offset, length)
-        hashes = [self.map.get(b) for b in range(offset // self.block, (offset + length - 1) // self.block + 1)]
+        hashes = self._hashes(offset, length)
         if len(hashes) > 1:
             self.pool.chunks.get_many([h for h in hashes if h != ZERO_HASH])
         return bytes(self.read_into(offset, length))
@@ -114,17 +114,22 @@ class Volume:
         out = bytearray(prefix + length)
         view = memoryview(out)[prefix:]
         bs = self.block
-        blk, boff = divmod(offset, bs)
+        boff = offset % bs
         pos = 0
-        while pos < length:
+        for h in self._hashes(offset, length):
             n = min(bs - boff, length - pos)
-            h = self.map.get(blk)
             if h != ZERO_HASH:
                 self._fill(view[pos : pos + n], h, boff, extra)
             pos += n
-            blk += 1
             boff = 0
         return out
+
+    def _hashes(self, offset: int, length: int) -> list[bytes]:
+        """The block-map entries a range covers."""
+        if length <= 0:
+            return []
+        first = offset // self.block
+        return self.map.get_range(first, (offset + length - 1) // self.block - first + 1)
 
     def read_views(self, offset: int, length: int,
                    extra: dict[bytes, tuple[int, bytes]] | None = None) -> list[bytes | bytearray | memoryview]:
@@ -133,22 +138,20 @@ class Volume:
         out: list[bytes | bytearray | memoryview] = []
         chunks = self.pool.chunks
         bs = self.block
-        blk, boff = divmod(offset, bs)
+        boff = offset % bs
         pos = 0
-        while pos < length:
+        for h in self._hashes(offset, length):
             n = min(bs - boff, length - pos)
-            h = self.map.get(blk)
-            data = None if h == ZERO_HASH or chunks.is_patch(h) else chunks.cached(h)
+            data = None if h == ZERO_HASH else chunks.cached_block(h)
             if h == ZERO_HASH:
                 out.append(memoryview(self._zero)[:n])
             elif data is not None:
-                out.append(memoryview(data)[boff : boff + n])
+                out.append(data if n == bs else memoryview(data)[boff : boff + n])
             else:
                 buf = bytearray(n)
                 self._fill(memoryview(buf), h, boff, extra)
                 out.append(buf)
             pos += n
-            blk += 1
             boff = 0
         return out
 
@@ -185,16 +188,15 @@ class Volume:
         if length <= 0 or offset < 0 or offset + length > self.record.size:
             return []
         needs: list[tuple[bytes, int, int]] = []
+        cached_block = self.pool.chunks.cached_block
         bs = self.block
-        blk, boff = divmod(offset, bs)
+        boff = offset % bs
         pos = 0
-        while pos < length:
+        for h in self._hashes(offset, length):
             n = min(bs - boff, length - pos)
-            h = self.map.get(blk)
-            if h != ZERO_HASH:
+            if h != ZERO_HASH and cached_block(h) is None:
                 self._needs(h, boff, n, extra, needs)
             pos += n
-            blk += 1
             boff = 0
         return needs
 

@@ -17,6 +17,7 @@ from storage.engine import Volume
 from storage.errors import StorageError
 from storage.nbd import protocol as p
 from storage.nbd.reads import SMALL_READ
+from storage.nbd.sender import Sender
 
 if TYPE_CHECKING:
     from storage.nbd.server import NbdServer
@@ -74,6 +75,7 @@ class Connection(asyncio.BufferedProtocol):
         self.encrypted = False
         self.transport: Any = None
         self.sock: socket.socket | None = None
+        self.sender: Sender | None = None  # replies go out through it once transmitting (not over TLS)
         self.vol: Volume | None = None
         self.name = ""  # the export, once chosen
         self.transmitting = False
@@ -143,11 +145,13 @@ class Connection(asyncio.BufferedProtocol):
             with contextlib.suppress(OSError):
                 self.sock = socket.socket(fileno=os.dup(sock.fileno()))
                 self.sock.setblocking(False)
-            # A whole 1 MiB reply (or write) fits in the socket at once: no partial send
-            # whose rest the transport would copy and send again later.
+            # A whole 1 MiB reply (or write) fits in the socket at once.
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            if self.sock is not None and not self.transport.get_write_buffer_size():
+                self.sender = Sender(asyncio.get_running_loop(), self.sock, self.pause_writing, self.resume_writing,
+                                     self._close)
         if len(self.buf) < (1 << 20):
             rest = self.buf[self.start : self.end]
             self.buf = bytearray(1 << 20)
@@ -195,13 +199,19 @@ class Connection(asyncio.BufferedProtocol):
             if not self.out:
                 batch.pending.append(self)
             self.out.append(data)
-            return
-        self.transport.write(data)
+        elif self.sender is not None:
+            self.sender.send((data,))
+        else:
+            self.transport.write(data)
 
     def write_gathered(self) -> None:
         """Send the replies gathered during a batch, in one write."""
         out, self.out = self.out, []
-        if out and not self.transport.is_closing():
+        if not out or self.transport.is_closing():
+            return
+        if self.sender is not None:
+            self.sender.send(out)
+        else:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def is_closing(self) -> bool:
@@ -209,36 +219,17 @@ class Connection(asyncio.BufferedProtocol):
 
     def send_read(self, handle: int, offset: int, length: int, extra: dict[bytes, tuple[int, bytes]] | None) -> None:
         """Reply to a read. A large one goes out with one scatter-gather ``sendmsg`` of
-        the cached blocks themselves when nothing is queued before it (what the socket
-        does not take is queued on the transport, in order)."""
-        transport = self.transport
-        if transport.is_closing():
+        the cached blocks themselves (storage/nbd/sender.py), a small one as a copy."""
+        if self.transport.is_closing():
             return
         vol = self.vol
         assert vol is not None
-        if length < 65536 or self.sock is None or transport.get_write_buffer_size():
+        if length < 65536 or self.sender is None:
             out = vol.read_into(offset, length, extra, 16)
             p.REPLY.pack_into(out, 0, p.SIMPLE_REPLY_MAGIC, 0, handle)
             self.write(out)
             return
-        parts = [p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), *vol.read_views(offset, length, extra)]
-        try:
-            sent = self.sock.sendmsg(parts)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            transport.close()
-            return
-        if sent < 16 + length:
-            rest = bytearray()
-            for part in parts:
-                n = len(part)
-                if sent >= n:
-                    sent -= n
-                    continue
-                rest += memoryview(part)[sent:]
-                sent = 0
-            transport.write(rest)
+        self.sender.send([p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), *vol.read_views(offset, length, extra)])
 
     # ------------------------------------------------------------------ transport side
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -276,6 +267,8 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.sender is not None:
+            self.sender.close()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -359,7 +352,7 @@ class Connection(asyncio.BufferedProtocol):
             server.schedule()
 
     def _request(self, cmd: int, flags: int, handle: int, offset: int, length: int) -> None:
-        server, vol, transport = self.server, self.vol, self.transport
+        server, vol = self.server, self.vol
         assert vol is not None
         if cmd == p.CMD_READ:
             if offset >= 0 and offset + length <= vol.size and length <= p.MAX_REQUEST:
@@ -370,13 +363,13 @@ class Connection(asyncio.BufferedProtocol):
                         self.send_read(handle, offset, length, None)
                     except StorageError:
                         log.exception("read failed")
-                        transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
+                        self.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
                     return
                 if len(needs) == 1 and not sequential and self._direct_read(handle, offset, length, needs[0]):
                     return
                 self._spawn(server.read_task(vol, self, handle, offset, length, sequential))
             else:
-                transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
+                self.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
         elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
             fua = bool(flags & p.CMD_FLAG_FUA)
             if vol.write_needs(offset, length):
@@ -386,11 +379,11 @@ class Connection(asyncio.BufferedProtocol):
         elif cmd == p.CMD_FLUSH:
             self._spawn(self._flush(handle))
         elif cmd == p.CMD_CACHE:
-            transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
+            self.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
         elif cmd == p.CMD_DISC:
             self._spawn(self._disconnect())
         else:
-            transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
+            self.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EINVAL, handle))
 
     def _direct_read(self, handle: int, offset: int, length: int, need: tuple[bytes, int, int]) -> bool:
         """A small random read lacking one range of one uncompressed chunk (the common
@@ -422,7 +415,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.send_read(handle, offset, length, extra)
             except StorageError:
                 log.exception("read failed")
-                self.transport.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
+                self.write(p.REPLY.pack(p.SIMPLE_REPLY_MAGIC, p.EIO, handle))
 
         self.direct += 1
         self.server.reads.read_cb(loc.segment, loc.offset + start, n, landed)
@@ -444,4 +437,7 @@ class Connection(asyncio.BufferedProtocol):
         self._close()
 
     def _close(self) -> None:
-        self.transport.close()
+        if self.sender is not None and self.sender.queue:
+            self.sender.then(self.transport.close)  # the replies still waiting go first
+        else:
+            self.transport.close()
