@@ -168,10 +168,15 @@ class _Stream:
     seg_size: int = 0
     pending: list[bytes | memoryview] = field(default_factory=list)
     pending_size: int = 0
+    _named: tuple[int, str] = (-1, "")
 
     @property
     def segment(self) -> str:
-        return segment_name(self.name, self.seq)
+        seq, name = self._named
+        if seq != self.seq:
+            name = segment_name(self.name, self.seq)
+            self._named = (self.seq, name)
+        return name
 
 
 @dataclass(eq=False)
@@ -209,6 +214,7 @@ class SegmentLog:
         self.journal = _Stream(self.writer)
         self.data = [_Stream(f"{self.writer}.{k}") for k in range(DATA_STREAMS)]
         self.pending_chunks: dict[bytes, bytes] = {}
+        self._pending = 0  # bytes staged in all streams (pending_size)
         # Chunks of one write request stay together (one read later), see Volume._apply.
         self.sticky: _Stream | None = None
         self.inflight: dict[bytes, bytes] = {}
@@ -388,7 +394,7 @@ class SegmentLog:
     @property
     def pending_size(self) -> int:
         """Bytes staged and not yet handed to the backend."""
-        return self.journal.pending_size + sum(st.pending_size for st in self.data)
+        return self._pending
 
     @property
     def groups_in_flight(self) -> int:
@@ -422,6 +428,7 @@ class SegmentLog:
         self.pending_chunks[h] = payload
         st.pending += parts
         st.pending_size += HEADER.size + CHUNK_HEAD.size + len(payload)
+        self._pending += HEADER.size + CHUNK_HEAD.size + len(payload)
 
     def stage_map(self, vol_id: bytes, entries: list[tuple[int, bytes, bytes]]) -> None:
         """Queue a block-map update record for a volume on the (ordered) journal stream:
@@ -430,6 +437,7 @@ class SegmentLog:
         rec = frame(REC_MAP2, *body)
         self.journal.pending.append(rec)
         self.journal.pending_size += len(rec)
+        self._pending += len(rec)
 
     def _take(self, st: _Stream, sealed: list[tuple[str, bytes]]) -> tuple[str, bytes] | None:
         if not st.pending:
@@ -437,6 +445,7 @@ class SegmentLog:
         seg = st.segment
         blob = b"".join(st.pending)
         st.seg_size += st.pending_size
+        self._pending -= st.pending_size
         st.pending = []
         st.pending_size = 0
         if st.seg_size >= SEGMENT_TARGET:
