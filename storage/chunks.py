@@ -31,17 +31,19 @@ class ChunkCodec:
         self._c = zstandard.ZstdCompressor(level=level)
         self._d = zstandard.ZstdDecompressor()
 
-    def encode(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
-        """Return (flags, payload): zstd when it saves at least 1/8, raw otherwise."""
+    def encode(self, data: bytes | bytearray | memoryview, keep: bool = False) -> tuple[int, bytes]:
+        """Return (flags, payload): zstd when it saves at least 1/8, raw otherwise (a copy
+        of ``data``, or with ``keep`` ``data`` itself: the caller never changes it)."""
         n = len(data)
+        raw = data if keep else None
         if n > _SAMPLE * 2:
             sample = self._c.compress(data[:_SAMPLE])
             if len(sample) > _SAMPLE - (_SAMPLE >> 3):
-                return RAW, bytes(data)
+                return RAW, bytes(data) if raw is None else raw  # type: ignore[return-value]  # read-only use
         packed: bytes = self._c.compress(data)
         if len(packed) <= n - (n >> 3):
             return ZSTD, packed
-        return RAW, bytes(data)
+        return RAW, bytes(data) if raw is None else raw  # type: ignore[return-value]
 
     def decode(self, flags: int, payload: bytes, raw_length: int) -> bytes:
         """Inverse of :meth:`encode`."""

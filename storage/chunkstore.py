@@ -35,16 +35,18 @@ class ChunkStore:
         loc = self.log.index.get(h)
         return loc is not None and (not self.log.condemned or loc.segment not in self.log.condemned)
 
-    def put(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Store a chunk once; return its hash."""
+    def put(self, data: bytes | bytearray | memoryview, owned: bool = False) -> bytes:
+        """Store a chunk once; return its hash. With ``owned`` the caller hands ``data``
+        over (it is never changed afterwards): it is staged and cached as it is, not
+        copied."""
         h = chunk_hash(data)
         if not self._stored(h):
-            flags, payload = self.codec.encode(data)
+            flags, payload = self.codec.encode(data, keep=owned)
             self.log.stage_chunk(h, flags, len(data), payload)
             # An uncompressed payload is already a copy of the bytes: cache that one.
             self._remember(h, payload if flags == RAW else bytes(data))
         elif h not in self._cache:
-            self._remember(h, bytes(data))
+            self._remember(h, data if owned else bytes(data))  # type: ignore[arg-type]  # read-only use
         return h
 
     def put_patch(self, base: bytes, extents: Extents) -> bytes:

@@ -253,13 +253,15 @@ class Volume:
         needs = self.write_needs(offset, length) if partial_only else self.read_needs(offset, length)
         return [h for h, _s, _n in needs]
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Stage a write (read-modify-write for partial blocks). Call :meth:`commit` to journal it."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview, owned: bool = False) -> None:
+        """Stage a write (read-modify-write for partial blocks). Call :meth:`commit` to journal it.
+        With ``owned`` the caller hands ``data`` over (never changes it afterwards): its
+        blocks are staged and cached without a copy."""
         self._check_range(offset, len(data))
         view = memoryview(data)
         step = 4 << 20
         for at in range(0, len(data), step):
-            self._apply(offset + at, view[at : at + step], min(step, len(data) - at))
+            self._apply(offset + at, view[at : at + step], min(step, len(data) - at), owned)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a range: whole blocks become holes and store nothing."""
@@ -268,7 +270,7 @@ class Volume:
 
     discard = write_zeroes
 
-    def _apply(self, offset: int, view: memoryview | None, length: int) -> None:
+    def _apply(self, offset: int, view: memoryview | None, length: int, owned: bool = False) -> None:
         if self.released:
             raise LockLost(f"volume {self.name!r} is no longer owned by this writer")
         blk, boff = divmod(offset, self.block)
@@ -277,7 +279,7 @@ class Volume:
         self.generation += 1
         log.sticky = log.pick_stream(self._stream_key + (offset >> 22), length)
         try:
-            self._apply_blocks(blk, boff, view, length, entries)
+            self._apply_blocks(blk, boff, view, length, entries, owned)
         finally:
             log.sticky = None
         if entries:
@@ -290,7 +292,7 @@ class Volume:
                 log.commit()
 
     def _apply_blocks(self, blk: int, boff: int, view: memoryview | None, length: int,
-                      entries: list[tuple[int, bytes, bytes]]) -> None:
+                      entries: list[tuple[int, bytes, bytes]], owned: bool) -> None:
         bs = self.block
         pos = 0
         chunks = self.pool.chunks
@@ -298,7 +300,7 @@ class Volume:
             n = min(bs - boff, length - pos)
             if n == bs:
                 piece = None if view is None else view[pos : pos + n]
-                h = ZERO_HASH if piece is None or piece == self._zero else chunks.put(piece)
+                h = ZERO_HASH if piece is None or piece == self._zero else chunks.put(piece, owned)
             else:
                 h = self._write_partial(blk, boff, self._zero[:n] if view is None else bytes(view[pos : pos + n]))
             if self.map.get(blk) != h:

@@ -499,7 +499,7 @@ class NbdServer:
             if data is None:
                 vol.write_zeroes(offset, length)
             else:
-                vol.write(offset, data)
+                vol.write(offset, data, owned=True)  # a request's own buffer, never reused
         except InvalidArgument:
             return p.EINVAL
         except StorageError:
