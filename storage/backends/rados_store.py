@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import logging
+import os
 import struct
 import threading
 import time
@@ -99,6 +100,15 @@ def _adopt_thread() -> None:
         _ADOPTED.add(ident)
 
 
+def client_threads(cpus: int) -> dict[str, str]:
+    """librados thread counts for this process. Completions: one thread (every callback
+    needs the GIL, so a second one only contends for it). Messenger threads: one per
+    two CPUs, at most librados' default three: on a small node each extra thread is
+    context switches per operation, not parallelism (a 4 KiB read measured 33 µs of
+    client CPU with one messenger and one completion thread, 45 µs with 3 and 2, on 2 CPUs)."""
+    return {"librados_thread_count": "1", "ms_async_op_threads": str(max(1, min(3, cpus // 2)))}
+
+
 def _report(cb: Callable[..., None], *args: object) -> None:
     try:
         _adopt_thread()
@@ -121,6 +131,8 @@ class RadosBackend(ObjectBackend):
         self.url = f"rados://{pool}/{namespace}?conf={conf}"
         self._cluster = rados.Rados(conffile=conf, name="client.admin")
         self._cluster.conf_set("rados_osd_op_timeout", str(int(op_timeout)))
+        for key, value in client_threads(os.cpu_count() or 1).items():
+            self._cluster.conf_set(key, value)
         try:
             self._cluster.connect(timeout=30)
             self._io = self._cluster.open_ioctx(pool)
