@@ -129,8 +129,12 @@ class ReadPath:
         """
         end = offset + length
         run = self._runs.get(vol.name)
-        if run is None or offset != run.next:
+        if run is None:
             self._runs[vol.name] = _Run(end, length, end)
+            return length >= LARGE_READ
+        if offset != run.next:  # a new run (a random read, most often)
+            run.next = run.ahead = end
+            run.length = length
             return length >= LARGE_READ
         run.next = end
         run.length += length
