@@ -129,8 +129,11 @@ def record_lost(session: Session, item: LostNode, fenced: bool, report: dict[str
                             queue="cluster", principal=None, project_id=row.project_id,
                             resource=(row.kind, row.id, row.name), max_attempts=3)
         created.append(task["id"])
+    # a node event carries the whole node (lists in the console merge node events into their
+    # rows), and what happened besides
+    session.flush()
     events.record(session, "node", "fenced" if fenced else "lost",
-                  {"id": node.id, "name": node.name, "reason": reason, "ha_instances": len(item.ha),
+                  {**nodes.node_public(node), "reason": reason, "ha_instances": len(item.ha),
                    "failover_tasks": created}, None)
     return created
 
@@ -148,4 +151,5 @@ def unfenced(session: Session, name: str) -> None:
     statuses.write(session, node, lambda cur: {"ha": {
         k: v for k, v in (cur.get("ha") or {}).items() if k not in ("fenced_boot_id", "fenced_at", "fence")}},
         change=back, emit=nodes._emit)
-    events.record(session, "node", "unfenced", {"id": node.id, "name": name}, None)
+    session.flush()
+    events.record(session, "node", "unfenced", nodes.node_public(node), None)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from appliance.agent.inventory import allocatable
 from appliance.db.engine import session_scope
-from appliance.db.models import Instance, Node, Task
+from appliance.db.models import Event, Instance, Node, Task
 from appliance.services import ha, instances, nodes
 
 from .test_instances_service import INV, admin, world  # noqa: F401 - the fixture
@@ -69,3 +69,23 @@ def test_two_managers_recording_one_loss_queue_one_failover(world: Any) -> None:
         assert ha.lost(session, {"n1": {"boot_id": "b1"}}) == []
     with session_scope(url) as session:  # a manager that still had the old list records nothing
         assert ha.record_lost(session, item, True) == []
+
+
+@pytest.mark.functional
+def test_the_node_events_of_a_loss_carry_the_whole_node(world: Any) -> None:  # noqa: F811
+    """The console merges every ``node`` event into its node rows: a fenced event that
+    carried only a name and a reason left a row without a status, and the Cluster page
+    stopped rendering (seen in Chromium on the lab: the failover never appeared)."""
+    _, url = world
+    item = lose_n2_with_an_ha_vm(url)
+    with session_scope(url) as session:
+        (task_id,) = ha.record_lost(session, item, True)
+    with session_scope(url) as session:
+        ha.unfenced(session, "n2")
+    with session_scope(url, readonly=True) as session:
+        facts = {e.verb: e.object for e in session.scalars(select(Event).where(Event.kind == "node"))
+                 if e.verb in ("fenced", "unfenced")}
+        public = set(nodes.node_public(session.scalars(select(Node).where(Node.name == "n2")).one()))
+    assert public <= set(facts["fenced"]) and public <= set(facts["unfenced"]), facts
+    assert facts["fenced"]["status"]["phase"] == "Fenced" and facts["fenced"]["failover_tasks"] == [task_id]
+    assert "reason" in facts["fenced"] and facts["unfenced"]["status"]["phase"] == "NotReady"

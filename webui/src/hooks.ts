@@ -66,6 +66,8 @@ export interface LiveList<T> {
  * A paginated list (`{items, next_cursor}`) kept current by events of `kind`:
  * updates replace the row in place, creations go on top, deletions drop the row.
  */
+const RESOURCE_VERBS = new Set(["created", "updated", "deleted"]);
+
 export function useLiveList<T extends { id: string }>(
   path: string,
   kind: string,
@@ -103,6 +105,9 @@ export function useLiveList<T extends { id: string }>(
   acceptRef.current = accept;
   useLive([kind], (e: ChangeEvent) => {
     const obj = e.object as unknown as T;
+    // an event that tells of something other than a change of the resource carries the
+    // resource too; one that does not (an older server's) must not replace a row
+    if (!RESOURCE_VERBS.has(e.verb) && !(obj && typeof obj === "object" && "status" in obj)) return;
     setItems((old) => {
       const at = old.findIndex((o) => o.id === e.id);
       if (e.verb === "deleted" || !acceptRef.current(obj)) return at < 0 ? old : old.filter((o) => o.id !== e.id);
