@@ -96,7 +96,9 @@ def patroni_config(cfg: ClusterConfig, paths: NodePaths) -> str:
         "scope": f"cairn-{cfg.cluster_id}",
         "namespace": "/cairn/patroni/",
         "name": cfg.node,
-        "log": {"level": "WARNING"},
+        # INFO: promotions, rewinds and reinitialisations are in the log (an installed node's
+        # journal rotates it; about one line per loop_wait otherwise)
+        "log": {"level": "INFO"},
         "restapi": {"listen": f"{cfg.address}:{PATRONI_PORT}", "connect_address": f"{cfg.address}:{PATRONI_PORT}",
                     "certfile": str(paths.pg_tls / "node.crt"), "keyfile": str(paths.pg_tls / "node.key"),
                     "authentication": {"username": "patroni", "password": s.patroni_rest}},

@@ -241,12 +241,20 @@ def ceph_healthy(ceph: dict[str, Any]) -> bool:
                                      and set(ceph["checks"]) <= LAB_TOLERATED_CHECKS)
 
 
+DATABASE_UP = frozenset({"running", "streaming"})
+
+
 def healthy(view: dict[str, Any], expect: int) -> bool:
+    """Quorum of ``expect`` voters, every member ready, a database primary with a sync
+    standby and every member's database up (a replica left down, e.g. after its timeline
+    diverged, is not healthy), and Ceph healthy."""
     members = view.get("members", [])
     voters = [m for m in members if "etcd" in m["roles"] and "etcd-learner" not in m["roles"]]
+    databases = [m.get("database") or {} for m in members]
     return bool(view.get("quorum") and len(voters) == expect and all(m["ready"] for m in members)
             and view.get("database", {}).get("primary") is not None
             and sum(1 for m in members if "database-sync-standby" in m["roles"]) >= (1 if expect > 1 else 0)
+            and sum(1 for d in databases if d.get("state") in DATABASE_UP) == expect
             and ceph_healthy(view.get("ceph", {})))
 
 

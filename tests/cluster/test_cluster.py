@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from appliance.lab import daemon, ops
-from tests.lab_cluster import LabCluster
+from tests.lab_cluster import LabCluster, wait_for
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 NODES = ("n1", "n2", "n3")
@@ -249,3 +249,72 @@ def test_losing_the_database_primary_node_keeps_the_api_writable_and_loses_no_ac
     view = lab.wait_healthy(timeout=300)
     assert view["database"]["primary"] != primary
     assert primary in roles(view, "database-replica") + roles(view, "database-sync-standby")
+
+
+PSQL = "/usr/lib/postgresql/15/bin/psql"
+
+
+def _sql(lab: LabCluster, node: str, query: str, timeout: float = 30) -> str:
+    """``query`` on the node's own PostgreSQL (local trust, as the superuser)."""
+    r = lab.run(node, [PSQL, "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-Atc", query], timeout=timeout)
+    return (r.stdout if r.returncode == 0 else f"ERROR {r.stderr}").strip()
+
+
+def _cut_replication(lab: LabCluster, node: str, source: str, cut: bool) -> None:
+    """Drop (or stop dropping) what ``node`` receives from ``source``'s PostgreSQL: a table of
+    the test's own in the node's network namespace."""
+    table = "inet cairn_test_diverge"
+    script = (f"add table {table} {{ chain in {{ type filter hook input priority -10; policy accept; "
+              f"ip saddr {source} tcp sport 5432 drop; }}; }}" if cut else f"delete table {table}")
+    r = lab.run(node, ["nft", script])
+    assert r.returncode == 0 or not cut, r.stderr
+
+
+@pytest.mark.parametrize("how", ["kill", "partition"])
+def test_a_replica_ahead_of_the_promoted_standby_is_rewound_and_commits_go_on(lab_cluster: LabCluster,
+                                                                              how: str) -> None:
+    """The asynchronous replica replays WAL the sync standby never got (a commit the
+    primary still waited for, so never acknowledged), then the primary dies: the standby
+    is promoted behind that replica, whose timeline has diverged (likewise when the
+    primary is cut off, alive). It must be rewound and
+    follow the new primary, and the cluster must take commits again (with strict
+    synchronous replication a replica left down holds every commit once the other one
+    goes: issue HA, bug 3)."""
+    lab = lab_cluster
+    view = lab.wait_healthy(timeout=300)
+    primary = view["database"]["primary"]
+    standby = roles(view, "database-sync-standby")[0]
+    replica = next(n for n in NODES if n not in (primary, standby))
+    address = {m["name"]: m["address"] for m in view["members"]}
+    table = f"diverge_{int(time.time())}"
+    assert _sql(lab, primary, f"create table {table}(x int)") == "CREATE TABLE"
+    wait_for(f"{standby} has the table", lambda: _sql(lab, standby, f"select count(*) from {table}") == "0", 30)
+    _cut_replication(lab, standby, address[primary], True)  # the next commit waits for the standby
+    try:
+        held = lab.popen(primary, [PSQL, "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-Atc",
+                                   f"insert into {table} select generate_series(1, 1000)"])
+        wait_for(f"{replica} replaying the held commit",
+                 lambda: _sql(lab, replica, f"select count(*) from {table}") == "1000", 30)
+        assert held.poll() is None, "the commit was not held for the cut-off sync standby"
+        assert _sql(lab, standby, f"select count(*) from {table}") == "0"
+        getattr(ops, how)(primary, lab.dir)
+        # the cut stays until the standby is promoted: the dead primary's kernel keeps
+        # retransmitting what its walsender had sent, which would reach the standby late
+        new = wait_for("a new primary", lambda: (p := lab.view(standby)["database"]["primary"]) not in (None, primary)
+                       and p, 120)
+    finally:
+        _cut_replication(lab, standby, address[primary], False)
+    held.wait(timeout=60)
+    assert new == standby, f"{new} was promoted, not the sync standby {standby}"
+    # the replica drops the commit nobody acknowledged and streams from the new primary
+    kept = _sql(lab, new, f"select count(*) from {table}")
+    assert kept == "0", f"the promoted standby has the commit it never received? {kept}"
+    wait_for(f"{replica} rewound and streaming from {new}",
+             lambda: _sql(lab, replica, f"select count(*) from {table}") == kept
+             and _sql(lab, replica, "select status from pg_stat_wal_receiver") == "streaming", 180, every=3)
+    name = f"after-diverge-{int(time.time())}"
+    done = lab.cairn_rc(standby, "project", "create", name, timeout=120)
+    assert done.returncode == 0, f"no commit after the failover: {done.stderr or done.stdout}"
+    ops.heal(lab.dir)
+    view = lab.wait_healthy(timeout=300)  # every member's database up again, the old primary too
+    assert view["database"]["primary"] == new
