@@ -177,6 +177,17 @@ def _mkfs_mon(node: CephNode, monmap: Path, keyring: Path) -> None:
          "--keyring", str(keyring))
 
 
+def osds_at(dump: dict[str, Any], address: str) -> list[int]:
+    """The OSDs of an ``osd dump`` whose public address is on the host ``address``."""
+    out = []
+    for osd in dump.get("osds", []):
+        addrs = [a.get("addr", "") for a in (osd.get("public_addrs") or {}).get("addrvec", [])]
+        addrs.append(str(osd.get("public_addr", "")))
+        if any(a.rsplit(":", 1)[0].removeprefix("v2:").removeprefix("v1:") == address for a in addrs if a):
+            out.append(int(osd["osd"]))
+    return sorted(out)
+
+
 class Admin:
     """Monitor commands over one librados handle (the node's admin key)."""
 
@@ -298,6 +309,17 @@ class Admin:
         except ClusterError as exc:
             if "isn't blocklisted" not in str(exc) and "not blocklisted" not in str(exc):
                 raise
+
+    def osds_at(self, address: str) -> list[int]:
+        """The OSDs whose public address is on the host ``address`` (up or not)."""
+        return osds_at(self.mon("osd dump"), address)
+
+    def mark_down(self, ids: list[int]) -> None:
+        """Mark OSDs down now rather than after the heartbeat grace: a fenced node's
+        OSDs are dead (its watchdog reset it), and I/O to the placement groups they led
+        waits until the monitors mark them down."""
+        if ids:
+            self.mon("osd down", ids=[str(i) for i in ids])
 
     def blocklist_range(self, cidr: str, seconds: int) -> None:
         """Blocklist every client of an address range (a fenced host: ``<ip>/32``)."""
