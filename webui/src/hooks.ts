@@ -53,6 +53,9 @@ export function useThrottled(fn: () => void, ms = 500): () => void {
   }, [ms]);
 }
 
+/** Event verbs that say the resource itself changed (others tell of something that happened to it). */
+const RESOURCE_VERBS = new Set(["created", "updated", "deleted"]);
+
 export interface LiveList<T> {
   items: T[];
   error: ApiError | null;
@@ -66,8 +69,6 @@ export interface LiveList<T> {
  * A paginated list (`{items, next_cursor}`) kept current by events of `kind`:
  * updates replace the row in place, creations go on top, deletions drop the row.
  */
-const RESOURCE_VERBS = new Set(["created", "updated", "deleted"]);
-
 export function useLiveList<T extends { id: string }>(
   path: string,
   kind: string,
