@@ -1,7 +1,13 @@
 """The node agent. cephadm-style ``serve()``: a loop woken by a timer or an
-event, each pass = heartbeat + this node's desired-state document + every registered
-reconciler. ``run_once()`` is one pass, callable from tests; storage / network /
-compute reconcilers plug in with ``register_reconciler`` and read ``agent.document``.
+event, each pass = this node's desired-state document + every registered reconciler.
+``run_once()`` is one pass (heartbeat included), callable from tests; storage /
+network / compute reconcilers plug in with ``register_reconciler`` and read
+``agent.document``.
+
+Under ``serve()`` the heartbeat has a thread of its own (the kubelet's node lease,
+apart from its sync loop): a pass may legitimately take longer than the node grace
+(a guest given 30 s to shut down, an image pulled), and the node must not turn
+NotReady, and lose its scheduling, meanwhile.
 
 The database may be away (a PostgreSQL failover): the heartbeat fails, the document
 comes from the local cache (``agent.document_fresh`` False, see
@@ -141,11 +147,9 @@ class Agent:
         self._registered = True
         log.info("node registered", extra={"node": self.node, "virt_type": inventory["virt_type"]})
 
-    def run_once(self) -> PassReport:
-        """One pass: heartbeat (re-register if the node row vanished), the document
-        (from the database, else the cache), then reconcile. Losing the database fails
-        the heartbeat, not the pass."""
-        report = PassReport()
+    def beat(self, report: PassReport) -> None:
+        """Heartbeat, or (re-)register when the node row is not there. Losing the
+        database fails the heartbeat, not the caller."""
         try:
             if not self._registered:
                 self.register()
@@ -160,6 +164,17 @@ class Agent:
             self._registered = False
             log.warning("heartbeat failed", extra={"error": str(exc)[:300]})
             report.errors.append(f"heartbeat: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            self.beat(PassReport())
+
+    def run_once(self, heartbeat: bool = True) -> PassReport:
+        """One pass: heartbeat unless ``serve()``'s own thread does it, the document
+        (from the database, else the cache), then reconcile."""
+        report = PassReport()
+        if heartbeat:
+            self.beat(report)
         if not self.reconcilers:
             return report
         self.refresh_document(report)
@@ -177,10 +192,12 @@ class Agent:
         """Loop until stop(): a pass every heartbeat interval or when woken (by
         ``wake()`` or by an event of a kind a reconciler watches)."""
         threading.Thread(target=self._watch, name="cairn-agent-events", daemon=True).start()
+        self.beat(PassReport())  # registered before the first pass
+        threading.Thread(target=self._beat_loop, name="cairn-agent-heartbeat", daemon=True).start()
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                self.run_once()
+                self.run_once(heartbeat=False)
             except Exception:
                 log.exception("agent pass failed; retrying")
                 self._registered = False

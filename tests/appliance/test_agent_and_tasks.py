@@ -3,6 +3,7 @@ tests drive single passes), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -90,6 +91,33 @@ def test_a_failing_reconciler_does_not_stop_heartbeats(settings: Any) -> None:
     report = agent.run_once()
     assert report.errors == ["broken: disk on fire"] and report.actions == ["nothing to do"]
     assert calls == ["ran", "ran"] and node_row(settings).heartbeat_at > before
+
+
+def test_a_pass_longer_than_the_grace_keeps_the_serving_node_ready(settings: Any) -> None:
+    """A guest given 30 s to shut down holds its pass that long; the node's heartbeat
+    is not part of the pass under serve(), so the node stays schedulable meanwhile."""
+    settings = settings.model_copy(update={"heartbeat_interval": 0.05})
+    agent = Agent(settings)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(_: Agent, report: PassReport) -> None:
+        inside.set()
+        release.wait(10)
+
+    agent.register_reconciler("slow", slow)
+    server = threading.Thread(target=agent.serve, daemon=True)
+    server.start()
+    try:
+        assert inside.wait(10)
+        for _ in range(5):  # 5 × 0.3 s: far past the 0.3 s grace, inside one pass
+            time.sleep(0.3)
+            assert controller.run_once(settings)["nodes_not_ready"] == []
+        assert node_row(settings).phase == "Ready"
+    finally:
+        agent.stop()
+        release.set()
+        server.join(10)
+    assert not server.is_alive()
 
 
 def test_agent_re_registers_a_deleted_node(settings: Any) -> None:
