@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ def playwright() -> Iterator[Playwright]:
 
 @pytest.fixture(scope="module")
 def shots() -> Path:
-    path = Path(os.environ.get("CAIRN_E2E_SHOTS") or Path(tempfile.gettempdir()) / "cairn-console-shots")
+    path = Path(os.environ.get("CAIRN_E2E_SHOTS") or Path(__file__).resolve().parents[1] / "artifacts")
     path.mkdir(parents=True, exist_ok=True)
     print(f"console screenshots: {path}")
     return path

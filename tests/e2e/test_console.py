@@ -1,8 +1,8 @@
 """The web console in a real browser (Debian's Chromium, driven by Playwright) against
 the real appliance processes: API (serving webui/dist), node agent, worker and Redis.
 
-Screenshots go to ``$CAIRN_E2E_SHOTS`` (default: ``<tmp>/cairn-console-shots``, outside
-pytest's rotating temp dirs so they outlive concurrent runs); the path is printed.
+Screenshots go to ``$CAIRN_E2E_SHOTS`` (default: ``tests/artifacts/``, ignored by git,
+beside the lab's console screenshots); the path is printed.
 VMs and containers in the console are in ``test_instances.py``."""
 
 from __future__ import annotations
