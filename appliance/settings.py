@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from appliance.cluster import config as cluster_config
@@ -139,6 +139,18 @@ class Settings(BaseSettings):
     def cluster(self) -> cluster_config.ClusterConfig | None:
         """This node's cluster configuration; None in the embedded single-node mode."""
         return cluster_config.load(self.cluster_file)
+
+    @model_validator(mode="after")
+    def _cluster_timing_floors(self) -> Settings:
+        """A cluster's timing profile (``cairn cluster init --timing``) puts floors under the
+        node's HA lease, watchdog and node grace: every member then waits as long as the
+        profile says before it calls another dead."""
+        cfg = cluster_config.load(self.cluster_file)
+        if cfg is not None and cfg.timing != "fast":  # fast: the settings as they are
+            self.ha_lease_ttl = max(self.ha_lease_ttl, cfg.ha_lease_ttl)
+            self.watchdog_timeout = max(self.watchdog_timeout, cfg.watchdog_timeout)
+            self.node_grace_seconds = max(self.node_grace_seconds, float(cfg.node_grace_seconds))
+        return self
 
     @field_validator("stack_id")
     @classmethod

@@ -242,11 +242,14 @@ class Network(_Model):
 class Cluster(_Model):
     """``init``: this node bootstraps a new cluster. ``join``: it joins the cluster of the
     member at ``address`` with a token from ``cairn cluster token create`` on a member
-    (single-use: one per joining node). No cluster section: a stand-alone single node."""
+    (single-use: one per joining node). No cluster section: a stand-alone single node.
+    ``timing`` (init only; joiners inherit it): ``fast`` for dedicated hardware, ``relaxed``
+    for slow or oversubscribed machines (``cairn cluster init --timing``)."""
 
     mode: Literal["init", "join"]
     address: str | None = None
     token: str | None = Field(None, repr=False)
+    timing: Literal["fast", "relaxed"] | None = None
 
     @model_validator(mode="after")
     def _join_needs(self) -> Cluster:
@@ -262,6 +265,8 @@ class Cluster(_Model):
             if not _TOKEN.match(self.token):
                 raise ValueError("token: not a join token: CJ1.<CA fingerprint>.<id>.<secret>, as "
                                  "`cairn cluster token create` prints it")
+            if self.timing is not None:
+                raise ValueError("timing: only with mode = \"init\" (a joining node runs the cluster's)")
         elif self.address is not None or self.token is not None:
             key = "address" if self.address is not None else "token"
             raise ValueError(f"{key}: only with mode = \"join\" (an init node makes the cluster)")

@@ -4,7 +4,7 @@ The node's services (``cairn.target``) are not enabled by the installer: first b
 starts the node with exactly the command an operator would type, as the answer says,
 
 - no cluster section: ``cairn up``;
-- ``mode = "init"``: ``cairn cluster init [--address <static address>] [--osd <data disk>]…``;
+- ``mode = "init"``: ``cairn cluster init [--address <static address>] [--osd <data disk>]… [--timing …]``;
 - ``mode = "join"``: ``cairn cluster join <member> <token> [--address …] [--osd …]``, tried
   again while the member cannot be reached or is busy (nodes installed from one answer
   file boot in any order; the init node may still be installing), never after a
@@ -56,7 +56,8 @@ def node_command(answer: NodeAnswer, data_disks: list[str], formed: bool, timeou
     for disk in data_disks:
         extra += ["--osd", disk]
     if answer.cluster.mode == "init":
-        return [CAIRN, "cluster", "init", *extra, *common]
+        timing = ["--timing", answer.cluster.timing] if answer.cluster.timing else []
+        return [CAIRN, "cluster", "init", *extra, *timing, *common]
     assert answer.cluster.address and answer.cluster.token
     return [CAIRN, "cluster", "join", *extra, *common, answer.cluster.address, answer.cluster.token]
 

@@ -3,6 +3,7 @@ namespaced nodes on this machine, for trying things and for the tests)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +22,12 @@ LabDir = Annotated[Path | None, typer.Option("--dir", help="the lab's folder (de
                                                              "/var/lib/cairn-lab)")]
 Osd = Annotated[list[str] | None, typer.Option("--osd", help="a data disk for Ceph (block device, or "
                                                               "file:<bytes> for a sparse file); repeatable")]
+
+
+
+class TimingChoice(str, Enum):  # appliance.cluster.config.TIMING_PROFILES
+    fast = "fast"
+    relaxed = "relaxed"
 
 
 def register(app: typer.Typer) -> None:
@@ -43,6 +50,10 @@ def _local(fn: Any) -> Any:
 def init(address: Annotated[str | None, typer.Option(help="this node's cluster-network address "
                                                           "(default: the underlay NIC's)")] = None,
          osd: Osd = None, name: Annotated[str, typer.Option(help="the cluster's name")] = "cairn",
+         timing: Annotated[TimingChoice, typer.Option(
+             help="fast: dedicated hardware, failover in about 20 s; relaxed: slow or oversubscribed "
+                  "machines (emulated nodes), failover in about a minute. Every joiner inherits it")
+         ] = TimingChoice.fast,
          timeout: Annotated[float, typer.Option(help="seconds to wait for the node")] = 300,
          output: OutputOpt = Format.table) -> None:
     """Make this node the first member: etcd, PostgreSQL under Patroni, Redis + Sentinel,
@@ -50,10 +61,10 @@ def init(address: Annotated[str | None, typer.Option(help="this node's cluster-n
     from appliance.cluster import formation
     from appliance.settings import get_settings
 
-    cfg = _local(lambda: formation.init(get_settings(), address, osd, name))
+    cfg = _local(lambda: formation.init(get_settings(), address, osd, name, timing.value))
     info = local.up(timeout, quiet=output == Format.json)
-    emit({"cluster": cfg.name, "cluster_id": cfg.cluster_id, "node": cfg.node, "address": cfg.address, **info},
-         output)
+    emit({"cluster": cfg.name, "cluster_id": cfg.cluster_id, "node": cfg.node, "address": cfg.address,
+          "timing": cfg.timing, **info}, output)
 
 
 @cluster_app.command("join")

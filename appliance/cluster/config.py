@@ -48,6 +48,22 @@ class ClusterSecrets(BaseModel):
     redis: str = Field(default_factory=_secret)
 
 
+Timing = Literal["fast", "relaxed"]
+# The cluster's timing profile, chosen at `cairn cluster init --timing` and inherited by every
+# joiner. "fast" is for dedicated hardware: a node loss fails over in about 20 s (HA bench).
+# "relaxed" is for slow or oversubscribed machines (emulated nodes, a lab on a laptop): etcd's
+# recommended 10x heartbeat/election ratio at 1 s, Patroni's own defaults scaled so that
+# loop_wait + 2 x retry_timeout < ttl, and an HA lease of a minute. A node whose disk or CPU
+# stalls for seconds then keeps its database role and its lease; failover takes about 1 min.
+TIMING_PROFILES: dict[str, dict[str, int]] = {
+    "fast": {"etcd_heartbeat_ms": 200, "etcd_election_ms": 2000, "patroni_ttl": 8, "patroni_loop_wait": 1,
+             "patroni_retry_timeout": 3, "ha_lease_ttl": 10, "watchdog_timeout": 8, "node_grace_seconds": 10},
+    "relaxed": {"etcd_heartbeat_ms": 1000, "etcd_election_ms": 10000, "patroni_ttl": 60, "patroni_loop_wait": 10,
+                "patroni_retry_timeout": 20, "ha_lease_ttl": 60, "watchdog_timeout": 45,
+                "node_grace_seconds": 60},
+}
+
+
 class ClusterConfig(BaseModel):
     version: int = 1
     name: str = "cairn"
@@ -73,6 +89,18 @@ class ClusterConfig(BaseModel):
     patroni_loop_wait: int = 1
     patroni_retry_timeout: int = 3
     pg_shared_buffers: str = "32MB"
+    # The rest of the timing profile (TIMING_PROFILES; the defaults are "fast"). The HA
+    # lease, watchdog and node grace are floors under the node's own settings.
+    timing: Timing = "fast"
+    etcd_heartbeat_ms: int = 200
+    etcd_election_ms: int = 2000
+    ha_lease_ttl: int = 10
+    watchdog_timeout: int = 8
+    node_grace_seconds: int = 10
+
+    def timing_fields(self) -> dict[str, object]:
+        """The profile's values as this cluster runs them (what a joiner inherits)."""
+        return self.model_dump(include={"timing", *TIMING_PROFILES["fast"]})
 
     def member_addresses(self) -> list[str]:
         """Every member's address, this node's first (local first: it answers when we do)."""

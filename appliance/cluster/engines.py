@@ -79,8 +79,9 @@ def etcd_argv(cfg: ClusterConfig, paths: NodePaths) -> list[str]:
         f"--initial-cluster={cfg.etcd_initial_cluster}",
         f"--initial-cluster-state={cfg.etcd_state}",
         f"--initial-cluster-token=cairn-{cfg.cluster_id}",
-        # two shared cores: a 100 ms heartbeat misses under load and flaps leadership
-        "--heartbeat-interval=200", "--election-timeout=2000",
+        # the timing profile's (fast: 200 / 2000 ms; two shared cores: a 100 ms heartbeat
+        # misses under load and flaps leadership)
+        f"--heartbeat-interval={cfg.etcd_heartbeat_ms}", f"--election-timeout={cfg.etcd_election_ms}",
         "--snapshot-count=10000", "--auto-compaction-mode=revision", "--auto-compaction-retention=1000",
         "--quota-backend-bytes=1073741824", "--logger=zap", "--log-level=warn",
         *tls,

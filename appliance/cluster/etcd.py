@@ -16,13 +16,19 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.lease import Lease
 
 from appliance.cluster.config import ETCD_CLIENT_PORT, ETCD_PEER_PORT, ClusterConfig
+from appliance.errors import Unavailable
 
 log = logging.getLogger("cairn.cluster.etcd")
 T = TypeVar("T")
 
 
-class EtcdUnavailable(Exception):
-    """No member answered (no quorum reachable from here)."""
+class EtcdUnavailable(Unavailable):
+    """No member answered (no quorum reachable from here): a 503 to an API client (a join
+    tried while the cluster's etcd is busy or electing is tried again, not refused)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{detail}; the cluster's membership store (etcd) is not answering right now, "
+                         "try again shortly")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import httpx
 import psutil
 
 from appliance import pki
-from appliance.cluster.config import ClusterConfig, Member
+from appliance.cluster.config import TIMING_PROFILES, ClusterConfig, Member, Timing
 from appliance.cluster.etcd import peer_url
 from appliance.cluster.runtime import ceph_conf_path, ceph_node
 from appliance.errors import CairnError, Conflict, InvalidInput
@@ -55,7 +55,7 @@ def _refuse_if_member(settings: Settings) -> None:
 
 
 def init(settings: Settings, address: str | None = None, osds: list[str] | None = None,
-         name: str = "cairn") -> ClusterConfig:
+         name: str = "cairn", timing: Timing = "fast") -> ClusterConfig:
     """Make this node the first member (idempotent only in the sense that it refuses twice)."""
     from storage.backends.rados_deploy import new_fsid
 
@@ -72,6 +72,7 @@ def init(settings: Settings, address: str | None = None, osds: list[str] | None 
         name=name, node=node, address=address, network=network, bootstrap="init", members=[me],
         etcd_initial_cluster=f"{node}={peer_url(address)}", etcd_state="new", redis_master=address,
         ceph_fsid=new_fsid(), ceph_mon=True, ceph_mons=[me], ceph_osds=list(osds or ["file:8589934592"]),
+        timing=timing, **TIMING_PROFILES[timing],
     )
     cfg.save(settings.cluster_file)
     return cfg

@@ -84,8 +84,7 @@ def admit(settings: Settings, name: str, address: str, csr_pem: bytes, osds: lis
         etcd_initial_cluster=initial, etcd_state="existing", secrets=cfg.secrets,
         redis_master=current_redis_master(cfg) or _local_master(cfg), ceph_fsid=cfg.ceph_fsid,
         ceph_mon=is_mon, ceph_mons=ceph_mons, ceph_osds=osds,
-        patroni_ttl=cfg.patroni_ttl, patroni_loop_wait=cfg.patroni_loop_wait,
-        patroni_retry_timeout=cfg.patroni_retry_timeout, pg_shared_buffers=cfg.pg_shared_buffers,
+        pg_shared_buffers=cfg.pg_shared_buffers, **cfg.timing_fields(),
     )
     log.info("node admitted", extra={"node": name, "address": address, "ceph_mon": is_mon})
     return {

@@ -109,6 +109,9 @@ def test_nodes_inherit_top_level_keys_and_override_them() -> None:
      "cluster.address: '10.0.0.11:8443' is not a member's host name or IP address (the cluster's API port, 8443"),
     (('mode = "init"', f'mode = "init"\ntoken = "{TOKEN}"'), "cluster.token: only with mode = \"join\""),
     (('mode = "init"', 'mode = "bootstrap"'), "cluster.mode: Input should be 'init' or 'join'"),
+    (('mode = "init"', 'mode = "init"\ntiming = "quick"'), "cluster.timing: Input should be 'fast' or 'relaxed'"),
+    (('mode = "init"', f'mode = "join"\naddress = "10.0.0.11"\ntoken = "{TOKEN}"\ntiming = "relaxed"'),
+     "cluster.timing: only with mode = \"init\" (a joining node runs the cluster's)"),
 ])
 def test_a_bad_value_is_reported_with_its_key(change: tuple[str, str], expected: str) -> None:
     text = ONE.replace(*change)

@@ -46,6 +46,10 @@ def test_the_commands_are_the_operators_own() -> None:
     assert join[1:] == ["cluster", "join", "--address", "10.0.0.12", "--output", "json", "--timeout", "600",
                         "10.0.0.11", TOKEN]
     assert shown(join) == "cairn cluster join --address 10.0.0.12 10.0.0.11 <token>"
+    slow = node_command(answer(STATIC + 'cluster = { mode = "init", timing = "relaxed" }\n'), [], formed=False,
+                        timeout=600)
+    assert slow[1:] == ["cluster", "init", "--address", "10.0.0.12", "--timing", "relaxed", "--output", "json",
+                        "--timeout", "600"]
     # a node that already inited or joined (an earlier first boot failed later) only starts
     assert node_command(answer(JOIN), [], formed=True, timeout=600)[1] == "up"
 
@@ -58,7 +62,7 @@ def test_the_cairn_cli_takes_these_options() -> None:
 
     root = typer.main.get_command(app)
     for words, options in ((["up"], ["--output", "--timeout"]),
-                           (["cluster", "init"], ["--address", "--osd", "--output", "--timeout"]),
+                           (["cluster", "init"], ["--address", "--osd", "--timing", "--output", "--timeout"]),
                            (["cluster", "join"], ["--address", "--osd", "--output", "--timeout", "member", "token"])):
         command = root
         for word in words:
