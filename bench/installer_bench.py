@@ -131,7 +131,7 @@ def cluster_figures(iso: Path, work: Path, nodes: int = 3) -> dict[str, Any]:
 
     key = work / "id_ed25519"
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
-    password = sh("openssl", "passwd", "-6", secrets.token_urlsafe(12)).stdout.strip()
+    password = sh("openssl", "passwd", "-6", "p" + secrets.token_urlsafe(12)).stdout.strip()  # no leading "-"
     ssh_key = key.with_suffix(".pub").read_text().strip()
     figures: dict[str, Any] = {}
     vms: list[Vm] = []
