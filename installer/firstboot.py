@@ -96,10 +96,11 @@ class FirstBoot:
     def run(self) -> int:
         try:
             answer, data_disks = self._node()
-            self._start(answer, data_disks)
-            shown_status = {"status": self._json([CAIRN, "status", "--output", "json"])}
+            deadline = time.monotonic() + self.timeout
+            self._start(answer, data_disks, deadline)
+            shown_status = {"status": self._json([CAIRN, "status", "--output", "json"], deadline)}
             if answer.cluster is not None:
-                shown_status["cluster"] = self._json([CAIRN, "cluster", "status", "--output", "json"])
+                shown_status["cluster"] = self._json([CAIRN, "cluster", "status", "--output", "json"], deadline)
         except Exception as exc:
             reason = exc.detail if isinstance(exc, InstallerError) else f"{type(exc).__name__}: {exc}"
             self.report.say("FAIL " + " / ".join(reason.splitlines())[:2000])
@@ -112,8 +113,7 @@ class FirstBoot:
             self.report.raw(f"CAIRN-{key.upper()}: " + json.dumps(doc, separators=(",", ":"), sort_keys=True))
         return 0
 
-    def _start(self, answer: NodeAnswer, data_disks: list[str]) -> None:
-        deadline = time.monotonic() + self.timeout
+    def _start(self, answer: NodeAnswer, data_disks: list[str], deadline: float) -> None:
         tries = 0
         while True:
             tries += 1
@@ -131,11 +131,21 @@ class FirstBoot:
             self.report.say(f"{failed}; trying again in {self.retry_every:g} s")
             self.sleep(self.retry_every)
 
-    def _json(self, argv: list[str]) -> Any:
-        r = self.run_cmd(argv, capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            raise InstallerError(f"`{shown(argv)}` failed: {r.stderr.strip()[-500:]}")
-        return json.loads(r.stdout)
+    def _json(self, argv: list[str], deadline: float) -> Any:
+        """A read of the started node, tried again until the first boot's deadline: a node
+        that just joined a busy cluster may take minutes to answer its first status."""
+        while True:
+            try:
+                r = self.run_cmd(argv, capture_output=True, text=True, timeout=120)
+                if r.returncode == 0:
+                    return json.loads(r.stdout)
+                failed = f"`{shown(argv)}` failed: {r.stderr.strip()[-500:]}"
+            except subprocess.TimeoutExpired:
+                failed = f"`{shown(argv)}` did not answer within 120 s"
+            if time.monotonic() + self.retry_every > deadline:
+                raise InstallerError(failed)
+            self.report.say(f"{failed}; trying again in {self.retry_every:g} s")
+            self.sleep(self.retry_every)
 
 
 def _formed() -> bool:

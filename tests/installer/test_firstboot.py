@@ -164,3 +164,31 @@ def test_an_init_or_up_that_fails_is_not_tried_again_in_the_same_boot(tmp_path: 
     assert fb.run() == 1 and slept == [] and len(node.calls) == 1
     assert "FAIL `cairn cluster init --address 10.0.0.12 --osd " + DISK + "` failed: the appliance did not" \
         in serial.read_text()
+
+
+class SlowStatus(Node):
+    """A node that joined a busy cluster: its first `cairn status` outlasts the 120 s read."""
+
+    def __init__(self, *results: tuple[int, str], slow: int = 1) -> None:
+        super().__init__(*results)
+        self.slow = slow
+
+    def __call__(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        if argv[1] == "status" and self.slow:
+            self.slow -= 1
+            self.calls.append(argv)
+            raise subprocess.TimeoutExpired(argv, kw["timeout"])
+        return super().__call__(argv, **kw)
+
+
+def test_a_status_that_does_not_answer_yet_is_asked_again_until_the_deadline(tmp_path: Path,
+                                                                              data_dir: Path) -> None:
+    node = SlowStatus((0, ""))
+    fb, serial, slept = boot(tmp_path, JOIN, node)
+    assert fb.run() == 0 and slept == [5]
+    assert [c[1] for c in node.calls] == ["cluster", "status", "status", "cluster"]
+    log = serial.read_text()
+    assert "`cairn status` did not answer within 120 s; trying again in 5 s" in log and "CAIRN-FIRSTBOOT: OK" in log
+    never = SlowStatus((0, ""), slow=99)
+    fb, serial, _ = boot(tmp_path, JOIN, never, timeout=0.001)
+    assert fb.run() == 1 and "FAIL `cairn status` did not answer within 120 s" in serial.read_text()
