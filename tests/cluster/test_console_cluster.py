@@ -196,6 +196,8 @@ def test_an_ha_vm_made_in_the_console_fails_over_and_the_page_draws_the_timeline
         expect(started).to_have_count(before[0] + 1, timeout=SLOW_MS)  # the fence's commit may wait on Patroni
         expect(done).to_have_count(before[1] + 1, timeout=SLOW_MS)
         expect(row_of(page, victim)).to_contain_text("Fenced")
+        # the health card counts from the live node list too, not from the view fetched earlier
+        expect(page.get_by_test_id("cluster-health")).to_contain_text("2 of 3 ready")
         shot(page, "lab-cluster-failover.png")
         moved = lab.cairn(survivor, "get", "vm", "ui-ha")
         assert moved["status"]["node"] not in (victim, None) and moved["status"]["failover"]["from"] == victim

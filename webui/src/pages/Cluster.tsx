@@ -129,7 +129,11 @@ export function Cluster({ user }: { user: Me }) {
               <div><dt>Ceph</dt><dd><Badge value={String(v.ceph.health ?? "unknown")} tone={HEALTH_TONE[String(v.ceph.health)] ?? "muted"} />
                 {Array.isArray(v.ceph.checks) && v.ceph.checks.length > 0 && <span class="muted small"> {v.ceph.checks.join("; ")}</span>}</dd></div>
               {typeof v.redis === "object" && v.redis && <div><dt>Broker master</dt><dd>{String((v.redis as { master?: string }).master ?? "—")}</dd></div>}
-              <div><dt>Members</dt><dd>{v.members.filter((m) => m.ready).length} of {v.members.length} ready</dd></div>
+              {/* the live node list's phase where there is one: the view is fetched less often */}
+              <div><dt>Members</dt><dd>{v.members.filter((m) => {
+                const live = byName.get(m.name)?.status.phase;
+                return live ? live === "Ready" : m.ready;
+              }).length} of {v.members.length} ready</dd></div>
             </dl>
           </section>
         </div>
