@@ -24,7 +24,6 @@ Osd = Annotated[list[str] | None, typer.Option("--osd", help="a data disk for Ce
                                                               "file:<bytes> for a sparse file); repeatable")]
 
 
-
 class TimingChoice(str, Enum):  # appliance.cluster.config.TIMING_PROFILES
     fast = "fast"
     relaxed = "relaxed"

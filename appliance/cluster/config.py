@@ -85,18 +85,18 @@ class ClusterConfig(BaseModel):
     # Patroni's DCS timing: a dead primary's leader key expires after at most ttl, then a
     # replica promotes (loop_wait + 2 × retry_timeout must stay under ttl). etcd's leader is
     # kept off the primary's node, so a node loss costs about ttl (probes/cluster).
-    patroni_ttl: int = 8
-    patroni_loop_wait: int = 1
-    patroni_retry_timeout: int = 3
+    patroni_ttl: int = TIMING_PROFILES["fast"]["patroni_ttl"]
+    patroni_loop_wait: int = TIMING_PROFILES["fast"]["patroni_loop_wait"]
+    patroni_retry_timeout: int = TIMING_PROFILES["fast"]["patroni_retry_timeout"]
     pg_shared_buffers: str = "32MB"
     # The rest of the timing profile (TIMING_PROFILES; the defaults are "fast"). The HA
     # lease, watchdog and node grace are floors under the node's own settings.
     timing: Timing = "fast"
-    etcd_heartbeat_ms: int = 200
-    etcd_election_ms: int = 2000
-    ha_lease_ttl: int = 10
-    watchdog_timeout: int = 8
-    node_grace_seconds: int = 10
+    etcd_heartbeat_ms: int = TIMING_PROFILES["fast"]["etcd_heartbeat_ms"]
+    etcd_election_ms: int = TIMING_PROFILES["fast"]["etcd_election_ms"]
+    ha_lease_ttl: int = TIMING_PROFILES["fast"]["ha_lease_ttl"]
+    watchdog_timeout: int = TIMING_PROFILES["fast"]["watchdog_timeout"]
+    node_grace_seconds: int = TIMING_PROFILES["fast"]["node_grace_seconds"]
 
     def timing_fields(self) -> dict[str, object]:
         """The profile's values as this cluster runs them (what a joiner inherits)."""
