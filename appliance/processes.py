@@ -221,7 +221,7 @@ def run_agent(argv: list[str] | None = None) -> None:
 
         liveness = Liveness(settings)
         liveness.start()  # before anything else: the lease is the node's life in the cluster
-        agent.register_reconciler("cluster", ClusterReconciler(settings))
+        ClusterReconciler(settings).start(every=settings.heartbeat_interval)
     # Storage before instances: a VM's disks are NBD exports of this node's pools.
     agent.register_reconciler("storage", StorageReconciler(settings), kinds=("storage-pool", "vm"))
     net = NetworkReconciler(settings)

@@ -1,5 +1,8 @@
 """The agent's cluster reconciler (cluster nodes only): keeps this node's view of the
-cluster current and finishes joins.
+cluster current and finishes joins. It runs in a thread of its own (``start``): what it
+keeps sits under the database, so it must not wait behind reconcile passes that write to
+the database (a replica stuck on a timeline under strict synchronous replication holds
+every commit, and the pass with it, until this very reconciler repairs the replica).
 
 - the member list in ``cluster.json`` follows etcd's membership, so the database URL,
   the broker's sentinels and etcd's endpoints of every process name every member;
@@ -7,6 +10,8 @@ cluster current and finishes joins.
 - ``ceph.conf`` names every monitor of the monitor map;
 - PostgreSQL's synchronous replication turns strict once three members exist (with
   fewer, a lone primary would refuse writes);
+- this node's database replica, stuck behind a timeline it cannot follow, is restarted
+  and if need be reinitialised (``replica_watch``);
 - etcd's leadership moves off the node of the database primary: if both die together,
   etcd first elects a leader and then grants every lease its full TTL again, which adds
   a whole Patroni TTL to the failover (probes/cluster: 16–20 s → 25 s)."""
@@ -14,11 +19,13 @@ cluster current and finishes joins.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 import httpx
 
+from appliance.agent.replica_watch import PatroniReplica
 from appliance.cluster.config import CEPH_POOL, PATRONI_PORT, ClusterConfig, Member
 from appliance.cluster.etcd import Etcd, EtcdUnavailable
 from appliance.settings import Settings
@@ -33,6 +40,28 @@ class ClusterReconciler:
         self.settings = settings
         self._slow_at = 0.0
         self._leader_at = 0.0
+        self._replica: PatroniReplica | None = None
+
+    def start(self, every: float) -> threading.Thread:
+        """Reconcile every ``every`` seconds in a daemon thread, logging what it did."""
+        from appliance.agent.agent import PassReport
+
+        def loop() -> None:
+            while True:
+                report = PassReport()
+                try:
+                    self(None, report)
+                except Exception:  # the next pass tries again
+                    log.exception("cluster pass failed")
+                for line in report.actions:
+                    log.info(line)
+                for line in report.errors:
+                    log.warning(line)
+                time.sleep(every)
+
+        thread = threading.Thread(target=loop, name="cairn-agent-cluster", daemon=True)
+        thread.start()
+        return thread
 
     def __call__(self, agent: Any, report: Any) -> None:
         cfg = self.settings.cluster
@@ -66,11 +95,17 @@ class ClusterReconciler:
         if time.monotonic() - self._slow_at >= SLOW_EVERY:
             self._slow_at = time.monotonic()
             voters = sum(1 for m in members if not m.learner and m.name)
-            for step in (self._ceph, lambda c, r: self._patroni_strict(c, r, voters)):
+            for step in (self._ceph, lambda c, r: self._patroni_strict(c, r, voters), self._replica_watch):
                 try:
                     step(cfg, report)
                 except Exception as exc:
                     report.errors.append(f"cluster: {exc}")
+
+    def _replica_watch(self, cfg: ClusterConfig, report: Any) -> None:
+        if self._replica is None:
+            self._replica = PatroniReplica(cfg, str(self.settings.pki_dir / "ca.crt"))
+        self._replica.cfg = cfg
+        self._replica(report)
 
     def _etcd_leader_off_primary(self, cfg: ClusterConfig, etcd: Etcd, members: list[Any], report: Any) -> None:
         """Run on every node; acts only where etcd's leader and the database primary meet."""

@@ -82,6 +82,10 @@ def etcd_argv(cfg: ClusterConfig, paths: NodePaths) -> list[str]:
         # the timing profile's (fast: 200 / 2000 ms; two shared cores: a 100 ms heartbeat
         # misses under load and flaps leadership)
         f"--heartbeat-interval={cfg.etcd_heartbeat_ms}", f"--election-timeout={cfg.etcd_election_ms}",
+        # a member back from a partition asks before it calls an election (etcd 3.4's default
+        # is off): its term, raised alone, would otherwise depose the leader, and the few
+        # seconds without one cost the database primary its lock (a failover at every heal)
+        "--pre-vote=true",
         "--snapshot-count=10000", "--auto-compaction-mode=revision", "--auto-compaction-retention=1000",
         "--quota-backend-bytes=1073741824", "--logger=zap", "--log-level=warn",
         *tls,
@@ -135,6 +139,13 @@ def patroni_config(cfg: ClusterConfig, paths: NodePaths) -> str:
             },
             "parameters": {"unix_socket_directories": str(paths.pg_run)},
             "pg_hba": hba,
+            # A replica whose pg_rewind failed (e.g. a second failover cut it off mid-copy,
+            # which leaves the data directory unusable) or that cannot be rewound is rebuilt
+            # from the primary instead of left "starting" for ever: a replica's data is a
+            # copy, and under strict synchronous replication an acknowledged commit is on
+            # the primary and its sync standby.
+            "remove_data_directory_on_rewind_failure": True,
+            "remove_data_directory_on_diverged_timelines": True,
         },
     }
     return yaml.safe_dump(doc, sort_keys=False)

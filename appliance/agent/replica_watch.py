@@ -1,0 +1,140 @@
+"""A database replica that stopped converging is repaired by its own node's agent.
+
+Patroni 3.0.2 (Debian 12) decides whether a running replica must be rewound to follow a
+newly promoted primary by comparing the replica's *replayed* position with the new
+timeline's switch point. WAL the replica had already received from the old primary,
+but replayed only after that check, carries it past the switch point: PostgreSQL then
+logs "new timeline N forked off current database system timeline before current
+recovery point" on every retry and never streams again, while Patroni, having decided
+"no rewind needed", reports it ``running``. Under strict synchronous replication two
+such replicas (or one, after the other node is lost) hold every commit of the cluster.
+A loaded machine widens the window (replay lags further behind receipt).
+
+The agent watches its own node's replica: behind the primary (``lag`` above zero, or on
+an older timeline) with its received and replayed positions standing still for
+``stuck_after`` seconds, it asks Patroni to restart PostgreSQL (Patroni checks the timeline again at start and rewinds);
+still stuck one more period later, to reinitialise it from the primary (a fresh base
+backup: a replica's data is a copy). Then it waits a whole period again before any other
+step. A standby that has been ``starting`` for three periods (it cannot reach a consistent
+point on the primary's timeline) is treated the same way. A paused replay is an
+operator's choice and is left alone."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from appliance.cluster.config import PATRONI_PORT, ClusterConfig
+
+log = logging.getLogger("cairn.agent.replica")
+# a standby that never finishes starting (PostgreSQL up, refusing connections: it cannot
+# reach a consistent point on the primary's timeline) gets this many periods
+STARTING_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What this node's Patroni says about its PostgreSQL."""
+
+    role: str
+    state: str
+    lag: int | None  # bytes behind the primary; None when unknown
+    position: tuple[int, int]  # (received, replayed)
+    paused: bool = False
+    leader: bool = True  # a running primary elsewhere answers this node
+    timeline: int = 0  # the replica's, and the primary's
+    leader_timeline: int = 0
+
+
+class ReplicaWatch:
+    """Decides, from successive samples, whether the replica is stuck and what to do:
+    ``None``, ``"restart"`` or ``"reinitialize"``. Pure: time comes from ``clock``."""
+
+    def __init__(self, stuck_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stuck_after = stuck_after
+        self.clock = clock
+        self._since: float | None = None  # when the position last moved while behind
+        self._position: tuple[int, int] | None = None
+        self._acted: list[str] = []  # the steps taken during this stall
+
+    def observe(self, s: Sample) -> str | None:
+        now = self.clock()
+        starting = s.state == "starting"
+        behind = (s.role == "replica" and s.leader and not s.paused
+                  and (starting or (s.state in ("running", "streaming")
+                       and ((s.lag or 0) > 0 or s.timeline < s.leader_timeline))))
+        if not behind or s.position != self._position:
+            self._position = s.position if behind else None
+            self._since = now if behind else None
+            if not behind:
+                self._acted = []
+            return None
+        assert self._since is not None
+        if now - self._since < self.stuck_after * (STARTING_FACTOR if starting else 1):
+            return None
+        self._since = now  # each step gets a whole period to work
+        step = "restart" if not self._acted else "reinitialize" if self._acted == ["restart"] else None
+        if step is not None:
+            self._acted.append(step)
+        return step
+
+
+def stuck_after(cfg: ClusterConfig) -> float:
+    """A minute on the fast profile; four Patroni TTLs on slower ones."""
+    return float(max(60, 4 * cfg.patroni_ttl))
+
+
+class PatroniReplica:
+    """The watch wired to this node's Patroni REST API."""
+
+    def __init__(self, cfg: ClusterConfig, ca: str, watch: ReplicaWatch | None = None) -> None:
+        self.cfg = cfg
+        self.ca = ca
+        self.base = f"https://{cfg.address}:{PATRONI_PORT}"
+        self.watch = watch or ReplicaWatch(stuck_after(cfg))
+
+    def sample(self) -> Sample:
+        me = httpx.get(f"{self.base}/patroni", verify=self.ca, timeout=3).json()
+        members = httpx.get(f"{self.base}/cluster", verify=self.ca, timeout=3).json().get("members", [])
+        mine = next((m for m in members if m.get("name") == self.cfg.node), {})
+        leader = next((m for m in members if m.get("role") == "leader"), {})
+        lag = mine.get("lag")
+        xlog = me.get("xlog", {})
+        return Sample(role=str(me.get("role", "")), state=str(me.get("state", "")),
+                      lag=lag if isinstance(lag, int) else None,
+                      position=(int(xlog.get("received_location") or 0), int(xlog.get("replayed_location") or 0)),
+                      paused=bool(xlog.get("paused")),
+                      leader=self._leader_answers(members),
+                      timeline=int(me.get("timeline") or 0), leader_timeline=int(leader.get("timeline") or 0))
+
+    def _leader_answers(self, members: list[dict[str, Any]]) -> bool:
+        """A running primary elsewhere that this node reaches: a replica cut off from it is
+        not stuck on a timeline, it waits for the network (and is left alone)."""
+        leader = next((m for m in members if m.get("role") == "leader" and m.get("state") == "running"), None)
+        if leader is None or leader.get("name") == self.cfg.node or not leader.get("api_url"):
+            return False
+        try:
+            role = httpx.get(leader["api_url"], verify=self.ca, timeout=3).json().get("role")
+        except (httpx.HTTPError, ValueError):
+            return False
+        return role in ("master", "primary")
+
+    def __call__(self, report: Any) -> None:
+        s = self.sample()
+        step = self.watch.observe(s)
+        if step is None:
+            return
+        body = {"force": True} if step == "reinitialize" else {}
+        r = httpx.post(f"{self.base}/{step}", json=body, verify=self.ca, timeout=60,
+                       auth=("patroni", self.cfg.secrets.patroni_rest))
+        what = (f"cluster: this node's database replica stood {s.lag} bytes behind the primary for "
+                f"{self.watch.stuck_after:g} s without moving (a timeline it cannot follow): asked Patroni to "
+                f"{step} it (a replica that cannot start on its timeline is rewound by Patroni next): "
+                f"{r.status_code} {r.text.strip()[:200]}")
+        log.warning(what)
+        report.actions.append(what)

@@ -1,0 +1,84 @@
+"""The agent's replica watch decides from Patroni's samples alone (the lab's
+``late-replay`` failover test runs it against a real stuck replica)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import cast
+
+from appliance.agent.replica_watch import ReplicaWatch, Sample, stuck_after
+from appliance.cluster.config import TIMING_PROFILES, ClusterConfig
+
+STUCK = Sample(role="replica", state="running", lag=59264, position=(83886080, 84719464), timeline=1,
+               leader_timeline=2)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(watch: ReplicaWatch, clock: Clock, sample: Sample, seconds: float, every: float = 15) -> list[str]:
+    steps = []
+    end = clock.now + seconds
+    while clock.now < end:
+        step = watch.observe(sample)
+        if step:
+            steps.append(step)
+        clock.now += every
+    return steps
+
+
+def test_a_stuck_replica_is_restarted_after_a_period_then_reinitialised_then_left_alone() -> None:
+    clock = Clock()
+    watch = ReplicaWatch(60, clock)
+    assert run(watch, clock, STUCK, 59) == []
+    assert run(watch, clock, STUCK, 60) == ["restart"]
+    assert run(watch, clock, STUCK, 60) == ["reinitialize"]
+    assert run(watch, clock, STUCK, 600) == []  # nothing more to try: an operator's turn
+
+
+def test_a_replica_that_moves_or_catches_up_is_never_touched() -> None:
+    clock = Clock()
+    watch = ReplicaWatch(60, clock)
+    for i in range(40):  # catching up slowly: every sample a little further
+        assert watch.observe(replace(STUCK, position=(STUCK.position[0] + i, STUCK.position[1] + i))) is None
+        clock.now += 15
+    caught_up = replace(STUCK, lag=0, timeline=2)
+    assert run(watch, clock, caught_up, 600) == []
+
+
+def test_a_replica_cut_off_from_the_primary_or_paused_or_being_rebuilt_is_left_alone() -> None:
+    for sample in (replace(STUCK, leader=False), replace(STUCK, paused=True),
+                   replace(STUCK, state="creating replica"), replace(STUCK, role="master"),
+                   replace(STUCK, lag=None, timeline=2)):
+        clock = Clock()
+        assert run(ReplicaWatch(60, clock), clock, sample, 600) == [], sample
+
+
+def test_a_same_timeline_replica_standing_behind_counts_as_stuck_and_recovery_resets_the_steps() -> None:
+    clock = Clock()
+    watch = ReplicaWatch(60, clock)
+    behind = replace(STUCK, timeline=2)  # e.g. its WAL is gone from the primary
+    assert run(watch, clock, behind, 75) == ["restart"]
+    assert watch.observe(replace(behind, lag=0)) is None  # it streamed again
+    assert run(watch, clock, behind, 75) == ["restart"]  # a new stall starts over
+
+
+def test_the_period_follows_the_timing_profile() -> None:
+    fast, relaxed = (TIMING_PROFILES[t]["patroni_ttl"] for t in ("fast", "relaxed"))
+    assert stuck_after(cast(ClusterConfig, SimpleNamespace(patroni_ttl=fast))) == 60
+    assert stuck_after(cast(ClusterConfig, SimpleNamespace(patroni_ttl=relaxed))) == 4 * relaxed
+
+
+def test_a_standby_that_never_finishes_starting_gets_three_periods_then_the_same_steps() -> None:
+    clock = Clock()
+    watch = ReplicaWatch(60, clock)
+    starting = Sample(role="replica", state="starting", lag=None, position=(0, 0))
+    assert run(watch, clock, starting, 179) == []
+    assert run(watch, clock, starting, 181 * 2) == ["restart", "reinitialize"]
+    assert run(ReplicaWatch(60, clock), clock, replace(starting, leader=False), 900) == []
