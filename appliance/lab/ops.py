@@ -270,7 +270,25 @@ def wait_healthy(lab: Lab, timeout: float = 300, expect: int | None = None) -> d
         except LabError:
             pass
         time.sleep(2)
-    raise LabError(f"the lab cluster is not healthy after {timeout:g} s: {json.dumps(view)[:3000]}")
+    raise LabError(f"the lab cluster is not healthy after {timeout:g} s: {json.dumps(view)[:3000]}"
+                   + _database_trouble(lab, view))
+
+
+def _database_trouble(lab: Lab, view: dict[str, Any], lines: int = 12) -> str:
+    """The end of Patroni's log (PostgreSQL's too) of every member whose database is not up
+    with no lag: what a failed run needs to say why, since the lab is gone afterwards."""
+    out = []
+    for m in view.get("members", []):
+        db = m.get("database") or {}
+        if db.get("state") in DATABASE_UP and db.get("lag") in (0, None):
+            continue
+        log = lab.node(m["name"]).data_dir / "log" / "patroni.log"
+        try:
+            tail = [x for x in log.read_text(errors="replace").splitlines()[-400:] if "no action" not in x]
+        except OSError as exc:
+            tail = [str(exc)]
+        out.append(f"\n--- {m['name']} ({db.get('state')}, lag {db.get('lag')}): {log}\n" + "\n".join(tail[-lines:]))
+    return "".join(out)
 
 
 def node_summary(lab: Lab, node: LabNode) -> dict[str, Any]:
