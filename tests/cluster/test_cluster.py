@@ -210,6 +210,7 @@ def test_a_partitioned_node_drops_out_and_comes_back_when_healed(lab_cluster: La
     lab = lab_cluster
     view = lab.view()
     victim = next(n for n in NODES if n not in roles(view, "database-primary") + roles(view, "etcd-leader"))
+    project = f"during-partition-{int(time.time())}"
     ops.partition(victim, lab.dir)
     try:
         other = next(n for n in NODES if n != victim)
@@ -222,11 +223,11 @@ def test_a_partitioned_node_drops_out_and_comes_back_when_healed(lab_cluster: La
             time.sleep(2)
         # the others keep a quorum, a primary, and accept writes
         assert lab.view(other)["quorum"]
-        lab.cairn(other, "project", "create", "during-partition")
+        lab.cairn(other, "project", "create", project)
     finally:
         ops.heal(lab.dir)
     lab.wait_healthy(timeout=300)
-    assert lab.cairn(victim, "get", "project", "during-partition")["name"] == "during-partition"
+    assert lab.cairn(victim, "get", "project", project)["name"] == project
 
 
 def test_losing_the_database_primary_node_keeps_the_api_writable_and_loses_no_acknowledged_write(
@@ -235,17 +236,19 @@ def test_losing_the_database_primary_node_keeps_the_api_writable_and_loses_no_ac
     view = lab.view()
     primary = view["database"]["primary"]
     survivor = next(n for n in NODES if n != primary)
-    writer = lab.writer(survivor, "fo", interval=0.25, seconds=40)
+    writer = lab.writer(survivor, f"fo{int(time.time())}", interval=0.25, seconds=40)
     time.sleep(6)
     ops.kill(primary, lab.dir)
-    writes = lab.writes(writer)
-    acked = [w["name"] for w in writes if w["ok"]]
-    late = [w for w in writes if w["ok"] and w["t"] > 25]
-    assert late, f"the API on {survivor} did not accept writes again after {primary} died: {writes[-5:]}"
-    names = {p["name"] for p in lab.cairn(survivor, "get", "projects")}
-    missing = [a for a in acked if a not in names]
-    assert not missing, f"acknowledged writes lost in the failover: {missing}"
-    ops.heal(lab.dir)
+    try:
+        writes = lab.writes(writer)
+        acked = [w["name"] for w in writes if w["ok"]]
+        late = [w for w in writes if w["ok"] and w["t"] > 25]
+        assert late, f"the API on {survivor} did not accept writes again after {primary} died: {writes[-5:]}"
+        names = {p["name"] for p in lab.cairn(survivor, "get", "projects")}
+        missing = [a for a in acked if a not in names]
+        assert not missing, f"acknowledged writes lost in the failover: {missing}"
+    finally:  # the node comes back also when the test failed: the next tests need three
+        ops.heal(lab.dir)
     view = lab.wait_healthy(timeout=300)
     assert view["database"]["primary"] != primary
     assert primary in roles(view, "database-replica") + roles(view, "database-sync-standby")
@@ -307,6 +310,7 @@ def test_a_replica_ahead_of_the_promoted_standby_is_rewound_and_commits_go_on(la
     try:
         _diverge(lab, view, how)
     finally:
+        ops.heal(lab.dir)  # also when the test failed half-way (a no-op when it healed already)
         if how == "late-replay":  # also when the test failed: the next test needs a replica that replays
             try:
                 _apply_delay(lab, replica, 0)
