@@ -101,8 +101,8 @@ class PatroniReplica:
     def sample(self) -> Sample:
         me = httpx.get(f"{self.base}/patroni", verify=self.ca, timeout=3).json()
         members = httpx.get(f"{self.base}/cluster", verify=self.ca, timeout=3).json().get("members", [])
-        mine = next((m for m in members if m.get("name") == self.cfg.node), {})
-        leader = next((m for m in members if m.get("role") == "leader"), {})
+        mine: dict[str, Any] = next((m for m in members if m.get("name") == self.cfg.node), {})
+        leader: dict[str, Any] = next((m for m in members if m.get("role") == "leader"), {})
         lag = mine.get("lag")
         xlog = me.get("xlog", {})
         return Sample(role=str(me.get("role", "")), state=str(me.get("state", "")),
