@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -112,18 +113,39 @@ def _up_cluster_node(settings: Settings, timeout: float, quiet: bool,
     try:
         while True:
             try:
-                ensure_cli_token(settings)
+                _bounded(lambda: ensure_cli_token(settings), deadline - time.monotonic())
                 break
-            except Exception as exc:  # database not up or schema not made yet
+            except Exception as exc:  # database not up, schema not made yet, or no answer in time
                 if time.monotonic() > deadline:
                     raise SystemExit(f"the cluster database did not answer within {timeout:g} s ({exc}); "
-                                     f"see the logs in {settings.log_dir}")
+                                     f"see `cairn cluster status` and the logs in {settings.log_dir}")
                 time.sleep(1)
     finally:
         if status:
             status.stop()
     phase = wait_ready(settings, max(10.0, deadline - time.monotonic()), quiet)
     return _summary(settings, started, phase)
+
+
+def _bounded(fn: Callable[[], object], seconds: float) -> None:
+    """``fn()``, but give up after ``seconds``: an attempt may hang rather than fail (a
+    commit waiting for a synchronous standby that does not stream), and a daemon thread is
+    not waited for when the command exits."""
+    failed: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=attempt, name="cairn-up-attempt", daemon=True)
+    worker.start()
+    worker.join(max(1.0, seconds))
+    if worker.is_alive():
+        raise TimeoutError("a database write did not return: is a replica streaming?")
+    if failed:
+        raise failed[0]
 
 
 def _summary(settings: Settings, started: bool, phase: str) -> dict[str, Any]:
