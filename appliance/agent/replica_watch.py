@@ -65,14 +65,14 @@ class ReplicaWatch:
     def observe(self, s: Sample) -> str | None:
         now = self.clock()
         starting = s.state == "starting"
-        behind = (s.role == "replica" and s.leader and not s.paused
-                  and (starting or (s.state in ("running", "streaming")
-                       and ((s.lag or 0) > 0 or s.timeline < s.leader_timeline))))
-        if not behind or s.position != self._position:
+        running = s.state in ("running", "streaming")
+        lagging = (s.lag or 0) > 0 or s.timeline < s.leader_timeline
+        if s.role != "replica" or (running and not lagging):
+            self._acted = []  # caught up (or promoted): a later stall starts over
+        behind = s.role == "replica" and s.leader and not s.paused and (starting or (running and lagging))
+        if not behind or s.position != self._position:  # moving, or in between (restarting, cut off)
             self._position = s.position if behind else None
             self._since = now if behind else None
-            if not behind:
-                self._acted = []
             return None
         assert self._since is not None
         if now - self._since < self.stuck_after * (STARTING_FACTOR if starting else 1):

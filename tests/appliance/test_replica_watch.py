@@ -82,3 +82,13 @@ def test_a_standby_that_never_finishes_starting_gets_three_periods_then_the_same
     assert run(watch, clock, starting, 179) == []
     assert run(watch, clock, starting, 181 * 2) == ["restart", "reinitialize"]
     assert run(ReplicaWatch(60, clock), clock, replace(starting, leader=False), 900) == []
+
+
+def test_the_restart_passing_through_other_states_still_leads_to_the_reinitialisation() -> None:
+    clock = Clock()
+    watch = ReplicaWatch(60, clock)
+    assert run(watch, clock, STUCK, 75) == ["restart"]
+    for state in ("restarting", "stopped", "starting"):
+        assert watch.observe(replace(STUCK, state=state, position=(0, 0))) is None
+        clock.now += 5
+    assert run(watch, clock, STUCK, 75) == ["reinitialize"]
