@@ -57,10 +57,11 @@ Timing = Literal["fast", "relaxed"]
 # stalls for seconds then keeps its database role and its lease; failover takes about 1 min.
 TIMING_PROFILES: dict[str, dict[str, int]] = {
     "fast": {"etcd_heartbeat_ms": 200, "etcd_election_ms": 2000, "patroni_ttl": 8, "patroni_loop_wait": 1,
-             "patroni_retry_timeout": 3, "ha_lease_ttl": 10, "watchdog_timeout": 8, "node_grace_seconds": 10},
+             "patroni_retry_timeout": 3, "ha_lease_ttl": 10, "watchdog_timeout": 8, "node_grace_seconds": 10,
+             "db_connect_timeout": 3},
     "relaxed": {"etcd_heartbeat_ms": 1000, "etcd_election_ms": 10000, "patroni_ttl": 60, "patroni_loop_wait": 10,
                 "patroni_retry_timeout": 20, "ha_lease_ttl": 60, "watchdog_timeout": 45,
-                "node_grace_seconds": 60},
+                "node_grace_seconds": 60, "db_connect_timeout": 20},
 }
 
 
@@ -97,6 +98,9 @@ class ClusterConfig(BaseModel):
     ha_lease_ttl: int = TIMING_PROFILES["fast"]["ha_lease_ttl"]
     watchdog_timeout: int = TIMING_PROFILES["fast"]["watchdog_timeout"]
     node_grace_seconds: int = TIMING_PROFILES["fast"]["node_grace_seconds"]
+    # libpq's connect_timeout per member (TLS + SCRAM): an emulated node under load took
+    # longer than 3 s to answer, so the API's start failed and systemd restarted it for ever
+    db_connect_timeout: int = TIMING_PROFILES["fast"]["db_connect_timeout"]
 
     def timing_fields(self) -> dict[str, object]:
         """The profile's values as this cluster runs them (what a joiner inherits)."""
@@ -136,14 +140,14 @@ def database_url(cfg: ClusterConfig) -> str:
     """A multi-host libpq URL that always lands on the read-write primary (Patroni)."""
     hosts = "&".join(f"host={a}:{PG_PORT}" for a in cfg.member_addresses())
     return (f"postgresql+psycopg://cairn:{cfg.secrets.pg_cairn}@/cairn?{hosts}"
-            "&target_session_attrs=read-write&connect_timeout=3")
+            f"&target_session_attrs=read-write&connect_timeout={cfg.db_connect_timeout}")
 
 
 def superuser_dsn(cfg: ClusterConfig, dbname: str = "postgres") -> str:
     hosts = ",".join(cfg.member_addresses())
     ports = ",".join(str(PG_PORT) for _ in cfg.member_addresses())
     return (f"host={hosts} port={ports} dbname={dbname} user=postgres password={cfg.secrets.pg_superuser} "
-            "target_session_attrs=read-write connect_timeout=3")
+            f"target_session_attrs=read-write connect_timeout={cfg.db_connect_timeout}")
 
 
 def broker_url(cfg: ClusterConfig) -> str:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from appliance.cluster import formation
-from appliance.cluster.config import TIMING_PROFILES, ClusterConfig, Member
+from appliance.cluster.config import TIMING_PROFILES, ClusterConfig, Member, database_url, superuser_dsn
 from appliance.cluster.engines import NodePaths, etcd_argv, patroni_config
 from appliance.cluster.etcd import EtcdUnavailable
 from appliance.errors import CairnError
@@ -32,6 +32,10 @@ def test_each_profile_reaches_etcd_and_patroni_and_patroni_can_keep_its_lock(tim
     argv = etcd_argv(cfg, NodePaths(tmp_path / "cluster", tmp_path / "pki"))
     assert f"--heartbeat-interval={want['etcd_heartbeat_ms']}" in argv
     assert f"--election-timeout={want['etcd_election_ms']}" in argv
+    assert "--pre-vote=true" in argv  # a member back from a partition must not depose the leader
+    # every database connection waits the profile's connect timeout per member
+    assert f"connect_timeout={want['db_connect_timeout']}" in database_url(cfg)
+    assert f"connect_timeout={want['db_connect_timeout']}" in superuser_dsn(cfg)
     assert want["etcd_election_ms"] >= 10 * want["etcd_heartbeat_ms"] / 2  # etcd's advice: 5-10x
     dcs = yaml.safe_load(patroni_config(cfg, NodePaths(tmp_path / "cluster", tmp_path / "pki")))["bootstrap"]["dcs"]
     assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (
