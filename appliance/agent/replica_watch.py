@@ -12,19 +12,19 @@ A loaded machine widens the window (replay lags further behind receipt).
 
 The agent watches its own node's replica: behind the primary (``lag`` above zero, or on
 an older timeline) with its received and replayed positions standing still for
-``stuck_after`` seconds, it asks Patroni to restart PostgreSQL (Patroni checks the timeline again at start and rewinds);
-still stuck one more period later, to reinitialise it from the primary (a fresh base
-backup: a replica's data is a copy). Then it waits a whole period again before any other
-step. A standby that has been ``starting`` for three periods (it cannot reach a consistent
-point on the primary's timeline) is treated the same way. A paused replay is an
-operator's choice and is left alone."""
+``stuck_after`` seconds, it asks Patroni to restart PostgreSQL (Patroni checks the
+timeline again at start and rewinds); still stuck one more period later, to reinitialise
+it from the primary (a fresh base backup: a replica's data is a copy). Then it waits a
+whole period again before any other step. A standby that has been ``starting`` for
+three periods (it cannot reach a consistent point on the primary's timeline) is treated
+the same way. A paused replay is an operator's choice and is left alone."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -99,18 +99,22 @@ class PatroniReplica:
         self.watch = watch or ReplicaWatch(stuck_after(cfg))
 
     def sample(self) -> Sample:
+        """One look; the cluster and the primary are asked only about a replica, and the
+        primary's reachability only when the replica is not plainly caught up."""
         me = httpx.get(f"{self.base}/patroni", verify=self.ca, timeout=3).json()
+        xlog = me.get("xlog", {})
+        s = Sample(role=str(me.get("role", "")), state=str(me.get("state", "")), lag=None,
+                   position=(int(xlog.get("received_location") or 0), int(xlog.get("replayed_location") or 0)),
+                   paused=bool(xlog.get("paused")), leader=False, timeline=int(me.get("timeline") or 0))
+        if s.role != "replica":
+            return s
         members = httpx.get(f"{self.base}/cluster", verify=self.ca, timeout=3).json().get("members", [])
         mine: dict[str, Any] = next((m for m in members if m.get("name") == self.cfg.node), {})
         leader: dict[str, Any] = next((m for m in members if m.get("role") == "leader"), {})
         lag = mine.get("lag")
-        xlog = me.get("xlog", {})
-        return Sample(role=str(me.get("role", "")), state=str(me.get("state", "")),
-                      lag=lag if isinstance(lag, int) else None,
-                      position=(int(xlog.get("received_location") or 0), int(xlog.get("replayed_location") or 0)),
-                      paused=bool(xlog.get("paused")),
-                      leader=self._leader_answers(members),
-                      timeline=int(me.get("timeline") or 0), leader_timeline=int(leader.get("timeline") or 0))
+        s = replace(s, lag=lag if isinstance(lag, int) else None, leader_timeline=int(leader.get("timeline") or 0))
+        caught_up = s.state in ("running", "streaming") and not s.lag and s.timeline >= s.leader_timeline
+        return s if caught_up else replace(s, leader=self._leader_answers(members))
 
     def _leader_answers(self, members: list[dict[str, Any]]) -> bool:
         """A running primary elsewhere that this node reaches: a replica cut off from it is
@@ -132,8 +136,8 @@ class PatroniReplica:
         body = {"force": True} if step == "reinitialize" else {}
         r = httpx.post(f"{self.base}/{step}", json=body, verify=self.ca, timeout=60,
                        auth=("patroni", self.cfg.secrets.patroni_rest))
-        what = (f"cluster: this node's database replica stood {s.lag} bytes behind the primary for "
-                f"{self.watch.stuck_after:g} s without moving (a timeline it cannot follow): asked Patroni to "
+        what = (f"cluster: this node's database replica ({s.state}, {s.lag} bytes behind the primary) did "
+                f"not move for {self.watch.stuck_after:g} s or more (a timeline it cannot follow): asked Patroni to "
                 f"{step} it (a replica that cannot start on its timeline is rewound by Patroni next): "
                 f"{r.status_code} {r.text.strip()[:200]}")
         log.warning(what)

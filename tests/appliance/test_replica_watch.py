@@ -7,6 +7,8 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import cast
 
+import pytest
+
 from appliance.agent.replica_watch import ReplicaWatch, Sample, stuck_after
 from appliance.cluster.config import TIMING_PROFILES, ClusterConfig
 
@@ -92,3 +94,41 @@ def test_the_restart_passing_through_other_states_still_leads_to_the_reinitialis
         assert watch.observe(replace(STUCK, state=state, position=(0, 0))) is None
         clock.now += 5
     assert run(watch, clock, STUCK, 75) == ["reinitialize"]
+
+
+def test_a_sample_asks_the_cluster_only_about_a_replica_and_the_primary_only_when_it_is_not_caught_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.agent import replica_watch
+
+    answers: dict[str, dict[str, object]] = {}
+    asked: list[str] = []
+
+    class Answer:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+        def json(self) -> dict[str, object]:
+            return answers[self.url]
+
+    def get(url: str, **_: object) -> Answer:
+        asked.append(url)
+        return Answer(url)
+
+    monkeypatch.setattr(replica_watch.httpx, "get", get)
+    cfg = cast(ClusterConfig, SimpleNamespace(address="10.0.0.2", node="n2"))
+    watch = replica_watch.PatroniReplica(cfg, "ca.crt", ReplicaWatch(60))
+    me, cluster = (f"https://10.0.0.2:8008/{p}" for p in ("patroni", "cluster"))
+    primary = "https://10.0.0.1:8008/patroni"
+    answers[me] = {"role": "master", "state": "running", "timeline": 2}
+    assert watch.sample().role == "master" and asked == [me]
+    members = [{"name": "n1", "role": "leader", "state": "running", "timeline": 2, "api_url": primary},
+               {"name": "n2", "role": "replica", "state": "running", "timeline": 2, "lag": 0}]
+    answers[me] = {"role": "replica", "state": "running", "timeline": 2, "xlog": {"received_location": 5}}
+    answers[cluster] = {"members": members}
+    answers[primary] = {"role": "master"}
+    asked.clear()
+    assert watch.sample().leader is False and asked == [me, cluster]
+    members[1]["lag"] = 4096
+    asked.clear()
+    s = watch.sample()
+    assert (s.lag, s.leader, s.leader_timeline) == (4096, True, 2) and asked == [me, cluster, primary]
