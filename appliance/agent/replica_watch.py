@@ -50,6 +50,15 @@ class Sample:
     timeline: int = 0  # the replica's, and the primary's
     leader_timeline: int = 0
 
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "streaming")
+
+    @property
+    def caught_up(self) -> bool:
+        """Running on the primary's timeline with nothing left to receive."""
+        return self.running and not (self.lag or 0) > 0 and self.timeline >= self.leader_timeline
+
 
 class ReplicaWatch:
     """Decides, from successive samples, whether the replica is stuck and what to do:
@@ -65,11 +74,9 @@ class ReplicaWatch:
     def observe(self, s: Sample) -> str | None:
         now = self.clock()
         starting = s.state == "starting"
-        running = s.state in ("running", "streaming")
-        lagging = (s.lag or 0) > 0 or s.timeline < s.leader_timeline
-        if s.role != "replica" or (running and not lagging):
+        if s.role != "replica" or s.caught_up:
             self._acted = []  # caught up (or promoted): a later stall starts over
-        behind = s.role == "replica" and s.leader and not s.paused and (starting or (running and lagging))
+        behind = s.role == "replica" and s.leader and not s.paused and (starting or (s.running and not s.caught_up))
         if not behind or s.position != self._position:  # moving, or in between (restarting, cut off)
             self._position = s.position if behind else None
             self._since = now if behind else None
@@ -113,8 +120,7 @@ class PatroniReplica:
         leader: dict[str, Any] = next((m for m in members if m.get("role") == "leader"), {})
         lag = mine.get("lag")
         s = replace(s, lag=lag if isinstance(lag, int) else None, leader_timeline=int(leader.get("timeline") or 0))
-        caught_up = s.state in ("running", "streaming") and not s.lag and s.timeline >= s.leader_timeline
-        return s if caught_up else replace(s, leader=self._leader_answers(members))
+        return s if s.caught_up else replace(s, leader=self._leader_answers(members))
 
     def _leader_answers(self, members: list[dict[str, Any]]) -> bool:
         """A running primary elsewhere that this node reaches: a replica cut off from it is
