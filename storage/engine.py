@@ -293,7 +293,7 @@ class Pool:
             return
         try:
             if not self.readonly and not vol.released and checkpoint:
-                vol.checkpoint()
+                vol.checkpoint(settled=True)
         finally:
             vol.released = True
             if self.me is not None:
@@ -421,7 +421,7 @@ class Pool:
         if refresh:
             self.log.refresh(tails=True)
         starts = {uuid.UUID(rec.id).bytes: pos for _n, rec in heads
-                  if (pos := LogPosition.from_json(rec.log)) is not None}
+                  if (pos := LogPosition.from_json(rec.log)) is not None and not pos.settled}
         entries = self.log.journal_entries(starts) if journals else {}
         for name, rec in heads:
             yield Version(name, None, bytes.fromhex(rec.root), rec.size, entries.get(uuid.UUID(rec.id).bytes, []))

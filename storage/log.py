@@ -1,9 +1,13 @@
 """The pool's log: chunks and block-map updates appended to large segment objects.
 
 RADOS costs about a millisecond per operation, so chunks are not one object each:
-every write batch becomes one append to the current segment (``seg/<writer>/<seq>``).
+every group commit becomes one append to the writer's current segment
+(``seg/<writer>/<seq>``): its chunks and the block-map records naming them together.
 The segment *is* the journal: a write is acknowledged once its records are appended,
 and a restart replays the block-map records written after a volume's last checkpoint.
+(Writers before 2026-12 also appended large writes' chunks to data streams,
+``seg/<writer>.<k>/<seq>``, in a second append per group; their segments are still read
+and indexed like any other.)
 A sealed segment gets an index object (``idx/<writer>/<seq>``: hash -> location) so
 opening a pool reads small indexes instead of whole segments.
 
@@ -13,10 +17,9 @@ chunk header: the payload is identified by its BLAKE3 hash, which the index scan
 unsealed tail (crash recovery) verifies instead of a second checksum over every byte.
 
 Block-map records (type 4) carry, per entry, the base chunk of a patch entry (zero
-otherwise). The journal append of a group commit goes out together with its chunk
-appends, so after a crash a record may name a chunk that never landed; such a write was
-never acknowledged, and replay skips the entries whose chunk (or patch base) is not in
-the index.
+otherwise). A record may name a chunk stored by an earlier group, or by another writer;
+after a crash such a chunk may never have landed (only an unacknowledged write can name
+one), and replay skips the entries whose chunk (or patch base) is not in the index.
 """
 
 from __future__ import annotations
@@ -52,9 +55,6 @@ CHUNK_RECORDS = (REC_CHUNK, REC_CHUNK2)
 MAP_RECORDS = (REC_MAP, REC_MAP2)
 _NO_BASE = bytes(32)
 SEGMENT_TARGET = 4 << 20
-DATA_STREAMS = 4
-SMALL_BATCH = 1 << 20
-LARGE_WRITE = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +70,26 @@ class Location:
 
 @dataclass(frozen=True, slots=True)
 class LogPosition:
-    """A point in one writer's log: records at or after it are not in a volume's root."""
+    """A point in one writer's log: records at or after it are not in a volume's root.
+    ``settled``: its writer let the volume go there (nothing of it follows to replay;
+    the writer still names where the root's newest map shards are)."""
 
     writer: str
     seq: int
     offset: int
+    settled: bool = False
 
     def to_json(self) -> list[object]:
         """JSON form kept in volume pointers."""
-        return [self.writer, self.seq, self.offset]
+        return [self.writer, self.seq, self.offset, *([True] if self.settled else [])]
 
     @classmethod
     def from_json(cls, value: list[object] | None) -> LogPosition | None:
         """Inverse of :meth:`to_json`."""
         if not value:
             return None
-        return cls(str(value[0]), int(str(value[1])), int(str(value[2])))
+        return cls(str(value[0]), int(str(value[1])), int(str(value[2])), len(value) > 3 and value[3] is True)
+
 
 
 def segment_name(writer: str, seq: int) -> str:
@@ -181,29 +185,28 @@ class _Stream:
 
 @dataclass(eq=False)
 class _Group:
-    """One group commit: chunk appends to data segments, then the ordered journal append."""
+    """One group commit: one append of its chunk and block-map records to the journal."""
 
-    data: list[tuple[str, bytes]]
-    journal: tuple[str, bytes] | None
     sealed: list[tuple[str, bytes]]
     chunks: dict[bytes, bytes]
     sync: bool
     future: Future[None]
-    data_left: int = 0
-    state: int = 0  # 0 waiting for data, 1 journal submitted, 2 journal landed, 3 sync submitted, 4 done
+    state: int = 0  # 0 append in flight, 2 landed, 3 sync submitted, 4 done
 
 
 class SegmentLog:
     """The hash -> location index of a pool plus this process's append streams.
 
-    Commits are pipelined: any number of groups may be in flight. A group's chunk
-    appends (to up to ``DATA_STREAMS`` data segments, i.e. different placement groups)
-    and its journal append (block-map records, plus the chunks of small writes) go out
-    together; journal appends go in write order (after the previous group's, and only
-    after it landed when the journal moved to a new segment object). A group completes
-    (its future resolves, its writes are acknowledged) once all of its appends and every
-    earlier group have landed. Replay skips map entries whose chunk is missing, which
-    only a crash between the two kinds of appends of an unacknowledged group leaves.
+    Commits are pipelined: any number of groups may be in flight, each one append (its
+    chunks, then the block-map records naming them) to the journal segment, in write
+    order; RADOS keeps the order of appends to one object, and records are replayed in
+    (segment, offset) order, fixed when they are staged. A group completes (its future
+    resolves, its writes are acknowledged) once it and every earlier group have landed,
+    so a crash can only lose groups nobody was told about: when the journal moved to a
+    new object, a later group may have landed and an earlier one not; replay then has
+    the later one without the earlier one, which no acknowledged write can tell apart
+    from both being lost, except that its entries may name chunks of the lost group
+    (skipped, see :meth:`replay`).
     """
 
     def __init__(self, backend: ObjectBackend, readonly: bool = False, load: bool = True) -> None:
@@ -212,11 +215,7 @@ class SegmentLog:
         self.index: dict[bytes, Location] = {}
         self.writer = uuid.uuid4().hex[:12]
         self.journal = _Stream(self.writer)
-        self.data = [_Stream(f"{self.writer}.{k}") for k in range(DATA_STREAMS)]
         self.pending_chunks: dict[bytes, bytes] = {}
-        self._pending = 0  # bytes staged in all streams (pending_size)
-        # Chunks of one write request stay together (one read later), see Volume._apply.
-        self.sticky: _Stream | None = None
         self.inflight: dict[bytes, bytes] = {}
         self.inflight_bytes = 0
         self.segment_entries: dict[str, list[bytes]] = {}
@@ -226,7 +225,6 @@ class SegmentLog:
         self._groups: deque[_Group] = deque()
         self._index_puts = 0
         self._broken: BaseException | None = None
-        self._advancing = self._again = False
         # Other writers' segments: bytes indexed so far, and those that are final.
         self.covered: dict[str, int] = {}
         self.sealed: set[str] = set()
@@ -241,7 +239,7 @@ class SegmentLog:
 
     # ---------------------------------------------------------------- index
     def own(self, seg: str) -> bool:
-        """Whether a segment is one of this writer's (journal or data stream)."""
+        """Whether a segment is one of this writer's (or, in older pools, of its data streams)."""
         return parse_segment(seg)[0].split(".")[0] == self.writer
 
     def load_index(self) -> None:
@@ -387,14 +385,10 @@ class SegmentLog:
         """Name of the journal segment this process appends block-map records to."""
         return self.journal.segment
 
-    def open_segments(self) -> set[str]:
-        """Segments this process is still appending to."""
-        return {st.segment for st in (self.journal, *self.data)}
-
     @property
     def pending_size(self) -> int:
         """Bytes staged and not yet handed to the backend."""
-        return self._pending
+        return self.journal.pending_size
 
     @property
     def groups_in_flight(self) -> int:
@@ -406,20 +400,11 @@ class SegmentLog:
         j = self.journal
         return LogPosition(self.writer, j.seq, j.seg_size + j.pending_size)
 
-    def pick_stream(self, key: int | None = None, size: int = 0) -> _Stream:
-        """Where the chunks of one write request go. Small requests ride on the journal
-        (one append per commit) while the batch is small; large ones go to the data
-        stream of their 4 MiB region (``key``), so a sequentially written range lands
-        contiguously in one segment and reads back with one read-ahead."""
-        if size < LARGE_WRITE and self.journal.pending_size < SMALL_BATCH:
-            return self.journal
-        if key is None:
-            return min(self.data, key=lambda x: x.pending_size)
-        return self.data[key % DATA_STREAMS]
-
     def stage_chunk(self, h: bytes, flags: int, raw_length: int, payload: bytes) -> None:
-        """Queue a chunk record; readable at once (from memory until it has landed)."""
-        st = self.sticky or self.pick_stream()
+        """Queue a chunk record; readable at once (from memory until it has landed). The
+        chunks of a write land in the order they were staged: a sequentially written
+        range lies contiguously in a segment and reads back with one read-ahead."""
+        st = self.journal
         parts = frame_parts(REC_CHUNK2, CHUNK_HEAD.pack(h, flags, raw_length), payload)
         at = st.seg_size + st.pending_size + HEADER.size + CHUNK_HEAD.size
         seg = st.segment
@@ -428,7 +413,6 @@ class SegmentLog:
         self.pending_chunks[h] = payload
         st.pending += parts
         st.pending_size += HEADER.size + CHUNK_HEAD.size + len(payload)
-        self._pending += HEADER.size + CHUNK_HEAD.size + len(payload)
 
     def stage_map(self, vol_id: bytes, entries: list[tuple[int, bytes, bytes]]) -> None:
         """Queue a block-map update record for a volume on the (ordered) journal stream:
@@ -437,7 +421,6 @@ class SegmentLog:
         rec = frame(REC_MAP2, *body)
         self.journal.pending.append(rec)
         self.journal.pending_size += len(rec)
-        self._pending += len(rec)
 
     def _take(self, st: _Stream, sealed: list[tuple[str, bytes]]) -> tuple[str, bytes] | None:
         if not st.pending:
@@ -445,7 +428,6 @@ class SegmentLog:
         seg = st.segment
         blob = b"".join(st.pending)
         st.seg_size += st.pending_size
-        self._pending -= st.pending_size
         st.pending = []
         st.pending_size = 0
         if st.seg_size >= SEGMENT_TARGET:
@@ -470,21 +452,15 @@ class SegmentLog:
             self.inflight.update(chunks)
             self.inflight_bytes += sum(len(c) for c in chunks.values())
             sealed: list[tuple[str, bytes]] = []
-            data = [t for t in (self._take(st, sealed) for st in self.data) if t is not None]
             journal = self._take(self.journal, sealed)
-            g = _Group(data, journal, sealed, chunks, sync, future, data_left=len(data))
+            g = _Group(sealed, chunks, sync, future)
             self._groups.append(g)
-            for seg, blob in data:
-                self.io.append(seg, blob, partial(self._data_done, g))
-            self._advance()
+            if journal is None:
+                g.state = 2
+                self._advance()
+            else:
+                self.io.append(journal[0], journal[1], partial(self._journal_done, g))
         return future
-
-    def _data_done(self, g: _Group, exc: BaseException | None) -> None:
-        with self._lock:
-            g.data_left -= 1
-            if exc is not None:
-                self._fail(exc)
-            self._advance()
 
     def _journal_done(self, g: _Group, exc: BaseException | None) -> None:
         with self._lock:
@@ -518,36 +494,10 @@ class SegmentLog:
         self._idle.notify_all()
 
     def _advance(self) -> None:
-        """Submit journal appends that may go, complete finished groups in order.
-        Re-entrant calls (a callback run at submission) only ask for another pass."""
-        if self._advancing:
-            self._again = True
-            return
-        self._advancing = True
-        try:
-            self._again = True
-            while self._again and self._broken is None:
-                self._again = False
-                self._advance_once()
-        finally:
-            self._advancing = False
-
-    def _advance_once(self) -> None:
-        prev: _Group | None = None
-        for g in list(self._groups):
-            if g.state == 0:
-                if prev is not None and prev.state < 2 and prev.journal is not None and (
-                        g.journal is None or prev.journal[0] != g.journal[0]):
-                    break  # another object: RADOS orders appends per object only
-                g.state = 1
-                if g.journal is not None:
-                    self.io.append(g.journal[0], g.journal[1], partial(self._journal_done, g))
-                else:
-                    g.state = 2
-            prev = g
+        """Complete the finished groups, in order (a sync first where asked for)."""
         while self._groups and self._broken is None:
             g = self._groups[0]
-            if g.state == 2 and g.data_left == 0:
+            if g.state == 2:
                 if g.sync and not self.io.durable:
                     g.state = 3
                     self.io.sync(partial(self._sync_done, g))
@@ -568,20 +518,20 @@ class SegmentLog:
 
     @property
     def unsealed(self) -> bool:
-        """Whether this writer has segments without an index object yet."""
-        return any(st.seg_size or st.pending_size for st in (self.journal, *self.data))
+        """Whether this writer has a segment without an index object yet."""
+        return bool(self.journal.seg_size or self.journal.pending_size)
 
     def rotate(self) -> None:
-        """Seal every open segment (with its index) and start new ones, so that GC may
-        consider the old ones."""
+        """Seal the open segment (with its index) and start a new one, so that GC may
+        consider the old one."""
         self.commit(sync=True)
-        for st in (self.journal, *self.data):
-            if st.seg_size:
-                self.write_index(st.segment, st.seg_size)
-                self.own_sealed.append(st.segment)
-                self.segment_entries.pop(st.segment, None)
-                st.seq += 1
-                st.seg_size = 0
+        st = self.journal
+        if st.seg_size:
+            self.write_index(st.segment, st.seg_size)
+            self.own_sealed.append(st.segment)
+            self.segment_entries.pop(st.segment, None)
+            st.seq += 1
+            st.seg_size = 0
 
     def commit(self, sync: bool = False) -> None:
         """Append everything staged and wait for it (after any append already in flight)."""

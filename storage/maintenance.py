@@ -111,7 +111,7 @@ def _replayed(pool: Pool, segments: dict[str, float]) -> set[str]:
         raw = pool.backend.get_pointer(f"vol/{name}")
         if raw is not None:
             pos = LogPosition.from_json(json.loads(raw)["log"])
-            if pos is not None:
+            if pos is not None and not pos.settled:
                 positions.append(pos)
     for seg in segments:
         writer, seq = parse_segment(seg)

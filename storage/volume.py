@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from storage.blockmap import BlockMap
@@ -22,10 +22,12 @@ from storage.log import LogPosition
 if TYPE_CHECKING:
     from storage.engine import Pool
 
-# Replay after a crash reads the journal written since the last checkpoint: large
-# writes leave only map records there (their chunks go to data segments), small ones
-# their patches. A checkpoint waits for the journal, so not too often either.
+# Replay after a crash reads the journal written since the last checkpoint (chunks and
+# map records: the whole segments). A checkpoint waits for the journal, so not too often.
 CHECKPOINT_BYTES = 256 << 20
+# A clean volume's replay position follows the journal once it is this many segments
+# behind: a takeover then skips what other volumes wrote, and GC may collect it.
+FOLLOW_SEGMENTS = 8
 MAX_EXTENTS = 32  # a patch with more extents (or covering half its block) is folded
 INFLIGHT_LIMIT = 64 << 20  # bytes handed to the backend and not landed: then wait
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -72,12 +74,11 @@ class Volume:
         self.map = BlockMap(bytes.fromhex(record.root), self._nblocks(record.size), pool.chunks.get)
         self._zero = bytes(self.block)
         self._since_checkpoint = 0
-        self._stream_key = int.from_bytes(self.id[:4], "big")
         self._last_patch = self._last_base = ZERO_HASH
         self.released = False  # the lock went to another writer (or was given back)
         self.generation = 0  # bumped by every change of the block map (readers in flight check it)
         start = LogPosition.from_json(record.log)
-        if start is not None:
+        if start is not None and not start.settled:
             for blk, h in pool.log.replay(self.id, start):
                 if blk < self.map.nblocks:
                     self.map.set(blk, h)
@@ -277,11 +278,7 @@ class Volume:
         entries: list[tuple[int, bytes, bytes]] = []
         log = self.pool.log
         self.generation += 1
-        log.sticky = log.pick_stream(self._stream_key + (offset >> 22), length)
-        try:
-            self._apply_blocks(blk, boff, view, length, entries, owned)
-        finally:
-            log.sticky = None
+        self._apply_blocks(blk, boff, view, length, entries, owned)
         if entries:
             log.stage_map(self.id, entries)
             self._since_checkpoint += length
@@ -348,16 +345,32 @@ class Volume:
         """Make every write so far durable."""
         self.commit(sync=True)
 
-    def checkpoint(self) -> None:
-        """Store the block map, then move the pointer's root and replay position forward."""
+    def checkpoint(self, settled: bool = False) -> None:
+        """Store the block map, then move the pointer's root and replay position forward
+        (``settled``: this writer lets the volume go, nothing of it will follow)."""
         self.pool.log.commit()
         root = self.map.commit(self.pool.store_meta)
         self.pool.log.commit(sync=True)
         new = VolumeRecord(**{**self.record.__dict__})
         new.root = root.hex()
-        new.log = self.pool.log.position().to_json()
+        new.log = replace(self.pool.log.position(), settled=settled).to_json()
         self._swap(new)
         self._since_checkpoint = 0
+
+    def follow(self) -> None:
+        """Move a clean volume's replay position to the journal's end once it lags
+        ``FOLLOW_SEGMENTS`` behind. Nothing of the volume was journaled since its
+        checkpoint, so any later position replays the same (nothing); only the pointer
+        changes (no commit to wait for)."""
+        if self.dirty or self.released:
+            return
+        pos = LogPosition.from_json(self.record.log)
+        here = self.pool.log.position()
+        if pos is not None and pos.writer == here.writer and here.seq - pos.seq < FOLLOW_SEGMENTS:
+            return
+        new = VolumeRecord(**{**self.record.__dict__})
+        new.log = here.to_json()
+        self._swap(new)
 
     def _swap(self, new: VolumeRecord) -> None:
         if self.released:

@@ -213,7 +213,7 @@ class Handover:
             return
         t0 = time.monotonic()
         try:
-            vol.checkpoint()
+            vol.checkpoint(settled=True)
         except StorageError as exc:
             log.warning("volume %s: not handed over, its checkpoint failed: %s", name, exc)
             return

@@ -249,6 +249,7 @@ class NbdServer:
         for vol in self.pool.open_volumes():
             if not vol.dirty:
                 self._touched.pop(vol.name, None)
+                vol.follow()
                 continue
             since = self._touched.setdefault(vol.name, now)
             if now - since > CHECKPOINT_AFTER:
