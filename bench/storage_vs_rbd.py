@@ -7,7 +7,9 @@
 Brings up the test cluster (1 mon, 1 mgr, 3 OSDs, size 3), then in the same run:
 1 MiB sequential write/read and 4 KiB random write/read, on unique and on 50 %
 duplicate data, through ``cairn-nbd`` (fio's nbd engine) and through librbd (fio's rbd
-engine). Prints each ratio (ours / RBD) and writes JSON. Also: stored bytes of 10
+engine). Prints each ratio (ours / RBD) and writes JSON. Beside each figure: where the
+CPU went, per GiB moved (the Ceph daemons, fio, and cairn-nbd), for both sides: on a
+machine with few cores the ratio is mostly the ratio of those totals. Also: stored bytes of 10
 clones of one image after each "boots" (writes 2 MiB), vs the image alone; and the
 time to snapshot a 1 GiB vs a 100 GiB volume.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,7 +58,7 @@ TARGETS = {"seq_write_1m/dup50": 1.5, "seq_write_1m/unique": 0.8, "seq_read_1m/u
 
 
 def fio(engine_args: list[str], rw: str, bs: str, depth: int, size: str, runtime: int, dedupe: int,
-        env: dict[str, str]) -> dict[str, float]:
+        env: dict[str, str]) -> dict[str, Any]:
     argv = ["fio", "--name=b", *engine_args, f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={size}",
             f"--runtime={runtime}", "--output-format=json", "--refill_buffers", f"--dedupe_percentage={dedupe}",
             "--randrepeat=0"]
@@ -66,7 +69,38 @@ def fio(engine_args: list[str], rw: str, bs: str, depth: int, size: str, runtime
         raise SystemExit(f"fio failed: {r.stderr[-2000:]}")
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
-    return {"bw_mib_s": side["bw_bytes"] / (1 << 20), "iops": side["iops"]}
+    return {"bw_mib_s": side["bw_bytes"] / (1 << 20), "iops": side["iops"], "io_bytes": side["io_bytes"]}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by the Ceph daemons, by finished child processes (fio) and by cairn-nbd
+    between :meth:`start` and :meth:`per_gib`."""
+
+    def __init__(self, cluster: CephCluster, nbd_pid: int) -> None:
+        self.ceph = [p.pid for p in cluster.procs.values()]
+        self.nbd = nbd_pid
+        self.at = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (sum(cpu_seconds(p) for p in self.ceph), kids.ru_utime + kids.ru_stime, cpu_seconds(self.nbd))
+
+    def start(self) -> None:
+        self.at = self._now()
+
+    def per_gib(self, io_bytes: int) -> dict[str, float]:
+        """CPU seconds per GiB moved since :meth:`start`, by component."""
+        now = self._now()
+        gib = max(io_bytes, 1) / (1 << 30)
+        ceph, fio_cpu, nbd = ((b - a) / gib for a, b in zip(self.at, now, strict=True))
+        return {"ceph": round(ceph, 3), "fio": round(fio_cpu, 3), "nbd": round(nbd, 3),
+                "total": round(ceph + fio_cpu + nbd, 3)}
 
 
 def start_nbd(url: str, workdir: Path, volume: str, size: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -92,21 +126,29 @@ def run_pair(cluster: CephCluster, workdir: Path, args: argparse.Namespace, dedu
     rbd_vols.create(image, args.size_bytes)
     url = cluster.backend_url(f"bench-{label}")
     proc, sock = start_nbd(url, workdir, "bench", str(args.size_bytes))
+    meter = CpuMeter(cluster, proc.pid)
     results: dict[str, dict[str, Any]] = {}
     try:
         for name, rw, bs, depth, metric in WORKLOADS:
             before = load()
+            meter.start()
             ours = fio(["--ioengine=nbd", f"--uri={export_uri('bench', socket=sock)}"], rw, bs, depth, args.size,
                        args.runtime, dedupe, env)
+            ours["cpu_s_per_gib"] = meter.per_gib(ours["io_bytes"])
+            meter.start()
             theirs = fio(["--ioengine=rbd", "--clientname=admin", f"--pool={cluster.pool}", f"--rbdname={image}"],
                          rw, bs, depth, args.size, args.runtime, dedupe, env)
+            theirs["cpu_s_per_gib"] = meter.per_gib(theirs["io_bytes"])
             key = "bw_mib_s" if metric == "bw" else "iops"
             ratio = ours[key] / theirs[key] if theirs[key] else 0.0
             results[f"{name}/{label}"] = {"ours": ours, "rbd": theirs, "metric": key, "ratio": ratio,
                                           "target": TARGETS.get(f"{name}/{label}"), "load_before": before,
                                           "load_after": load()}
+            oc, tc = ours["cpu_s_per_gib"], theirs["cpu_s_per_gib"]
             print(f"{name:14} {label:6}  ours {ours[key]:10.1f}  rbd {theirs[key]:10.1f} {key:8}  "
-                  f"ratio {ratio:5.2f}  (target {TARGETS.get(f'{name}/{label}', '-')}, load {before:.2f})",
+                  f"ratio {ratio:5.2f}  (target {TARGETS.get(f'{name}/{label}', '-')}, load {before:.2f})\n"
+                  f"{'':22}CPU s per GiB: ours {oc['total']:.2f} (ceph {oc['ceph']:.2f}, fio {oc['fio']:.2f}, "
+                  f"cairn-nbd {oc['nbd']:.2f})  rbd {tc['total']:.2f} (ceph {tc['ceph']:.2f}, fio {tc['fio']:.2f})",
                   flush=True)
     finally:
         proc.terminate()
