@@ -8,8 +8,9 @@ and a restart replays the block-map records written after a volume's last checkp
 (Writers before 2026-12 also appended large writes' chunks to data streams,
 ``seg/<writer>.<k>/<seq>``, in a second append per group; their segments are still read
 and indexed like any other.)
-A sealed segment gets an index object (``idx/<writer>/<seq>``: hash -> location) so
-opening a pool reads small indexes instead of whole segments.
+A sealed segment gets an index object (``idx/<writer>/<seq>``: hash -> location, and a
+copy of the segment's block-map records with their offsets) so opening a pool, replaying
+a journal and garbage collection read small indexes instead of whole segments.
 
 Record framing: ``>IIB`` body length, CRC32 of type+body, type; then the body. A torn
 or corrupt tail ends a segment scan. Chunk records (type 3) checksum only their type and
@@ -45,8 +46,14 @@ CHUNK_HEAD = struct.Struct(">32sBI")  # hash, flags, raw length
 MAP_HEAD = struct.Struct(">16sI")  # volume id, entry count
 MAP_ENTRY = struct.Struct(">Q32s")  # block number, chunk hash (zero hash = hole)
 MAP_ENTRY2 = struct.Struct(">Q32s32s")  # block number, chunk hash, base of a patch (else zero)
-IDX_HEAD = struct.Struct(">Q")  # segment length the index covers
+IDX_HEAD = struct.Struct(">Q")  # segment length the index covers (| IDX_MAPS)
 IDX_ENTRY = struct.Struct(">32sIIBI")  # hash, payload offset, payload length, flags, raw length
+# With this bit in the head: an entry count (IDX_COUNT) follows it, and after the entries
+# every block-map record of the segment's covered part, each as its body offset
+# (IDX_MAP_AT) and the record as framed in the segment. Older index objects: entries only.
+IDX_MAPS = 1 << 63
+IDX_COUNT = struct.Struct(">I")
+IDX_MAP_AT = struct.Struct(">Q")
 REC_CHUNK = 1  # payload covered by the CRC (older pools)
 REC_MAP = 2  # entries without bases (older pools)
 REC_CHUNK2 = 3
@@ -153,6 +160,39 @@ def scan(data: bytes, start: int = 0, base: int = 0) -> Iterator[Record]:
         pos = body_at + length
 
 
+@dataclass(frozen=True, slots=True)
+class IndexObject:
+    """A decoded index object: what it covers, its chunk entries (hash, payload offset,
+    payload length, flags, raw length), and the segment's map records (None: an older
+    index object without them)."""
+
+    covered: int
+    entries: list[tuple[bytes, int, int, int, int]]
+    maps: list[Record] | None
+
+
+def index_object(data: bytes) -> IndexObject:
+    """Decode an index object (either format)."""
+    (head,) = IDX_HEAD.unpack_from(data, 0)
+    at = IDX_HEAD.size
+    if not head & IDX_MAPS:
+        entries = [IDX_ENTRY.unpack_from(data, off) for off in range(at, len(data), IDX_ENTRY.size)]
+        return IndexObject(head, entries, None)
+    (count,) = IDX_COUNT.unpack_from(data, at)
+    at += IDX_COUNT.size
+    entries = [IDX_ENTRY.unpack_from(data, at + i * IDX_ENTRY.size) for i in range(count)]
+    at += count * IDX_ENTRY.size
+    view = memoryview(data)
+    maps: list[Record] = []
+    while at + IDX_MAP_AT.size + HEADER.size <= len(data):
+        (body_offset,) = IDX_MAP_AT.unpack_from(data, at)
+        length, _crc, rtype = HEADER.unpack_from(data, at + IDX_MAP_AT.size)
+        body_at = at + IDX_MAP_AT.size + HEADER.size
+        maps.append(Record(rtype, view[body_at : body_at + length], body_offset, body_offset + length))
+        at = body_at + length
+    return IndexObject(head & ~IDX_MAPS, entries, maps)
+
+
 def map_entries(body: memoryview, rtype: int = REC_MAP) -> tuple[bytes, list[tuple[int, bytes, bytes]]]:
     """Decode a block-map record: (volume id, [(block, hash, patch base or zero)])."""
     vol_id, count = MAP_HEAD.unpack_from(body, 0)
@@ -219,6 +259,9 @@ class SegmentLog:
         self.inflight: dict[bytes, bytes] = {}
         self.inflight_bytes = 0
         self.segment_entries: dict[str, list[bytes]] = {}
+        # Map records of segments not sealed yet (own ones, and others' scanned so far):
+        # (body offset, framed record), copied into their index objects.
+        self.segment_maps: dict[str, list[tuple[int, bytes]]] = {}
         self.io = AsyncIO(backend)
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
@@ -320,20 +363,24 @@ class SegmentLog:
         for seg in segments:
             self.sealed.discard(seg)
             self.covered.pop(seg, None)
+            self.segment_maps.pop(seg, None)
 
     def _load_index_object(self, seg: str, data: bytes) -> int:
-        (covered,) = IDX_HEAD.unpack_from(data, 0)
-        for off in range(IDX_HEAD.size, len(data), IDX_ENTRY.size):
-            h, poff, plen, flags, raw = IDX_ENTRY.unpack_from(data, off)
+        idx = index_object(data)
+        for h, poff, plen, flags, raw in idx.entries:
             self.index.setdefault(h, Location(seg, poff, plen, flags, raw))
-        return int(covered)
+        self.segment_maps.pop(seg, None)
+        return idx.covered
 
     def _scan_into_index(self, seg: str, start: int) -> int:
         """Index the intact records of a segment from ``start``; returns where they end."""
         data = self.backend.get(seg, start, self.backend.size(seg) - start) if start else self.backend.get(seg)
         codec = ChunkCodec()
         end = start
+        maps = self.segment_maps.setdefault(seg, []) if start == 0 or seg in self.segment_maps else None
         for rec in scan(data, 0, start):
+            if rec.rtype in MAP_RECORDS and maps is not None:
+                maps.append((rec.body_offset, bytes(data[rec.body_offset - start - HEADER.size : rec.end - start])))
             if rec.rtype in CHUNK_RECORDS:
                 h, flags, raw = CHUNK_HEAD.unpack_from(rec.body, 0)
                 at = rec.body_offset + CHUNK_HEAD.size
@@ -364,16 +411,21 @@ class SegmentLog:
         self.sealed.add(seg)
 
     def index_blob(self, seg: str, covered: int) -> bytes:
-        """The index object of a segment (covering its first ``covered`` bytes)."""
-        parts = [IDX_HEAD.pack(covered)]
+        """The index object of a segment (covering its first ``covered`` bytes), with its
+        map records when this process saw all of them (it wrote or scanned the segment)."""
         hashes = self.segment_entries.get(seg)
         if hashes is None:
             hashes = [h for h, loc in self.index.items() if loc.segment == seg]
+        entries = []
         for h in hashes:
             loc = self.index.get(h)
             if loc is not None and loc.segment == seg:
-                parts.append(IDX_ENTRY.pack(h, loc.offset, loc.length, loc.flags, loc.raw_length))
-        return b"".join(parts)
+                entries.append(IDX_ENTRY.pack(h, loc.offset, loc.length, loc.flags, loc.raw_length))
+        maps = self.segment_maps.pop(seg, None)
+        if maps is None and not self.own(seg):
+            return b"".join([IDX_HEAD.pack(covered), *entries])
+        records = [IDX_MAP_AT.pack(at) + rec for at, rec in maps or [] if at < covered]
+        return b"".join([IDX_HEAD.pack(covered | IDX_MAPS), IDX_COUNT.pack(len(entries)), *entries, *records])
 
     def write_index(self, seg: str, covered: int) -> None:
         """Persist the index entries of a segment."""
@@ -419,6 +471,8 @@ class SegmentLog:
         (block, chunk hash, base chunk of a patch or zero hash) entries."""
         body = [MAP_HEAD.pack(vol_id, len(entries))] + [MAP_ENTRY2.pack(b, h, base) for b, h, base in entries]
         rec = frame(REC_MAP2, *body)
+        st = self.journal
+        self.segment_maps.setdefault(st.segment, []).append((st.seg_size + st.pending_size + HEADER.size, rec))
         self.journal.pending.append(rec)
         self.journal.pending_size += len(rec)
 
@@ -592,11 +646,10 @@ class SegmentLog:
         for writer, vols in by_writer.items():
             seq = min(p.seq for p in vols.values())
             while True:
-                try:
-                    data = self.backend.get(segment_name(writer, seq))
-                except ObjectNotFound:
+                records = self._map_records(segment_name(writer, seq))
+                if records is None:
                     break
-                for rec in scan(data):
+                for rec in records:
                     if rec.rtype not in MAP_RECORDS:
                         continue
                     vid, entries = map_entries(rec.body, rec.rtype)
@@ -605,6 +658,20 @@ class SegmentLog:
                         out.setdefault(vid, []).extend(entries)
                 seq += 1
         return out
+
+    def _map_records(self, seg: str) -> list[Record] | Iterator[Record] | None:
+        """A segment's records with its map records among them: from its index object
+        when that has them (a small read), else from the segment. None: no such segment."""
+        try:
+            idx = index_object(self.backend.get(index_name(seg)))
+            if idx.maps is not None:
+                return idx.maps
+        except ObjectNotFound:
+            pass
+        try:
+            return scan(self.backend.get(seg))
+        except ObjectNotFound:
+            return None
 
     def segments(self) -> dict[str, float]:
         """Every segment with its modification time."""

@@ -38,7 +38,7 @@ from storage.blockmap import iter_map, meta_hashes
 from storage.chunks import ZERO_HASH, chunk_hash
 from storage.engine import Pool
 from storage.errors import Busy, CorruptionError, InvalidArgument, ObjectNotFound
-from storage.log import CHUNK_HEAD, HEADER, IDX_ENTRY, IDX_HEAD, LogPosition, index_name, now, parse_segment
+from storage.log import CHUNK_HEAD, HEADER, LogPosition, index_name, index_object, now, parse_segment
 
 LEASE = "lease/maintenance"
 LEASE_SECONDS = 60.0
@@ -96,11 +96,7 @@ def _read_index(pool: Pool, seg: str) -> list[tuple[bytes, int, int]]:
         data = pool.backend.get(index_name(seg))
     except ObjectNotFound:
         return []
-    out = []
-    for off in range(IDX_HEAD.size, len(data), IDX_ENTRY.size):
-        h, poff, plen, _flags, _raw = IDX_ENTRY.unpack_from(data, off)
-        out.append((h, poff, plen))
-    return out
+    return [(h, poff, plen) for h, poff, plen, _flags, _raw in index_object(data).entries]
 
 
 def _replayed(pool: Pool, segments: dict[str, float]) -> set[str]:

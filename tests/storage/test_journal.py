@@ -163,3 +163,74 @@ def test_replay_positions_follow_the_journal_and_let_go_of_old_segments(
         assert check_consistency(again) == []
     finally:
         again.close()
+
+
+@pytest.mark.unit
+def test_index_objects_carry_the_map_records_so_replay_reads_no_sealed_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A takeover replays the map records of sealed segments from their index objects
+    (chunks are in the journal: reading the segments would read the data); an older
+    index object without them still replays, from its segment."""
+    monkeypatch.setattr(segment_log, "SEGMENT_TARGET", MiB)
+    url = f"local://{tmp_path}"
+    pool = open_pool(url)
+    pool.create_volume("v", 16 * MiB)
+    vol = pool.open_volume("v")
+    payload = os.urandom(10 * MiB)
+    for at in range(0, len(payload), MiB // 2):
+        vol.write(at, payload[at : at + MiB // 2])
+        pool.log.commit()
+    vol.flush()
+    vol.write(12 * MiB + 100, b"patched")  # a patch record in the unsealed tail
+    vol.flush()
+    pool.log.drain()  # the sealed segments' index objects are stored
+    indexed = {"seg/" + i[4:] for i in pool.backend.list("idx/")}
+    sealed = sorted(s for s in pool.backend.list("seg/") if s in indexed)
+    tails = [s for s in pool.backend.list("seg/") if s not in indexed]
+    assert len(sealed) >= 8 and len(tails) == 1, (sealed, tails)
+    tail = tails[0]
+    for seg in sealed:
+        idx = segment_log.index_object(pool.backend.get(segment_log.index_name(seg)))
+        assert idx.maps is not None and idx.maps  # every sealed segment of this writer has map records
+        assert [(r.body_offset, bytes(r.body)) for r in idx.maps] == [
+            (r.body_offset, bytes(r.body)) for r in segment_log.scan(pool.backend.get(seg))
+            if r.rtype in segment_log.MAP_RECORDS]
+    pool.log.backend.close()  # kill -9: nothing checkpointed since the volume was opened
+
+    again = open_pool(url)
+    try:
+        read: list[str] = []
+        real_get = again.log.backend.get
+
+        def counting(name: str, offset: int = 0, length: int | None = None) -> bytes:
+            data = real_get(name, offset, length)
+            if name.startswith("seg/") and length is None:
+                read.append(name)
+            return data
+
+        again.log.backend.get = counting  # type: ignore[method-assign]
+        vol = again.open_volume("v", takeover=True)
+        assert vol.read(0, len(payload)) == payload
+        assert vol.read(12 * MiB + 100, 7) == b"patched"
+        assert not set(read) & set(sealed), read  # no sealed segment was read whole
+        # The dead writer's open segment was sealed by the takeover (after a scan): its
+        # index object has the map records too.
+        assert tail in again.log.sealed
+        idx = segment_log.index_object(again.log.backend.get(segment_log.index_name(tail)))
+        assert idx.maps is not None and any(r.rtype in segment_log.MAP_RECORDS for r in idx.maps)
+        assert check_consistency(again) == []
+    finally:
+        again.close()
+
+    # An index object of an older version (entries only): replay reads its segment.
+    old = sealed[len(sealed) // 2]
+    idx = segment_log.index_object(pool.backend.get(segment_log.index_name(old)))
+    entries = [segment_log.IDX_ENTRY.pack(*e) for e in idx.entries]
+    pool.backend.put(segment_log.index_name(old), segment_log.IDX_HEAD.pack(idx.covered) + b"".join(entries))
+    assert segment_log.index_object(pool.backend.get(segment_log.index_name(old))).maps is None
+    third = open_pool(url)
+    try:
+        vol = third.open_volume("v")
+        assert vol.read(0, len(payload)) == payload
+    finally:
+        third.close()
