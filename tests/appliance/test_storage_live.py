@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -166,12 +167,26 @@ def test_pool_reports_its_space_and_survives_a_kill_9_of_the_storage_daemon(stac
 
 
 def serial(s: Stack, vm: str, command: str, expect: str, seconds: float = 60) -> str:
-    """Type a command on the VM's serial console (the API's websocket) and wait for ``expect``."""
+    """Type a command on the VM's serial console (the API's websocket) and wait for ``expect``.
+
+    The socket has a timeout: when the handshake is not answered in time, the client's
+    receive thread must end too (an SSL ``recv`` without one blocked until pytest's
+    timeout once, 2026-12-07). A handshake that timed out is tried once more: this reads
+    the volume back, the console's latency right after a restart is not what it tests."""
     from websockets.sync.client import connect
 
     url = f"wss://127.0.0.1:{s.port}/api/v1/vms/{vm}/console/serial"
-    with connect(url, additional_headers={"Authorization": f"Bearer {s.cli['token']}"}, ssl=s.tls,
-                 open_timeout=10) as ws:
+    for attempt in (1, 2):
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=seconds + 30)
+        try:
+            ws = connect(url, sock=sock, additional_headers={"Authorization": f"Bearer {s.cli['token']}"},
+                         ssl=s.tls, open_timeout=10)
+            break
+        except TimeoutError:
+            sock.close()
+            if attempt == 2:
+                raise
+    with ws:
         ws.send(f"\n{command}\n".encode())
         seen = b""
         deadline = time.monotonic() + seconds
