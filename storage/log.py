@@ -473,8 +473,8 @@ class SegmentLog:
         rec = frame(REC_MAP2, *body)
         st = self.journal
         self.segment_maps.setdefault(st.segment, []).append((st.seg_size + st.pending_size + HEADER.size, rec))
-        self.journal.pending.append(rec)
-        self.journal.pending_size += len(rec)
+        st.pending.append(rec)
+        st.pending_size += len(rec)
 
     def _take(self, st: _Stream, sealed: list[tuple[str, bytes]]) -> tuple[str, bytes] | None:
         if not st.pending:
