@@ -99,13 +99,13 @@ class Handover:
                     pool.release(name)  # every connection that needed it went away meanwhile
                     raise ConflictError(f"volume {name!r}: no connection needs it any more")
                 if me is not None and time.monotonic() - posted > cluster.REQUEST_REFRESH:
-                    mine = await asyncio.to_thread(cluster.request_lock, pool.backend, name, me, mine, holder)
+                    mine = await self.server.offload(cluster.request_lock, pool.backend, name, me, mine, holder)
                     posted = time.monotonic()
                 await asyncio.sleep(RETRY)
         finally:
             if mine is not None:
                 with contextlib.suppress(StorageError):
-                    await asyncio.to_thread(cluster.drop_lock_request, pool.backend, name, mine)
+                    await self.server.offload(cluster.drop_lock_request, pool.backend, name, mine)
 
     # ----------------------------------------------------------------- holder
     async def watch(self) -> None:
@@ -118,10 +118,10 @@ class Handover:
                 if loop.time() - looked >= REQUEST_POLL - TICK / 2:
                     looked = loop.time()
                     names = self._shared()
-                    found = await asyncio.to_thread(self._read, names) if names else {}
+                    found = await self.server.offload(self._read, names) if names else {}
                     stale = self._judge(names, found)
                     if stale:
-                        await asyncio.to_thread(self._drop, stale)
+                        await self.server.offload(self._drop, stale)
                 await self.let_go_idle()
             except asyncio.CancelledError:
                 raise
@@ -194,7 +194,7 @@ class Handover:
                 continue
             if not self._idle(name):
                 continue
-            again = (await asyncio.to_thread(self._read, [name])).get(name)
+            again = (await self.server.offload(self._read, [name])).get(name)
             if self.wanted.get(name) != raw or again != (raw, "alive"):
                 self.wanted.pop(name, None)  # withdrawn, changed or its writer died: judged anew
                 continue

@@ -37,8 +37,11 @@ import ssl
 import struct
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from storage import cluster
 from storage.engine import CHECKPOINT_BYTES, Pool, Volume, open_pool
@@ -76,6 +79,9 @@ def tune_malloc() -> None:
     libc.mallopt(m_top_pad, 8 << 20)
 
 
+T = TypeVar("T")
+
+
 class Disconnect(Exception):
     """The client ended the session (or broke the protocol)."""
 
@@ -105,6 +111,10 @@ class NbdServer:
         self.grants: dict[int, set[str]] = {}
         self._touched: dict[str, float] = {}  # volume -> when its last unsaved write came
         self.last_write = time.monotonic()
+        # Backend calls of the cluster duties and the handover run here, so that close()
+        # can wait for one still running before the pool's connection goes away (a
+        # librados call cut off by the shutdown of its client never returns).
+        self._duties = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbd-duties")
         self.handover = Handover(self)
 
     # ----------------------------------------------------------------- lifecycle
@@ -138,11 +148,21 @@ class NbdServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        # A cancelled duty's backend call may still be running: let it end.
+        await asyncio.get_running_loop().run_in_executor(None, partial(self._duties.shutdown, cancel_futures=True))
         await self.reads.drain()
         if not self.fenced:
             with contextlib.suppress(StorageError):
                 self.pool.log.commit(sync=True)
         self.pool.close(abandon=bool(self.fenced))
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a thread of the server's duties (see ``close``)."""
+        try:
+            future = self._duties.submit(fn, *args)
+        except RuntimeError:  # shut down
+            raise StorageError("the NBD server is shutting down") from None
+        return await asyncio.wrap_future(future)
 
     def export_names(self, uid: int | None = None) -> list[str]:
         """Names offered to clients (to a non-root unix client: only those granted to it)."""
@@ -212,17 +232,17 @@ class NbdServer:
         while True:
             await asyncio.sleep(MAINTAIN_EVERY)
             try:
-                state, _raw = await asyncio.to_thread(cluster.read_gc_state, pool.backend)
+                state, _raw = await self.offload(cluster.read_gc_state, pool.backend)
                 pool.apply_state(state)
                 epoch = pool.pending_ack
                 if epoch is not None:
                     # Writes staged before we saw the condemned list land first.
                     await asyncio.wrap_future(pool.log.commit_async(sync=True))
-                    await asyncio.to_thread(pool.acknowledge, epoch)
+                    await self.offload(pool.acknowledge, epoch)
                 elif pool.heartbeat_due:
-                    await asyncio.to_thread(pool.acknowledge)
+                    await self.offload(pool.acknowledge)
                 if loop.time() - refreshed > REFRESH_EVERY:
-                    found = await asyncio.to_thread(pool.log.fetch_indexes)
+                    found = await self.offload(pool.log.fetch_indexes)
                     pool.log.apply_indexes(found)
                     refreshed = loop.time()
                 self._checkpoint_idle()

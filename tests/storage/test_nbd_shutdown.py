@@ -1,0 +1,51 @@
+"""Shutting the NBD server down while a cluster duty's backend call runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage.engine import open_pool
+from storage.nbd import server as nbd_server
+from storage.nbd.server import NbdServer
+
+
+@pytest.mark.unit
+def test_close_waits_for_a_cluster_duty_still_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM came while the duties were listing the cluster's index objects. The pool's
+    connection must outlive that call: librados never returns a call whose client was
+    shut down under it, and the process then hung in its exit for good (seen in a bench)."""
+    monkeypatch.setattr(nbd_server, "MAINTAIN_EVERY", 0.01)
+    monkeypatch.setattr(nbd_server, "REFRESH_EVERY", 0.0)
+    pool = open_pool(f"local://{tmp_path / 'pool'}")
+    events: list[str] = []
+    inside = threading.Event()
+    real_fetch, real_close = pool.log.fetch_indexes, pool.close
+
+    def slow_fetch() -> Any:
+        inside.set()
+        time.sleep(0.5)
+        events.append("duty returned")
+        return real_fetch()
+
+    def close(*args: Any, **kwargs: Any) -> None:
+        events.append("pool closed")
+        real_close(*args, **kwargs)
+
+    monkeypatch.setattr(pool.log, "fetch_indexes", slow_fetch)
+    monkeypatch.setattr(pool, "close", close)
+
+    async def serve_then_stop() -> None:
+        server = NbdServer(pool)
+        await server.listen_unix(str(tmp_path / "nbd.sock"))
+        while not inside.is_set():
+            await asyncio.sleep(0.01)
+        await server.close()
+
+    asyncio.run(asyncio.wait_for(serve_then_stop(), 30))
+    assert events == ["duty returned", "pool closed"]
