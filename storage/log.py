@@ -21,6 +21,9 @@ Block-map records (type 4) carry, per entry, the base chunk of a patch entry (ze
 otherwise). A record may name a chunk stored by an earlier group, or by another writer;
 after a crash such a chunk may never have landed (only an unacknowledged write can name
 one), and replay skips the entries whose chunk (or patch base) is not in the index.
+
+Pad records (type 5) hold zeros that end an append of 64 KiB or more on a 4 KiB boundary
+of its segment (``SegmentLog._pad``); readers skip them like any type they do not use.
 """
 
 from __future__ import annotations
