@@ -52,6 +52,13 @@ class LabCluster:
     def wait_healthy(self, timeout: float = 300) -> dict[str, Any]:
         return ops.wait_healthy(self.lab, timeout)
 
+    def database_trouble(self, via: str | None = None) -> str:
+        """Why a member's database is not up, from its node's files (for a failure message)."""
+        try:
+            return ops.database_trouble(self.lab, self.view(via))
+        except Exception as exc:  # the message it adds to must not be lost
+            return f"\n(no database report: {exc})"
+
     def popen(self, node: str, argv: list[str], stderr: int | None = None) -> subprocess.Popen[str]:
         """A program started inside ``node`` (its namespaces and cgroup), its stdout piped
         (``stderr=subprocess.STDOUT``: its stderr too)."""

@@ -15,9 +15,15 @@ an older timeline) with its received and replayed positions standing still for
 ``stuck_after`` seconds, it asks Patroni to restart PostgreSQL (Patroni checks the
 timeline again at start and rewinds); still stuck one more period later, to reinitialise
 it from the primary (a fresh base backup: a replica's data is a copy). Then it waits a
-whole period again before any other step. A standby that has been ``starting`` for
-three periods (it cannot reach a consistent point on the primary's timeline) is treated
-the same way. A paused replay is an operator's choice and is left alone."""
+whole period again before any other step. A paused replay is an operator's choice and is
+left alone.
+
+A standby that has been ``starting`` for two periods (PostgreSQL up but refusing
+connections: it cannot reach a consistent point on the primary's timeline, e.g. after a
+rewind whose missing WAL it never streams) is reinitialised at once: Patroni's restart
+would start it again with the same recovery settings and no timeline check, and would
+hold Patroni's own loop for ``primary_start_timeout`` (5 minutes) waiting for a start
+that cannot finish (a whole run in CI ended with both replicas stuck like this)."""
 
 from __future__ import annotations
 
@@ -33,8 +39,8 @@ from appliance.cluster.config import PATRONI_PORT, ClusterConfig
 
 log = logging.getLogger("cairn.agent.replica")
 # a standby that never finishes starting (PostgreSQL up, refusing connections: it cannot
-# reach a consistent point on the primary's timeline) gets this many periods
-STARTING_FACTOR = 3
+# reach a consistent point on the primary's timeline) gets this many periods, then is rebuilt
+STARTING_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,10 @@ class ReplicaWatch:
         if now - self._since < self.stuck_after * (STARTING_FACTOR if starting else 1):
             return None
         self._since = now  # each step gets a whole period to work
-        step = "restart" if not self._acted else "reinitialize" if self._acted == ["restart"] else None
+        if starting:  # a restart starts it the same way again: rebuild it
+            step = None if "reinitialize" in self._acted else "reinitialize"
+        else:
+            step = "restart" if not self._acted else "reinitialize" if self._acted == ["restart"] else None
         if step is not None:
             self._acted.append(step)
         return step

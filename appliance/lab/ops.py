@@ -271,23 +271,47 @@ def wait_healthy(lab: Lab, timeout: float = 300, expect: int | None = None) -> d
             pass
         time.sleep(2)
     raise LabError(f"the lab cluster is not healthy after {timeout:g} s: {json.dumps(view)[:3000]}"
-                   + _database_trouble(lab, view))
+                   + database_trouble(lab, view))
 
 
-def _database_trouble(lab: Lab, view: dict[str, Any], lines: int = 12) -> str:
-    """The end of Patroni's log (PostgreSQL's too) of every member whose database is not up
-    with no lag: what a failed run needs to say why, since the lab is gone afterwards."""
+# Patroni's lines that repeat every loop (or every retry of a starting PostgreSQL) and
+# would push what happened out of a failed run's report.
+_NOISE = ("no action", "Lock owner", "rejecting connections", "the database system is starting up",
+          "waiting for WAL to become available", "Still starting up", "restart in progress")
+# What changed a member's database: shown from the whole log, whatever came after it.
+_EVENTS = ("promot", "demot", "rewind", "reinitializ", "bootstrap", "starting as a secondary", "restart",
+           "timeline", "could not", "FATAL", "ERROR:  replication slot", "started streaming")
+
+
+def database_trouble(lab: Lab, view: dict[str, Any], lines: int = 25) -> str:
+    """What a failed run needs to say why a member's database is not up (the lab is gone
+    afterwards): the recovery settings Patroni last wrote, the last events of Patroni's
+    log (PostgreSQL's too) and its last lines, with the lines that repeat every loop
+    counted instead of shown."""
     out = []
     for m in view.get("members", []):
         db = m.get("database") or {}
         if db.get("state") in DATABASE_UP and db.get("lag") in (0, None):
             continue
-        log = lab.node(m["name"]).data_dir / "log" / "patroni.log"
+        node = lab.node(m["name"])
+        log = node.data_dir / "log" / "patroni.log"
         try:
-            tail = [x for x in log.read_text(errors="replace").splitlines()[-400:] if "no action" not in x]
+            text = log.read_text(errors="replace").splitlines()[-4000:]
         except OSError as exc:
-            tail = [str(exc)]
-        out.append(f"\n--- {m['name']} ({db.get('state')}, lag {db.get('lag')}): {log}\n" + "\n".join(tail[-lines:]))
+            text = [str(exc)]
+        try:
+            conf = (node.host_path("pg") / "data" / "postgresql.conf").read_text(errors="replace").splitlines()
+        except OSError as exc:
+            conf = [str(exc)]
+        recovery = ([c for c in conf if c.startswith(("primary_conninfo", "primary_slot_name"))]
+                    or ["(no primary_conninfo)"])
+        quiet = [x for x in text if not any(n in x for n in _NOISE)]
+        events = [x for x in text if any(e in x for e in _EVENTS) and not any(n in x for n in _NOISE)]
+        out.append(f"\n--- {m['name']} ({db.get('state')}, lag {db.get('lag')}): {log}\n"
+                   + "\n".join(r[:200] for r in recovery)
+                   + "\n- last events:\n" + "\n".join(x[:240] for x in events[-lines:])
+                   + f"\n- last lines ({len(text) - len(quiet)} of the last {len(text)} repeat every loop):\n"
+                   + "\n".join(x[:240] for x in quiet[-lines:]))
     return "".join(out)
 
 

@@ -77,13 +77,25 @@ def test_the_period_follows_the_timing_profile() -> None:
     assert stuck_after(cast(ClusterConfig, SimpleNamespace(patroni_ttl=relaxed))) == 4 * relaxed
 
 
-def test_a_standby_that_never_finishes_starting_gets_three_periods_then_the_same_steps() -> None:
+def test_a_standby_that_never_finishes_starting_gets_two_periods_then_is_rebuilt_once() -> None:
+    """A restart would start it with the same settings (and hold Patroni's loop for minutes)."""
     clock = Clock()
     watch = ReplicaWatch(60, clock)
     starting = Sample(role="replica", state="starting", lag=None, position=(0, 0))
-    assert run(watch, clock, starting, 179) == []
-    assert run(watch, clock, starting, 181 * 2) == ["restart", "reinitialize"]
+    assert run(watch, clock, starting, 119) == []
+    assert run(watch, clock, starting, 15) == ["reinitialize"]
+    assert run(watch, clock, starting, 900) == []  # rebuilt and still not starting: an operator's turn
     assert run(ReplicaWatch(60, clock), clock, replace(starting, leader=False), 900) == []
+
+
+def test_a_restarted_replica_that_then_cannot_start_is_rebuilt() -> None:
+    clock = Clock()
+    watch = ReplicaWatch(60, clock)
+    assert run(watch, clock, STUCK, 75) == ["restart"]
+    starting = replace(STUCK, state="starting", lag=None, position=(0, 0))
+    assert run(watch, clock, starting, 119) == []
+    assert run(watch, clock, starting, 15) == ["reinitialize"]
+    assert run(watch, clock, starting, 900) == []
 
 
 def test_the_restart_passing_through_other_states_still_leads_to_the_reinitialisation() -> None:

@@ -367,10 +367,13 @@ def _diverge(lab: LabCluster, view: dict[str, Any], how: str) -> None:
     # the replica drops the commit nobody acknowledged and streams from the new primary
     kept = _sql(lab, new, f"select count(*) from {table}")
     assert kept == "0", f"the promoted standby has the commit it never received? {kept}"
-    wait_for(f"{replica} rewound and streaming from {new}",
-             lambda: _sql(lab, replica, f"select count(*) from {table}") == kept
-             and _sql(lab, replica, "select status from pg_stat_wal_receiver") == "streaming",
-             300 if late else 180, every=3)
+    try:
+        wait_for(f"{replica} rewound and streaming from {new}",
+                 lambda: _sql(lab, replica, f"select count(*) from {table}") == kept
+                 and _sql(lab, replica, "select status from pg_stat_wal_receiver") == "streaming",
+                 300 if late else 180, every=3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{lab.database_trouble(new)}") from None
     name = f"after-diverge-{int(time.time())}"
     done = lab.cairn_rc(standby, "project", "create", name, timeout=120)
     assert done.returncode == 0, f"no commit after the failover: {done.stderr or done.stdout}"
