@@ -209,10 +209,10 @@ class StorageDaemon:
         if op == "stats":
             pool.checkpoint_all()
             heads = list(pool.walk(journals=False, checkpoint=False, refresh=True))  # index updates: this thread
-            return await asyncio.to_thread(pool.stats, True, heads)
+            return await att.server.offload(pool.stats, True, heads)
         vol = req.get("volume", "")
         if req.get("class") == "rbd":
-            return await asyncio.to_thread(self._rbd_op, att, op, vol, req)
+            return await att.server.offload(self._rbd_op, att, op, vol, req)
         simple: dict[str, Callable[[], Any]] = {
             "volumes": lambda: pool.list_volumes(),
             "create": lambda: pool.create_volume(vol, int(req["size"])),
@@ -281,7 +281,7 @@ class StorageDaemon:
             raise InvalidArgument(f"node {node!r} is this node: a node does not fence itself")
         out: dict[str, Any] = {}
         for att in [self._pool(pool)] if pool else list(self.pools.values()):
-            report = await asyncio.to_thread(att.pool.fence_node, node, blocklisted)
+            report = await att.server.offload(att.pool.fence_node, node, blocklisted)
             out[att.config.name] = asdict(report)
         return out
 

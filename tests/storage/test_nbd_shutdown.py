@@ -49,3 +49,42 @@ def test_close_waits_for_a_cluster_duty_still_running(tmp_path: Path, monkeypatc
 
     asyncio.run(asyncio.wait_for(serve_then_stop(), 30))
     assert events == ["duty returned", "pool closed"]
+
+
+@pytest.mark.unit
+def test_the_storage_daemon_closes_a_pool_only_after_its_control_calls_return(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A control request (here ``stats``) still running on a thread when the daemon
+    stops: its pool is closed after the call returned, not under it (as above)."""
+    from storage.daemon import StorageDaemon
+
+    events: list[str] = []
+    inside = threading.Event()
+
+    async def stats_then_stop() -> None:
+        daemon = StorageDaemon(tmp_path / "run")
+        (tmp_path / "run").mkdir()
+        await daemon.attach("p", f"local://{tmp_path / 'pool'}")
+        pool = daemon.pools["p"].pool
+        real_stats, real_close = pool.stats, pool.close
+
+        def slow_stats(*args: Any) -> Any:
+            inside.set()
+            time.sleep(0.5)
+            events.append("stats returned")
+            return real_stats(*args)
+
+        def close(*args: Any, **kwargs: Any) -> None:
+            events.append("pool closed")
+            real_close(*args, **kwargs)
+
+        monkeypatch.setattr(pool, "stats", slow_stats)
+        monkeypatch.setattr(pool, "close", close)
+        request = asyncio.create_task(daemon.handle({"op": "stats", "pool": "p"}))
+        while not inside.is_set():
+            await asyncio.sleep(0.01)
+        await daemon.close()
+        await request
+
+    asyncio.run(asyncio.wait_for(stats_then_stop(), 30))
+    assert events[:2] == ["stats returned", "pool closed"]
