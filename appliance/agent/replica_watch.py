@@ -151,9 +151,12 @@ class PatroniReplica:
         body = {"force": True} if step == "reinitialize" else {}
         r = httpx.post(f"{self.base}/{step}", json=body, verify=self.ca, timeout=60,
                        auth=("patroni", self.cfg.secrets.patroni_rest))
-        what = (f"cluster: this node's database replica ({s.state}, {s.lag} bytes behind the primary) did "
-                f"not move for {self.watch.stuck_after:g} s or more (a timeline it cannot follow): asked Patroni to "
-                f"{step} it (a replica that cannot start on its timeline is rewound by Patroni next): "
-                f"{r.status_code} {r.text.strip()[:200]}")
+        waited = self.watch.stuck_after * (STARTING_FACTOR if s.state == "starting" else 1)
+        why = ("it never finished starting (no consistent point on the primary's timeline)" if s.state == "starting"
+               else f"{s.lag} bytes behind the primary, it did not move (a timeline it cannot follow)")
+        how = ("rebuild it from the primary" if step == "reinitialize"
+               else "restart it (Patroni checks its timeline again and rewinds it)")
+        what = (f"cluster: this node's database replica ({s.state}) stood still for {waited:g} s or more: {why}; "
+                f"asked Patroni to {how}: {r.status_code} {r.text.strip()[:200]}")
         log.warning(what)
         report.actions.append(what)
