@@ -52,10 +52,11 @@ class LabCluster:
     def wait_healthy(self, timeout: float = 300) -> dict[str, Any]:
         return ops.wait_healthy(self.lab, timeout)
 
-    def database_trouble(self, via: str | None = None) -> str:
-        """Why a member's database is not up, from its node's files (for a failure message)."""
+    def database_trouble(self, via: str | None = None, *members: str) -> str:
+        """Why a member's database is not up (or ``members``' databases are not as they should
+        be), from its node's files (for a failure message)."""
         try:
-            return ops.database_trouble(self.lab, self.view(via))
+            return ops.database_trouble(self.lab, self.view(via), members=members)
         except Exception as exc:  # the message it adds to must not be lost
             return f"\n(no database report: {exc})"
 

@@ -283,15 +283,15 @@ _EVENTS = ("promot", "demot", "rewind", "reinitializ", "bootstrap", "starting as
            "timeline", "could not", "FATAL", "ERROR:  replication slot", "started streaming")
 
 
-def database_trouble(lab: Lab, view: dict[str, Any], lines: int = 25) -> str:
+def database_trouble(lab: Lab, view: dict[str, Any], lines: int = 25, members: tuple[str, ...] = ()) -> str:
     """What a failed run needs to say why a member's database is not up (the lab is gone
     afterwards): the recovery settings Patroni last wrote, the last events of Patroni's
     log (PostgreSQL's too) and its last lines, with the lines that repeat every loop
-    counted instead of shown."""
+    counted instead of shown. Of every member not up with no lag, and of ``members``."""
     out = []
     for m in view.get("members", []):
         db = m.get("database") or {}
-        if db.get("state") in DATABASE_UP and db.get("lag") in (0, None):
+        if db.get("state") in DATABASE_UP and db.get("lag") in (0, None) and m["name"] not in members:
             continue
         node = lab.node(m["name"])
         log = node.data_dir / "log" / "patroni.log"

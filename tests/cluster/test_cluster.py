@@ -373,7 +373,7 @@ def _diverge(lab: LabCluster, view: dict[str, Any], how: str) -> None:
                  and _sql(lab, replica, "select status from pg_stat_wal_receiver") == "streaming",
                  300 if late else 180, every=3)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}{lab.database_trouble(new)}") from None
+        raise AssertionError(f"{exc}{lab.database_trouble(new, replica)}") from None
     name = f"after-diverge-{int(time.time())}"
     done = lab.cairn_rc(standby, "project", "create", name, timeout=120)
     assert done.returncode == 0, f"no commit after the failover: {done.stderr or done.stdout}"
