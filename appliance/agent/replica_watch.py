@@ -77,6 +77,10 @@ class ReplicaWatch:
         self._position: tuple[int, int] | None = None
         self._acted: list[str] = []  # the steps taken during this stall
 
+    def period(self, s: Sample) -> float:
+        """How long ``s``'s replica may stand still before the next step."""
+        return self.stuck_after * (STARTING_FACTOR if s.state == "starting" else 1)
+
     def observe(self, s: Sample) -> str | None:
         now = self.clock()
         starting = s.state == "starting"
@@ -88,7 +92,7 @@ class ReplicaWatch:
             self._since = now if behind else None
             return None
         assert self._since is not None
-        if now - self._since < self.stuck_after * (STARTING_FACTOR if starting else 1):
+        if now - self._since < self.period(s):
             return None
         self._since = now  # each step gets a whole period to work
         if starting:  # a restart starts it the same way again: rebuild it
@@ -151,7 +155,7 @@ class PatroniReplica:
         body = {"force": True} if step == "reinitialize" else {}
         r = httpx.post(f"{self.base}/{step}", json=body, verify=self.ca, timeout=60,
                        auth=("patroni", self.cfg.secrets.patroni_rest))
-        waited = self.watch.stuck_after * (STARTING_FACTOR if s.state == "starting" else 1)
+        waited = self.watch.period(s)
         why = ("it never finished starting (no consistent point on the primary's timeline)" if s.state == "starting"
                else f"{s.lag} bytes behind the primary, it did not move (a timeline it cannot follow)")
         how = ("rebuild it from the primary" if step == "reinitialize"

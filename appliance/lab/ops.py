@@ -306,7 +306,7 @@ def database_trouble(lab: Lab, view: dict[str, Any], lines: int = 25, members: t
         recovery = ([c for c in conf if c.startswith(("primary_conninfo", "primary_slot_name"))]
                     or ["(no primary_conninfo)"])
         quiet = [x for x in text if not any(n in x for n in _NOISE)]
-        events = [x for x in text if any(e in x for e in _EVENTS) and not any(n in x for n in _NOISE)]
+        events = [x for x in quiet if any(e in x for e in _EVENTS)]
         out.append(f"\n--- {m['name']} ({db.get('state')}, lag {db.get('lag')}): {log}\n"
                    + "\n".join(r[:200] for r in recovery)
                    + "\n- last events:\n" + "\n".join(x[:240] for x in events[-lines:])
