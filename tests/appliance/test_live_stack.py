@@ -27,6 +27,7 @@ from appliance.settings import Settings
 from appliance.version import __version__
 from network.model import HostNames
 from tests.services import free_port, postgres, process_started, redis_server
+from tests.wsclient import connect
 
 pytestmark = pytest.mark.functional
 CAIRN = [sys.executable, "-m", "appliance.cli.main"]
@@ -425,7 +426,6 @@ def test_vm_lifecycle_with_a_real_guest(stack: Stack) -> None:
 
 def test_websocket_consoles_serial_and_vnc_are_authenticated(stack: Stack) -> None:
     from websockets.exceptions import InvalidStatus
-    from websockets.sync.client import connect
 
     stack.cairn("image", "import-test-guest")
     stack.cairn("vm", "create", "ws1", "--image", "tiny-guest", "--cpu", "1", "--memory", "256MiB")
@@ -434,11 +434,7 @@ def test_websocket_consoles_serial_and_vnc_are_authenticated(stack: Stack) -> No
     auth = {"Authorization": f"Bearer {stack.cli['token']}"}
     with connect(f"{base}/serial", additional_headers=auth, ssl=stack.tls, open_timeout=10) as ws:
         ws.send(b"\necho ws-$((20+22))\n")
-        seen = b""
-        deadline = time.monotonic() + 30
-        while b"ws-42" not in seen and time.monotonic() < deadline:
-            seen += ws.recv(timeout=30)
-        assert b"ws-42" in seen
+        assert b"ws-42" in ws.read_until(b"ws-42", 30)
     with connect(f"{base}/vnc", additional_headers=auth, ssl=stack.tls, subprotocols=["binary"],
                  open_timeout=10) as ws:
         assert ws.recv(timeout=10).startswith(b"RFB 003.")
@@ -461,11 +457,7 @@ def test_websocket_consoles_serial_and_vnc_are_authenticated(stack: Stack) -> No
     tty = f"wss://127.0.0.1:{stack.port}/api/v1/containers/sh1/console/tty"
     with connect(tty, additional_headers=auth, ssl=stack.tls, open_timeout=10) as ws:
         ws.send(b"echo tty-$((6*7))\n")
-        seen = b""
-        deadline = time.monotonic() + 20
-        while b"tty-42" not in seen and time.monotonic() < deadline:
-            seen += ws.recv(timeout=20)
-        assert b"tty-42" in seen
+        assert b"tty-42" in ws.read_until(b"tty-42", 20)
     with pytest.raises(InvalidStatus):
         connect(tty, additional_headers={"Authorization": f"Bearer {other}"}, ssl=stack.tls, open_timeout=10)
     stack.cairn("container", "delete", "sh1")
@@ -496,7 +488,6 @@ def test_container_lifecycle_exec_and_console(stack: Stack) -> None:
 
 def test_container_with_vm_isolation_execs_has_a_terminal_logs_and_restarts_in_its_own_microvm(
         stack: Stack) -> None:
-    from websockets.sync.client import connect
 
     stack.cairn("image", "import-test-guest")
     stack.cairn("network", "create", "isonet", "--cidr", "10.76.0.0/24")
@@ -525,10 +516,7 @@ def test_container_with_vm_isolation_execs_has_a_terminal_logs_and_restarts_in_i
     tty = f"wss://127.0.0.1:{stack.port}/api/v1/containers/iso1/console/tty"
     with connect(tty, additional_headers=auth, ssl=stack.tls, open_timeout=10) as ws:
         ws.send(b"echo tty-$((6*7))\n")
-        seen, deadline = b"", time.monotonic() + 30
-        while b"tty-42" not in seen and time.monotonic() < deadline:
-            seen += ws.recv(timeout=30)
-        assert b"tty-42" in seen
+        assert b"tty-42" in ws.read_until(b"tty-42", 30)
     assert "tty-42" in stack.cairn("container", "console", "iso1")["console"]
     # its port on the overlay, behind its security groups, like any container's
     code, out = in_container(stack, "iso1", "ip -4 -o addr show eth0")
@@ -627,15 +615,12 @@ def in_container(s: Stack, name: str, script: str) -> tuple[int, str]:
 
 def in_vm(s: Stack, name: str, script: str, timeout: float = 60) -> str:
     """Run ``script`` in the guest's serial shell; returns what it printed."""
-    from websockets.sync.client import connect
 
     tag = f"done-{time.monotonic_ns()}"
     with connect(f"wss://127.0.0.1:{s.port}/api/v1/vms/{name}/console/serial", ssl=s.tls, open_timeout=10,
                  additional_headers={"Authorization": f"Bearer {s.cli['token']}"}) as ws:
         ws.send(f"\n{script}; echo {tag[:5]}''{tag[5:]}\n".encode())
-        seen, deadline = b"", time.monotonic() + timeout
-        while tag.encode() not in seen and time.monotonic() < deadline:
-            seen += ws.recv(timeout=timeout)
+        seen = ws.read_until(tag.encode(), timeout)
     assert tag.encode() in seen, seen[-500:]
     return seen.decode(errors="replace")
 
@@ -1015,7 +1000,6 @@ def test_the_event_stream_closes_when_its_token_is_revoked(stack: Stack) -> None
 
 def test_a_console_closes_when_its_user_is_disabled(stack: Stack) -> None:
     from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect
 
     stack.cairn("image", "import-test-guest")
     r = subprocess.run([*CAIRN, "container", "create", "sh2", "--image", "busybox", "--memory", "64MiB", "--tty",
@@ -1026,9 +1010,7 @@ def test_a_console_closes_when_its_user_is_disabled(stack: Stack) -> None:
     with connect(tty, additional_headers={"Authorization": f"Bearer {token}"}, ssl=stack.tls,
                  open_timeout=10) as ws:
         ws.send(b"echo still-$((40+2))\n")
-        seen = b""
-        while b"still-42" not in seen:
-            seen += ws.recv(timeout=20)
+        assert b"still-42" in ws.read_until(b"still-42", 20)
         stack.cairn("user", "disable", "tty-user")
         disabled = time.monotonic()
         with pytest.raises(ConnectionClosed) as closed:

@@ -8,15 +8,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.storage.test_imageio import MARKER, with_backing, with_data_file
+from tests.wsclient import connect
 
 from . import test_live_stack as live
 from .test_live_stack import CAIRN, Stack, wait_for
@@ -167,33 +166,13 @@ def test_pool_reports_its_space_and_survives_a_kill_9_of_the_storage_daemon(stac
 
 
 def serial(s: Stack, vm: str, command: str, expect: str, seconds: float = 60) -> str:
-    """Type a command on the VM's serial console (the API's websocket) and wait for ``expect``.
-
-    The socket has a timeout: when the handshake is not answered in time, the client's
-    receive thread must end too (an SSL ``recv`` without one blocked until pytest's
-    timeout once, 2026-12-07). A handshake that timed out is tried once more: this reads
-    the volume back, the console's latency right after a restart is not what it tests."""
-    from websockets.sync.client import connect
-
-    url = f"wss://127.0.0.1:{s.port}/api/v1/vms/{vm}/console/serial"
-    for attempt in (1, 2):
-        sock = socket.create_connection(("127.0.0.1", s.port), timeout=seconds + 30)
-        try:
-            ws = connect(url, sock=sock, additional_headers={"Authorization": f"Bearer {s.cli['token']}"},
-                         ssl=s.tls, open_timeout=10)
-            break
-        except TimeoutError:
-            sock.close()
-            if attempt == 2:
-                raise
-    with ws:
+    """Type a command on the VM's serial console (the API's websocket) and wait for ``expect``."""
+    with connect(f"wss://127.0.0.1:{s.port}/api/v1/vms/{vm}/console/serial", ssl=s.tls, open_timeout=10,
+                 additional_headers={"Authorization": f"Bearer {s.cli['token']}"}) as ws:
         ws.send(f"\n{command}\n".encode())
-        seen = b""
-        deadline = time.monotonic() + seconds
-        while expect.encode() not in seen:
-            assert time.monotonic() < deadline, f"no {expect!r} on {vm}'s console: {seen[-500:]!r}"
-            seen += ws.recv(timeout=seconds)
-        return seen.decode(errors="replace")
+        seen = ws.read_until(expect.encode(), seconds)
+    assert expect.encode() in seen, f"no {expect!r} on {vm}'s console: {seen[-500:]!r}"
+    return seen.decode(errors="replace")
 
 
 def booted(s: Stack, vm: str, times: int = 1) -> None:

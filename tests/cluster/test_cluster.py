@@ -104,16 +104,23 @@ def test_a_vm_and_a_container_on_different_nodes_ping_each_other_over_the_overla
 
 
 CONSOLE_PEEK = r"""
-import json, ssl, sys, time
-from websockets.sync.client import connect
+import asyncio, json, ssl, sys
+from websockets.asyncio.client import connect  # not the sync client: see tests/wsclient.py
 cfg = json.load(open("/var/lib/cairn/cli.json"))
 ctx = ssl.create_default_context(cafile=cfg["ca_file"])
 url = cfg["url"].replace("https://", "wss://") + "/api/v1/" + sys.argv[1]
-got = b""
-with connect(url, ssl=ctx, additional_headers={"Authorization": "Bearer " + cfg["token"]}, open_timeout=30) as ws:
-    deadline = time.monotonic() + 60
-    while sys.argv[2].encode() not in got and time.monotonic() < deadline:
-        got += ws.recv(timeout=30)
+async def peek():
+    got = b""
+    async with connect(url, ssl=ctx, additional_headers={"Authorization": "Bearer " + cfg["token"]},
+                       open_timeout=30, close_timeout=3) as ws:
+        try:
+            async with asyncio.timeout(60):
+                while sys.argv[2].encode() not in got:
+                    got += await ws.recv()
+        except TimeoutError:
+            pass
+    return got
+got = asyncio.run(peek())
 print(got.decode(errors="replace")[-500:])
 sys.exit(0 if sys.argv[2].encode() in got else 1)
 """
