@@ -15,10 +15,11 @@ from typing import Any
 
 TARGET = "cairn.target"
 # Named as the supervisor names its programs; in the supervisor's start order.
+# Debian's libvirtd stands in for the supervisor's own ``libvirt`` program.
 UNITS = {"etcd": "cairn-etcd.service", "redis": "cairn-redis.service", "sentinel": "cairn-sentinel.service",
-         "patroni": "cairn-patroni.service", "ceph": "cairn-ceph.service", "storage": "cairn-storage.service",
-         "api": "cairn-api.service", "worker": "cairn-worker.service", "agent": "cairn-agent.service",
-         "prometheus": "cairn-prometheus.service"}
+         "patroni": "cairn-patroni.service", "ceph": "cairn-ceph.service", "libvirt": "libvirtd.service",
+         "storage": "cairn-storage.service", "api": "cairn-api.service", "worker": "cairn-worker.service",
+         "agent": "cairn-agent.service", "prometheus": "cairn-prometheus.service"}
 
 
 class UnitError(Exception):

@@ -20,3 +20,10 @@ done
 # Kernel modules a server appliance never loads.
 for dir in $DROPPED_MODULES; do rm -rf "$R"/lib/modules/*/"$dir"; done
 for k in "$R"/lib/modules/*; do chroot "$R" depmod "$(basename "$k")"; done
+# Debian's libvirtd runs the node's VMs. QEMU shows the node's NBD client certificate
+# (appliance/pki.py, issued by the agent into data_dir/nbd-client) to the storage daemons
+# that serve nbds:// disks; libvirtd does not start unless the folder exists.
+install -d -m 0700 "$R"/var/lib/cairn "$R"/var/lib/cairn/nbd-client
+printf '\n# Cairn: the client certificate of nbds:// disks (CAIRN_DATA_DIR/nbd-client)\nnbd_tls_x509_cert_dir = "/var/lib/cairn/nbd-client"\n' >> "$R"/etc/libvirt/qemu.conf
+# A hypervisor's libvirtd stays up: no exit after 120 s without clients (Debian's default).
+printf '\n# Cairn: libvirtd runs for as long as the node does\nLIBVIRTD_ARGS=""\n' >> "$R"/etc/default/libvirtd

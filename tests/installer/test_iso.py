@@ -146,4 +146,5 @@ def check_status(status: dict[str, Any], firmware: str) -> None:
     assert {n["name"]: n["phase"] for n in status["nodes_detail"]} == {f"cairn-{firmware}": "Ready"}, status
     # `cairn status` lists the node's systemd units on an appliance
     assert {name: s["running"] for name, s in status["services"].items()} == {
-        "redis": True, "storage": True, "api": True, "worker": True, "agent": True, "prometheus": True}, status
+        "redis": True, "storage": True, "api": True, "worker": True, "agent": True, "prometheus": True,
+        "libvirt": True}, status
