@@ -488,7 +488,6 @@ def test_container_lifecycle_exec_and_console(stack: Stack) -> None:
 
 def test_container_with_vm_isolation_execs_has_a_terminal_logs_and_restarts_in_its_own_microvm(
         stack: Stack) -> None:
-
     stack.cairn("image", "import-test-guest")
     stack.cairn("network", "create", "isonet", "--cidr", "10.76.0.0/24")
     stack.cairn("secgroup", "create", "isowall")  # no ingress rule: closed
@@ -615,7 +614,6 @@ def in_container(s: Stack, name: str, script: str) -> tuple[int, str]:
 
 def in_vm(s: Stack, name: str, script: str, timeout: float = 60) -> str:
     """Run ``script`` in the guest's serial shell; returns what it printed."""
-
     tag = f"done-{time.monotonic_ns()}"
     with connect(f"wss://127.0.0.1:{s.port}/api/v1/vms/{name}/console/serial", ssl=s.tls, open_timeout=10,
                  additional_headers={"Authorization": f"Bearer {s.cli['token']}"}) as ws:
